@@ -1,0 +1,29 @@
+"""Choosing between a Triton kernel and its PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+IMPLEMENTATIONS = ("auto", "triton", "torch")
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    """``auto`` means Triton for CUDA tensors, or for any tensor under ``TRITON_INTERPRET=1``."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "triton":
+        if not on_cuda and not triton_interpreter_enabled():
+            raise RuntimeError(
+                "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return True
+    return on_cuda or triton_interpreter_enabled()

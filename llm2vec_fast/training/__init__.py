@@ -1,0 +1,1 @@
+"""The LLM2Vec training stages: MNTP, unsupervised SimCSE and supervised contrastive training."""

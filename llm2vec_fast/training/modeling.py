@@ -1,0 +1,98 @@
+"""Building the model every stage trains: base model, earlier adapters merged, patched bidirectional, new LoRA."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from ..builtin_models import resolve_model
+from ..patch import patch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16 support), fp32 elsewhere."""
+    device = torch.device(device) if device is not None else None
+    if (device is None or device.type == "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype()
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+def load_tokenizer(model_name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    model_name_or_path: str,
+    *,
+    model_class: Any = None,
+    dtype: torch.dtype | str | None = "auto",
+    merge_adapters: list[str] | tuple[str, ...] = (),
+    bidirectional: bool = True,
+    attention_dropout: float | None = None,
+    **model_kwargs: Any,
+):
+    """Load a base model, merge earlier stages' LoRA adapters into it, and patch it bidirectional.
+
+    ``model_class`` defaults to ``AutoModel`` (hidden states only); MNTP passes ``AutoModelForCausalLM``.
+    """
+    from transformers import AutoModel
+
+    if isinstance(dtype, str) or dtype is None:
+        dtype = resolve_dtype(dtype)
+    model_class = model_class or AutoModel
+    model = model_class.from_pretrained(resolve_model(model_name_or_path), dtype=dtype, **model_kwargs)
+    for adapter in merge_adapters:
+        from peft import PeftModel
+
+        logger.info("Merging adapter %s into the base model", adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if bidirectional:
+        patch(model, attention_dropout=attention_dropout)
+    return model
+
+
+def add_lora(model, settings: LoraSettings, *, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with a new trainable LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, config)

