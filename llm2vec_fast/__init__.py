@@ -36,9 +36,11 @@ def _check_versions() -> None:
 
 _check_versions()
 
+# Imported eagerly: once the submodule ``llm2vec_fast.patch`` is imported (by anyone), Python binds the package
+# attribute ``patch`` to that module, so a lazy ``__getattr__`` would then hand out the module, not the function.
+from .patch import patch, unpatch  # noqa: E402
+
 _LAZY = {
-    "patch": "llm2vec_fast.patch",
-    "unpatch": "llm2vec_fast.patch",
     "LLM2Vec": "llm2vec_fast.encoder",
 }
 
