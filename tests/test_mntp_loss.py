@@ -1,0 +1,220 @@
+"""The fused masked next-token loss against a float64 full-logits reference (Triton through the interpreter here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import masked_next_token_loss
+from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss_reference
+
+BATCH, SEQ, HIDDEN, VOCAB = 2, 37, 64, 123
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(dtype, *, seed=0, label_fraction=0.3, bias=False, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(BATCH, SEQ, HIDDEN, generator=gen) * 0.5).to(dtype).to(device)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=gen) * 0.3).to(dtype).to(device)
+    b = (torch.randn(VOCAB, generator=gen) * 0.2).to(dtype).to(device) if bias else None
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels[torch.rand(BATCH, SEQ, generator=gen) >= label_fraction] = -100
+    return hidden, weight, b, labels.to(device)
+
+
+def run(fn, tensors, labels, upstream, cast=None, **kwargs):
+    """Loss and gradients of ``(loss * upstream).sum()`` on fresh leaf copies (optionally cast)."""
+    leaves = [None if t is None else t.detach().clone().to(cast or t.dtype).requires_grad_() for t in tensors]
+    hidden, weight, bias = leaves
+    loss = fn(hidden, weight, labels, bias=bias, **kwargs)
+    (loss.double() * upstream).sum().backward()
+    return [loss.detach().double()] + [None if t is None else t.grad.double() for t in leaves]
+
+
+def assert_close_to_reference(outputs, reference, low_reference, dtype, names=("loss", "d_hidden", "d_weight", "d_bias")):
+    """flash-attention's rule: error vs float64 at most twice the low-dtype reference's own error, plus a floor."""
+    for name, out, ref, low in zip(names, outputs, reference, low_reference):
+        if ref is None:
+            assert out is None
+            continue
+        assert torch.isfinite(out).all(), name
+        err = (out - ref).abs().max().item()
+        own = (low - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        assert err <= 2 * own + FLOOR[dtype] * scale, f"{name}: error {err:.3e}, reference's own error {own:.3e}"
+
+
+def upstream_for(reduction, seed=1):
+    if reduction == "none":
+        return torch.randn(BATCH, SEQ, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.tensor(1.7, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("softcap,bias", [(None, False), (2.0, True)], ids=["plain", "softcap+bias"])
+def test_matches_float64_reference(impl, dtype, reduction, shift, softcap, bias):
+    hidden, weight, b, labels = make_inputs(dtype, seed=shift + 2 * (softcap is not None), bias=bias)
+    upstream = upstream_for(reduction)
+    kwargs = dict(shift=shift, reduction=reduction, logit_softcap=softcap)
+    extra = {"chunk_rows": 7} if impl == "torch" else {}  # several chunks on the PyTorch path
+    out = run(masked_next_token_loss, (hidden, weight, b), labels, upstream, impl=impl, **kwargs, **extra)
+    ref = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, cast=torch.float64, **kwargs)
+    # The reference's own error in the low dtype: fp32 computation for fp32, fp32-from-fp16 inputs for fp16
+    # (this CPU has no fast fp16 matmul; rounding the outputs to fp16 is then the low-dtype error).
+    low = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, cast=torch.float32, **kwargs)
+    if dtype != torch.float32:
+        low = [None if t is None else t.to(dtype).double() for t in low]
+    assert_close_to_reference(out, ref, low, dtype)
+    if reduction == "none":
+        loss = out[0]
+        ignored = torch.ones_like(labels, dtype=torch.bool)
+        ignored[:, shift:] = labels[:, shift:] == -100
+        assert loss.shape == labels.shape
+        assert (loss[ignored] == 0).all() and (loss[~ignored] > 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_tied_weights_gradient_reaches_both_uses(impl):
+    """The LM head tied to the input embedding: the weight's gradient sums the head's and the embedding's."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels[torch.rand(BATCH, SEQ, generator=gen) < 0.6] = -100
+    emb0 = torch.randn(VOCAB, HIDDEN, generator=gen).mul_(0.3)
+    proj0 = torch.randn(HIDDEN, HIDDEN, generator=gen).div_(HIDDEN**0.5)
+
+    def grads(fn, dtype, **kwargs):
+        emb = emb0.detach().clone().to(dtype).requires_grad_()
+        proj = proj0.detach().clone().to(dtype).requires_grad_()
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, emb) @ proj)
+        loss = fn(hidden, emb, labels, **kwargs)
+        loss.backward()
+        return loss.double(), emb.grad.double(), proj.grad.double()
+
+    out = grads(masked_next_token_loss, torch.float32, impl=impl)
+    ref = grads(masked_next_token_loss_reference, torch.float64)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_zero_grads(impl, reduction):
+    hidden, weight, b, labels = make_inputs(torch.float32, bias=True)
+    labels = torch.full_like(labels, -100)
+    labels[:, 0] = 3  # position 0 is never predicted with shift=1: still no valid row
+    out = run(masked_next_token_loss, (hidden, weight, b), labels, upstream_for(reduction), impl=impl,
+              reduction=reduction)
+    for t in out:
+        assert torch.isfinite(t).all()
+        assert (t == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_one_valid_row(impl):
+    hidden, weight, b, labels = make_inputs(torch.float32, bias=True)
+    labels = torch.full_like(labels, -100)
+    labels[1, SEQ - 1] = VOCAB - 1  # the last vocabulary entry, in the last vocabulary tile
+    upstream = upstream_for("mean")
+    out = run(masked_next_token_loss, (hidden, weight, b), labels, upstream, impl=impl)
+    ref = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, cast=torch.float64)
+    low = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, cast=torch.float32)
+    assert_close_to_reference(out, ref, low, torch.float32)
+    d_hidden = out[1]
+    assert d_hidden[1, SEQ - 2].abs().sum() > 0
+    d_hidden[1, SEQ - 2] = 0
+    assert (d_hidden == 0).all(), "only the row that predicts the one label gets a gradient"
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("bad", [VOCAB, -1, 10**6])
+def test_labels_outside_vocabulary_raise(impl, bad):
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    labels[0, 5] = bad
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        masked_next_token_loss(hidden, weight, labels, impl=impl)
+
+
+def test_other_ignore_index_is_respected():
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    custom = labels.clone()
+    custom[custom == -100] = -1
+    a = masked_next_token_loss(hidden, weight, labels, impl="triton")
+    b = masked_next_token_loss(hidden, weight, custom, ignore_index=-1, impl="triton")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(reduction="avg"), "reduction"),
+        (dict(shift=-1), "shift"),
+        (dict(logit_softcap=0.0), "logit_softcap"),
+        (dict(impl="cuda"), "impl"),
+        (dict(weight_shape=(VOCAB, HIDDEN + 1)), "weight"),
+        (dict(labels_shape=(BATCH, SEQ + 1)), "labels"),
+        (dict(float_labels=True), "integer"),
+        (dict(bias_shape=(VOCAB + 1,)), "bias"),
+    ],
+)
+def test_bad_arguments_are_named(change, match):
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    kwargs = {k: v for k, v in change.items() if k in ("reduction", "shift", "logit_softcap", "impl")}
+    if "weight_shape" in change:
+        weight = torch.randn(change["weight_shape"])
+    if "labels_shape" in change:
+        labels = torch.zeros(change["labels_shape"], dtype=torch.long)
+    if "float_labels" in change:
+        labels = labels.float()
+    if "bias_shape" in change:
+        kwargs["bias"] = torch.randn(change["bias_shape"])
+    with pytest.raises(ValueError, match=match):
+        masked_next_token_loss(hidden, weight, labels, **kwargs)
+
+
+def test_sequence_shorter_than_shift_gives_zero():
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    hidden = hidden[:, :1].clone().requires_grad_()
+    loss = masked_next_token_loss(hidden, weight, labels[:, :1], impl="triton")
+    loss.backward()
+    assert loss.item() == 0 and (hidden.grad == 0).all()
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    with torch.no_grad():
+        a = masked_next_token_loss(hidden, weight, labels, impl="triton")
+    b = masked_next_token_loss_reference(hidden.double(), weight.double(), labels)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_cuda_matches_reference_low_precision(dtype, softcap):
+    hidden, weight, b, labels = make_inputs(dtype, bias=True, device="cuda")
+    upstream = upstream_for("mean").cuda()
+    out = run(masked_next_token_loss, (hidden, weight, b), labels, upstream, impl="triton", logit_softcap=softcap)
+    ref = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, cast=torch.float64,
+              logit_softcap=softcap)
+    low = run(masked_next_token_loss_reference, (hidden, weight, b), labels, upstream, logit_softcap=softcap)
+    assert_close_to_reference(out, ref, low, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_large_vocab_fp32():
+    """Many vocabulary splits and row blocks past the labelled ones, as in a real MNTP batch."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 301, 256, generator=gen).cuda()
+    weight = (torch.randn(32003, 256, generator=gen) * 0.05).cuda()
+    labels = torch.randint(0, 32003, (4, 301), generator=gen)
+    labels[torch.rand(4, 301, generator=gen) > 0.2] = -100
+    labels = labels.cuda()
+    upstream = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    out = run(masked_next_token_loss, (hidden, weight, None), labels, upstream, impl="triton")
+    ref = run(masked_next_token_loss_reference, (hidden, weight, None), labels, upstream, cast=torch.float64)
+    low = run(masked_next_token_loss_reference, (hidden, weight, None), labels, upstream)
+    assert_close_to_reference(out, ref, low, torch.float32)
