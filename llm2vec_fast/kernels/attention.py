@@ -1,13 +1,832 @@
-"""Bidirectional (non-causal) fused attention.
+"""Bidirectional (non-causal) fused attention: FlashAttention-2 style Triton kernels.
 
-PLACEHOLDER written by the lead so that other modules can import the public function; the owner of this
-file replaces it with the Triton kernels, the autograd Function and the reference.
+Public function: :func:`bidirectional_attention`. Layout as FlashAttention-2:
+
+* padded batch: q ``(batch, seq, heads, head_dim)``, k/v ``(batch, seq, kv_heads, head_dim)``, optional
+  ``key_padding_mask`` ``(batch, seq)`` bool, True = real token;
+* packed batch: q ``(total_tokens, heads, head_dim)``, k/v ``(total_tokens, kv_heads, head_dim)``, with
+  ``cu_seqlens`` (int32, ``batch + 1``, starting at 0) and ``max_seqlen``.
+
+Grouped-query and multi-query attention are handled inside the kernels (``kv_head = head // group``); K/V are
+never repeated in memory. Padded query rows give zeros. Attention dropout is generated in the kernels from a
+Philox counter ``(key index, query index, batch * heads + head)`` and a seed drawn from torch's RNG of the
+tensors' device, so the backward regenerates exactly the same keep-mask and no ``(B, H, S, S)`` mask exists.
+
+Kernels:
+
+* ``_attn_fwd_kernel``: one program per (query tile, batch, head); online softmax in base 2 with
+  ``log2(e)`` folded into the scale, fp32 accumulators; saves the base-2 log-sum-exp (``+inf`` on padded rows).
+* ``_attn_bwd_dq_kernel``: one program per (query tile, batch, head); computes ``delta = rowsum(dO * O)``
+  for its rows (stored for the next kernel) and loops over key tiles to build dQ.
+* ``_attn_bwd_dkdv_kernel``: one program per (key tile, batch, kv head); loops over the query heads of
+  its group and over query tiles, so dK/dV of a kv head are summed without atomics.
+
+Loops run over full tiles without boundary masks and over one masked tail tile, so any length works and full
+tiles pay nothing for it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._dispatch import triton_interpreter_enabled, use_triton
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "bidirectional_attention",
+    "bidirectional_attention_reference",
+    "BidirectionalAttentionFunction",
+    "attention_dropout_keep_mask",
+    "draw_dropout_seed",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: head_dims the Triton kernels accept: multiples of 8 from 16 to 256 (non powers of two are padded in
+#: registers up to the next power of two and masked). 32, 64, 96, 128 and 256 are the ones models use.
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
+LOG2E = 1.4426950408889634
+_INTERPRET = triton_interpreter_enabled()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    """Autotuning key for the sequence length: powers of two, so that encoding batches of many lengths do not
+    re-tune for each one."""
+    return min(triton.next_power_of_2(max(int(max_seqlen), 16)), 16384)
+
+
+def _fwd_configs():
+    if _INTERPRET:  # the interpreter runs each config; different M and N tiles catch index mistakes
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_m, block_n, warps, stages in (
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 64, 8, 2),
+        (64, 32, 4, 2),
+    ):
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _dkdv_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_m, block_n, warps, stages in (
+        (32, 128, 4, 3),
+        (64, 128, 8, 3),
+        (32, 128, 8, 2),
+        (64, 64, 4, 3),
+        (32, 64, 4, 3),
+        (16, 64, 4, 2),
+    ):
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _dq_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_m, block_n, warps, stages in (
+        (128, 32, 4, 3),
+        (128, 64, 8, 3),
+        (128, 32, 8, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+        (64, 16, 4, 2),
+    ):
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune_by_shared_memory(configs, named_args, **kwargs):
+    """Drop configs whose tiles cannot fit Hopper's 227 KB of shared memory at this head_dim (a rough count:
+    one Q tile plus ``num_stages`` K and V tiles in 16-bit), so that autotuning does not compile them."""
+    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    elem = 4 if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else 2
+    kept = []
+    for config in configs:
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        stages = max(config.num_stages, 1)
+        smem = (block_m * head_dim + stages * 2 * block_n * head_dim) * elem
+        if smem <= 200 * 1024 and (head_dim < 256 or block_m * block_n <= 128 * 64):
+            kept.append(config)
+    if not kept:  # never leave the autotuner empty: take the smallest tiles
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * max(c.num_stages, 1))]
+    return kept
+
+
+_AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "IS_VARLEN", "HAS_PADDING", "HAS_DROPOUT", "GROUP", "DOT_PRECISION"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
+    """Keep-mask of a tile: Philox counter (key index, query index, batch*heads+head, 0) under ``seed``.
+    ``q_idx`` and ``k_idx`` are int32 tiles of the same shape; the same element always gets the same number,
+    whatever the tile shape, so forward, both backward kernels and the test helper agree."""
+    zero = q_idx * 0
+    r, _, _, _ = tl.philox(seed, k_idx, q_idx, zero + bh, zero)
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
+    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if BOUNDARY:
+            kv_mask = (offs_n[:, None] < seqlen) & d_mask
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_PADDING:
+            if BOUNDARY:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            else:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms)
+            # finite, so that a tile whose keys are all padding keeps the running max finite
+            qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
+        if BOUNDARY:
+            qk = tl.where(offs_n[None, :] < seqlen, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            q_idx = offs_m[:, None] + offs_n[None, :] * 0
+            k_idx = offs_n[None, :] + offs_m[:, None] * 0
+            p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
+        if BOUNDARY:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KPM, CU_SEQLENS, SEED,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    bh = pid // num_m_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // GROUP
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
+    else:
+        row0 = b.to(tl.int64) * 0
+        seqlen = seqlen_padded
+    if start_m >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
+    v_base = V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
+    o_base = O + b64 * stride_ob + row0 * stride_os + h * stride_oh
+    kpm_base = KPM + b64 * stride_mb
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < seqlen
+    io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
+    )
+    if n_full < seqlen:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+        )
+    # l_i >= 1: the running maximum always contributes exp2(0)
+    acc = acc * (1.0 / l_i)[:, None]
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    if HAS_PADDING:
+        query_ok = tl.load(kpm_base + offs_m * stride_ms, mask=row_mask, other=0) != 0
+        acc = tl.where(query_ok[:, None], acc, 0.0)
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty), mask=io_mask)
+    if STORE_LSE:
+        lse = m_i + tl.math.log2(l_i)
+        if HAS_PADDING:
+            lse = tl.where(query_ok, lse, float("inf"))  # backward: padded rows get probability 0
+        lse_base = LSE + b64 * stride_lb + h * stride_lh + row0
+        tl.store(lse_base + offs_m, lse, mask=row_mask)
+
+
+@triton.autotune(configs=_dq_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    bh = pid // num_m_blocks
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // GROUP
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
+    else:
+        row0 = b.to(tl.int64) * 0
+        seqlen = seqlen_padded
+    if start_m >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
+    v_base = V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
+    o_off = b64 * stride_ob + row0 * stride_os + h * stride_oh
+    dq_base = DQ + b64 * stride_dqb + row0 * stride_dqs + h * stride_dqh
+    lse_off = b64 * stride_lb + h * stride_lh + row0
+    kpm_base = KPM + b64 * stride_mb
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < seqlen
+    d_mask = offs_d[None, :] < HEAD_DIM
+    io_mask = row_mask[:, None] & d_mask
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(DO + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
+    o = tl.load(O + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + lse_off + offs_m, delta, mask=row_mask)
+    lse = tl.load(LSE + lse_off + offs_m, mask=row_mask, other=float("inf"))
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(0, seqlen, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        key_in = offs_n < seqlen
+        kv_mask = key_in[:, None] & d_mask
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if HAS_PADDING:
+            key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=key_in, other=0) != 0
+            p = tl.where(key_ok[None, :], p, 0.0)
+        else:
+            p = tl.where(key_in[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            q_idx = offs_m[:, None] + offs_n[None, :] * 0
+            k_idx = offs_n[None, :] + offs_m[:, None] * 0
+            dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_os,
+    offs_n, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_os + offs_d[None, :]
+        if BOUNDARY:
+            row_in = offs_m < seqlen
+            io_mask = row_in[:, None] & d_mask
+            q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_in, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_in, other=0.0)
+        else:
+            if HEAD_DIM != BLOCK_D:
+                q = tl.load(q_ptrs, mask=d_mask, other=0.0)
+                do = tl.load(do_ptrs, mask=d_mask, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # transposed tiles (keys x queries): rows of dK/dV stay in registers
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            q_idx = offs_m[None, :] + offs_n[:, None] * 0
+            k_idx = offs_n[:, None] + offs_m[None, :] * 0
+            keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_dkdv_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    seqlen_padded, num_kv_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    bkvh = pid // num_n_blocks
+    b = bkvh // num_kv_heads
+    kvh = bkvh % num_kv_heads
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
+    else:
+        row0 = b.to(tl.int64) * 0
+        seqlen = seqlen_padded
+    if start_n >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_in = offs_n < seqlen
+    io_mask = key_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=io_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=io_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        bh = b * (num_kv_heads * GROUP) + h
+        q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
+        do_base = DO + b64 * stride_ob + row0 * stride_os + h * stride_oh
+        lse_off = b64 * stride_lb + h * stride_lh + row0
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+            offs_n, offs_d, 0, m_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION,
+        )
+        if m_full < seqlen:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+                offs_n, offs_d, m_full, m_full + BLOCK_M, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION,
+            )
+    dk = dk * sm_scale
+    if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
+        key_ok = tl.load(KPM + b64 * stride_mb + offs_n * stride_ms, mask=key_in, other=0) != 0
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
+    tl.store(DK + b64 * stride_dkb + row0 * stride_dks + kvh * stride_dkh
+             + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + b64 * stride_dvb + row0 * stride_dvs + kvh * stride_dvh
+             + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, SEED, num_heads, max_seqlen, dropout_p, BLOCK: tl.constexpr):
+    """Writes the keep-mask ``(batch, heads, max_seqlen, max_seqlen)`` the attention kernels use: tests only."""
+    bh = tl.program_id(1)
+    row = tl.program_id(0)
+    seed = tl.load(SEED)
+    for start in range(0, max_seqlen, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, bh, cols * 0 + row, cols, dropout_p)
+        tl.store(MASK + (bh.to(tl.int64) * max_seqlen + row) * max_seqlen + cols, keep.to(tl.int8), mask=cols < max_seqlen)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """The dropout seed, drawn from torch's RNG of ``device`` (a 1-element int64 tensor on ``device``, read by
+    the kernels, so no host sync). Restoring torch's RNG state therefore replays the same dropout."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+class _Problem:
+    """Validated shapes and the host-side arguments shared by the three kernels."""
+
+    def __init__(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.total, self.heads, self.head_dim = q.shape
+            self.kv_heads = k.shape[1]
+            self.batch = cu_seqlens.shape[0] - 1
+            self.seqlen = 0
+            self.max_seqlen = int(max_seqlen)
+        else:
+            self.batch, self.seqlen, self.heads, self.head_dim = q.shape
+            self.kv_heads = k.shape[2]
+            self.max_seqlen = self.seqlen
+        self.group = self.heads // self.kv_heads
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.sm_scale = float(softmax_scale) if softmax_scale is not None else self.head_dim**-0.5
+        self.dropout_p = float(dropout_p)
+        self.inv_keep = 1.0 / (1.0 - self.dropout_p)
+        self.mask = key_padding_mask
+        self.cu_seqlens = cu_seqlens
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, token, head) strides; the batch stride is 0 for packed tensors."""
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
+        # padded: lse (batch, heads, seq); packed: lse (heads, total)
+        return (lse.stride(0), lse.stride(1)) if not self.varlen else (0, lse.stride(0))
+
+    def new_lse(self, device) -> torch.Tensor:
+        if self.varlen:
+            return torch.empty((self.heads, self.total), device=device, dtype=torch.float32)
+        return torch.empty((self.batch, self.heads, self.seqlen), device=device, dtype=torch.float32)
+
+    def mask_args(self, device):
+        if self.mask is None:
+            return torch.empty(1, device=device, dtype=torch.uint8), 0, 0
+        mask = self.mask.view(torch.uint8)
+        return mask, mask.stride(0), mask.stride(1)
+
+    def cu_arg(self, device):
+        return self.cu_seqlens if self.varlen else torch.empty(1, device=device, dtype=torch.int32)
+
+    def constexprs(self):
+        return dict(
+            GROUP=self.group,
+            HEAD_DIM=self.head_dim,
+            BLOCK_D=self.block_d,
+            IS_VARLEN=self.varlen,
+            HAS_PADDING=self.mask is not None,
+            HAS_DROPOUT=self.dropout_p > 0.0,
+            DOT_PRECISION=self.dot_precision,
+        )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
+    new = torch.zeros_like if problem.varlen else torch.empty_like  # packed: tokens past cu_seqlens[-1] stay 0
+    o = new(q, memory_format=torch.contiguous_format)
+    lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
+    mask, stride_mb, stride_ms = problem.mask_args(q.device)
+    lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
+    heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
+            *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
+            *lse_strides, stride_mb, stride_ms,
+            problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, problem.dropout_p, problem.inv_keep,
+            _seq_bucket(max_seqlen),
+            STORE_LSE=store_lse, **problem.constexprs(),
+        )
+    return o, lse
+
+
+def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tensor):
+    do = do.contiguous()  # shares o's (contiguous) strides
+    new = torch.zeros_like if problem.varlen else torch.empty_like
+    dq, dk, dv = new(q), new(k), new(v)
+    delta = torch.empty_like(lse)
+    mask, stride_mb, stride_ms = problem.mask_args(q.device)
+    cu = problem.cu_arg(q.device)
+    heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
+    qk_scale = problem.sm_scale * LOG2E
+    common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
+    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+        dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+        _attn_bwd_dq_kernel[dq_grid](
+            q, k, v, o, do, dq, lse, delta, mask, cu, seed,
+            *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
+            *problem.strides(dq), *problem.lse_strides(lse), stride_mb, stride_ms,
+            problem.seqlen, heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
+            **problem.constexprs(),
+        )
+        dkdv_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
+        _attn_bwd_dkdv_kernel[dkdv_grid](
+            q, k, v, do, dk, dv, lse, delta, mask, cu, seed,
+            *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(do),
+            *problem.strides(dk), *problem.strides(dv), *problem.lse_strides(lse), stride_mb, stride_ms,
+            problem.seqlen, kv_heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
+            **problem.constexprs(),
+        )
+    return dq, dk, dv
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class BidirectionalAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels. Inputs: ``q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
+    softmax_scale, dropout_p``; ``backward`` returns one gradient per input (None for the non-tensors)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+        problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+        seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
+        o, lse = _attention_forward(q, k, v, problem, seed, store_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.problem = problem
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.problem, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference and CPU path
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bidirectional_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    dropout_keep_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Plain PyTorch attention, for tests: explicit ``softmax(q k^T * scale) v`` with K/V repeated per group.
+
+    Same shapes as :func:`bidirectional_attention`. ``upcast=True`` computes in fp32 (fp64 stays fp64) and
+    returns the input dtype; ``upcast=False`` computes in the input dtype (the low-precision error that the
+    kernel's tolerance is measured against). ``dropout_keep_mask`` ``(batch, heads, max_seqlen, max_seqlen)``
+    bool, with ``dropout_p``, applies that exact dropout (kept values scaled by ``1 / (1 - dropout_p)``).
+    Padded query rows give zeros.
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outs = []
+        for i in range(len(bounds) - 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            keep = None if dropout_keep_mask is None else dropout_keep_mask[i : i + 1, :, : hi - lo, : hi - lo]
+            outs.append(
+                bidirectional_attention_reference(
+                    q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], softmax_scale=softmax_scale,
+                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast,
+                )[0]
+            )
+        out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
+        if out.shape[0] < q.shape[0]:  # tokens past cu_seqlens[-1] belong to no sequence
+            out = torch.cat([out, q.new_zeros((q.shape[0] - out.shape[0],) + tuple(q.shape[1:]))], 0)
+        return out
+    dtype = q.dtype
+    compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[2] // k.shape[2]
+    qt = q.to(compute).transpose(1, 2)
+    kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        # padded query rows attend to everything, then are zeroed: no NaN, no gradient
+        scores = scores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_keep_mask is not None:
+        probs = probs.masked_fill(~dropout_keep_mask, 0.0) / (1.0 - dropout_p)
+    out = torch.matmul(probs, vt).transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+    return out.to(dtype)
+
+
+def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p):
+    """The CPU path: PyTorch SDPA with ``is_causal=False`` (one call per sequence when packed)."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        out = q.new_zeros(q.shape)
+        pieces = [
+            _torch_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p)[0]
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        if pieces:
+            end = bounds[-1]
+            out = torch.cat(pieces + [out[end:]], 0) if end < q.shape[0] else torch.cat(pieces, 0)
+        return out
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if key_padding_mask is not None:
+        # Padded query rows attend to every key (then are zeroed) so that no row is fully masked (NaN in SDPA);
+        # real rows see exactly the key mask.
+        mask = key_padding_mask[:, None, None, :] | ~key_padding_mask[:, None, :, None]
+    out = F.scaled_dot_product_attention(
+        qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=softmax_scale,
+        enable_gqa=k.shape[2] != q.shape[2],
+    ).transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation and public entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError("give either cu_seqlens (packed batch, no padding) or key_padding_mask, not both")
+        if q.dim() != 3 or k.dim() != 3:
+            raise ValueError(
+                "with cu_seqlens, q must be (total_tokens, heads, head_dim) and k/v (total_tokens, kv_heads, "
+                f"head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D int32 tensor of batch + 1 cumulative lengths starting at 0")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must have batch + 1 >= 2 entries, got {cu_seqlens.numel()}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if max_seqlen is None:
+            raise ValueError("cu_seqlens needs max_seqlen (the longest sequence), as in flash_attn_varlen_func")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+        if not cu_seqlens.is_cuda:  # checking CUDA values would sync the host; CPU values are free to check
+            lengths = cu_seqlens.diff()
+            if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > q.shape[0]:
+                raise ValueError(
+                    f"cu_seqlens must start at 0, never decrease and end at most at total_tokens={q.shape[0]}; "
+                    f"got {cu_seqlens.tolist()}"
+                )
+            if int(lengths.max()) > max_seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence, {int(lengths.max())}")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
+    else:
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(
+                "q must be (batch, seq, heads, head_dim) and k/v (batch, seq, kv_heads, head_dim) "
+                f"(or packed 3-D with cu_seqlens); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        if k.shape[:2] != q.shape[:2]:
+            raise ValueError(
+                f"q and k/v must share batch and seq (self-attention); got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
+                raise TypeError(
+                    f"key_padding_mask must be a bool tensor (True = real token), got {got}; "
+                    "convert a 0/1 attention mask with mask.bool()"
+                )
+            if tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
+                raise ValueError(
+                    f"key_padding_mask must be (batch, seq) = {tuple(q.shape[:2])}, got {tuple(key_padding_mask.shape)}"
+                )
+            if key_padding_mask.device != q.device:
+                raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q has head_dim {head_dim} but k/v have {k.shape[-1]}")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+_warned_fallback: set = set()
 
 
 def bidirectional_attention(
@@ -22,16 +841,57 @@ def bidirectional_attention(
     dropout_p: float = 0.0,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """q ``(batch, seq, heads, head_dim)``, k/v ``(batch, seq, kv_heads, head_dim)`` -> ``(batch, seq, heads, head_dim)``."""
-    if cu_seqlens is not None:
-        raise NotImplementedError("varlen placeholder")
-    group = q.shape[2] // k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    kt = kt.repeat_interleave(group, dim=1)
-    vt = vt.repeat_interleave(group, dim=1)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
-    out = out.transpose(1, 2)
-    if key_padding_mask is not None:
-        out = out * key_padding_mask[:, :, None, None].to(out.dtype)
+    """Non-causal scaled dot-product attention.
+
+    Args:
+        q: ``(batch, seq, heads, head_dim)``, or ``(total_tokens, heads, head_dim)`` with ``cu_seqlens``.
+        k, v: ``(batch, seq, kv_heads, head_dim)`` or ``(total_tokens, kv_heads, head_dim)``; ``heads`` must
+            be a multiple of ``kv_heads`` (GQA/MQA, handled without repeating K/V).
+        key_padding_mask: ``(batch, seq)`` bool, True = real token. Padded keys get no attention; padded query
+            rows return zeros.
+        cu_seqlens: int32 ``(batch + 1,)`` cumulative sequence lengths of a packed batch, starting at 0.
+        max_seqlen: longest sequence of the packed batch (required with ``cu_seqlens``; sets the grid, so no
+            host sync).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        dropout_p: attention dropout probability (apply it in training only: it is applied whenever > 0).
+        impl: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch SDPA), ``"triton"``,
+            ``"torch"``.
+
+    Returns:
+        Same shape and dtype as ``q``.
+    """
+    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
+    if impl == "triton" and not triton_ok:
+        raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
+    if not use_triton(impl, q, k, v, key_padding_mask, cu_seqlens):
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+    if not triton_ok:
+        if q.shape[-1] not in _warned_fallback:
+            _warned_fallback.add(q.shape[-1])
+            logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return BidirectionalAttentionFunction.apply(
+            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p)
+        )
+    # Inference: no autograd node, no saved tensors, no log-sum-exp written.
+    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
+    out, _ = _attention_forward(q, k, v, problem, seed, store_lse=False)
     return out
+
+
+def attention_dropout_keep_mask(
+    seed: torch.Tensor, batch: int, heads: int, max_seqlen: int, dropout_p: float
+) -> torch.Tensor:
+    """The keep-mask ``(batch, heads, max_seqlen, max_seqlen)`` bool the kernels use for ``seed`` (from
+    :func:`draw_dropout_seed`). For tests and small shapes only: it materializes what the kernels never do.
+    Entry ``[b, h, i, j]`` is query ``i`` and key ``j`` of sequence ``b`` (positions within the sequence when
+    packed)."""
+    if not use_triton("auto", seed):
+        raise RuntimeError("attention_dropout_keep_mask runs the Triton RNG: needs CUDA or TRITON_INTERPRET=1")
+    mask = torch.empty((batch, heads, max_seqlen, max_seqlen), device=seed.device, dtype=torch.int8)
+    _dropout_mask_kernel[(max_seqlen, batch * heads)](mask, seed, heads, max_seqlen, float(dropout_p), BLOCK=64)
+    return mask.bool()
