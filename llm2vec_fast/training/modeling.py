@@ -59,11 +59,13 @@ def load_base_model(
     merge_adapters: list[str] | tuple[str, ...] = (),
     bidirectional: bool = True,
     attention_dropout: float | None = None,
+    attention_impl: str = "auto",
     **model_kwargs: Any,
 ):
     """Load a base model, merge earlier stages' LoRA adapters into it, and patch it bidirectional.
 
     ``model_class`` defaults to ``AutoModel`` (hidden states only); MNTP passes ``AutoModelForCausalLM``.
+    ``attention_impl`` goes to ``patch`` (``"auto"``, ``"triton"`` or ``"torch"``).
     """
     from transformers import AutoModel
 
@@ -77,7 +79,7 @@ def load_base_model(
         logger.info("Merging adapter %s into the base model", adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if bidirectional:
-        patch(model, attention_dropout=attention_dropout)
+        patch(model, attention_impl=attention_impl, attention_dropout=attention_dropout)
     return model
 
 
