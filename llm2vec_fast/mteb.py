@@ -43,10 +43,14 @@ INSTRUCTIONS_RESOURCE = "task_to_instructions.json"
 
 
 @functools.lru_cache(maxsize=1)
-def task_instructions() -> dict[str, str]:
-    """LLM2Vec's instruction for each MTEB task name (a copy; callers may not mutate the cached one)."""
+def _instruction_table() -> tuple[tuple[str, str], ...]:
     text = resources.files("llm2vec_fast.resources").joinpath(INSTRUCTIONS_RESOURCE).read_text(encoding="utf-8")
-    return dict(json.loads(text)["instructions"])
+    return tuple(json.loads(text)["instructions"].items())
+
+
+def task_instructions() -> dict[str, str]:
+    """LLM2Vec's instruction for each MTEB task name (a fresh dict on every call)."""
+    return dict(_instruction_table())
 
 
 def llm2vec_instruction(instruction: str) -> str:
@@ -159,41 +163,40 @@ class LLM2VecMTEB(AbsEncoder):
 def load_encoder(
     model: str,
     *,
-    adapter: str | None = None,
+    adapters: list[str] | tuple[str, ...] = (),
     pooling_mode: str = "mean",
     enable_bidirectional: bool = True,
     max_length: int = 512,
     dtype: str | None = None,
-    device: str | None = None,
+    attention_impl: str = "auto",
 ):
-    """``LLM2Vec.from_pretrained`` with the adapter merged, as the paper evaluates it."""
-    from .builtin_models import resolve_model
+    """``LLM2Vec.from_pretrained`` with every adapter merged in order, as the paper evaluates each stage
+    (MNTP merged, then SimCSE or supervised on top)."""
     from .encoder import LLM2Vec
 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         from .training.modeling import resolve_dtype
 
-        kwargs["torch_dtype"] = resolve_dtype(dtype)
-    encoder = LLM2Vec.from_pretrained(
-        resolve_model(model),
-        peft_model_name_or_path=adapter,
-        merge_peft=adapter is not None,
+        kwargs["dtype"] = resolve_dtype(dtype)
+    adapters = [str(a) for a in adapters]
+    return LLM2Vec.from_pretrained(
+        model,
+        peft_model_name_or_path=adapters or None,
+        merge_peft=True,
         enable_bidirectional=enable_bidirectional,
         pooling_mode=pooling_mode,
         max_length=max_length,
+        attention_impl=attention_impl,
         **kwargs,
     )
-    if device is not None and hasattr(encoder, "to"):
-        encoder = encoder.to(device)
-    return encoder
 
 
-def model_display_name(model: str, adapter: str | None) -> str:
-    base = Path(model).name or model
-    name = f"llm2vec-fast/{base}"
-    if adapter:
-        name += "__" + (Path(adapter.rstrip("/")).name or "adapter")
+def model_display_name(model: str, adapters: list[str] | tuple[str, ...] = ()) -> str:
+    """``llm2vec-fast/<base>[__<adapter>...]``: the name mteb files results under."""
+    name = f"llm2vec-fast/{Path(model.rstrip('/')).name or model}"
+    for adapter in adapters:
+        name += "__" + (Path(str(adapter).rstrip("/")).name or "adapter")
     return name
 
 
@@ -215,7 +218,7 @@ def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, 
         task = mteb.get_task(name)
         try:
             task.load_data()
-        except Exception as error:  # noqa: BLE001 - any failure to fetch data means: use the local copy
+        except OSError as error:  # ConnectionError, offline mode, missing files: use the local copy instead
             logger.warning("Could not load %s from the hub (%s: %s)", name, type(error).__name__, error)
             unavailable.append(name)
             continue
@@ -236,7 +239,9 @@ def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, hub name or 'smollm2-135m'")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter directory merged into the model")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="LoRA adapter directory merged into the model; repeat to merge stages in order "
+                             "(--adapter mntp --adapter simcse)")
     parser.add_argument("--tasks", required=True,
                         help="comma-separated MTEB task names, e.g. STSBenchmark,SICK-R,Banking77Classification; "
                              "offline, 'Task:split' picks a local split (SICK-R:train)")
@@ -253,7 +258,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the encoder's)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--attention-impl", default="auto", help="auto, triton or torch")
     parser.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results")
 
 
@@ -272,8 +277,8 @@ def main(args) -> int:
         logger.warning("--limit applies to offline tasks only")
 
     encoder = load_encoder(
-        args.model, adapter=args.adapter, pooling_mode=args.pooling_mode, enable_bidirectional=not args.causal,
-        max_length=args.max_length, dtype=args.dtype, device=args.device,
+        args.model, adapters=args.adapter, pooling_mode=args.pooling_mode, enable_bidirectional=not args.causal,
+        max_length=args.max_length, dtype=args.dtype, attention_impl=args.attention_impl,
     )
     wrapper = LLM2VecMTEB(
         encoder, model_name=model_display_name(args.model, args.adapter), use_instructions=not args.no_instructions,
@@ -297,7 +302,7 @@ def main(args) -> int:
         scores.update({name: result["main_score"] for name, result in offline.items()})
     summary = {
         "model": args.model,
-        "adapter": args.adapter,
+        "adapters": args.adapter,
         "pooling_mode": args.pooling_mode,
         "bidirectional": not args.causal,
         "instructions": not args.no_instructions,
