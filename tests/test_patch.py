@@ -1,0 +1,379 @@
+"""llm2vec_fast.patch / unpatch on tiny random models of each family (CPU, fp32).
+
+The default implementation runs our Triton kernel through the interpreter (TRITON_INTERPRET=1, set by conftest);
+``attention_impl="torch"`` runs the PyTorch reference path. The reference for "bidirectional" is the unpatched
+model under PyTorch SDPA given an explicit 4D bidirectional padding mask, built here by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import textwrap
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from llm2vec_fast import patch, unpatch
+
+patch_module = importlib.import_module("llm2vec_fast.patch")  # the module: `llm2vec_fast.patch` is the function
+
+IMPLS = ("auto", "torch")
+ATOL, RTOL = 2e-5, 1e-4  # fp32, two layers: summation-order differences only
+LENGTHS = (9, 4, 1, 6)
+
+
+def random_sequences(lengths=LENGTHS, vocab=123, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
+
+
+def padded_batch(sequences, side="right", pad_id=0):
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
+def real_rows(hidden, attention_mask, row):
+    return hidden[row][attention_mask[row].bool()]
+
+
+def hidden_states(model, **inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+
+
+def sdpa_bidirectional_reference(model, input_ids, attention_mask):
+    """The unpatched model under SDPA with a hand-built (B, 1, S, S) bidirectional key padding mask."""
+    assert model.config._attn_implementation == "sdpa"
+    keys = attention_mask.bool()[:, None, None, :]
+    mask_4d = keys.expand(-1, 1, input_ids.shape[1], -1)
+    return hidden_states(model, input_ids=input_ids, attention_mask=mask_4d)
+
+
+def model_state(model):
+    """Everything patch may touch, for comparing before/after."""
+    config = model.config
+    modules = [m for m in model.modules() if hasattr(m, "attention_dropout") and hasattr(m, "is_causal")]
+    return {
+        "attn": config._attn_implementation,
+        "is_causal": getattr(config, "is_causal", "<absent>"),
+        "use_cache": getattr(config, "use_cache", "<absent>"),
+        "config_dropout": getattr(config, "attention_dropout", "<absent>"),
+        "module_dropout": [m.attention_dropout for m in modules],
+        "module_causal": [m.is_causal for m in modules],
+        "patched": patch_module.is_patched(model),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Behaviour on each family
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_patched_matches_sdpa_bidirectional_and_sees_the_future(tiny_family, impl):
+    model = build_tiny_model(tiny_family)
+    sequences = random_sequences()
+    for side in ("right", "left"):
+        input_ids, attention_mask = padded_batch(sequences, side)
+        reference = sdpa_bidirectional_reference(model, input_ids, attention_mask)
+        patch(model, attention_impl=impl)
+        got = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+        unpatch(model)
+        for row in range(len(sequences)):
+            torch.testing.assert_close(
+                real_rows(got, attention_mask, row), real_rows(reference, attention_mask, row), atol=ATOL, rtol=RTOL
+            )
+
+    # Changing the last token changes the first token's output (and not under the causal model).
+    first, changed = sequences[0], sequences[0].clone()
+    changed[-1] = 3 + (changed[-1] - 3 + 1) % 120
+    causal = [hidden_states(model, input_ids=s[None])[0, 0] for s in (first, changed)]
+    torch.testing.assert_close(causal[0], causal[1], atol=0, rtol=0)
+    patch(model, attention_impl=impl)
+    bidirectional = [hidden_states(model, input_ids=s[None])[0, 0] for s in (first, changed)]
+    assert (bidirectional[0] - bidirectional[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_batch_size_and_composition_do_not_matter(tiny_family, impl):
+    model = patch(build_tiny_model(tiny_family), attention_impl=impl)
+    sequences = random_sequences()
+    alone = [hidden_states(model, input_ids=s[None])[0] for s in sequences]
+    others = random_sequences(lengths=(2, 11), seed=7)
+    batches = [
+        (sequences, "right"),
+        (sequences, "left"),
+        (list(reversed(sequences)), "right"),
+        ([sequences[1], others[0], sequences[2], others[1]], "left"),
+    ]
+    for batch, side in batches:
+        input_ids, attention_mask = padded_batch(batch, side)
+        got = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+        for row, seq in enumerate(batch):
+            for index, known in enumerate(sequences):
+                if seq is known:
+                    torch.testing.assert_close(real_rows(got, attention_mask, row), alone[index], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_input_equals_padded_batch(tiny_family, impl):
+    model = patch(build_tiny_model(tiny_family), attention_impl=impl)
+    sequences = random_sequences(lengths=(5, 1, 9, 3))
+    input_ids, attention_mask = padded_batch(sequences, "right")
+    padded = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+    expected = torch.cat([real_rows(padded, attention_mask, row) for row in range(len(sequences))])
+
+    packed_ids = torch.cat(sequences)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    by_positions = hidden_states(model, input_ids=packed_ids, position_ids=position_ids)[0]
+    torch.testing.assert_close(by_positions, expected, atol=ATOL, rtol=RTOL)
+
+    cu_seqlens = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    by_cu_seqlens = hidden_states(
+        model,
+        input_ids=packed_ids,
+        position_ids=position_ids,
+        cu_seq_lens_q=cu_seqlens,
+        cu_seq_lens_k=cu_seqlens,
+        max_length_q=9,
+        max_length_k=9,
+    )[0]
+    torch.testing.assert_close(by_cu_seqlens, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_unpatch_restores_exact_causal_outputs_and_state(tiny_family):
+    model = build_tiny_model(tiny_family)
+    input_ids, attention_mask = padded_batch(random_sequences(), "right")
+    before_state = model_state(model)
+    before = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+
+    patch(model, attention_dropout=0.3)
+    patched_state = model_state(model)
+    assert patched_state["attn"] == "llm2vec_fast"
+    assert patched_state["is_causal"] is False and patched_state["use_cache"] is False
+    assert set(patched_state["module_dropout"]) == {0.3} and patched_state["config_dropout"] == 0.3
+    assert all(patched_state["module_causal"])  # module.is_causal stays True: the is_causal keyword decides
+
+    unpatch(model)
+    assert model_state(model) == before_state
+    after = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+    assert torch.equal(after, before)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Idempotence, options, wrappers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_patch_is_idempotent_and_repatching_replaces_options():
+    model = build_tiny_model("llama")
+    original = model_state(model)
+    input_ids, attention_mask = padded_batch(random_sequences(), "left")
+    once = hidden_states(patch(model), input_ids=input_ids, attention_mask=attention_mask)
+    state_once = model_state(model)
+    twice = hidden_states(patch(model), input_ids=input_ids, attention_mask=attention_mask)
+    assert torch.equal(once, twice) and model_state(model) == state_once
+
+    patch(model, attention_impl="torch", attention_dropout=0.2)
+    assert model.config._attn_implementation == "llm2vec_fast_torch"
+    assert set(model_state(model)["module_dropout"]) == {0.2}
+    patch(model)  # no dropout given: back to the model's own value
+    assert model_state(model) == state_once
+
+    unpatch(model)
+    assert model_state(model) == original
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_dropout_applies_in_training_only(impl):
+    model = patch(build_tiny_model("llama"), attention_impl=impl, attention_dropout=0.3)
+    input_ids, attention_mask = padded_batch(random_sequences(), "right")
+    eval_runs = [hidden_states(model, input_ids=input_ids, attention_mask=attention_mask) for _ in range(2)]
+    assert torch.equal(*eval_runs)
+    model.train()
+    torch.manual_seed(0)
+    train_runs = [hidden_states(model, input_ids=input_ids, attention_mask=attention_mask) for _ in range(2)]
+    assert not torch.allclose(train_runs[0], train_runs[1])
+    assert not torch.allclose(train_runs[0], eval_runs[0])
+    patch(model, attention_impl=impl)  # without attention_dropout: the config's 0.0 again, training is deterministic
+    assert torch.equal(*[hidden_states(model, input_ids=input_ids, attention_mask=attention_mask) for _ in range(2)])
+
+
+def test_causal_lm_and_peft_wrapped_model():
+    peft = pytest.importorskip("peft")
+    model = build_tiny_model("qwen2", causal_lm=True)
+    input_ids, attention_mask = padded_batch(random_sequences(), "right")
+    reference = sdpa_bidirectional_reference(model.model, input_ids, attention_mask)
+    causal_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.detach()
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config)
+    lora_reference = hidden_states(
+        wrapped, input_ids=input_ids, attention_mask=attention_mask.bool()[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1),
+        output_hidden_states=True,
+    )
+    assert patch(wrapped) is wrapped
+    assert model.config._attn_implementation == "llm2vec_fast" and model.model.config.is_causal is False
+    got = hidden_states(wrapped, input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    for row in range(input_ids.shape[0]):
+        torch.testing.assert_close(
+            real_rows(got, attention_mask, row), real_rows(lora_reference, attention_mask, row), atol=ATOL, rtol=RTOL
+        )
+
+    wrapped.train()
+    out = wrapped(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids.masked_fill(attention_mask == 0, -100))
+    out.loss.backward()
+    grads = [p.grad for name, p in wrapped.named_parameters() if "lora_" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+    unpatch(wrapped)
+    wrapped.eval()
+    with wrapped.disable_adapter(), torch.no_grad():
+        assert torch.equal(wrapped(input_ids=input_ids, attention_mask=attention_mask).logits, causal_logits)
+        patch(wrapped)
+        bare = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    for row in range(input_ids.shape[0]):
+        torch.testing.assert_close(
+            real_rows(bare, attention_mask, row), real_rows(reference, attention_mask, row), atol=ATOL, rtol=RTOL
+        )
+
+
+def test_prepared_4d_mask_is_honoured():
+    model = build_tiny_model("mistral")
+    input_ids, attention_mask = padded_batch(random_sequences(), "right")
+    mask_4d = torch.ones(4, 1, 9, 9, dtype=torch.bool).tril()  # a causal pattern given explicitly by the caller
+    expected = hidden_states(model, input_ids=input_ids, attention_mask=mask_4d)
+    patch(model)
+    torch.testing.assert_close(hidden_states(model, input_ids=input_ids, attention_mask=mask_4d), expected, atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments():
+    model = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="attention_impl"):
+        patch(model, attention_impl="cuda")
+    with pytest.raises(ValueError, match="attention_dropout"):
+        patch(model, attention_dropout=1.5)
+    with pytest.raises(TypeError, match="attention_dropout"):
+        patch(model, attention_dropout="0.1")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch("llama")
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model.config, "is_causal")
+
+
+def test_encoder_only_and_encoder_decoder_models_are_refused():
+    from transformers import BertConfig, BertModel, T5Config, T5Model
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64))
+    with pytest.raises(ValueError, match="encoder-only"):
+        patch(bert)
+    t5 = T5Model(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        patch(t5)
+    assert not hasattr(bert.config, "is_causal") or bert.config.is_causal is not False
+
+
+LEGACY_MODEL_SOURCE = '''
+import torch
+from torch import nn
+from transformers import LlamaConfig, PreTrainedModel
+
+
+class LegacyAttention(nn.Module):
+    """Attention that calls torch directly instead of going through transformers' registry."""
+
+    def __init__(self):
+        super().__init__()
+        self.is_causal = True
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class LegacyModel(PreTrainedModel):
+    config_class = LlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn = LegacyAttention()
+'''
+
+
+def test_model_without_attention_interface_is_refused(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    (tmp_path / "legacy_model_for_llm2vec_fast_test.py").write_text(textwrap.dedent(LEGACY_MODEL_SOURCE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    legacy = importlib.import_module("legacy_model_for_llm2vec_fast_test")
+    model = legacy.LegacyModel(LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1))
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        patch(model)
+
+
+def test_cache_generation_and_causal_requests_are_refused():
+    model = patch(build_tiny_model("llama", causal_lm=True))
+    input_ids, attention_mask = padded_batch(random_sequences(lengths=(5, 5)), "left")
+    with pytest.raises(ValueError, match="cannot decode incrementally"):
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    with pytest.raises(ValueError, match="cannot decode incrementally"):
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="unpatch"):
+        model(input_ids=input_ids, attention_mask=attention_mask, is_causal=True)
+    assert model.config.is_causal is False  # the forward keyword did not stick
+    model(input_ids=input_ids, attention_mask=attention_mask)  # plain calls still work
+
+
+def test_sliding_window_longer_than_input_is_refused():
+    model = patch(build_tiny_model("mistral", sliding_window=4))
+    short = random_sequences(lengths=(5,))[0][None]
+    hidden_states(model, input_ids=short)  # window inactive: |i - j| <= 4 covers 5 tokens
+    with pytest.raises(ValueError, match="sliding attention window of 4"):
+        hidden_states(model, input_ids=random_sequences(lengths=(6,))[0][None])
+    packed = torch.cat(random_sequences(lengths=(5, 5)))[None]
+    positions = torch.cat([torch.arange(5), torch.arange(5)])[None]
+    hidden_states(model, input_ids=packed, position_ids=positions)  # each packed sequence fits the window
+
+
+def test_gemma2_attention_softcapping_is_refused():
+    from transformers import AutoModel, Gemma2Config
+
+    config = Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0)
+    model = AutoModel.from_config(config, attn_implementation="eager")
+    with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
+        patch(model)
+    assert model.config._attn_implementation == "eager" and not hasattr(model.config, "is_causal")
+
+
+def test_bad_packed_metadata_is_refused():
+    model = patch(build_tiny_model("llama"))
+    packed = torch.cat(random_sequences(lengths=(3, 4)))[None]
+    good = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="must rise from 0"):
+        model(input_ids=packed, cu_seq_lens_q=torch.tensor([0, 3, 6], dtype=torch.int32), max_length_q=4)
+    with pytest.raises(ValueError, match="cu_seq_lens_k must equal"):
+        model(input_ids=packed, cu_seq_lens_q=good, cu_seq_lens_k=torch.tensor([0, 4, 7], dtype=torch.int32),
+              max_length_q=4, max_length_k=4)
+    with pytest.raises(ValueError, match="max_length_q=2"):
+        model(input_ids=packed, cu_seq_lens_q=good, cu_seq_lens_k=good, max_length_q=2, max_length_k=4)
+    two_rows = torch.stack([packed[0], packed[0]])
+    with pytest.raises(ValueError, match="packed into one row"):
+        model(input_ids=two_rows, cu_seq_lens_q=good, cu_seq_lens_k=good, max_length_q=4, max_length_k=4)
