@@ -284,7 +284,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
         world = dist.get_world_size()
         out = torch.empty((world * shard.shape[0], *shard.shape[1:]), device=shard.device, dtype=shard.dtype)
-        dist.all_gather_into_tensor(out, shard.contiguous())
+        # all_gather_single is the newer name (torch >= 2.12) of all_gather_into_tensor.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, shard.contiguous())
         ctx.rows = shard.shape[0]
         return out
 
@@ -296,7 +298,8 @@ class _GatherWithGrad(torch.autograd.Function):
         rank = dist.get_rank()
         if dist.get_backend() == "nccl":
             out = torch.empty((ctx.rows, *grad.shape[1:]), device=grad.device, dtype=grad.dtype)
-            dist.reduce_scatter_tensor(out, grad)
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            scatter(out, grad)
             return out
         dist.all_reduce(grad)  # gloo has no reduce-scatter
         return grad[rank * ctx.rows:(rank + 1) * ctx.rows]

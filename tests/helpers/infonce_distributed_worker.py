@@ -1,0 +1,54 @@
+"""Launched by tests/test_infonce_distributed.py under torchrun (gloo, CPU): every rank takes its shard of one
+global batch, runs ``info_nce_loss(..., gather_across_ranks=True)``, and saves its loss and gradients, plus the
+parameter gradient of a small DDP-wrapped encoder, to ``OUT_DIR/rank{r}.pt``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from llm2vec_fast.kernels import info_nce_loss  # noqa: E402
+
+
+def global_batch(world: int, per_rank: int, negatives_per_rank: int, dim: int):
+    generator = torch.Generator().manual_seed(1234)
+    return (torch.randn(world * per_rank, dim, generator=generator),
+            torch.randn(world * per_rank, dim, generator=generator),
+            torch.randn(world * negatives_per_rank, dim, generator=generator))
+
+
+def main() -> None:
+    out_dir, per_rank, negatives_per_rank, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    queries, positives, negatives = global_batch(world, per_rank, negatives_per_rank, dim)
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    neg_rows = slice(rank * negatives_per_rank, (rank + 1) * negatives_per_rank)
+    result = {}
+    for impl in ("torch", "triton"):
+        q = queries[rows].clone().requires_grad_()
+        p = positives[rows].clone().requires_grad_()
+        n = negatives[neg_rows].clone().requires_grad_()
+        loss = info_nce_loss(q, p, n, scale=50.0, gather_across_ranks=True, impl=impl)
+        loss.backward()
+        result[impl] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad, "negatives": n.grad}
+
+    # A linear encoder under DDP: the averaged parameter gradient is that of the global loss / world size.
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(dim, 16)
+    model = torch.nn.parallel.DistributedDataParallel(encoder)
+    loss = info_nce_loss(model(queries[rows]), model(positives[rows]), model(negatives[neg_rows]), scale=50.0,
+                         gather_across_ranks=True, impl="torch")
+    loss.backward()
+    result["ddp_weight_grad"] = encoder.weight.grad.clone()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Two CPU processes (torchrun, gloo) with gather_across_ranks give the loss and gradients of one process over
+the whole batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import info_nce_loss
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from infonce_distributed_worker import global_batch  # noqa: E402
+
+WORKER = Path(__file__).parent / "helpers" / "infonce_distributed_worker.py"
+WORLD, PER_RANK, NEG_PER_RANK, DIM = 2, 5, 3, 64
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("infonce_dist")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               str(WORKER), str(out_dir), str(PER_RANK), str(NEG_PER_RANK), str(DIM)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers
+        process.communicate()
+        pytest.fail("the two-process run did not finish in 240 s")
+    assert process.returncode == 0, stderr[-4000:]
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _single_process():
+    queries, positives, negatives = (t.clone().requires_grad_() for t in global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM))
+    loss = info_nce_loss(queries, positives, negatives, scale=50.0, impl="torch")
+    loss.backward()
+    return loss.detach(), queries.grad, positives.grad, negatives.grad
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl):
+    loss, grad_q, grad_p, grad_n = _single_process()
+    for rank, result in enumerate(rank_results):
+        got = result[impl]
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        neg_rows = slice(rank * NEG_PER_RANK, (rank + 1) * NEG_PER_RANK)
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["queries"], grad_q[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["positives"], grad_p[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["negatives"], grad_n[neg_rows], rtol=1e-4, atol=1e-6)
+
+
+def test_ddp_parameter_gradient_is_global_gradient_over_world(rank_results):
+    queries, positives, negatives = global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM)
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(DIM, 16)
+    info_nce_loss(encoder(queries), encoder(positives), encoder(negatives), scale=50.0, impl="torch").backward()
+    for result in rank_results:
+        torch.testing.assert_close(result["ddp_weight_grad"] * WORLD, encoder.weight.grad, rtol=1e-4, atol=1e-6)
