@@ -489,15 +489,17 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, SEED, num_heads, max_seqlen, dropout_p, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask ``(batch, heads, max_seqlen, max_seqlen)`` the attention kernels use: tests only."""
     bh = tl.program_id(1)
-    row = tl.program_id(0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     seed = tl.load(SEED)
-    for start in range(0, max_seqlen, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        keep = _dropout_keep(seed, bh, cols * 0 + row, cols, dropout_p)
-        tl.store(MASK + (bh.to(tl.int64) * max_seqlen + row) * max_seqlen + cols, keep.to(tl.int8), mask=cols < max_seqlen)
+    base = MASK + bh.to(tl.int64) * max_seqlen * max_seqlen
+    for start in range(0, max_seqlen, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows[:, None] + cols[None, :] * 0, cols[None, :] + rows[:, None] * 0, dropout_p)
+        in_bounds = (rows[:, None] < max_seqlen) & (cols[None, :] < max_seqlen)
+        tl.store(base + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8), mask=in_bounds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -893,5 +895,6 @@ def attention_dropout_keep_mask(
     if not use_triton("auto", seed):
         raise RuntimeError("attention_dropout_keep_mask runs the Triton RNG: needs CUDA or TRITON_INTERPRET=1")
     mask = torch.empty((batch, heads, max_seqlen, max_seqlen), device=seed.device, dtype=torch.int8)
-    _dropout_mask_kernel[(max_seqlen, batch * heads)](mask, seed, heads, max_seqlen, float(dropout_p), BLOCK=64)
+    grid = (triton.cdiv(max_seqlen, 32), batch * heads)
+    _dropout_mask_kernel[grid](mask, seed, max_seqlen, float(dropout_p), BLOCK_M=32, BLOCK_N=64)
     return mask.bool()

@@ -1,0 +1,433 @@
+"""The bidirectional attention kernel against its PyTorch reference.
+
+On CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1): fp32 and fp16 there
+(the interpreter's bf16 ``tl.dot`` is not trustworthy); bf16 tests are marked ``gpu``.
+
+Tolerance in the flash-attention way: the kernel's error against an fp64 reference is at most twice the
+error of the same reference computed in the low dtype, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2vec_fast.kernels import attention as attn_module
+from llm2vec_fast.kernels.attention import (
+    attention_dropout_keep_mask,
+    bidirectional_attention,
+    bidirectional_attention_reference,
+    draw_dropout_seed,
+)
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(shape_q, shape_kv, dtype, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    k = torch.randn(shape_kv, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    v = torch.randn(shape_kv, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    return q, k, v
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _check(name, got, ref_hi, ref_lo, dtype):
+    """``got`` vs the fp64 reference, bounded by twice the low-precision reference's own error plus a floor."""
+    err = (got.double() - ref_hi.double()).abs().max().item()
+    ref_err = (ref_lo.double() - ref_hi.double()).abs().max().item()
+    floor = FLOOR[dtype] * (1.0 + ref_hi.double().abs().max().item())
+    assert math.isfinite(err), f"{name}: non-finite values"
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 * reference error {ref_err:.3g} + {floor:.3g}"
+
+
+def _compare(q, k, v, dtype, keep=None, dropout_p=0.0, seed=None, **kwargs):
+    """Kernel vs fp64 reference vs low-precision reference, outputs and dq/dk/dv."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = bidirectional_attention(q, k, v, dropout_p=dropout_p, impl="triton", **kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grad_out = torch.randn_like(out)
+    got = (out,) + _grads(out, (q, k, v), grad_out)
+
+    hi_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_hi = bidirectional_attention_reference(*hi_inputs, dropout_keep_mask=keep, dropout_p=dropout_p, **kwargs)
+    hi = (ref_hi,) + _grads(ref_hi, hi_inputs, grad_out.double())
+    lo_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_lo = bidirectional_attention_reference(
+        *lo_inputs, dropout_keep_mask=keep, dropout_p=dropout_p, upcast=False, **kwargs
+    )
+    lo = (ref_lo,) + _grads(ref_lo, lo_inputs, grad_out)
+    for name, g, h, low in zip(("out", "dq", "dk", "dv"), got, hi, lo):
+        _check(name, g, h, low, dtype)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padded batches
+# ---------------------------------------------------------------------------------------------------------
+
+SHAPES = [
+    # batch, seq, heads, kv_heads, head_dim
+    pytest.param(2, 37, 6, 2, 64, id="s37-d64-gqa2"),
+    pytest.param(2, 1, 6, 1, 64, id="s1-d64-mqa"),
+    pytest.param(1, 130, 6, 2, 64, id="s130-d64-gqa2"),
+    pytest.param(2, 37, 6, 1, 128, id="s37-d128-mqa"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim", SHAPES)
+def test_kernel_matches_reference(batch, seq, heads, kv_heads, head_dim, dtype):
+    q, k, v = _inputs((batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), dtype)
+    _compare(q, k, v, dtype)
+
+
+def _padding_mask(batch, seq):
+    """Row 0 unpadded, row 1 left- and right-padded, row 2 fully padded (when there is one)."""
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[1, seq - 5 :] = False
+    if batch > 2:
+        mask[2] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "seq,head_dim,dtype",
+    [(37, 64, torch.float32), (37, 64, torch.float16), (130, 128, torch.float32)],
+    ids=["s37-d64-fp32", "s37-d64-fp16", "s130-d128-fp32"],
+)
+def test_kernel_with_padding_mask(seq, head_dim, dtype):
+    batch = 3 if seq < 100 else 2
+    q, k, v = _inputs((batch, seq, 6, head_dim), (batch, seq, 2, head_dim), dtype)
+    mask = _padding_mask(batch, seq)
+    out, dq, dk, dv = _compare(q, k, v, dtype, key_padding_mask=mask)
+    padded = ~mask
+    assert torch.all(out[padded] == 0), "padded query rows must be exactly zero"
+    for name, grad in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.all(grad[padded] == 0), f"{name} of padded tokens must be zero"
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 96, 256])
+def test_forward_other_head_dims(head_dim):
+    q, k, v = _inputs((2, 21, 2, head_dim), (2, 21, 1, head_dim), torch.float32)
+    mask = torch.ones(2, 21, dtype=torch.bool, device=DEVICE)
+    mask[0, 17:] = False
+    with torch.no_grad():
+        out = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="triton")
+        ref = bidirectional_attention_reference(q.double(), k.double(), v.double(), key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_softmax_scale_is_used():
+    q, k, v = _inputs((1, 19, 2, 64), (1, 19, 2, 64), torch.float32)
+    with torch.no_grad():
+        out = bidirectional_attention(q, k, v, softmax_scale=0.3, impl="triton")
+        ref = bidirectional_attention_reference(q, k, v, softmax_scale=0.3)
+        default = bidirectional_attention_reference(q, k, v)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert (out - default).abs().max() > 1e-2
+
+
+def test_non_contiguous_inputs():
+    """The transformers integration hands (B, H, S, D) tensors transposed to (B, S, H, D): strided views."""
+    gen = torch.Generator().manual_seed(3)
+    qh = torch.randn(2, 6, 37, 64, generator=gen).to(DEVICE)
+    kvh = torch.randn(2, 2, 2, 37, 64, generator=gen).to(DEVICE)  # k and v interleaved in one buffer
+    q = qh.transpose(1, 2).requires_grad_()
+    k = kvh[0].transpose(1, 2).requires_grad_()
+    v = kvh[1].transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = bidirectional_attention(q, k, v, impl="triton")
+    ref = bidirectional_attention_reference(q.contiguous(), k.contiguous(), v.contiguous())
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    got = _grads(out, (q, k, v), grad_out)
+    want = _grads(ref, (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed (varlen) batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cu_seqlens(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa2", "mqa"])
+def test_varlen_matches_reference(kv_heads, dtype):
+    lengths = [1, 37, 20, 1, 33]
+    cu = _cu_seqlens(lengths)
+    total = sum(lengths)
+    q, k, v = _inputs((total, 6, 64), (total, kv_heads, 64), dtype)
+    _compare(q, k, v, dtype, cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+def test_varlen_equals_padded_batch():
+    """A packed batch gives, token for token, what the same sequences give padded on the right."""
+    lengths = [5, 37, 1]
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((sum(lengths), 4, 64), (sum(lengths), 2, 64), torch.float32)
+    with torch.no_grad():
+        packed = bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=37, impl="triton")
+        qp, kp, vp = (torch.zeros(3, 37, t.shape[1], 64, device=DEVICE) for t in (q, k, v))
+        mask = torch.zeros(3, 37, dtype=torch.bool, device=DEVICE)
+        for i, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            qp[i, : hi - lo], kp[i, : hi - lo], vp[i, : hi - lo] = q[lo:hi], k[lo:hi], v[lo:hi]
+            mask[i, : hi - lo] = True
+        padded = bidirectional_attention(qp, kp, vp, key_padding_mask=mask, impl="triton")
+    torch.testing.assert_close(packed, padded[mask], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_output_and_grads_match_reference():
+    p = 0.3
+    q, k, v = _inputs((2, 37, 2, 64), (2, 37, 1, 64), torch.float32)
+    mask = _padding_mask(2, 37)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        first = bidirectional_attention(q, k, v, key_padding_mask=mask, dropout_p=p, impl="triton")
+        torch.manual_seed(11)
+        again = bidirectional_attention(q, k, v, key_padding_mask=mask, dropout_p=p, impl="triton")
+        other = bidirectional_attention(q, k, v, key_padding_mask=mask, dropout_p=p, impl="triton")
+        no_dropout = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="triton")
+    assert torch.equal(first, again), "the same torch seed must give the same dropout"
+    assert not torch.equal(first, other), "a new draw must give another dropout"
+    assert (first - no_dropout).abs().max() > 1e-2
+
+    # The kernel's own keep-mask for that seed: gradients must match the reference under it.
+    torch.manual_seed(11)
+    keep = attention_dropout_keep_mask(draw_dropout_seed(q.device), 2, 2, 37, p)
+    out, *_ = _compare(q, k, v, torch.float32, keep=keep, dropout_p=p, seed=11, key_padding_mask=mask)
+    assert torch.equal(out.detach(), first)
+
+
+def test_dropout_replays_under_restored_rng_state():
+    """GradCache saves torch's RNG state before the no-grad pass and restores it for the grad pass."""
+    q, k, v = _inputs((1, 19, 2, 32), (1, 19, 2, 32), torch.float32)
+    state = torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state()
+    with torch.no_grad():
+        first = bidirectional_attention(q, k, v, dropout_p=0.5, impl="triton")
+    if DEVICE == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state)
+    second = bidirectional_attention(q, k, v, dropout_p=0.5, impl="triton")
+    assert second.grad_fn is not None
+    assert torch.equal(first, second.detach())
+
+
+def test_dropout_varlen_grads_match_reference():
+    p = 0.25
+    lengths = [1, 23, 9]
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((sum(lengths), 2, 32), (sum(lengths), 1, 32), torch.float32)
+    torch.manual_seed(5)
+    keep = attention_dropout_keep_mask(draw_dropout_seed(q.device), len(lengths), 2, max(lengths), p)
+    _compare(q, k, v, torch.float32, keep=keep, dropout_p=p, seed=5, cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+def test_dropout_kept_fraction():
+    p = 0.3
+    torch.manual_seed(0)
+    seed = draw_dropout_seed(torch.device(DEVICE))
+    keep = attention_dropout_keep_mask(seed, 2, 2, 67, p)
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 6 * sigma, f"kept fraction {frac:.4f}, expected {1 - p} +- {6 * sigma:.4f}"
+    # no visible structure: rows and heads are not copies of each other
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
+
+
+def test_dropout_output_mean_is_unbiased():
+    """E[dropout(P) V] = P V: averaged over many seeds, the output approaches the no-dropout one."""
+    q, k, v = _inputs((1, 8, 1, 16), (1, 8, 1, 16), torch.float32)
+    with torch.no_grad():
+        exact = bidirectional_attention(q, k, v, impl="triton")
+        torch.manual_seed(0)
+        mean = torch.stack([bidirectional_attention(q, k, v, dropout_p=0.5, impl="triton") for _ in range(64)]).mean(0)
+    assert (mean - exact).abs().mean() < 0.1 * exact.abs().mean() + 0.02
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd bookkeeping, dispatch, CPU path
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _count_saved(fn):
+    count = [0]
+
+    def pack(t):
+        count[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, count[0]
+
+
+def test_nothing_saved_without_grad():
+    q, k, v = _inputs((1, 9, 2, 32), (1, 9, 1, 32), torch.float32)
+    with torch.no_grad():
+        out, saved = _count_saved(lambda: bidirectional_attention(q, k, v, impl="triton"))
+    assert saved == 0 and out.grad_fn is None
+    detached = [t.detach() for t in (q, k, v)]
+    out, saved = _count_saved(lambda: bidirectional_attention(*detached, impl="triton"))
+    assert saved == 0 and out.grad_fn is None
+    out, saved = _count_saved(lambda: bidirectional_attention(q, k, v, impl="triton"))
+    assert saved > 0 and out.grad_fn is not None  # the same hook sees the grad-enabled call save
+
+
+def test_auto_uses_triton_under_interpreter(monkeypatch):
+    calls = []
+    real = attn_module._attention_forward
+    monkeypatch.setattr(attn_module, "_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _inputs((1, 9, 2, 32), (1, 9, 1, 32), torch.float32)
+    with torch.no_grad():
+        bidirectional_attention(q, k, v)
+        assert len(calls) == (1 if attn_module.use_triton("auto", q) else 0)
+        bidirectional_attention(q, k, v, impl="torch")
+    assert len(calls) == (1 if attn_module.use_triton("auto", q) else 0)
+
+
+def test_torch_impl_equals_sdpa_non_causal():
+    q, k, v = _inputs((2, 37, 6, 64), (2, 37, 2, 64), torch.float32)
+    with torch.no_grad():
+        ours = bidirectional_attention(q, k, v, impl="torch")
+        sdpa = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(3, 1), v.transpose(1, 2).repeat_interleave(3, 1),
+            is_causal=False,
+        ).transpose(1, 2)
+        torch.testing.assert_close(ours, sdpa, atol=1e-6, rtol=1e-6)
+        mask = _padding_mask(2, 37)
+        ours = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="torch")
+        sdpa = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(3, 1), v.transpose(1, 2).repeat_interleave(3, 1),
+            attn_mask=mask[:, None, None, :], is_causal=False,
+        ).transpose(1, 2)
+    torch.testing.assert_close(ours[mask], sdpa[mask], atol=1e-6, rtol=1e-6)
+    assert torch.all(ours[~mask] == 0)
+
+
+def test_torch_impl_fully_padded_rows_and_varlen():
+    q, k, v = _inputs((3, 37, 6, 64), (3, 37, 2, 64), torch.float32)
+    mask = _padding_mask(3, 37)  # row 2 fully padded
+    out = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="torch")
+    assert torch.isfinite(out).all() and torch.all(out[2] == 0)
+    grads = _grads(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    ref = bidirectional_attention_reference(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    lengths = [1, 37, 20]
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((58, 6, 64), (58, 2, 64), torch.float32)
+    out = bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=37, impl="torch")
+    ref = bidirectional_attention_reference(q, k, v, cu_seqlens=cu, max_seqlen=37)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    q = torch.randn(2, 5, 6, 32)
+    k = torch.randn(2, 5, 2, 32)
+    qp = torch.randn(7, 6, 32)
+    kp = torch.randn(7, 2, 32)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    return [
+        ("3-D q without", dict(q=q[0], k=k[0], v=k[0]), r"\(batch, seq, heads, head_dim\)"),
+        ("heads", dict(q=q, k=torch.randn(2, 5, 4, 32), v=torch.randn(2, 5, 4, 32)), r"multiple of kv_heads"),
+        ("head_dim", dict(q=q, k=torch.randn(2, 5, 2, 16), v=torch.randn(2, 5, 2, 16)), r"head_dim"),
+        ("k/v shape", dict(q=q, k=k, v=torch.randn(2, 5, 3, 32)), r"same shape"),
+        ("seq", dict(q=q, k=torch.randn(2, 4, 2, 32), v=torch.randn(2, 4, 2, 32)), r"share batch and seq"),
+        ("dtype", dict(q=q.double(), k=k.double(), v=k.double()), r"dtype"),
+        ("mixed dtype", dict(q=q.half(), k=k, v=k), r"share one dtype"),
+        ("mask dtype", dict(q=q, k=k, v=k, key_padding_mask=mask.float()), r"bool"),
+        ("mask shape", dict(q=q, k=k, v=k, key_padding_mask=mask[:, :4]), r"\(batch, seq\)"),
+        ("dropout", dict(q=q, k=k, v=k, dropout_p=1.0), r"dropout_p"),
+        ("dropout<0", dict(q=q, k=k, v=k, dropout_p=-0.1), r"dropout_p"),
+        ("scale", dict(q=q, k=k, v=k, softmax_scale=-1.0), r"softmax_scale"),
+        ("max_seqlen alone", dict(q=q, k=k, v=k, max_seqlen=5), r"only meaningful with cu_seqlens"),
+        ("cu dtype", dict(q=qp, k=kp, v=kp, cu_seqlens=cu.long(), max_seqlen=4), r"int32"),
+        ("cu + mask", dict(q=qp, k=kp, v=kp, cu_seqlens=cu, max_seqlen=4, key_padding_mask=mask), r"not both"),
+        ("cu no max", dict(q=qp, k=kp, v=kp, cu_seqlens=cu), r"needs max_seqlen"),
+        ("cu values", dict(q=qp, k=kp, v=kp, cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32), max_seqlen=6),
+         r"end at most"),
+        ("max too small", dict(q=qp, k=kp, v=kp, cu_seqlens=cu, max_seqlen=3), r"below the longest"),
+        ("cu length", dict(q=qp, k=kp, v=kp, cu_seqlens=cu[:1], max_seqlen=3), r"batch \+ 1"),
+        ("packed 4-D", dict(q=q, k=k, v=k, cu_seqlens=cu, max_seqlen=4), r"total_tokens, heads, head_dim"),
+        ("impl", dict(q=q, k=k, v=k, impl="cuda"), r"impl must be one of"),
+    ]
+
+
+@pytest.mark.parametrize("name,kwargs,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_raise_clear_errors(name, kwargs, match):
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises((ValueError, TypeError)) as info:
+        bidirectional_attention(q, k, v, **kwargs)
+    assert info.match(match)
+
+
+def test_triton_rejects_unsupported_head_dim():
+    q = torch.randn(1, 4, 2, 20)
+    with pytest.raises(ValueError, match="head_dim in 16..256"):
+        bidirectional_attention(q, q, q, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: bf16 (the interpreter's bf16 tl.dot is not trustworthy) and larger shapes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("seq,kv_heads", [(1, 1), (37, 2), (1000, 2), (2049, 1)])
+def test_gpu_kernel_matches_reference(seq, kv_heads, head_dim, dtype):
+    q, k, v = _inputs((2, seq, 6, head_dim), (2, seq, kv_heads, head_dim), dtype)
+    mask = torch.ones(2, seq, dtype=torch.bool, device=DEVICE)
+    mask[1, seq // 2 :] = False
+    _compare(q, k, v, dtype, key_padding_mask=mask)
+    _compare(q, k, v, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_varlen_and_dropout(dtype):
+    lengths = [1, 300, 17, 1024, 2]
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((sum(lengths), 8, 128), (sum(lengths), 2, 128), dtype)
+    _compare(q, k, v, dtype, cu_seqlens=cu, max_seqlen=max(lengths))
+    torch.manual_seed(7)
+    keep = attention_dropout_keep_mask(draw_dropout_seed(q.device), len(lengths), 8, max(lengths), 0.3)
+    _compare(q, k, v, dtype, keep=keep, dropout_p=0.3, seed=7, cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_kept_fraction_large():
+    torch.manual_seed(0)
+    keep = attention_dropout_keep_mask(draw_dropout_seed(torch.device("cuda")), 4, 8, 512, 0.1)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - 0.9) < 6 * math.sqrt(0.09 / n)
