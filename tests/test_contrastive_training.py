@@ -1,0 +1,202 @@
+"""SimCSE and supervised contrastive stages: data handling, and short real-model runs on CPU."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import info_nce_loss
+from llm2vec_fast.training.contrastive import (
+    ContrastiveCollator,
+    ContrastiveExample,
+    build_batches,
+    build_model,
+    embed,
+)
+from llm2vec_fast.training.simcse import read_sentences
+from llm2vec_fast.training.supervised import (
+    SupervisedDataSettings,
+    read_supervised_rows,
+    settings_from_config as supervised_settings,
+    supervised_examples,
+    train_supervised,
+)
+
+
+# ------------------------------------------------------------------------------------------------ data, no model
+def test_batches_never_mix_datasets_and_leftovers_are_logged(caplog):
+    examples = [ContrastiveExample(f"q{i}", f"p{i}", dataset="a") for i in range(10)]
+    examples += [ContrastiveExample(f"q{i}", f"p{i}", dataset="b") for i in range(7)]
+    examples += [ContrastiveExample(f"q{i}", f"p{i}", dataset="c") for i in range(2)]
+    with caplog.at_level(logging.INFO):
+        batches = build_batches(examples, 3, seed=1)
+    assert len(batches) == 3 + 2
+    assert all(len(batch) == 3 and len({ex.dataset for ex in batch}) == 1 for batch in batches)
+    assert "the 1 remaining rows are left out" in caplog.text  # a (10 = 3*3 + 1) and b (7 = 2*3 + 1)
+    assert "'c' has 2 rows, fewer than one batch" in caplog.text
+    with pytest.raises(ValueError, match="no dataset fills one batch of 11"):
+        build_batches(examples, 11)
+
+
+def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    collator = ContrastiveCollator(tokenizer, max_length=64)
+    instruction = "Retrieve semantically similar text"
+    batch = collator([[ContrastiveExample("A man plays a guitar.", "Someone plays music.", "A dog sleeps.",
+                                          instruction=instruction, dataset="allnli"),
+                       ContrastiveExample("Hi", "Hello there, friend.", "Bye.", instruction=instruction)]])
+    assert set(batch) == {"query", "positive", "negative"}
+    query = batch["query"]
+    # Pooled tokens decode to the query text alone; the instruction and its "; " joiner are not pooled.
+    row = query["input_ids"][0][query["embed_mask"][0].bool()]
+    assert tokenizer.decode(row).strip() == "A man plays a guitar."
+    unpooled = query["input_ids"][0][query["attention_mask"][0].bool() & ~query["embed_mask"][0].bool()]
+    assert tokenizer.decode(unpooled).strip() == instruction + ";"
+    # Documents have no instruction: every real token is pooled; padding is on the left.
+    negative = batch["negative"]
+    assert torch.equal(negative["embed_mask"], negative["attention_mask"])
+    assert negative["attention_mask"][:, -1].all() and not negative["attention_mask"][1, 0]  # "Bye." is shorter
+
+
+def _write_jsonl(path, rows):
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def test_bad_rows_are_errors_or_skipped_with_a_count(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl.gz"
+    _write_jsonl(path, [
+        {"query": "q1", "positive": "p1", "negative": "n1", "dataset": "nq"},
+        {"query": "q2", "positive": "p2", "dataset": "nq"},
+        {"query": "  ", "positive": "p3", "negative": "n3", "dataset": "nq"},
+        {"query": "q4", "positive": "p4", "negative": "n4", "dataset": "nq"},
+    ])
+    with pytest.raises(ValueError, match=r"rows.jsonl.gz:2: missing 'negative'"):
+        read_supervised_rows(SupervisedDataSettings(train_files=[str(path)]))
+    with caplog.at_level(logging.WARNING):
+        rows = read_supervised_rows(SupervisedDataSettings(train_files=[str(path)], skip_bad_rows=True))
+    assert [row["query"] for row in rows] == ["q1", "q4"]
+    assert "skipped 2 rows" in caplog.text
+    no_negatives = read_supervised_rows(SupervisedDataSettings(train_files=[str(path)], hard_negatives=False,
+                                                               skip_bad_rows=True))
+    assert len(no_negatives) == 3 and "negative" not in no_negatives[0]
+
+
+def test_unknown_dataset_needs_an_instruction():
+    rows = [{"query": "q", "positive": "p", "negative": "n", "dataset": "mine"}]
+    with pytest.raises(ValueError, match=r"no instruction for dataset\(s\) \['mine'\]"):
+        supervised_examples(rows, {})
+    (example,) = supervised_examples(rows, {"mine": "Find the answer"})
+    assert example.instruction == "Find the answer" and example.negative == "n"
+
+
+def test_snli_triplets_and_sentences_load(shared_data, tmp_path):
+    rows = read_supervised_rows(SupervisedDataSettings(train_files=[str(shared_data / "snli" / "nli_triplets.csv")],
+                                                       max_rows=50))
+    assert len(rows) == 50 and rows[0]["dataset"] == "allnli"
+    assert rows[0]["query"].startswith("Two women are embracing")
+    text = tmp_path / "s.txt"
+    text.write_text("one\n\n  \ntwo\n", encoding="utf-8")
+    assert read_sentences([str(text)]) == ["one", "two"]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_sentences([str(tmp_path / "missing.txt")])
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ValueError, match="unknown SupervisedSettings setting"):
+        supervised_settings({"model_name_or_path": "m", "output_dir": "o", "bogus": 1})
+    with pytest.raises(ValueError, match="batch_size at the top level|set 'per_device_train_batch_size'"):
+        supervised_settings({"model_name_or_path": "m", "output_dir": "o", "data": {"train_files": ["x"]},
+                             "training": {"per_device_train_batch_size": 4}})
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2 runs
+STEPS = 20
+
+
+def _held_out_loss(model, collator, examples, scale, pooling="mean"):
+    model.eval()
+    batch = collator([examples])
+    with torch.no_grad():
+        reps = [embed(model, batch[group], pooling) for group in ("query", "positive", "negative") if group in batch]
+        return info_nce_loss(*reps, scale=scale, impl="torch").item()
+
+
+def _losses(run):
+    return [entry["loss"] for entry in run.log_history if "loss" in entry]
+
+
+@pytest.mark.slow
+def test_simcse_cli_run_lowers_the_loss_and_the_adapter_reloads(smollm2_path, shared_data, tmp_path):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.cli import main as cli_main
+    from llm2vec_fast.training.modeling import load_tokenizer
+
+    out = tmp_path / "simcse"
+    sentences = read_sentences([str(shared_data / "wiki_sentences" / "wiki_sentences.txt.gz")], 200)
+    code = cli_main([
+        "train", "simcse", "--config", "training/simcse/smollm2_135m.json",
+        "--set", f"model_name_or_path={smollm2_path}", "--set", f"output_dir={out}", "--set", "merge_adapters=[]",
+        "--set", "data.max_sentences=160", "--set", "batch_size=8", "--set", "max_length=32",
+        "--set", f"training.max_steps={STEPS}", "--set", "training.logging_steps=1",
+        "--set", "training.learning_rate=5e-4", "--set", f"training.save_steps={STEPS}",
+    ])
+    assert code == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == STEPS and all(map(lambda x: x == x, losses))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert (out / "adapter_config.json").is_file() and (out / "llm2vec_config.json").is_file()
+
+    # Held-out sentences (not among the 160 trained on): the trained encoder separates them better.
+    held_out = [ContrastiveExample(s, s) for s in sentences[160:176]]
+    collator = ContrastiveCollator(load_tokenizer(smollm2_path), max_length=32)
+    base = LLM2Vec.from_pretrained(smollm2_path, attention_impl="torch")
+    trained = LLM2Vec.from_pretrained(smollm2_path, peft_model_name_or_path=str(out), attention_impl="torch")
+    before = _held_out_loss(base.model, collator, held_out, 20.0)
+    after = _held_out_loss(trained.model, collator, held_out, 20.0)
+    assert after < before, (before, after)
+
+
+@pytest.mark.slow
+def test_supervised_gradcache_run_lowers_the_loss_and_the_adapter_reloads(smollm2_path, shared_data, tmp_path):
+    from llm2vec_fast import LLM2Vec
+
+    settings = supervised_settings({
+        "model_name_or_path": smollm2_path, "output_dir": str(tmp_path / "supervised"),
+        "data": {"train_files": [str(shared_data / "snli" / "nli_triplets.csv")], "max_rows": 176},
+        "batch_size": 8, "chunk_size": 3, "max_length": 40, "scale": 50.0, "dtype": "float32",
+        "training": {"max_steps": STEPS, "learning_rate": 3e-4, "warmup_steps": 2, "logging_steps": 1,
+                     "save_steps": STEPS},
+    })
+    settings.data.max_rows = 160
+    run = train_supervised(settings)
+    losses = _losses(run)
+    assert len(losses) == STEPS
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+    rows = read_supervised_rows(SupervisedDataSettings(train_files=settings.data.train_files, max_rows=176))[160:]
+    held_out = supervised_examples(rows, {}, seed=0)
+    collator = ContrastiveCollator(run.trainer.processing_class, max_length=40)
+    trained_model = run.trainer.model
+    after = _held_out_loss(trained_model, collator, held_out, 50.0)
+    before_model = build_model(settings)  # the same base with a fresh LoRA, which starts as the identity
+    before = _held_out_loss(before_model, collator, held_out, 50.0)
+    assert after < before, (before, after)
+
+    # The saved adapter, loaded by the encoder, gives the trained model's embeddings.
+    encoder = LLM2Vec.from_pretrained(smollm2_path, peft_model_name_or_path=settings.output_dir,
+                                      attention_impl="torch")
+    texts = [row["positive"] for row in rows[:4]]
+    docs = collator.tokenize([("", t) for t in texts])
+    with torch.no_grad():
+        expected = embed(trained_model.eval(), docs, "mean")
+    got = encoder.encode(texts, batch_size=4, convert_to_tensor=True, convert_to_numpy=False)
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-4, atol=1e-4)
