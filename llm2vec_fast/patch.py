@@ -134,16 +134,15 @@ class _PackedCache:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: weakref.ref | None = None
-        self._value: Any = None
+        self._entry: tuple | None = None  # (weakref, key, value), replaced as one object: safe across threads
 
     def get(self, tensor: torch.Tensor, extra: tuple, compute):
         key = (tensor._version, tensor.shape, tensor.device, extra)
-        if self._ref is not None and self._ref() is tensor and self._key == key:
-            return self._value
+        entry = self._entry
+        if entry is not None and entry[0]() is tensor and entry[1] == key:
+            return entry[2]
         value = compute()
-        self._ref, self._key, self._value = weakref.ref(tensor), key, value
+        self._entry = (weakref.ref(tensor), key, value)
         return value
 
 
@@ -224,6 +223,15 @@ def _requested_causal(module: nn.Module, is_causal: bool | None) -> bool:
     return bool(getattr(module, "is_causal", False))
 
 
+_warned_output_attentions = False
+
+
+def _warn_output_attentions() -> None:
+    global _warned_output_attentions
+    _warned_output_attentions = True
+    logger.warning("llm2vec_fast attention does not return attention weights: output_attentions=True gives None")
+
+
 def _check_sliding_window(sliding_window: int | None, longest: int) -> None:
     # transformers' bidirectional sliding window lets tokens at distance <= sliding_window see each other: it is
     # inactive (full attention, what our kernel computes) when the longest sequence fits in sliding_window + 1.
@@ -268,8 +276,8 @@ def _bidirectional_attention_forward(
             f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a patched (bidirectional) "
             "model cannot use a key/value cache. Pass use_cache=False, or unpatch the model to generate."
         )
-    if kwargs.get("output_attentions"):
-        logger.warning("llm2vec_fast attention does not return attention weights (output_attentions=True ignored)")
+    if kwargs.get("output_attentions") and not _warned_output_attentions:
+        _warn_output_attentions()
 
     sliding_window = kwargs.get("sliding_window")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views, no copy

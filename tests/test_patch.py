@@ -111,7 +111,6 @@ def test_padding_batch_size_and_composition_do_not_matter(tiny_family, impl):
     batches = [
         (sequences, "right"),
         (sequences, "left"),
-        (list(reversed(sequences)), "right"),
         ([sequences[1], others[0], sequences[2], others[1]], "left"),
     ]
     for batch, side in batches:
@@ -147,6 +146,13 @@ def test_packed_input_equals_padded_batch(tiny_family, impl):
         max_length_k=9,
     )[0]
     torch.testing.assert_close(by_cu_seqlens, expected, atol=ATOL, rtol=RTOL)
+
+    # Several rows, each packed (no padding): every row start and every position restart begins a sequence.
+    rows = torch.stack([torch.cat([sequences[0], sequences[1], sequences[3]]), sequences[2]])
+    row_positions = torch.stack([torch.cat([torch.arange(5), torch.arange(1), torch.arange(3)]), torch.arange(9)])
+    two_rows = hidden_states(model, input_ids=rows, position_ids=row_positions)
+    torch.testing.assert_close(two_rows[0], expected[[*range(6), *range(15, 18)]], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(two_rows[1], expected[6:15], atol=ATOL, rtol=RTOL)
 
 
 def test_unpatch_restores_exact_causal_outputs_and_state(tiny_family):
