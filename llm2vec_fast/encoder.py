@@ -1,0 +1,464 @@
+"""The LLM2Vec-compatible encoder: ``from_pretrained``, ``encode``, ``save``.
+
+It reads and writes what llm2vec 0.2.3 reads and writes, and gives its embeddings (same joined text with the
+separator ``!@#$%^&*()``, same ``doc_max_length`` word trimming, same per-family ``prepare_for_tokenization``,
+same pooling over the non-instruction tokens). Where it differs, it is on purpose:
+
+- the instruction/text boundary comes from ONE tokenization of the joined text and its character offsets, so
+  a text that tokenizes differently alone and after the instruction (llm2vec issue #80) is handled exactly;
+- each text's positions start at 0 whatever the padding, and batches are cut by a token budget over
+  length-sorted inputs (packed, with no padding at all, on CUDA), so that an embedding does not depend on the
+  batch size or on the other texts of the batch (llm2vec issues #68, #74);
+- a text with no token of its own (empty, or only an instruction) gets a defined embedding: the pooling over
+  all the input's tokens; an input with no token at all is encoded as the single token EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import length_sorted_batches, pack_batch, pad_batch
+from .builtin_models import resolve_model
+from .pooling import check_pooling_mode, pool, pool_packed
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR = "!@#$%^&*()"
+LLM2VEC_CONFIG = "llm2vec_config.json"
+ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# llm2vec's prepare_for_tokenization: chat wrappers keyed by the model's name on the hub...
+_CHAT_WRAPPERS = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("[INST] ", " [/INST]"),
+    "meta-llama/Llama-2-7b-chat-hf": ("[INST] ", " [/INST]"),
+    "google/gemma-2-9b-it": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
+    "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+    "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
+}
+# ...and, for eos_token pooling, the end marker appended per family (by model_type).
+_EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
+
+
+@dataclasses.dataclass
+class EncodedText:
+    """One input after tokenization: ``input_ids`` and ``embed_mask`` (1 on the tokens that are pooled);
+    ``truncated`` when doc_max_length word trimming or max_length cut it."""
+
+    input_ids: list[int]
+    embed_mask: list[int]
+    truncated: bool
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+class LLM2Vec(torch.nn.Module):
+    """A bidirectional decoder turned text encoder, llm2vec's ``LLM2Vec`` made fast.
+
+    ``model`` returns hidden states (``AutoModel``, optionally PEFT-wrapped), already patched when
+    bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        pooling_mode: str = "mean",
+        max_length: int = 512,
+        doc_max_length: int = 400,
+        skip_instruction: bool = True,
+        *,
+        name_or_path: str = "",
+        max_batch_tokens: int | None = None,
+        packed: bool | None = None,
+    ):
+        super().__init__()
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("LLM2Vec needs a fast (Rust) tokenizer: the instruction/text boundary is taken from "
+                             "character offsets, which slow tokenizers do not give")
+        check_pooling_mode(pooling_mode)
+        if max_length < 1 or doc_max_length < 1:
+            raise ValueError(f"max_length and doc_max_length must be positive, got {max_length}, {doc_max_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling_mode = pooling_mode
+        self.max_length = int(max_length)
+        self.doc_max_length = int(doc_max_length)
+        self.skip_instruction = bool(skip_instruction)
+        self.name_or_path = name_or_path
+        self.max_batch_tokens = max_batch_tokens
+        self.packed = packed
+        self.config = model.config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_name_or_path: str,
+        peft_model_name_or_path: str | Sequence[str] | None = None,
+        merge_peft: bool = False,
+        enable_bidirectional: bool = True,
+        pooling_mode: str | None = None,
+        max_length: int | None = None,
+        doc_max_length: int | None = None,
+        skip_instruction: bool | None = None,
+        attention_impl: str = "auto",
+        **model_kwargs: Any,
+    ) -> "LLM2Vec":
+        """Load as llm2vec 0.2.3 does.
+
+        - ``base_model_name_or_path``: hub id, local directory or built-in name (``smollm2-135m``). An adapter
+          stored beside the base (``adapter_config.json`` in that directory) is loaded and merged.
+        - ``peft_model_name_or_path``: a LoRA adapter (or a list: all but the last are merged, the last is
+          merged only with ``merge_peft``).
+        - Encoder settings (``pooling_mode`` "mean", ``max_length`` 512, ``doc_max_length`` 400,
+          ``skip_instruction`` True) come from ``llm2vec_config.json`` in the adapter directory (else the base
+          directory); an explicit argument that is not None wins.
+        - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``).
+        - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        if not isinstance(base_model_name_or_path, (str, os.PathLike)):
+            raise TypeError(f"base_model_name_or_path must be a string or path, got {type(base_model_name_or_path)}")
+        base = resolve_model(str(base_model_name_or_path))
+        if "torch_dtype" in model_kwargs and "dtype" not in model_kwargs:
+            model_kwargs["dtype"] = model_kwargs.pop("torch_dtype")
+        model_kwargs.setdefault("dtype", torch.float32)
+
+        # An adapter stored beside the base config (llm2vec's "special case"): its base weights come from the
+        # directory itself when it holds them, else from the adapter's base_model_name_or_path.
+        weights_from, beside_adapter = base, None
+        if os.path.isfile(os.path.join(base, "adapter_config.json")):
+            beside_adapter = base
+            if not any(os.path.isfile(os.path.join(base, f)) for f in _WEIGHT_FILES):
+                with open(os.path.join(base, "adapter_config.json"), encoding="utf-8") as handle:
+                    weights_from = json.load(handle).get("base_model_name_or_path") or ""
+                if not weights_from:
+                    raise ValueError(f"{base} holds an adapter but no weights and no base_model_name_or_path")
+                weights_from = resolve_model(weights_from)
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.pad_token = tokenizer.eos_token  # llm2vec's choice, whatever the tokenizer had
+        tokenizer.padding_side = "left"
+
+        logger.info("Loading %s", weights_from)
+        model = AutoModel.from_pretrained(weights_from, **model_kwargs)
+        name = base
+        config_file = os.path.join(base, "config.json")
+        if os.path.isdir(base) and os.path.isfile(config_file):
+            # llm2vec takes the name used by prepare_for_tokenization from the local config.json.
+            with open(config_file, encoding="utf-8") as handle:
+                name = json.load(handle).get("_name_or_path", "")
+
+        if beside_adapter is not None:
+            from peft import PeftModel
+
+            logger.info("Merging the adapter stored beside the base config in %s", beside_adapter)
+            model = PeftModel.from_pretrained(model, beside_adapter).merge_and_unload()
+
+        adapters = [] if peft_model_name_or_path is None else (
+            [peft_model_name_or_path] if isinstance(peft_model_name_or_path, (str, os.PathLike))
+            else list(peft_model_name_or_path))
+        for position, adapter in enumerate(adapters):
+            from peft import PeftModel
+
+            adapter = str(adapter)
+            if not os.path.isfile(os.path.join(adapter, "adapter_config.json")) and os.path.isdir(adapter):
+                raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a PEFT adapter directory")
+            logger.info("Loading adapter %s", adapter)
+            model = PeftModel.from_pretrained(model, adapter)
+            if merge_peft or position < len(adapters) - 1:
+                model = model.merge_and_unload()
+
+        settings: dict[str, Any] = {}
+        config_dir = str(adapters[-1]) if adapters else base
+        config_path = os.path.join(config_dir, LLM2VEC_CONFIG)
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                stored = json.load(handle)
+            unknown = set(stored) - set(ENCODER_KEYS)
+            if unknown:
+                logger.warning("Ignoring unknown keys %s in %s", sorted(unknown), config_path)
+            settings.update({k: v for k, v in stored.items() if k in ENCODER_KEYS})
+        explicit = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length,
+                        skip_instruction=skip_instruction)
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+
+        if enable_bidirectional:
+            from .patch import patch
+
+            patch(model, attention_impl=attention_impl)
+        model.eval()
+        return cls(model, tokenizer, name_or_path=name, **settings)
+
+    def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
+        """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
+
+        With a PEFT-wrapped model, only the adapter is written unless ``merge_before_save``; the adapter then
+        loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec.
+        """
+        if merge_before_save and hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
+            if hasattr(self.model, "_hf_peft_config_loaded"):
+                self.model._hf_peft_config_loaded = False
+        os.makedirs(output_path, exist_ok=True)
+        self.model.save_pretrained(output_path)
+        self.tokenizer.save_pretrained(output_path)
+        if save_config:
+            settings = {k: getattr(self, k) for k in ENCODER_KEYS}
+            with open(os.path.join(output_path, LLM2VEC_CONFIG), "w", encoding="utf-8") as handle:
+                json.dump(settings, handle, indent=4)
+
+    # ------------------------------------------------------------------ text preparation
+    def prepare_for_tokenization(self, text: str) -> str:
+        """llm2vec's per-family wrapping of the joined text (chat wrappers, eos marker for eos_token pooling)."""
+        wrapper = _CHAT_WRAPPERS.get(self.name_or_path)
+        if wrapper is not None:
+            text = wrapper[0] + text.strip() + wrapper[1]
+            if self.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
+                return text
+        if self.pooling_mode == "eos_token":
+            if self.name_or_path == "meta-llama/Meta-Llama-3-8B":
+                text = text.strip() + "<|end_of_text|>"
+            elif getattr(self.config, "model_type", None) in _EOS_SUFFIX:
+                text = text.strip() + _EOS_SUFFIX[self.config.model_type]
+        return text
+
+    def _trim_documents(self, texts: list[str]) -> tuple[list[str], list[bool]]:
+        """llm2vec's doc_max_length rule: cut whole words until the text alone has at most doc_max_length tokens.
+
+        Returns the texts and, per text, whether it was cut."""
+        counts = self._token_counts(texts)
+        out, trimmed = list(texts), [False] * len(texts)
+        for i, count in enumerate(counts):
+            text = out[i]
+            while count > self.doc_max_length:
+                reduced = int(len(text.split()) * self.doc_max_length / count)
+                text = " ".join(text.split()[:reduced])
+                count = self._token_counts([text])[0]
+                trimmed[i] = True
+            out[i] = text
+        return out, trimmed
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        # As llm2vec counts them: no special tokens, truncated at max_length.
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def _joined_texts(self, pairs: list[tuple[str, str]]) -> list[tuple[str, int, bool]]:
+        """Each [instruction, text] as llm2vec joins it, wrapped: (full text, character where the text starts,
+        whether doc_max_length cut the text)."""
+        docs, trimmed = self._trim_documents([text for _, text in pairs])
+        joined = []
+        for (instruction, _), text, cut in zip(pairs, docs, trimmed):
+            marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+            parts = self.prepare_for_tokenization(marked).split(SEPARATOR)
+            full = "".join(parts)
+            joined.append((full, len(parts[0]) if len(parts) > 1 else len(full), cut))
+        return joined
+
+    def tokenize_texts(self, pairs: list[tuple[str, str]]) -> list[EncodedText]:
+        """Tokenize [instruction, text] pairs once each; ``embed_mask`` marks the text's tokens.
+
+        A token belongs to the text when its characters reach past the boundary (a token such as " word" that
+        starts on the joining space counts as the text's); special tokens added by the tokenizer do not.
+        """
+        joined = self._joined_texts(pairs)
+        texts = [full for full, _, _ in joined]
+        # One tokenization, without truncation: rows over max_length (rare) are tokenized again truncated, as
+        # the tokenizer truncates (its special tokens kept), and counted as truncated.
+        encoded = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        rows = [(list(encoded["input_ids"][i]), encoded["offset_mapping"][i], encoded.sequence_ids(i), False)
+                for i in range(len(texts))]
+        long_rows = [i for i, row in enumerate(rows) if len(row[0]) > self.max_length]
+        if long_rows:
+            cut = self.tokenizer([texts[i] for i in long_rows], add_special_tokens=True, truncation=True,
+                                 max_length=self.max_length, return_offsets_mapping=True)
+            for j, i in enumerate(long_rows):
+                rows[i] = (list(cut["input_ids"][j]), cut["offset_mapping"][j], cut.sequence_ids(j), True)
+        out = []
+        for (ids, offsets, sequence_ids, truncated), (_, boundary, cut) in zip(rows, joined):
+            if self.skip_instruction:
+                mask = [int(seq is not None and (end > boundary or (start == end and start >= boundary)))
+                        for (start, end), seq in zip(offsets, sequence_ids)]
+            else:
+                mask = [1] * len(ids)
+            if not ids:
+                # Nothing to encode at all (empty text, no instruction, no BOS): one EOS token stands for it.
+                ids = [self.tokenizer.eos_token_id]
+                mask = [1]
+            elif not any(mask):
+                # No token of the text's own: pool over everything the input has.
+                mask = [1] * len(ids)
+            out.append(EncodedText(ids, mask, truncated or cut))
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    @staticmethod
+    def _as_pairs(sentences) -> tuple[list[tuple[str, str]], bool]:
+        if isinstance(sentences, str):
+            return [("", sentences)], True
+        if _is_pair(sentences) and isinstance(sentences, tuple):
+            raise TypeError("encode() got a tuple of two strings: pass [[instruction, text]] for one pair, "
+                            "or a list of strings for two texts")
+        if isinstance(sentences, np.ndarray):
+            sentences = sentences.tolist()
+        if not isinstance(sentences, (list, tuple)):
+            raise TypeError(f"encode() takes a string or a list of strings / [instruction, text] pairs, "
+                            f"got {type(sentences).__name__}")
+        if len(sentences) == 0:
+            raise ValueError("encode() got an empty list: there is nothing to encode")
+        pairs = []
+        for i, item in enumerate(sentences):
+            if isinstance(item, str):
+                pairs.append(("", item))
+            elif _is_pair(item):
+                pairs.append((item[0], item[1]))
+            else:
+                raise TypeError(f"encode() input {i} must be a string or an [instruction, text] pair of strings, "
+                                f"got {item!r:.80}")
+        return pairs, False
+
+    def _default_packed(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.packed is None else bool(self.packed)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        sentences: str | Sequence[str] | Sequence[Sequence[str]],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        normalize_embeddings: bool = False,
+        output_value: str = "sentence_embedding",
+        *,
+        max_batch_tokens: int | None = None,
+        packed: bool | None = None,
+    ):
+        """Embed strings or ``[instruction, text]`` pairs; the result keeps the input order.
+
+        Returns ``(n, dim)`` float32 (numpy by default, a tensor with ``convert_to_tensor``), or ``(dim,)`` for
+        a single string. ``output_value="token_embeddings"`` gives, per input, the ``(tokens, dim)`` vectors of
+        its text tokens (those that ``mean`` pools), as a list. Batches hold at most ``batch_size`` texts and
+        ``max_batch_tokens`` tokens (default ``batch_size * max_length``); ``packed`` (default: on CUDA)
+        concatenates each batch's texts instead of padding them.
+        """
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        pairs, single = self._as_pairs(sentences)
+        encoded = self.tokenize_texts(pairs)
+        embeddings = self.encode_tokenized(
+            encoded, batch_size=batch_size, device=device, output_value=output_value,
+            max_batch_tokens=max_batch_tokens, packed=packed,
+            show_progress_bar=(logger.getEffectiveLevel() <= logging.INFO and len(pairs) > batch_size)
+            if show_progress_bar is None else show_progress_bar,
+        )
+        if output_value == "token_embeddings":
+            if normalize_embeddings:
+                embeddings = [torch.nn.functional.normalize(e, dim=-1) for e in embeddings]
+            if convert_to_numpy and not convert_to_tensor:
+                embeddings = [e.numpy() for e in embeddings]
+            return embeddings[0] if single else embeddings
+        if normalize_embeddings:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        if single:
+            embeddings = embeddings[0]
+        if convert_to_tensor or not convert_to_numpy:
+            return embeddings
+        return embeddings.numpy()
+
+    def encode_tokenized(
+        self,
+        encoded: list[EncodedText],
+        *,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        output_value: str = "sentence_embedding",
+        max_batch_tokens: int | None = None,
+        packed: bool | None = None,
+        show_progress_bar: bool = False,
+        progress: Any = None,
+    ):
+        """Run already tokenized inputs through the model: ``(n, dim)`` float32 CPU tensor in input order
+        (a list of per-text tensors for ``token_embeddings``). ``progress`` is an optional tqdm to update."""
+        device = torch.device(device) if device is not None else self._model_device()
+        if self._model_device() != device:
+            self.model.to(device)
+        packed = self._default_packed(device) if packed is None else packed
+        budget = max_batch_tokens or self.max_batch_tokens or batch_size * self.max_length
+        lengths = [len(e.input_ids) for e in encoded]
+        batches = length_sorted_batches(lengths, batch_size=batch_size, max_batch_tokens=budget, packed=packed)
+        results: list[Any] = [None] * len(encoded)
+        bar = tqdm(total=len(encoded), desc="Encoding", unit="text", disable=not show_progress_bar)
+        self.model.eval()
+        for batch in batches:
+            items = [encoded[i] for i in batch]
+            outputs = self._forward(items, device, packed, output_value)
+            for index, output in zip(batch, outputs):
+                results[index] = output
+            bar.update(len(batch))
+            if progress is not None:
+                progress.update(len(batch))
+        bar.close()
+        if output_value == "token_embeddings":
+            return results
+        return torch.stack(results)
+
+    def _model_device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def _hidden(self, **inputs) -> torch.Tensor:
+        out = self.model(**inputs, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden
+
+    def _forward(self, items: list[EncodedText], device: torch.device, packed: bool, output_value: str):
+        ids = [e.input_ids for e in items]
+        masks = [e.embed_mask for e in items]
+        if packed:
+            batch = pack_batch(ids, masks).to(device)
+            hidden = self._hidden(**batch.model_inputs())[0]
+            if output_value == "token_embeddings":
+                cu = batch.cu_seqlens.tolist()
+                flags = batch.embed_mask.bool()
+                return [hidden[a:b][flags[a:b]].float().cpu() for a, b in zip(cu[:-1], cu[1:])]
+            return list(pool_packed(hidden, batch.cu_seqlens, self.pooling_mode, embed_mask=batch.embed_mask).cpu())
+        batch = pad_batch(ids, masks, pad_id=self.tokenizer.pad_token_id).to(device)
+        hidden = self._hidden(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids)
+        if output_value == "token_embeddings":
+            flags = batch.embed_mask.bool() & batch.attention_mask.bool()
+            return [hidden[row][flags[row]].float().cpu() for row in range(hidden.shape[0])]
+        return list(pool(hidden, batch.attention_mask, self.pooling_mode, embed_mask=batch.embed_mask).cpu())
+
+    def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
+        """llm2vec's forward: padded features with ``embed_mask`` -> pooled ``(batch, dim)`` (used in training)."""
+        features = dict(sentence_feature)
+        embed_mask = features.pop("embed_mask", None)
+        hidden = self._hidden(**features)
+        mask = features["attention_mask"]
+        return pool(hidden, mask, self.pooling_mode, embed_mask=embed_mask if self.skip_instruction else None)
