@@ -383,3 +383,37 @@ def test_bad_packed_metadata_is_refused():
     two_rows = torch.stack([packed[0], packed[0]])
     with pytest.raises(ValueError, match="packed into one row"):
         model(input_ids=two_rows, cu_seq_lens_q=good, cu_seq_lens_k=good, max_length_q=4, max_length_k=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On a GPU (run by the GPU check script; skipped on CPU machines)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_patched_low_precision_error_within_twice_sdpa(tiny_family, dtype):
+    """Triton kernel on CUDA in bf16/fp16, head_dim 64, lengths up to 300: padded and packed outputs are as close to
+    an fp32 SDPA reference as SDPA itself in the same dtype (at most twice its error plus a small floor)."""
+    overrides = dict(hidden_size=256, intermediate_size=512, max_position_embeddings=512)
+    if tiny_family in ("gemma", "qwen3"):
+        overrides["head_dim"] = 64
+    model32 = build_tiny_model(tiny_family, **overrides).cuda()
+    sequences = [s.cuda() for s in random_sequences(lengths=(300, 37, 1, 129))]
+    input_ids, attention_mask = padded_batch(sequences, "left")
+    reference = sdpa_bidirectional_reference(model32, input_ids, attention_mask).float()
+    model = model32.to(dtype)
+    sdpa = sdpa_bidirectional_reference(model, input_ids, attention_mask).float()
+    patch(model, attention_impl="triton")
+    ours = hidden_states(model, input_ids=input_ids, attention_mask=attention_mask).float()
+    real = attention_mask.bool()
+    sdpa_error = (sdpa[real] - reference[real]).abs().max().item()
+    floor = 1e-3 * reference[real].abs().max().item()
+    ours_error = (ours[real] - reference[real]).abs().max().item()
+    assert ours_error <= 2 * sdpa_error + floor, (ours_error, sdpa_error)
+
+    packed_ids = torch.cat(sequences)[None]
+    position_ids = torch.cat([torch.arange(len(s), device="cuda") for s in sequences])[None]
+    packed = hidden_states(model, input_ids=packed_ids, position_ids=position_ids)[0].float()
+    expected = torch.cat([real_rows(reference, attention_mask, row) for row in range(len(sequences))])
+    assert (packed - expected).abs().max().item() <= 2 * sdpa_error + floor
