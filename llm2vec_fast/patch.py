@@ -177,6 +177,7 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
 
 
 def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tensor, int]:
+    """Validated ``(cu_seqlens int32, max_seqlen)`` from transformers' FlashAttention kwargs (cached per forward)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if batch != 1:
@@ -197,14 +198,16 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tenso
             raise ValueError(
                 f"llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length {seq}, got {cu.tolist()}"
             )
-        return cu, int(lengths.max())
+        longest = int(lengths.max())
+        for name, given in (("max_length_q", max_q), ("max_length_k", max_k)):
+            if given is not None and int(given) < longest:
+                raise ValueError(
+                    f"llm2vec_fast: {name}={int(given)} is shorter than the longest packed sequence {longest}"
+                )
+        # The kernel gets the exact longest length (a larger max_length would only launch idle programs).
+        return cu, longest
 
-    cu, longest = _cu_seqlens_cache.get(cu_q, (seq, id(cu_k)), compute)
-    for name, given in (("max_length_q", max_q), ("max_length_k", max_k)):
-        if given is not None and int(given) < longest:
-            raise ValueError(f"llm2vec_fast: {name}={int(given)} is shorter than the longest packed sequence {longest}")
-    max_seqlen = int(max_q) if max_q is not None else (int(max_k) if max_k is not None else longest)
-    return cu, max_seqlen
+    return _cu_seqlens_cache.get(cu_q, (seq, id(cu_k)), compute)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
