@@ -1,0 +1,269 @@
+"""The encoder on tiny random models with the real SmolLM2 tokenizer: invariances, layouts, inputs, loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_model
+
+TEXTS = [
+    "A man with a hard hat is dancing.",
+    "x",
+    "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest.",
+    "",
+    "   ",
+    "Buddhism (religion/philosophy)",
+    "Café naïve — 東京 🍕",
+    "short one",
+    "Another sentence of medium length about encoders.",
+]
+PAIRS = [["Retrieve relevant passages", t] for t in TEXTS[:4]] + [["", "no instruction here"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def make_encoder(tokenizer, family="llama", pooling_mode="mean", impl="torch", **settings):
+    from llm2vec_fast import LLM2Vec, patch
+
+    overrides = {"vocab_size": 49152}
+    if family == "gemma":
+        overrides["head_dim"] = 16
+    model = build_tiny_model(family, **overrides)
+    patch(model, attention_impl=impl)
+    return LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, **settings)
+
+
+def cosine_min(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return ((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min()
+
+
+@pytest.mark.parametrize("mode", ["mean", "last_token"])
+def test_batch_size_and_composition_do_not_change_embeddings(tokenizer, mode):
+    encoder = make_encoder(tokenizer, pooling_mode=mode)
+    alone = encoder.encode(TEXTS, batch_size=1)
+    for batch_size in (3, 32):
+        together = encoder.encode(TEXTS, batch_size=batch_size)
+        np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    # The same text among other texts, in another position.
+    mixed = encoder.encode(["padding " * 30, TEXTS[0], "y"], batch_size=3)
+    np.testing.assert_allclose(mixed[1], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, mode", [("llama", "mean"), ("qwen2", "bos_token"), ("gemma", "weighted_mean")])
+def test_packed_equals_padded(tokenizer, family, mode):
+    # Every pooling mode's packed and padded versions are compared directly in test_pool_packed_equals_pool.
+    encoder = make_encoder(tokenizer, family=family, pooling_mode=mode)
+    inputs = TEXTS + PAIRS
+    padded = encoder.encode(inputs, batch_size=4, packed=False)
+    packed = encoder.encode(inputs, batch_size=4, packed=True)
+    np.testing.assert_allclose(packed, padded, rtol=1e-4, atol=1e-5)
+    tokens_padded = encoder.encode(inputs, packed=False, output_value="token_embeddings")
+    tokens_packed = encoder.encode(inputs, packed=True, output_value="token_embeddings")
+    for a, b in zip(tokens_padded, tokens_packed):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_through_triton_interpreter_equals_padded(tokenizer):
+    encoder = make_encoder(tokenizer, impl="auto")  # Triton kernel under TRITON_INTERPRET=1
+    inputs = [TEXTS[0], TEXTS[2], ["Retrieve", TEXTS[5]]]
+    padded = encoder.encode(inputs, packed=False)
+    packed = encoder.encode(inputs, packed=True)
+    np.testing.assert_allclose(packed, padded, rtol=1e-4, atol=1e-4)
+
+
+def test_embeddings_follow_the_model_not_the_padding(tokenizer):
+    # Against a plain unpadded forward of each text through the same patched model.
+    encoder = make_encoder(tokenizer)
+    ours = encoder.encode(TEXTS[:3] + [TEXTS[5]], batch_size=4)
+    for row, text in enumerate(TEXTS[:3] + [TEXTS[5]]):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = encoder.model(input_ids=ids).last_hidden_state[0]
+        np.testing.assert_allclose(ours[row], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_instruction_tokens_are_left_out(tokenizer):
+    encoder = make_encoder(tokenizer)
+    instruction, text = "Retrieve relevant passages", "Buddhism (religion/philosophy)"
+    encoded = encoder.tokenize_texts([(instruction, text)])[0]
+    first = encoded.embed_mask.index(1)
+    assert all(encoded.embed_mask[first:]) and not any(encoded.embed_mask[:first])
+    assert tokenizer.decode(encoded.input_ids[:first]) == instruction
+    assert tokenizer.decode(encoded.input_ids[first:]) == " " + text
+    ids = torch.tensor([encoded.input_ids])
+    with torch.no_grad():
+        hidden = encoder.model(input_ids=ids).last_hidden_state[0]
+    np.testing.assert_allclose(encoder.encode([[instruction, text]])[0], hidden[first:].mean(0).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    encoder.skip_instruction = False
+    np.testing.assert_allclose(encoder.encode([[instruction, text]])[0], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_output_shapes_order_and_conversions(tokenizer):
+    encoder = make_encoder(tokenizer)
+    single = encoder.encode("one text")
+    assert isinstance(single, np.ndarray) and single.shape == (64,)
+    many = encoder.encode(TEXTS)
+    assert many.shape == (len(TEXTS), 64) and many.dtype == np.float32
+    reversed_ = encoder.encode(TEXTS[::-1])
+    np.testing.assert_allclose(reversed_[::-1], many, rtol=1e-4, atol=1e-5)
+    tensor = encoder.encode(TEXTS, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (len(TEXTS), 64)
+    normalized = encoder.encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, rtol=1e-5)
+    tokens = encoder.encode(["Hello world", ["Retrieve", "Hello world again"]], output_value="token_embeddings")
+    assert [t.shape for t in tokens] == [(2, 64), (3, 64)]  # "Hello", " world" / " Hello", " world", " again"
+    np.testing.assert_allclose(tokens[0].mean(0), encoder.encode("Hello world"), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_and_whitespace_texts_have_defined_embeddings(tokenizer):
+    encoder = make_encoder(tokenizer)
+    out = encoder.encode(["", "   ", ["Retrieve", ""], "x"])
+    assert np.isfinite(out).all() and (np.abs(out).sum(1) > 0).all()
+    # An empty text is the EOS token alone; with only an instruction, all the input's tokens are pooled: the
+    # instruction and the joining space that llm2vec puts after it.
+    with torch.no_grad():
+        eos = encoder.model(input_ids=torch.tensor([[tokenizer.eos_token_id]])).last_hidden_state[0, 0]
+        instruction = encoder.model(input_ids=tokenizer("Retrieve ", return_tensors="pt")["input_ids"])
+    np.testing.assert_allclose(out[0], eos.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[2], instruction.last_hidden_state[0].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        ([], ValueError, "empty list"),
+        (42, TypeError, "int"),
+        (["ok", 3], TypeError, "input 1"),
+        ([["a", "b", "c"]], TypeError, "input 0"),
+        (("instruction", "text"), TypeError, "tuple of two strings"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(tokenizer, bad, error, words):
+    encoder = make_encoder(tokenizer)
+    with pytest.raises(error, match=words):
+        encoder.encode(bad)
+
+
+def test_bad_settings_are_refused(tokenizer):
+    encoder = make_encoder(tokenizer)
+    with pytest.raises(ValueError, match="output_value"):
+        encoder.encode(["a"], output_value="cls")
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="pooling_mode"):
+        make_encoder(tokenizer, pooling_mode="max")
+
+
+def test_max_length_truncates_and_doc_max_length_trims_words(tokenizer):
+    encoder = make_encoder(tokenizer, max_length=8, doc_max_length=5)
+    long_text = "one two three four five six seven eight nine ten eleven twelve"
+    encoded = encoder.tokenize_texts([("", long_text), ("an instruction that is long enough", long_text),
+                                      ("", "short")])
+    assert encoded[0].truncated and encoded[1].truncated and not encoded[2].truncated
+    assert tokenizer.decode(encoded[0].input_ids) == "one two three four five"  # word trimming, llm2vec's rule
+    assert len(encoded[1].input_ids) == 8  # instruction + trimmed text cut at max_length
+    assert np.isfinite(encoder.encode([["an instruction that is long enough", long_text]])).all()
+
+
+def test_save_and_from_pretrained_round_trip(tokenizer, tmp_path):
+    from llm2vec_fast import LLM2Vec
+
+    encoder = make_encoder(tokenizer, pooling_mode="weighted_mean", max_length=64)
+    encoder.save(str(tmp_path / "saved"))
+    stored = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
+    assert stored == {"pooling_mode": "weighted_mean", "max_length": 64, "doc_max_length": 400,
+                      "skip_instruction": True}
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "saved"), attention_impl="torch")
+    assert (loaded.pooling_mode, loaded.max_length) == ("weighted_mean", 64)
+    np.testing.assert_allclose(loaded.encode(TEXTS), encoder.encode(TEXTS), rtol=1e-4, atol=1e-5)
+    explicit = LLM2Vec.from_pretrained(str(tmp_path / "saved"), pooling_mode="mean", attention_impl="torch")
+    assert explicit.pooling_mode == "mean" and explicit.max_length == 64
+
+
+def test_adapters_load_as_llm2vec_loads_them(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+
+    base = build_tiny_model("llama", vocab_size=49152)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = get_peft_model(build_tiny_model("llama", vocab_size=49152),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in lora.named_parameters():  # LoRA's B starts at zero: make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    lora.save_pretrained(tmp_path / "adapter")
+    with open(tmp_path / "adapter" / "llm2vec_config.json", "w") as handle:
+        json.dump({"pooling_mode": "weighted_mean"}, handle)
+    merged = lora.merge_and_unload().eval()
+
+    from llm2vec_fast import patch
+
+    patch(merged, attention_impl="torch")
+    expected = __import__("llm2vec_fast").LLM2Vec(merged, tokenizer, pooling_mode="weighted_mean").encode(TEXTS)
+    plain = LLM2Vec.from_pretrained(str(tmp_path / "base"), attention_impl="torch").encode(TEXTS)
+    assert cosine_min(plain, expected) < 0.999  # the adapter changes the embeddings
+    for merge in (False, True):
+        loaded = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "adapter"),
+                                         merge_peft=merge, attention_impl="torch")
+        assert loaded.pooling_mode == "weighted_mean"  # llm2vec_config.json of the adapter
+        np.testing.assert_allclose(loaded.encode(TEXTS), expected, rtol=1e-3, atol=1e-4)
+    # An adapter stored beside a base config (llm2vec's special case) is merged.
+    shutil.copytree(tmp_path / "adapter", tmp_path / "beside")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (tmp_path / "beside" / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "beside" / "config.json")
+    tokenizer.save_pretrained(tmp_path / "beside")
+    beside = LLM2Vec.from_pretrained(str(tmp_path / "beside"), attention_impl="torch")
+    np.testing.assert_allclose(beside.encode(TEXTS), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+def test_pool_packed_equals_pool(mode):
+    from llm2vec_fast.pooling import pool, pool_packed
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    hidden = [torch.randn(n, 8) for n in lengths]
+    masks = [torch.tensor([0] * (n // 3) + [1] * (n - n // 3)) for n in lengths]
+    width = max(lengths)
+    padded = torch.zeros(len(lengths), width, 8)
+    attention = torch.zeros(len(lengths), width, dtype=torch.long)
+    embed = torch.zeros_like(attention)
+    for i, (h, m) in enumerate(zip(hidden, masks)):
+        padded[i, width - len(h):] = h
+        attention[i, width - len(h):] = 1
+        embed[i, width - len(h):] = m
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    packed = pool_packed(torch.cat(hidden), cu, mode, embed_mask=torch.cat(masks))
+    torch.testing.assert_close(packed, pool(padded, attention, mode, embed_mask=embed))
+
+
+def test_token_budget_batches():
+    from llm2vec_fast.batching import length_sorted_batches
+
+    lengths = [3, 10, 7, 7, 1, 12, 2]
+    padded = length_sorted_batches(lengths, batch_size=3, max_batch_tokens=20)
+    assert sorted(i for b in padded for i in b) == list(range(len(lengths)))
+    for batch in padded:
+        widths = [lengths[i] for i in batch]
+        assert widths == sorted(widths, reverse=True) and len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(widths) <= 20
+    packed = length_sorted_batches(lengths, batch_size=100, max_batch_tokens=20, packed=True)
+    assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 20 for b in packed)
+    assert [lengths[b[0]] for b in packed] == sorted((lengths[b[0]] for b in packed), reverse=True)
