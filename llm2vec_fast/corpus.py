@@ -239,6 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    parser.add_argument("--attention-impl", default="auto", choices=["auto", "triton", "torch"],
+                        help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
                         help="stop at a bad row (default), or skip it and list it in the shard and manifest")
 
@@ -268,6 +270,7 @@ def _settings(args, device_type: str) -> dict:
         "normalize": bool(args.normalize),
         "device_type": device_type,
         "on_bad_row": args.on_bad_row,
+        "attention_impl": args.attention_impl,
     }
 
 
@@ -344,6 +347,7 @@ def main(args) -> int:
         encoder = LLM2Vec.from_pretrained(
             args.model, peft_model_name_or_path=args.adapter or None, merge_peft=True, dtype=dtype,
             pooling_mode=args.pooling_mode, max_length=args.max_length, doc_max_length=args.doc_max_length,
+            attention_impl=args.attention_impl,
         )
         encoder.model.to(device)
         np_dtype = np.float16 if args.dtype == "float16" else np.float32

@@ -388,6 +388,7 @@ class LLM2Vec(torch.nn.Module):
             return embeddings
         return embeddings.numpy()
 
+    @torch.no_grad()
     def encode_tokenized(
         self,
         encoded: list[EncodedText],
