@@ -267,7 +267,7 @@ def _bidirectional_attention_forward(
         )
     for name, what in _UNSUPPORTED_ATTENTION_KWARGS.items():
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"llm2vec_fast: the llm2vec_fast attention does not implement {what} ({name}=...)")
+            raise NotImplementedError(f"llm2vec_fast: our attention kernel does not implement {what} ({name}=...)")
     if kwargs.get("use_cache"):
         raise ValueError(
             "llm2vec_fast: use_cache=True on a patched (bidirectional) model: it cannot decode incrementally, so a "
@@ -406,7 +406,9 @@ def _check_can_patch(base) -> None:
     name = type(base).__name__
     configs = _all_configs(base)
     if any(getattr(c, "is_encoder_decoder", False) for c in configs):
-        raise ValueError(f"llm2vec_fast.patch: {name} is an encoder-decoder model; patch makes decoder-only LLMs bidirectional")
+        raise ValueError(
+            f"llm2vec_fast.patch: {name} is an encoder-decoder model; patch makes decoder-only LLMs bidirectional"
+        )
     if not base._can_set_attn_implementation():
         raise ValueError(
             f"llm2vec_fast.patch: {name} does not call attention through transformers' AttentionInterface "
@@ -496,7 +498,11 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
     ]
     name = ATTENTION_NAMES[attention_impl]
     base.set_attn_implementation(name)
-    unset = [type(m).__name__ for m in base.modules() if isinstance(m, PreTrainedModel) and m.config._attn_implementation != name]
+    unset = [
+        type(m).__name__
+        for m in base.modules()
+        if isinstance(m, PreTrainedModel) and m.config._attn_implementation != name
+    ]
     if unset:
         _restore_implementations(base, implementations)
         raise ValueError(f"llm2vec_fast.patch: could not set the attention implementation of {sorted(set(unset))}")
@@ -518,8 +524,7 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
 
 
 def _restore_implementations(base, implementations: list) -> None:
-    top_config, top_value = implementations[0]
-    base.set_attn_implementation(top_value)
+    base.set_attn_implementation(implementations[0][1])
     for config, value in implementations:  # sub-models that had their own implementation
         if config._attn_implementation_internal != value:
             config._attn_implementation_internal = value

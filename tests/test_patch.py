@@ -224,10 +224,8 @@ def test_causal_lm_and_peft_wrapped_model():
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     wrapped = peft.get_peft_model(model, config)
-    lora_reference = hidden_states(
-        wrapped, input_ids=input_ids, attention_mask=attention_mask.bool()[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1),
-        output_hidden_states=True,
-    )
+    mask_4d = attention_mask.bool()[:, None, None, :].expand(-1, 1, input_ids.shape[1], -1)
+    lora_reference = hidden_states(wrapped, input_ids=input_ids, attention_mask=mask_4d, output_hidden_states=True)
     assert patch(wrapped) is wrapped
     assert model.config._attn_implementation == "llm2vec_fast" and model.model.config.is_causal is False
     got = hidden_states(wrapped, input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -237,7 +235,8 @@ def test_causal_lm_and_peft_wrapped_model():
         )
 
     wrapped.train()
-    out = wrapped(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids.masked_fill(attention_mask == 0, -100))
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    out = wrapped(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     out.loss.backward()
     grads = [p.grad for name, p in wrapped.named_parameters() if "lora_" in name]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
@@ -260,7 +259,8 @@ def test_prepared_4d_mask_is_honoured():
     mask_4d = torch.ones(4, 1, 9, 9, dtype=torch.bool).tril()  # a causal pattern given explicitly by the caller
     expected = hidden_states(model, input_ids=input_ids, attention_mask=mask_4d)
     patch(model)
-    torch.testing.assert_close(hidden_states(model, input_ids=input_ids, attention_mask=mask_4d), expected, atol=ATOL, rtol=RTOL)
+    got = hidden_states(model, input_ids=input_ids, attention_mask=mask_4d)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
