@@ -1,0 +1,146 @@
+"""The recipe driver: stages in order on top of each other, evaluation of every variant, report and plot,
+and a rerun that picks up finished work. Runs ``--quick`` on a tiny random Llama that uses SmolLM2's real
+tokenizer (the stages need real text), so that every step is the real code path but fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mteb")
+pytest.importorskip("matplotlib")
+
+from llm2vec_fast import cli  # noqa: E402
+from llm2vec_fast import mteb as l2v_mteb  # noqa: E402
+from llm2vec_fast import recipe as recipe_module  # noqa: E402
+from llm2vec_fast.recipe import RESULTS_BEGIN, RESULTS_END, find_recipe, load_recipe, stage_inputs, variants  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "training" / "recipes" / "smollm2_135m" / "recipe.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_smol(smollm2_path, tmp_path_factory) -> str:
+    """A 2-layer random Llama with SmolLM2's tokenizer and vocabulary, saved as a HF directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_smol")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def available_stages() -> list[str]:
+    """The stages whose trainer and SmolLM2 config exist in this checkout."""
+    import importlib.util
+
+    recipe = load_recipe(RECIPE)
+    found = []
+    for stage, spec in recipe["stages"].items():
+        config = (RECIPE.parent / spec["config"]).resolve()
+        if config.is_file() and importlib.util.find_spec(f"llm2vec_fast.training.{stage}") is not None:
+            found.append(stage)
+    return found
+
+
+def run_cli(model: str, output: Path, report: Path, data: Path, stages: list[str], *extra: str) -> int:
+    return cli.main(["recipe", str(RECIPE), "--quick", "--output", str(output), "--report-dir", str(report),
+                     "--data-dir", str(data), "--stages", ",".join(stages), "--set", f"model={model}", *extra])
+
+
+def test_recipe_file_and_overrides():
+    assert find_recipe("smollm2-135m").resolve() == RECIPE.resolve()
+    recipe = load_recipe(RECIPE, quick=True, overrides={"stages.mntp.set.training.max_steps": 7, "eval.batch_size": 4})
+    assert recipe["stages"]["mntp"]["set"]["training.max_steps"] == 7  # the stage's own dotted key, kept flat
+    assert recipe["stages"]["mntp"]["set"]["data.block_size"] == 32  # from the quick section
+    assert recipe["eval"]["batch_size"] == 4 and recipe["quick"] is True
+    assert load_recipe(RECIPE)["stages"]["mntp"]["set"]["data.block_size"] == 128
+    assert [v["name"] for v in variants(recipe)] == ["causal", "bidirectional", *recipe["stages"]]
+    assert variants(recipe)[0]["bidirectional"] is False
+    if "supervised" in recipe["stages"]:
+        assert stage_inputs(recipe, "supervised")[0] == "mntp"
+    bad = load_recipe(RECIPE)
+    bad["stages"]["mntp"]["on_top_of"] = ["supervised"]
+    with pytest.raises(ValueError, match="cannot build on"):
+        stage_inputs(bad, "mntp")
+    with pytest.raises(FileNotFoundError, match="no recipe"):
+        find_recipe("no-such-recipe")
+
+
+def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, monkeypatch):
+    stages = available_stages()
+    if "mntp" not in stages:
+        pytest.skip("the MNTP stage is not in this checkout")
+    output, report = tmp_path / "run", tmp_path / "report"
+
+    # A crash in the first training stage: the baselines are evaluated and reported, the stage is not marked.
+    real_run = subprocess.run
+
+    def crash(command, **kwargs):
+        return subprocess.CompletedProcess(command, 3)
+
+    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    with pytest.raises(RuntimeError, match="stage mntp failed"):
+        run_cli(tiny_smol, output, report, shared_data, stages)
+    partial = (report / "RESULTS.md").read_text()
+    assert "causal base" in partial and "+ MNTP" not in partial
+    assert not (output / "mntp" / "recipe_stage.json").exists()
+
+    # The rerun trains the stages for real (in order, each on top of the earlier ones) and reuses the baselines.
+    launched = []
+
+    def record(command, **kwargs):
+        launched.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(recipe_module.subprocess, "run", record)
+    evaluated = []
+    real_load = l2v_mteb.load_encoder
+
+    def load(model, **kwargs):
+        evaluated.append(kwargs)
+        return real_load(model, **kwargs)
+
+    monkeypatch.setattr(l2v_mteb, "load_encoder", load)
+    assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
+    assert [c[c.index("train") + 1] for c in launched] == stages
+    assert len(evaluated) == len(stages)  # the two baselines were not evaluated again
+    assert evaluated[0]["adapters"] == [str(output / "mntp")]
+    for i, stage in enumerate(stages):
+        marker = json.loads((output / stage / "recipe_stage.json").read_text())
+        assert marker["settings"]["merge_adapters"] == [str(output / s) for s in stages[:i]]
+        assert (output / stage / "adapter_config.json").is_file()
+
+    text = (report / "RESULTS.md").read_text()
+    assert "SMOKE TEST" in text and text.count(RESULTS_BEGIN) == 1 and text.count(RESULTS_END) == 1
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "|---" not in line]
+    stored = {v["name"]: json.loads((output / "eval" / f"{v['name']}.json").read_text())["results"]
+              for v in variants(load_recipe(RECIPE, quick=True)) if v["name"] in ["causal", "bidirectional", *stages]}
+    causal_row = next(r for r in rows if r.startswith("| causal base"))
+    expected = f"{100 * stored['causal']['STSBenchmark']['main_score']:.1f}"
+    assert causal_row.split("|")[2].strip() == expected
+    assert (report / "recipe_smollm2_135m_quick.png").stat().st_size > 1000
+    assert (output / "eval" / "causal" / "STSBenchmark__dev.json").is_file()
+
+    # A third run does nothing but rewrite the report; the text outside the markers is kept.
+    (report / "RESULTS.md").write_text("# Results\n\nnotes kept\n\n" + text[text.index(RESULTS_BEGIN):] + "\nmore\n")
+    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    monkeypatch.setattr(l2v_mteb, "load_encoder", lambda *a, **k: pytest.fail("nothing should be re-evaluated"))
+    assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
+    again = (report / "RESULTS.md").read_text()
+    assert again.startswith("# Results\n\nnotes kept") and again.rstrip().endswith("more")
+    assert again.count(RESULTS_BEGIN) == 1
+
+    # Changed stage settings on the same output folder are refused instead of silently mixed.
+    with pytest.raises(RuntimeError, match="other settings"):
+        run_cli(tiny_smol, output, report, shared_data, stages, "--set", "stages.mntp.set.training.max_steps=3")
