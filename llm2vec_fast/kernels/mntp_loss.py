@@ -54,8 +54,9 @@ def _logits_tile(
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < HIDDEN
         h = tl.load(H_ptr + src[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(W_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        # weight rows are contiguous along the hidden dimension: load (BLOCK_V, BLOCK_K) and transpose in the dot
+        w = tl.load(W_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tanh_x = acc  # unused unless HAS_SOFTCAP
@@ -167,8 +168,8 @@ def _block_sizes(device: torch.device) -> tuple[int, int, int, int, int]:
     The GPU tiles are a reasonable start for Hopper (tensor-core friendly, fp32 accumulator of 64x128 per
     program), not tuned: no GPU was available while writing this.
     """
-    if device.type != "cuda":
-        return 16, 32, 32, 4, 1
+    if device.type != "cuda":  # the interpreter: cost is per program and per op, so fewer, larger tiles
+        return 32, 64, 32, 4, 1
     return 64, 128, 64, 8, 3
 
 
