@@ -21,6 +21,7 @@ from llm2vec_fast.kernels.attention import (
     bidirectional_attention,
     bidirectional_attention_reference,
     draw_dropout_seed,
+    forced_configs,
 )
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -154,6 +155,20 @@ def test_non_contiguous_inputs():
     want = _grads(ref, (q, k, v), grad_out)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+
+
+def test_other_tile_shapes():
+    """The loops and masks do not depend on the tile shape: swap the interpreter's M and N tiles."""
+    import triton
+
+    q, k, v = _inputs((2, 37, 4, 64), (2, 37, 2, 64), torch.float32)
+    configs = dict(
+        fwd=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+        dq=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        dkdv=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    )
+    with forced_configs(**configs):
+        _compare(q, k, v, torch.float32, key_padding_mask=_padding_mask(2, 37))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,8 +417,11 @@ def test_triton_rejects_unsupported_head_dim():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize(
+    "head_dim,dtype",
+    [(64, torch.bfloat16), (96, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16), (128, torch.float16)],
+    ids=["d64-bf16", "d96-bf16", "d128-bf16", "d256-bf16", "d128-fp16"],
+)
 @pytest.mark.parametrize("seq,kv_heads", [(1, 1), (37, 2), (1000, 2), (2049, 1)])
 def test_gpu_kernel_matches_reference(seq, kv_heads, head_dim, dtype):
     q, k, v = _inputs((2, seq, 6, head_dim), (2, seq, kv_heads, head_dim), dtype)
@@ -423,6 +441,27 @@ def test_gpu_varlen_and_dropout(dtype):
     torch.manual_seed(7)
     keep = attention_dropout_keep_mask(draw_dropout_seed(q.device), len(lengths), 8, max(lengths), 0.3)
     _compare(q, k, v, dtype, keep=keep, dropout_p=0.3, seed=7, cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_every_candidate_config(head_dim):
+    """Every config the autotuner may pick is correct (not only the one it picks on this machine)."""
+    q, k, v = _inputs((2, 300, 4, head_dim), (2, 300, 2, head_dim), torch.bfloat16)
+    mask = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
+    mask[0, 250:] = False
+    for fwd, dq, dkdv in zip(attn_module._FWD_CANDIDATES, attn_module._DQ_CANDIDATES, attn_module._DKDV_CANDIDATES):
+        configs = {
+            name: triton_config(*cand) for name, cand in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv))
+        }
+        with forced_configs(**configs):
+            _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
+
+
+def triton_config(block_m, block_n, warps, stages):
+    import triton
+
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
 @pytest.mark.gpu

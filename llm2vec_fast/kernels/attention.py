@@ -27,8 +27,9 @@ tiles pay nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -67,71 +68,80 @@ def _seq_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(int(max_seqlen), 16)), 16384)
 
 
-def _fwd_configs():
-    if _INTERPRET:  # the interpreter runs each config; different M and N tiles catch index mistakes
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_m, block_n, warps, stages in (
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 64, 8, 2),
-        (64, 32, 4, 2),
-    ):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+#: ``LLM2VEC_FAST_AUTOTUNE=0``: one fixed config per kernel (that fits every head_dim) instead of autotuning, for
+#: quick correctness runs on a GPU (the GPU tests); the autotuned default is what benchmarks and users get.
+_AUTOTUNE = os.environ.get("LLM2VEC_FAST_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper, from the sm_90 compile reports in docs/attention.md
+# (configs that spilled registers at head_dim 64 and 128 were left out). The first entry is the fixed config.
+_FWD_CANDIDATES = ((64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3))
+_DQ_CANDIDATES = ((64, 32, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3))
+_DKDV_CANDIDATES = ((32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (32, 64, 8, 2))
+# The interpreter runs one small config; different M and N tiles there catch index mistakes.
+_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)}
 
 
-def _dkdv_configs():
+def _make_configs(kind: str, candidates) -> list:
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_m, block_n, warps, stages in (
-        (32, 128, 4, 3),
-        (64, 128, 8, 3),
-        (32, 128, 8, 2),
-        (64, 64, 4, 3),
-        (32, 64, 4, 3),
-        (16, 64, 4, 2),
-    ):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+        candidates = (_INTERPRETER_CONFIG[kind],)
+    elif not _AUTOTUNE:
+        candidates = candidates[:1]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in candidates
+    ]
 
 
-def _dq_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_m, block_n, warps, stages in (
-        (128, 32, 4, 3),
-        (128, 64, 8, 3),
-        (128, 32, 8, 2),
-        (64, 64, 4, 3),
-        (64, 32, 4, 3),
-        (64, 16, 4, 2),
-    ):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+def _prune(kind: str):
+    """Drop configs whose tiles cannot fit Hopper's shared memory or registers at this head_dim (a rough count: one
+    resident tile plus ``num_stages`` streamed K/V or Q/dO tiles), so that autotuning does not compile them."""
 
-
-def _prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose tiles cannot fit Hopper's 227 KB of shared memory at this head_dim (a rough count:
-    one Q tile plus ``num_stages`` K and V tiles in 16-bit), so that autotuning does not compile them."""
-    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    elem = 4 if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else 2
-    kept = []
-    for config in configs:
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        stages = max(config.num_stages, 1)
-        smem = (block_m * head_dim + stages * 2 * block_n * head_dim) * elem
-        if smem <= 200 * 1024 and (head_dim < 256 or block_m * block_n <= 128 * 64):
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+        elem = 4 if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else 2
+        kept = []
+        for config in configs:
+            block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+            resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
+            smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
+            if smem > 200 * 1024:
+                continue
+            if block_d >= 256 and resident > 64:  # fp32 accumulators of 128 x 256 do not fit the registers
+                continue
             kept.append(config)
-    if not kept:  # never leave the autotuner empty: take the smallest tiles
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * max(c.num_stages, 1))]
-    return kept
+        if not kept:  # never leave the autotuner empty: take the smallest tiles
+            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * max(c.num_stages, 1))]
+        return kept
+
+    return prune
+
+
+_FORCED_CONFIGS: dict = {}
+
+
+@contextlib.contextmanager
+def forced_configs(**configs):
+    """Run the kernels named ``fwd``, ``dq``, ``dkdv`` with the given ``triton.Config`` instead of the autotuned
+    one (tests: every candidate config must be correct, not only the one the autotuner picks here)."""
+    unknown = set(configs) - {"fwd", "dq", "dkdv"}
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; expected fwd, dq, dkdv")
+    previous = dict(_FORCED_CONFIGS)
+    _FORCED_CONFIGS.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_CONFIGS.clear()
+        _FORCED_CONFIGS.update(previous)
+
+
+def _launch(kernel, kind: str, grid, *args, **kwargs):
+    config = _FORCED_CONFIGS.get(kind)
+    if config is None:
+        return kernel[grid](*args, **kwargs)
+    return kernel.fn[grid](
+        *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+    )
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "IS_VARLEN", "HAS_PADDING", "HAS_DROPOUT", "GROUP", "DOT_PRECISION"]
@@ -203,7 +213,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KPM, CU_SEQLENS, SEED,
@@ -281,7 +291,7 @@ def _attn_fwd_kernel(
         tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
-@triton.autotune(configs=_dq_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, SEED,
@@ -412,7 +422,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_dkdv_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_shared_memory})
+@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, SEED,
@@ -586,7 +596,8 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _attn_fwd_kernel[grid](
+        _launch(
+            _attn_fwd_kernel, "fwd", grid,
             q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *lse_strides, stride_mb, stride_ms,
@@ -609,7 +620,8 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-        _attn_bwd_dq_kernel[dq_grid](
+        _launch(
+            _attn_bwd_dq_kernel, "dq", dq_grid,
             q, k, v, o, do, dq, lse, delta, mask, cu, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *problem.strides(dq), *problem.lse_strides(lse), stride_mb, stride_ms,
@@ -617,7 +629,8 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
             **problem.constexprs(),
         )
         dkdv_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
-        _attn_bwd_dkdv_kernel[dkdv_grid](
+        _launch(
+            _attn_bwd_dkdv_kernel, "dkdv", dkdv_grid,
             q, k, v, do, dk, dv, lse, delta, mask, cu, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(do),
             *problem.strides(dk), *problem.strides(dv), *problem.lse_strides(lse), stride_mb, stride_ms,
@@ -734,9 +747,10 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     mask = None
     if key_padding_mask is not None:
-        # Padded query rows attend to every key (then are zeroed) so that no row is fully masked (NaN in SDPA);
-        # real rows see exactly the key mask.
-        mask = key_padding_mask[:, None, None, :] | ~key_padding_mask[:, None, :, None]
+        # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a fully
+        # masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
+        keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
+        mask = keys[:, None, None, :]
     out = F.scaled_dot_product_attention(
         qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=softmax_scale,
         enable_gqa=k.shape[2] != q.shape[2],

@@ -1,0 +1,72 @@
+"""Shared benchmark helpers: a short per-suite table printed at the end of the run.
+
+Any benchmark may call ``record(benchmark, suite=..., case=..., mode=..., provider=..., seconds=..., flops=...,
+bytes=...)`` (or set the same keys in ``benchmark.extra_info``); rows that share suite/case/mode are printed side
+by side, with each provider's time relative to the provider named ``ours`` (``speedup`` > 1: ours is faster).
+Rows skipped are listed with their reason by pytest itself (``-ra``).
+
+Benchmarks never run the Triton interpreter: without CUDA they time the CPU paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import pytest  # noqa: E402
+
+_ROWS: list[dict] = []
+
+
+def record(benchmark, *, suite, case, mode, provider, seconds, flops=None, bytes=None, **extra):
+    """Attach a measured row to ``benchmark.extra_info`` and to the end-of-run table."""
+    row = dict(suite=suite, case=case, mode=mode, provider=provider, ms=seconds * 1e3, **extra)
+    if flops:
+        row["tflops"] = flops / seconds / 1e12
+    if bytes:
+        row["gbps"] = bytes / seconds / 1e9
+    if benchmark is not None:
+        benchmark.extra_info.update(row)
+    _ROWS.append(row)
+    return row
+
+
+def median_seconds(benchmark, calls_per_round: int = 1) -> float:
+    """Median seconds per call of a finished ``benchmark.pedantic`` run."""
+    return benchmark.stats.stats.median / calls_per_round
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _ROWS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("=" * 30 + " benchmark table (median per call) " + "=" * 30)
+    groups: dict[tuple, list[dict]] = {}
+    for row in _ROWS:
+        groups.setdefault((row["suite"], row["case"], row["mode"]), []).append(row)
+    current_suite = None
+    for (suite, case, mode), rows in groups.items():
+        if suite != current_suite:
+            write(f"-- {suite}")
+            current_suite = suite
+        ours = next((r for r in rows if r["provider"] == "ours"), None)
+        for row in rows:
+            rate = ""
+            if "tflops" in row:
+                rate = f"{row['tflops']:8.1f} TFLOP/s"
+            elif "gbps" in row:
+                rate = f"{row['gbps']:8.1f} GB/s"
+            speedup = ""
+            if ours is not None and row is not ours:
+                speedup = f"  ours is {row['ms'] / ours['ms']:.2f}x faster" if ours["ms"] > 0 else ""
+            note = f"  [{row['note']}]" if row.get("note") else ""
+            write(f"   {case:<28} {mode:<8} {row['provider']:<18} {row['ms']:10.3f} ms {rate}{speedup}{note}")
+    write("")
+
+
+@pytest.fixture
+def perf_record():
+    """The ``record`` helper as a fixture (same signature)."""
+    return record

@@ -1,0 +1,231 @@
+"""Bidirectional attention: ours vs FlashAttention-2, non-causal.
+
+CUDA rows (bf16, 16K tokens per batch, hidden 2048 = 32 heads of 64 or 16 heads of 128, MHA):
+- padded batches, seq 512, 1K, 2K, 4K, 8K (batch = 16K / seq), head_dim 64 and 128, forward and forward+backward;
+- packed (varlen) batches of 16K tokens, sequence lengths drawn in [64, 1024];
+- one attention-dropout row (p = 0.1, SimCSE trains with attention dropout) and one GQA row (4:1).
+Baseline "fa2": the ``flash_attn`` package if importable, else PyTorch SDPA forced to its FLASH_ATTENTION backend
+(FlashAttention-2); varlen baseline: ``flash_attn_varlen_func``, else ``torch.nn.attention.varlen.varlen_attn``.
+FLOPs: 4 * B * H * S^2 * D forward, 2.5 times that for the backward (forward+backward = 3.5 times).
+
+CPU rows (fp32, no GPU): our ``impl="torch"`` path vs calling SDPA directly, small shapes. Without CUDA the GPU
+rows are skipped with that reason, and the run says plainly that the GPU comparisons did not run.
+
+    python -m pytest benchmarks/test_attention.py --benchmark-columns=median,rounds
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2vec_fast.kernels.attention import bidirectional_attention
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA_REASON = "GPU comparisons did not run: no CUDA device (only the CPU rows ran)"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+
+TOKENS = 16 * 1024
+HIDDEN = 2048
+SEQS = [512, 1024, 2048, 4096, 8192]
+HEAD_DIMS = [64, 128]
+MODES = ["fwd", "fwd_bwd"]
+PROVIDERS = ["ours", "fa2"]
+
+try:  # pragma: no cover - only on machines with flash-attn
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    FA2_NAME = "flash_attn"
+except Exception:  # noqa: BLE001 - any import failure means: use SDPA's FlashAttention-2 backend
+    flash_attn_func = flash_attn_varlen_func = None
+    FA2_NAME = "sdpa-flash"
+
+
+def _fa2_padded(q, k, v, dropout_p=0.0):
+    if flash_attn_func is not None:
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=False)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, is_causal=False,
+            enable_gqa=q.shape[2] != k.shape[2],
+        ).transpose(1, 2)
+
+
+def _fa2_varlen(q, k, v, cu, max_seqlen):
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def __median_seconds(benchmark, calls_per_round=1):
+    return benchmark.stats.stats.median / calls_per_round
+
+
+def _median_seconds(benchmark, calls_per_round=1):
+    return benchmark.stats.stats.median / calls_per_round
+
+
+def _make_step(fn, tensors, mode):
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(*tensors)
+        return step
+    grad_out = None
+
+    def step():
+        nonlocal grad_out
+        out = fn(*tensors)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        return torch.autograd.grad(out, tensors, grad_out)
+    return step
+
+
+def _time_cuda(benchmark, step):
+    """Warm up (autotuning happens here), pick enough calls per round to reach ~5 ms, time with pytest-benchmark.
+    Returns (seconds per call, peak extra MiB of one call)."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, min(50, math.ceil(5.0 / max(start.elapsed_time(end), 1e-3))))
+
+    def round_():
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark.pedantic(round_, rounds=10, warmup_rounds=1, iterations=1)
+    return _median_seconds(benchmark, calls), peak_mib
+
+
+def _padded_inputs(batch, seq, heads, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, seq, heads, head_dim, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _flops(mode, batch_heads_s2_d):
+    fwd = 4 * batch_heads_s2_d
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+@needs_cuda
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq", SEQS)
+def test_attention_padded_cuda(benchmark, perf_record, seq, head_dim, mode, provider):
+    batch, heads = TOKENS // seq, HIDDEN // head_dim
+    tensors = _padded_inputs(batch, seq, heads, heads, head_dim)
+    fn = (lambda q, k, v: bidirectional_attention(q, k, v)) if provider == "ours" else _fa2_padded
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, mode))
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"seq {seq} d{head_dim} b{batch} h{heads}",
+           mode=mode, provider=provider if provider == "ours" else FA2_NAME, seconds=seconds,
+           flops=_flops(mode, batch * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
+
+
+def _varlen_lengths(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths, total = [], 0
+    while total < TOKENS:
+        n = int(torch.randint(64, 1025, (1,), generator=gen))
+        n = min(n, TOKENS - total)
+        lengths.append(n)
+        total += n
+    return lengths
+
+
+@needs_cuda
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_varlen_cuda(benchmark, perf_record, head_dim, mode, provider):
+    lengths = _varlen_lengths()
+    heads = HIDDEN // head_dim
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    max_seqlen = max(lengths)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tensors = [torch.randn(TOKENS, heads, head_dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3)]
+    if provider == "ours":
+        def fn(q, k, v):
+            return bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen)
+    else:
+        def fn(q, k, v):
+            return _fa2_varlen(q, k, v, cu, max_seqlen)
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, mode))
+    flops = _flops(mode, sum(n * n for n in lengths) * heads * head_dim)
+    fa2_name = "flash_attn" if flash_attn_varlen_func is not None else "torch-varlen-flash"
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"varlen {len(lengths)} seqs d{head_dim}",
+           mode=mode, provider=provider if provider == "ours" else fa2_name, seconds=seconds, flops=flops,
+           peak_mib=round(peak, 1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", ["dropout0.1", "gqa4"])
+def test_attention_dropout_and_gqa_cuda(benchmark, perf_record, case, provider):
+    seq, head_dim, heads = 1024, 64, 32
+    kv_heads = heads // 4 if case == "gqa4" else heads
+    dropout_p = 0.1 if case.startswith("dropout") else 0.0
+    tensors = _padded_inputs(TOKENS // seq, seq, heads, kv_heads, head_dim)
+    if provider == "ours":
+        def fn(q, k, v):
+            return bidirectional_attention(q, k, v, dropout_p=dropout_p)
+    else:
+        def fn(q, k, v):
+            return _fa2_padded(q, k, v, dropout_p=dropout_p)
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, "fwd_bwd"))
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"{case} seq {seq} d{head_dim}", mode="fwd_bwd",
+           provider=provider if provider == "ours" else FA2_NAME, seconds=seconds,
+           flops=_flops("fwd_bwd", (TOKENS // seq) * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# CPU rows
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU rows run only where there is no GPU")
+@pytest.mark.parametrize("provider", ["ours", "sdpa"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seq", [128, 512])
+def test_attention_cpu(benchmark, perf_record, seq, mode, provider):
+    batch, heads, kv_heads, head_dim = 4, 9, 3, 64  # SmolLM2's attention shape
+    tensors = _padded_inputs(batch, seq, heads, kv_heads, head_dim, dtype=torch.float32, device="cpu")
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, seq // 2:] = False
+    if provider == "ours":
+        def fn(q, k, v):
+            return bidirectional_attention(q, k, v, key_padding_mask=mask, impl="torch")
+    else:
+        def fn(q, k, v):
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
+                is_causal=False, enable_gqa=True,
+            ).transpose(1, 2)
+    step = _make_step(fn, tensors, mode)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    perf_record(benchmark, suite="attention (fp32, CPU; GPU comparisons did not run: no CUDA device)",
+           case=f"seq {seq} b{batch} h{heads}/{kv_heads} d{head_dim}", mode=mode, provider=provider,
+           seconds=_median_seconds(benchmark), flops=_flops(mode, batch * heads * seq * seq * head_dim))
