@@ -65,14 +65,23 @@ class PackedBatch:
 
 
 def length_sorted_batches(
-    lengths: Sequence[int], *, batch_size: int, max_batch_tokens: int | None = None, packed: bool = False
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    max_batch_tokens: int | None = None,
+    packed: bool = False,
+    max_padding: float | None = None,
 ) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches, longest texts first.
 
     A batch holds at most ``batch_size`` texts and costs at most ``max_batch_tokens`` tokens: the sum of the
     lengths when ``packed``, ``texts * longest`` when padded. A single text longer than the budget gets a
-    batch of its own. The order inside the sort is stable, so equal inputs always batch the same way.
+    batch of its own. Padded batches with ``max_padding`` (a fraction) also end where the next text would
+    be padded by more than that fraction of the batch's width, so that little padding is computed. The order
+    inside the sort is stable, so equal inputs always batch the same way.
     """
+    if max_padding is not None and not 0.0 <= max_padding < 1.0:
+        raise ValueError(f"max_padding must be a fraction in [0, 1), got {max_padding}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_batch_tokens is not None and max_batch_tokens < 1:
@@ -85,7 +94,10 @@ def length_sorted_batches(
         length = lengths[index]
         # Sorted longest first, so a padded batch's width is its first text's length.
         new_cost = cost + length if packed else (len(current) + 1) * (lengths[current[0]] if current else length)
-        if current and (len(current) >= batch_size or (max_batch_tokens is not None and new_cost > max_batch_tokens)):
+        too_padded = (not packed and max_padding is not None and current
+                      and length < (1.0 - max_padding) * lengths[current[0]])
+        if current and (len(current) >= batch_size or too_padded
+                        or (max_batch_tokens is not None and new_cost > max_batch_tokens)):
             batches.append(current)
             current, new_cost = [], length
         current.append(index)

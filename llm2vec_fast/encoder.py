@@ -84,6 +84,7 @@ class LLM2Vec(torch.nn.Module):
         name_or_path: str = "",
         max_batch_tokens: int | None = None,
         packed: bool | None = None,
+        max_padding: float | None = 0.25,
     ):
         super().__init__()
         if not getattr(tokenizer, "is_fast", False):
@@ -101,6 +102,8 @@ class LLM2Vec(torch.nn.Module):
         self.name_or_path = name_or_path
         self.max_batch_tokens = max_batch_tokens
         self.packed = packed
+        # Padded batches end where a text would be padded by more than this fraction of the batch's width.
+        self.max_padding = max_padding
         self.config = model.config
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -409,7 +412,8 @@ class LLM2Vec(torch.nn.Module):
         packed = self._default_packed(device) if packed is None else packed
         budget = max_batch_tokens or self.max_batch_tokens or batch_size * self.max_length
         lengths = [len(e.input_ids) for e in encoded]
-        batches = length_sorted_batches(lengths, batch_size=batch_size, max_batch_tokens=budget, packed=packed)
+        batches = length_sorted_batches(lengths, batch_size=batch_size, max_batch_tokens=budget, packed=packed,
+                                        max_padding=self.max_padding)
         results: list[Any] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc="Encoding", unit="text", disable=not show_progress_bar)
         self.model.eval()

@@ -267,3 +267,13 @@ def test_token_budget_batches():
     packed = length_sorted_batches(lengths, batch_size=100, max_batch_tokens=20, packed=True)
     assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 20 for b in packed)
     assert [lengths[b[0]] for b in packed] == sorted((lengths[b[0]] for b in packed), reverse=True)
+
+
+def test_padded_batches_limit_padding():
+    from llm2vec_fast.batching import length_sorted_batches
+
+    lengths = [100, 90, 80, 74, 60, 30, 29, 10]
+    batches = length_sorted_batches(lengths, batch_size=32, max_padding=0.25)
+    assert [[lengths[i] for i in b] for b in batches] == [[100, 90, 80], [74, 60], [30, 29], [10]]
+    with pytest.raises(ValueError, match="max_padding"):
+        length_sorted_batches(lengths, batch_size=4, max_padding=1.5)
