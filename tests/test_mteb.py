@@ -137,15 +137,31 @@ def test_eval_command_offline_and_fallback(monkeypatch, shared_data, tmp_path):
                   "--data-dir", str(shared_data)])
 
 
-@pytest.mark.slow
-def test_real_encoder_through_wrapper(smollm2_path, shared_data):
-    """SmolLM2 through the wrapper gives exactly LLM2Vec.encode of [instruction, text] pairs, and mteb's STS
+@pytest.fixture(scope="module")
+def tiny_smol(smollm2_path, tmp_path_factory) -> str:
+    """A 2-layer random Llama with SmolLM2's real tokenizer: the real LLM2Vec code path, fast."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny_smol_encoder")
+    LlamaModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_real_encoder_through_wrapper(tiny_smol, shared_data):
+    """LLM2Vec through the wrapper gives exactly LLM2Vec.encode of [instruction, text] pairs, and mteb's STS
     score equals the Spearman correlation of those embeddings' cosines."""
     from scipy.stats import spearmanr
 
     from llm2vec_fast.evaluation import build_task
 
-    encoder = l2v_mteb.load_encoder(smollm2_path, attention_impl="torch", max_length=64)
+    encoder = l2v_mteb.load_encoder(tiny_smol, attention_impl="torch", max_length=64)
     wrapper = LLM2VecMTEB(encoder, batch_size=8)
     result = evaluate_offline(wrapper, ["STSBenchmark"], data_dir=shared_data, limit=12)["STSBenchmark"]
     rows = build_task("STSBenchmark", shared_data, limit=12)[0].dataset["dev"]
@@ -153,3 +169,5 @@ def test_real_encoder_through_wrapper(smollm2_path, shared_data):
     right = encoder.encode([[STS_INSTRUCTION, t] for t in rows["sentence2"]], batch_size=8)
     cosines = (left * right).sum(-1) / (np.linalg.norm(left, axis=-1) * np.linalg.norm(right, axis=-1))
     assert result["main_score"] == pytest.approx(spearmanr(rows["score"], cosines).statistic, abs=1e-6)
+    causal = l2v_mteb.load_encoder(tiny_smol, attention_impl="torch", max_length=64, enable_bidirectional=False)
+    assert not np.allclose(causal.encode(rows["sentence1"][:3]), encoder.encode(rows["sentence1"][:3]), atol=1e-4)
