@@ -277,9 +277,14 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
         lines.append(f"| {variant['label']} | " + " | ".join(f"{s:.1f}" for s in scores)
                      + f" | {sum(scores) / len(scores):.1f} |")
     title = "SMOKE TEST (`--quick`): a few training steps on tiny samples; these numbers mean nothing" \
-        if recipe["quick"] else "Full recipe run"
+        if recipe["quick"] else "Recipe run (training budgets in the stage table, evaluation samples in the header)"
+    recipe_path = Path(recipe["path"]).resolve()
+    try:
+        recipe_path = recipe_path.relative_to(Path.cwd())
+    except ValueError:
+        pass
     out = [RESULTS_BEGIN, f"### {title}", "",
-           f"Model `{recipe['model']}`, recipe `{recipe['path']}`, seed {recipe.get('seed', 42)}, "
+           f"Model `{recipe['model']}`, recipe `{recipe_path}`, seed {recipe.get('seed', 42)}, "
            f"pooling `{recipe['eval'].get('pooling_mode', 'mean')}`, LLM2Vec instructions "
            f"{'on' if recipe['eval'].get('instructions', True) else 'off'}; scores ×100 "
            f"(Spearman of cosine for STS, accuracy for classification).", "", *lines, ""]
