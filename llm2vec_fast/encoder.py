@@ -16,6 +16,7 @@ same pooling over the non-instruction tokens). Where it differs, it is on purpos
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -222,7 +223,18 @@ class LLM2Vec(torch.nn.Module):
             if hasattr(self.model, "_hf_peft_config_loaded"):
                 self.model._hf_peft_config_loaded = False
         os.makedirs(output_path, exist_ok=True)
-        self.model.save_pretrained(output_path)
+        patching = importlib.import_module("llm2vec_fast.patch")
+
+        # The model is written as it was before patching (is_causal, use_cache, attention implementation),
+        # so that transformers and llm2vec load the plain model; the patch is put back afterwards.
+        state = getattr(patching._base_model(self.model), patching._STATE_ATTRIBUTE, None)
+        if state is not None:
+            patching.unpatch(self.model)
+        try:
+            self.model.save_pretrained(output_path)
+        finally:
+            if state is not None:
+                patching.patch(self.model, attention_impl=state.get("impl", "auto"))
         self.tokenizer.save_pretrained(output_path)
         if save_config:
             settings = {k: getattr(self, k) for k in ENCODER_KEYS}

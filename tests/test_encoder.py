@@ -185,6 +185,11 @@ def test_save_and_from_pretrained_round_trip(tokenizer, tmp_path):
     stored = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
     assert stored == {"pooling_mode": "weighted_mean", "max_length": 64, "doc_max_length": 400,
                       "skip_instruction": True}
+    # The plain model is written (not our patch's settings), and the encoder stays patched.
+    assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("is_causal") in (None, True)
+    from llm2vec_fast.patch import is_patched
+
+    assert is_patched(encoder.model)
     loaded = LLM2Vec.from_pretrained(str(tmp_path / "saved"), attention_impl="torch")
     assert (loaded.pooling_mode, loaded.max_length) == ("weighted_mean", 64)
     np.testing.assert_allclose(loaded.encode(TEXTS), encoder.encode(TEXTS), rtol=1e-4, atol=1e-5)
