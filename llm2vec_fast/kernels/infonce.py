@@ -19,7 +19,8 @@ The ``(B, B + N)`` score matrix is never held:
 The normalisation is folded into the kernels: with ``q^ = q / |q|`` and ``A = dL/dq^``, the gradient
 ``dL/dq = (A - (A . q^) q^) / |q|`` is applied per row after the GEMMs.
 
-``impl="torch"`` runs the same slab algorithm with PyTorch matmuls (the CPU fallback);
+``impl="torch"`` (the CPU fallback) walks the same slabs with PyTorch matmuls; since each slab holds complete
+rows, it takes the gradients in the forward (three GEMMs in all) and only scales them in the backward;
 ``info_nce_loss_reference`` is the plain PyTorch formula that holds the whole matrix, used to test both.
 """
 
@@ -197,34 +198,8 @@ def _slab_triton(q, docs, rq, rd, lse, scale, label_offset, slab_dtype):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The PyTorch slab path (CPU fallback), sharing the backward's GEMMs with the Triton path
+# The PyTorch slab path (CPU fallback)
 # --------------------------------------------------------------------------------------------------------------------
-def _scores_torch(q, docs, rq, rd, scale):
-    """Scores of a slab of query rows against all documents, fp32 ``(rows, B + N)`` (products in fp32, as the
-    Triton path accumulates them)."""
-    return (q.float() @ docs.float().T) * (rq[:, None] * scale) * rd[None, :]
-
-
-def _forward_torch(q, docs, rq, rd, scale, label_offset):
-    lse = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
-    target = torch.empty_like(lse)
-    for start in range(0, q.shape[0], ROWS_PER_SLAB):
-        stop = min(start + ROWS_PER_SLAB, q.shape[0])
-        s = _scores_torch(q[start:stop], docs, rq[start:stop], rd, scale)
-        lse[start:stop] = torch.logsumexp(s, dim=1)
-        cols = torch.arange(start, stop, device=q.device) + label_offset
-        target[start:stop] = s.gather(1, cols[:, None])[:, 0]
-    return lse, target
-
-
-def _slab_torch(q, docs, rq, rd, lse, scale, label_offset, slab_dtype):
-    s = _scores_torch(q, docs, rq, rd, scale)
-    h = torch.exp(s - lse[:, None])
-    rows = torch.arange(q.shape[0], device=q.device)
-    h[rows, rows + label_offset] -= 1.0
-    return h.to(slab_dtype)
-
-
 def _project_out_radial(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
     """d/dx of a loss given its gradient w.r.t. x / max(|x|, eps): ``(g - (g . x^) x^) / |x|``, fp32."""
     unit = x.float() * inv_norm[:, None]
@@ -234,27 +209,75 @@ def _project_out_radial(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torc
     return (grad_unit - radial * unit) * inv_norm[:, None]
 
 
+def _loss_and_grads_torch(q, docs, rq, rd, scale, label_offset, total_rows, want_grad):
+    """Per-row (logsumexp, target score), and with ``want_grad`` the gradients of ``sum(lse - target) /
+    total_rows``, fp32. One slab of query rows at a time: every slab holds complete rows of the score matrix,
+    so its softmax is final and the gradients are taken there and then (three GEMMs, like the plain formula,
+    instead of recomputing the scores in the backward)."""
+    unit_docs = docs.float() * rd[:, None]
+    lse = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
+    target = torch.empty_like(lse)
+    grad_q = torch.empty(q.shape, device=q.device, dtype=torch.float32) if want_grad else None
+    grad_unit_docs = torch.zeros(docs.shape, device=docs.device, dtype=torch.float32) if want_grad else None
+    for start in range(0, q.shape[0], ROWS_PER_SLAB):
+        stop = min(start + ROWS_PER_SLAB, q.shape[0])
+        unit_q = q[start:stop].float() * rq[start:stop, None]
+        s = (unit_q * scale) @ unit_docs.T
+        rows = torch.arange(stop - start, device=q.device)
+        cols = rows + label_offset + start
+        lse[start:stop] = torch.logsumexp(s, dim=1)
+        target[start:stop] = s[rows, cols]
+        if want_grad:
+            h = s.sub_(lse[start:stop, None]).exp_()  # softmax, in place of the scores
+            h[rows, cols] -= 1.0
+            grad_q[start:stop] = _project_out_radial(h @ unit_docs, q[start:stop], rq[start:stop])
+            grad_unit_docs.addmm_(h.T, unit_q)
+        del s
+    if not want_grad:
+        return lse, target, None, None
+    factor = scale / total_rows
+    grad_q *= factor
+    grad_docs = _project_out_radial(grad_unit_docs * factor, docs, rd)
+    return lse, target, grad_q, grad_docs
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Sum over this process's query rows of ``logsumexp_j s[i, j] - s[i, i + label_offset]``, divided by
-    ``total_rows``. Inputs: queries ``(B, D)``, docs ``(M, D)`` of one dtype; returns a 0-dim fp32 tensor."""
+    ``total_rows``. Inputs: queries ``(B, D)``, docs ``(M, D)`` of one dtype; returns a 0-dim fp32 tensor.
+
+    Triton path: streaming forward, backward recomputing the scores slab by slab. PyTorch path: gradients
+    computed in the forward (``want_grad``) and scaled by the incoming gradient in the backward."""
 
     @staticmethod
-    def forward(ctx, queries, docs, scale, label_offset, total_rows, triton_path):
+    def forward(ctx, queries, docs, scale, label_offset, total_rows, triton_path, want_grad):
         rq = _inverse_norms(queries, triton_path)
         rd = _inverse_norms(docs, triton_path)
-        forward = _forward_triton if triton_path else _forward_torch
-        lse, target = forward(queries, docs, rq, rd, scale, label_offset)
-        ctx.save_for_backward(queries, docs, rq, rd, lse)
         ctx.scale, ctx.label_offset, ctx.total_rows, ctx.triton_path = scale, label_offset, total_rows, triton_path
+        ctx.dtypes = (queries.dtype, docs.dtype)
+        if triton_path:
+            lse, target = _forward_triton(queries, docs, rq, rd, scale, label_offset)
+            if want_grad:
+                ctx.save_for_backward(queries, docs, rq, rd, lse)
+        else:
+            lse, target, grad_q, grad_docs = _loss_and_grads_torch(queries, docs, rq, rd, scale, label_offset,
+                                                                   total_rows, want_grad)
+            if want_grad:
+                ctx.save_for_backward(grad_q, grad_docs)
         return (lse - target).sum() / total_rows
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if not ctx.triton_path:
+            grad_q, grad_docs = ctx.saved_tensors
+            if grad_q is None:
+                raise RuntimeError("info_nce_loss: backward through a loss computed without gradients")
+            grad_loss = grad_loss.float()
+            return ((grad_q * grad_loss).to(ctx.dtypes[0]), (grad_docs * grad_loss).to(ctx.dtypes[1]),
+                    None, None, None, None, None)
         queries, docs, rq, rd, lse = ctx.saved_tensors
         scale, offset = ctx.scale, ctx.label_offset
         compute_dtype = queries.dtype
         # softmax - onehot lies in [-1, 1]; 16-bit inputs keep 16-bit slabs so that the GEMMs use tensor cores.
-        slab_fn = _slab_triton if ctx.triton_path else _slab_torch
         unit_docs = (docs.float() * rd[:, None]).to(compute_dtype)
         grad_queries = torch.empty(queries.shape, device=queries.device, dtype=torch.float32)
         grad_unit_docs = torch.zeros(docs.shape, device=docs.device, dtype=torch.float32)
@@ -262,14 +285,14 @@ class InfoNCEFunction(torch.autograd.Function):
         for start in range(0, queries.shape[0], ROWS_PER_SLAB):
             stop = min(start + ROWS_PER_SLAB, queries.shape[0])
             q = queries[start:stop]
-            slab = slab_fn(q, docs, rq[start:stop], rd, lse[start:stop], scale, offset + start, compute_dtype)
+            slab = _slab_triton(q, docs, rq[start:stop], rd, lse[start:stop], scale, offset + start, compute_dtype)
             grad_unit_q = (slab @ unit_docs).float() * factor
             grad_queries[start:stop] = _project_out_radial(grad_unit_q, q, rq[start:stop])
             unit_q = (q.float() * rq[start:stop, None]).to(compute_dtype)
             grad_unit_docs += (slab.T @ unit_q).float()
             del slab
         grad_docs = _project_out_radial(grad_unit_docs * factor, docs, rd)
-        return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype), None, None, None, None
+        return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype), None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -398,8 +421,9 @@ def info_nce_loss(
                 negatives = _GatherWithGrad.apply(negatives)
             label_offset, total_rows = rank * queries.shape[0], world * queries.shape[0]
     docs = positives if negatives is None or negatives.shape[0] == 0 else torch.cat([positives, negatives], dim=0)
+    want_grad = torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad)
     loss = InfoNCEFunction.apply(queries.contiguous(), docs.contiguous(), float(scale), label_offset, total_rows,
-                                 triton_path)
+                                 triton_path, want_grad)
     if total_rows != queries.shape[0]:
         import torch.distributed as dist
 
