@@ -450,18 +450,18 @@ def test_gpu_every_candidate_config(head_dim):
     q, k, v = _inputs((2, 300, 4, head_dim), (2, 300, 2, head_dim), torch.bfloat16)
     mask = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
     mask[0, 250:] = False
-    for fwd, dq, dkdv in zip(attn_module._FWD_CANDIDATES, attn_module._DQ_CANDIDATES, attn_module._DKDV_CANDIDATES):
-        configs = {
-            name: triton_config(*cand) for name, cand in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv))
-        }
-        with forced_configs(**configs):
+    fitting = {
+        kind: attn_module._fitting_configs(kind, attn_module._make_configs(kind, candidates), head_dim, "tf32")
+        for kind, candidates in (
+            ("fwd", attn_module._FWD_CANDIDATES),
+            ("dq", attn_module._DQ_CANDIDATES),
+            ("dkdv", attn_module._DKDV_CANDIDATES),
+        )
+    }
+    rounds = max(len(configs) for configs in fitting.values())
+    for i in range(rounds):  # every fitting config of every kernel runs at least once
+        with forced_configs(**{kind: configs[i % len(configs)] for kind, configs in fitting.items()}):
             _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
-
-
-def triton_config(block_m, block_n, warps, stages):
-    import triton
-
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
 @pytest.mark.gpu

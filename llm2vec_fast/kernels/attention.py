@@ -72,11 +72,25 @@ def _seq_bucket(max_seqlen: int) -> int:
 #: quick correctness runs on a GPU (the GPU tests); the autotuned default is what benchmarks and users get.
 _AUTOTUNE = os.environ.get("LLM2VEC_FAST_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper, from the sm_90 compile reports in docs/attention.md
-# (configs that spilled registers at head_dim 64 and 128 were left out). The first entry is the fixed config.
-_FWD_CANDIDATES = ((64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3))
-_DQ_CANDIDATES = ((64, 32, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3))
-_DKDV_CANDIDATES = ((32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2), (32, 64, 8, 2))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper, expected fastest first (the first that fits is
+# the fixed config). BLOCK_M tiles queries, BLOCK_N keys; the dK/dV kernel keeps a BLOCK_N key tile resident and
+# streams BLOCK_M query tiles. `_prune` drops, per head_dim, those that
+# would overflow shared memory or (by `_register_estimate`) spill registers; docs/PERF.md lists the sm_90 compile
+# report (registers, spills) these choices were calibrated on.
+_FWD_CANDIDATES = (
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2),
+    (64, 64, 4, 2), (64, 32, 4, 2),
+)
+_DQ_CANDIDATES = (
+    (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
+)
+_DKDV_CANDIDATES = (
+    (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2),
+    (16, 32, 8, 2),
+)
+#: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
+#: to bound compile time
+_MAX_TUNED = 5
 # The interpreter runs one small config; different M and N tiles there catch index mistakes.
 _INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)}
 
@@ -84,34 +98,54 @@ _INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16,
 def _make_configs(kind: str, candidates) -> list:
     if _INTERPRET:
         candidates = (_INTERPRETER_CONFIG[kind],)
-    elif not _AUTOTUNE:
-        candidates = candidates[:1]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in candidates
     ]
 
 
+def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
+    """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
+    on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit)."""
+    threads_words = num_warps * 32 * 4  # bytes per "register across the CTA"
+    if kind == "fwd":  # q (16-bit) + fp32 accumulator; scores and probabilities
+        resident, scores = block_m * block_d * (2 + 4), 2 * block_m * block_n * 4
+    elif kind == "dq":  # q, dO (16-bit) + fp32 dQ; P, dP, dS
+        resident, scores = block_m * block_d * (2 + 2 + 4), 3 * block_m * block_n * 4
+    else:  # k, v (16-bit) + fp32 dK, dV; P^T, dP^T, dS^T and the dropout/cast copies
+        resident, scores = block_n * block_d * (2 * 2 + 2 * 4), 4 * block_m * block_n * 4
+    return (resident + scores) / threads_words
+
+
+def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str) -> list:
+    """The configs of ``kind`` that fit ``block_d``: shared memory for one resident tile plus ``num_stages``
+    streamed pairs of tiles under 200 KB, and a register estimate under the spill line; at most ``_MAX_TUNED``,
+    never none (else the smallest register footprint)."""
+    elem = 4 if dot_precision == "ieee" else 2
+    limit = 160 if kind == "dkdv" else 224
+
+    def fits(config):
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
+        smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
+        regs = _register_estimate(kind, block_m, block_n, block_d, config.num_warps) * elem / 2
+        return smem <= 200 * 1024 and regs <= limit
+
+    kept = [config for config in configs if fits(config)]
+    if not kept:
+        kept = [min(configs, key=lambda c: _register_estimate(
+            kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps))]
+    return kept[:_MAX_TUNED]
+
+
 def _prune(kind: str):
-    """Drop configs whose tiles cannot fit Hopper's shared memory or registers at this head_dim (a rough count: one
-    resident tile plus ``num_stages`` streamed K/V or Q/dO tiles), so that autotuning does not compile them."""
+    """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        elem = 4 if kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee" else 2
-        kept = []
-        for config in configs:
-            block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-            resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-            smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
-            if smem > 200 * 1024:
-                continue
-            if block_d >= 256 and resident > 64:  # fp32 accumulators of 128 x 256 do not fit the registers
-                continue
-            kept.append(config)
-        if not kept:  # never leave the autotuner empty: take the smallest tiles
-            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * max(c.num_stages, 1))]
-        return kept
+        dot_precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION", "tf32"))
+        kept = _fitting_configs(kind, configs, block_d, dot_precision)
+        return kept if _AUTOTUNE else kept[:1]
 
     return prune
 
@@ -183,7 +217,7 @@ def _attn_fwd_inner(
             k = tl.load(k_ptrs, mask=d_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
         if HAS_PADDING:
             if BOUNDARY:
                 key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
@@ -193,8 +227,8 @@ def _attn_fwd_inner(
             qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
         if BOUNDARY:
             qk = tl.where(offs_n[None, :] < seqlen, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max and scale commute
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -291,6 +325,50 @@ def _attn_fwd_kernel(
         tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
+    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if BOUNDARY:
+            kv_mask = (offs_n[:, None] < seqlen) & d_mask
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
+        if HAS_PADDING:
+            if BOUNDARY:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            else:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms)
+            p = tl.where(key_ok[None, :] != 0, p, 0.0)
+        if BOUNDARY:
+            p = tl.where(offs_n[None, :] < seqlen, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            q_idx = offs_m[:, None] + offs_n[None, :] * 0
+            k_idx = offs_n[None, :] + offs_m[:, None] * 0
+            dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
 @triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -349,28 +427,18 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + lse_off + offs_m, mask=row_mask, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, seqlen, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n0
-        key_in = offs_n < seqlen
-        kv_mask = key_in[:, None] & d_mask
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if HAS_PADDING:
-            key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=key_in, other=0) != 0
-            p = tl.where(key_ok[None, :], p, 0.0)
-        else:
-            p = tl.where(key_in[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            q_idx = offs_m[:, None] + offs_n[None, :] * 0
-            k_idx = offs_n[None, :] + offs_m[:, None] * 0
-            dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
+    )
+    if n_full < seqlen:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+        )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
 
