@@ -16,7 +16,14 @@ pytest.importorskip("matplotlib")
 from llm2vec_fast import cli  # noqa: E402
 from llm2vec_fast import mteb as l2v_mteb  # noqa: E402
 from llm2vec_fast import recipe as recipe_module  # noqa: E402
-from llm2vec_fast.recipe import RESULTS_BEGIN, RESULTS_END, find_recipe, load_recipe, stage_inputs, variants  # noqa: E402
+from llm2vec_fast.recipe import (  # noqa: E402
+    RESULTS_BEGIN,
+    RESULTS_END,
+    find_recipe,
+    load_recipe,
+    stage_inputs,
+    variants,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "training" / "recipes" / "smollm2_135m" / "recipe.json"
