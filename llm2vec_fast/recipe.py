@@ -387,8 +387,6 @@ def run_recipe(recipe: dict[str, Any], output: Path, data_dir: Path, report_dir:
 
 
 def add_arguments(parser) -> None:
-    from .training.config import parse_overrides  # noqa: F401  (same --set syntax as the training stages)
-
     parser.add_argument("recipe", help="recipe name (smollm2-135m) or path of a recipe.json")
     parser.add_argument("--output", required=True, help="folder for adapters, evaluations and logs (resumable)")
     parser.add_argument("--data-dir", default=os.environ.get("LLM2VEC_FAST_SHARED_DATA", "../shared/data"),
