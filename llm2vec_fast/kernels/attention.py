@@ -82,7 +82,8 @@ _FWD_CANDIDATES = (
     (64, 64, 4, 2), (64, 32, 4, 2),
 )
 _DQ_CANDIDATES = (
-    (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
+    (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+    (32, 32, 4, 2),
 )
 _DKDV_CANDIDATES = (
     (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2),
@@ -106,7 +107,9 @@ def _make_configs(kind: str, candidates) -> list:
 
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
     """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
-    on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit)."""
+    on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit). dK/dV is
+    allowed up to 210 so that head_dim 256 keeps one 64-key tile: tiles of fewer than 64 rows compile to
+    ``mma.sync`` instead of Hopper's ``wgmma``, and which of the two is faster there is for the autotuner to say."""
     threads_words = num_warps * 32 * 4  # bytes per "register across the CTA"
     if kind == "fwd":  # q (16-bit) + fp32 accumulator; scores and probabilities
         resident, scores = block_m * block_d * (2 + 4), 2 * block_m * block_n * 4
@@ -122,7 +125,7 @@ def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str) -> li
     streamed pairs of tiles under 200 KB, and a register estimate under the spill line; at most ``_MAX_TUNED``,
     never none (else the smallest register footprint)."""
     elem = 4 if dot_precision == "ieee" else 2
-    limit = 160 if kind == "dkdv" else 224
+    limit = 210 if kind == "dkdv" else 224
 
     def fits(config):
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
