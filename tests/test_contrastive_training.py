@@ -183,7 +183,7 @@ def test_supervised_gradcache_run_lowers_the_loss_and_the_adapter_reloads(smollm
         "model_name_or_path": smollm2_path, "output_dir": str(tmp_path / "supervised"),
         "data": {"train_files": [str(shared_data / "snli" / "nli_triplets.csv")], "max_rows": 80},
         "instructions": {"allnli": "Retrieve semantically similar text"},
-        "batch_size": 4, "chunk_size": 3, "max_length": 24, "scale": 50.0, "dtype": "float32",
+        "batch_size": 4, "chunk_size": 3, "max_length": 16, "scale": 50.0, "dtype": "float32",
         "training": {"max_steps": STEPS, "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1,
                      "save_steps": STEPS},
     })
@@ -193,7 +193,7 @@ def test_supervised_gradcache_run_lowers_the_loss_and_the_adapter_reloads(smollm
 
     rows = read_supervised_rows(SupervisedDataSettings(train_files=settings.data.train_files, max_rows=96))[80:]
     held_out = supervised_examples(rows, settings.instructions, seed=0)
-    collator = ContrastiveCollator(run.trainer.processing_class, max_length=24)
+    collator = ContrastiveCollator(run.trainer.processing_class, max_length=16)
     trained_model = run.trainer.model
     after = _held_out_loss(trained_model, collator, held_out, 50.0)
     before_model = build_model(settings)  # the same base with a fresh LoRA, which starts as the identity
