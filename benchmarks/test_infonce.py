@@ -5,8 +5,8 @@ Rows: one hard negative per query (N = B, LLM2Vec's supervised setting), scale 5
 - CPU: B 256 .. 4,096 at D 576 (SmolLM2's hidden size), fp32; ours runs its PyTorch slab path here (``impl``
   "auto" picks Triton only on CUDA or under TRITON_INTERPRET=1, and the recorded ``path`` shows which ran).
 
-Each row records in ``extra_info``: the path taken, the FLOPs of the useful work (3 GEMMs of 2*B*(B+N)*D) and
-TFLOP/s, and the peak memory the call adds beyond its inputs (CUDA: max_memory_allocated; CPU: the growth of
+Each row records (``perf_record``, printed in the end-of-run table): the path taken, the FLOPs of the useful work (3 GEMMs of 2*B*(B+N)*D) and
+TFLOP/s (of the median time), and the peak memory the call adds beyond its inputs (CUDA: max_memory_allocated; CPU: the growth of
 the peak resident set of a fresh process running one forward+backward).
 
     python -m pytest benchmarks/test_infonce.py --benchmark-columns=min,median,rounds
@@ -81,7 +81,7 @@ def _cpu_peak_mib(provider, batch, dim):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", CPU_BATCHES)
-def test_infonce_cpu(benchmark, provider, batch):
+def test_infonce_cpu(benchmark, perf_record, provider, batch):
     dim = 576
     tensors = _inputs(batch, dim, torch.float32, "cpu")
     path = "triton" if (provider == "ours" and use_triton("auto", tensors[0])) else "torch"
@@ -89,16 +89,17 @@ def test_infonce_cpu(benchmark, provider, batch):
         pytest.skip("TRITON_INTERPRET=1 is set: the interpreter is a test tool, not what runs on CPU")
     benchmark.group = f"infonce cpu fp32 D={dim} B={batch}"
     benchmark.pedantic(_step, args=(provider, tensors), rounds=3, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
-    benchmark.extra_info.update(path=path if provider == "ours" else "reference", flops=_flops(batch, dim),
-                                tflops=_flops(batch, dim) / seconds / 1e12,
-                                peak_extra_mib=round(_cpu_peak_mib(provider, batch, dim), 1),
-                                input_mib=round(3 * batch * dim * 4 / 2**20, 1))
+    perf_record(benchmark, suite="infonce (fp32, CPU)", case=f"B {batch} N {batch} D {dim}", mode="fwd+bwd",
+                provider=provider, seconds=benchmark.stats.stats.median, flops=_flops(batch, dim),
+                path=path if provider == "ours" else "reference",
+                peak_extra_mib=round(_cpu_peak_mib(provider, batch, dim), 1),
+                input_mib=round(3 * batch * dim * 4 / 2**20, 1))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", CUDA_BATCHES)
-def test_infonce_cuda(benchmark, provider, batch):
+def test_infonce_cuda(benchmark, perf_record, provider, batch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     dim = 4096
@@ -119,7 +120,7 @@ def test_infonce_cuda(benchmark, provider, batch):
 
     benchmark.group = f"infonce cuda bf16 D={dim} B={batch}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
-    benchmark.extra_info.update(path="triton" if provider == "ours" else "reference", flops=_flops(batch, dim),
-                                tflops=_flops(batch, dim) / seconds / 1e12, peak_extra_mib=round(peak / 2**20, 1),
-                                input_mib=round(3 * batch * dim * 2 / 2**20, 1))
+    perf_record(benchmark, suite="infonce (bf16, CUDA)", case=f"B {batch} N {batch} D {dim}", mode="fwd+bwd",
+                provider=provider, seconds=benchmark.stats.stats.median, flops=_flops(batch, dim),
+                path="triton" if provider == "ours" else "reference", peak_extra_mib=round(peak / 2**20, 1),
+                input_mib=round(3 * batch * dim * 2 / 2**20, 1))
