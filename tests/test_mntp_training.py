@@ -197,9 +197,9 @@ def test_recipes_load(name):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def tiny_llama_dir(tmp_path, vocab_words):
+def tiny_llama_dir(tmp_path, vocab_words, vocab_size=None):
     tok = word_tokenizer(vocab_words)
-    model = build_tiny_model("llama", causal_lm=True, vocab_size=len(tok), pad_token_id=0, bos_token_id=1,
+    model = build_tiny_model("llama", causal_lm=True, vocab_size=vocab_size or len(tok), pad_token_id=0, bos_token_id=1,
                              eos_token_id=2, tie_word_embeddings=False)
     path = tmp_path / "tiny-llama"
     model.save_pretrained(path)
@@ -214,8 +214,8 @@ def tiny_run_config(tmp_path, model_dir, text_file, **top):
         "data": {"train_files": [str(text_file)], "block_size": 32},
         "dtype": "float32",
         "attention_impl": "torch",
-        "gradient_checkpointing": False,
-        "training": {"per_device_train_batch_size": 4, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
+        "gradient_checkpointing": True,
+        "training": {"per_device_train_batch_size": 4, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
                      "max_steps": 30, "logging_steps": 1,
                      "save_strategy": "no", "seed": 7, "use_cpu": True},
     }
@@ -241,11 +241,14 @@ def test_tiny_llama_fused_loss_follows_full_logits_loss(tmp_path):
     text.write_text("\n".join(lines), encoding="utf-8")
     runs = {}
     for loss in ("fused", "full_logits"):
-        config = tiny_run_config(tmp_path / loss, model_dir, text, loss=loss, loss_impl="triton")
+        config = tiny_run_config(tmp_path / loss, model_dir, text, loss=loss, loss_impl="triton",
+                                 mask_probability=0.4)
         runs[loss] = losses(train_mntp(settings_from_config(config)))
     fused, full = torch.tensor(runs["fused"]), torch.tensor(runs["full_logits"])
     assert len(fused) == len(full) == 30
-    torch.testing.assert_close(fused, full, rtol=2e-3, atol=2e-3)
+    # Same data, same seeds: the curves agree closely at first; later steps amplify summation-order differences.
+    torch.testing.assert_close(fused[:10], full[:10], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused, full, rtol=1e-2, atol=1e-2)
     assert fused[-5:].mean() < fused[:5].mean() - 0.1, fused
 
 
@@ -257,6 +260,16 @@ def test_text_too_short_fails_before_training(tmp_path, caplog):
     config = tiny_run_config(tmp_path, model_dir, text)
     with pytest.raises(TextTooShortError, match="fewer than one block"):
         train_mntp(settings_from_config(config))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_lm_head_fails_before_training(tmp_path):
+    words = [f"w{i}" for i in range(40)]
+    model_dir = tiny_llama_dir(tmp_path, words, vocab_size=30)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words * 5), encoding="utf-8")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        train_mntp(settings_from_config(tiny_run_config(tmp_path, model_dir, text)))
     assert not (tmp_path / "out").exists()
 
 
@@ -274,6 +287,7 @@ def test_smollm2_mntp_lowers_loss_and_adapter_reloads(tmp_path, smollm2_path, sh
             "data.max_train_blocks=80",
             "data.validation_fraction=0",
             "dtype=float32",
+            "gradient_checkpointing=false",  # CPU time: no recomputation (checkpointing is tested on the tiny model)
             "training.max_steps=20",
             "training.per_device_train_batch_size=2",
             "training.learning_rate=3e-4",

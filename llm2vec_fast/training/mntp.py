@@ -330,7 +330,7 @@ def build_mntp_model(settings: MNTPSettings, tokenizer):
         merge_adapters=settings.merge_adapters,
         attention_impl=_kernel_impl(settings.attention_impl),
     )
-    if added or len(tokenizer) > causal_lm.get_input_embeddings().weight.shape[0]:
+    if added:
         logger.info("Resizing the embeddings to %d tokens for the added mask token", len(tokenizer))
         causal_lm.resize_token_embeddings(len(tokenizer))
     head = MNTPHead(causal_lm, loss=settings.loss, impl=_kernel_impl(settings.loss_impl))
