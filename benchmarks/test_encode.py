@@ -4,10 +4,11 @@ Input: a realistic mix of lengths from ../shared/data: Wikipedia sentences (wiki
 abstracts (paragraphs), shuffled with a fixed seed. Tokens are counted once, with SmolLM2's tokenizer, the same
 for every provider, so tokens/s compare directly.
 
-- CPU, fp32: ours (``llm2vec_fast.LLM2Vec``; length-sorted padded batches, our attention's PyTorch path) vs
-  llm2vec 0.2.3 run in its own venv (transformers 4.44.2) through a subprocess, side by side in one run. Give
-  that venv's python in ``LLM2VEC_VENV_PYTHON`` (e.g. ``.venv-llm2vec/bin/python``, see
-  scripts/make_llm2vec_reference.py); without it the llm2vec row is skipped with the reason.
+- CPU, fp32: ours (``llm2vec_fast.LLM2Vec``, packed batches through our attention's PyTorch varlen path),
+  ours with padded batches, and llm2vec 0.2.3 run in its own venv (transformers 4.44.2) by a worker subprocess;
+  the rounds of the three are interleaved so that a shared machine's load hits them alike. Give that venv's
+  python in ``LLM2VEC_VENV_PYTHON`` (e.g. ``.venv-llm2vec/bin/python``, see scripts/make_llm2vec_reference.py);
+  without it the llm2vec row is not measured and the test reports itself skipped with the reason.
 - CUDA, bf16: ours packed (varlen, no padding) vs ours padded, same model and texts (skipped without a GPU).
 
     LLM2VEC_VENV_PYTHON=.venv-llm2vec/bin/python python -m pytest benchmarks/test_encode.py -s \
@@ -23,6 +24,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,7 @@ def _token_count(model_dir: str, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=512)["input_ids"])
 
 
-_LLM2VEC_SCRIPT = r"""
+_LLM2VEC_WORKER = r"""
 import json, sys, tempfile, time
 from pathlib import Path
 import torch
@@ -89,55 +91,78 @@ with tempfile.TemporaryDirectory() as scratch:
     convert_for_transformers_444(Path({model_dir!r}), model_dir)
     encoder = LLM2Vec.from_pretrained(str(model_dir), torch_dtype=torch.float32, pooling_mode="mean")
     encoder.encode(texts[:8], batch_size={batch}, show_progress_bar=False)  # warm-up
-    times = []
-    for _ in range({rounds}):
+    print("ready", flush=True)
+    for line in sys.stdin:  # one timed encode per line
         start = time.perf_counter()
         encoder.encode(texts, batch_size={batch}, show_progress_bar=False)
-        times.append(time.perf_counter() - start)
-print(json.dumps({{"seconds": sorted(times)[len(times) // 2], "all": times}}))
+        print(json.dumps({{"seconds": time.perf_counter() - start}}), flush=True)
 """
 
 
-def _llm2vec_seconds(python: str, model_dir: str, texts: list[str], rounds: int) -> float:
-    with tempfile.TemporaryDirectory() as scratch:
-        texts_file = Path(scratch) / "texts.json"
+class _Llm2vecWorker:
+    """llm2vec 0.2.3 in its own venv, kept running so that its rounds interleave with ours."""
+
+    def __init__(self, python: str, model_dir: str, texts: list[str]):
+        self.scratch = tempfile.TemporaryDirectory()
+        texts_file = Path(self.scratch.name) / "texts.json"
         texts_file.write_text(json.dumps(texts))
-        script = _LLM2VEC_SCRIPT.format(threads=torch.get_num_threads(), scripts=str(REPO_ROOT / "scripts"),
-                                        texts_file=str(texts_file), model_dir=model_dir, batch=BATCH_SIZE,
-                                        rounds=rounds)
+        script = _LLM2VEC_WORKER.format(threads=torch.get_num_threads(), scripts=str(REPO_ROOT / "scripts"),
+                                        texts_file=str(texts_file), model_dir=model_dir, batch=BATCH_SIZE)
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-        out = subprocess.run([python, "-c", script], env=env, capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:
-            raise RuntimeError(f"llm2vec run failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        self.process = subprocess.Popen([python, "-c", script], env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the llm2vec worker failed to start (run its script by hand to see why)")
+
+    def time_once(self) -> float:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["seconds"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.scratch.cleanup()
 
 
+def test_encode_cpu(benchmark, texts, smollm2_dir):
+    """Rounds interleaved (ours packed, ours padded, llm2vec) so that a shared machine's load hits all alike."""
+    import statistics
 
-@pytest.mark.parametrize("provider", ["ours", "llm2vec-0.2.3"])
-def test_encode_cpu(benchmark, texts, smollm2_dir, provider):
+    from llm2vec_fast import LLM2Vec
+
     tokens = _token_count(smollm2_dir, texts)
-    if provider == "ours":
-        from llm2vec_fast import LLM2Vec
+    encoder = LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean")
+    encoder.encode(texts[:8], batch_size=BATCH_SIZE, device="cpu")  # warm-up
+    python = os.environ.get("LLM2VEC_VENV_PYTHON")
+    worker = _Llm2vecWorker(python, smollm2_dir, texts) if python else None
+    times: dict[str, list[float]] = {"ours": [], "ours-padded": [], "llm2vec-0.2.3": []}
+    try:
+        for _ in range(ROUNDS):
+            for provider, packed in (("ours", True), ("ours-padded", False)):
+                start = time.perf_counter()
+                encoder.encode(texts, batch_size=BATCH_SIZE, device="cpu", packed=packed)
+                times[provider].append(time.perf_counter() - start)
+            if worker is not None:
+                times["llm2vec-0.2.3"].append(worker.time_once())
+    finally:
+        if worker is not None:
+            worker.close()
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # times are taken above, interleaved
+    for provider, values in times.items():
+        if not values:
+            continue
+        seconds = statistics.median(values)
+        record(benchmark, suite="encode (SmolLM2-135M, CPU fp32)", case=f"{len(texts)} texts {tokens} tok",
+               mode="encode", provider=provider, seconds=seconds, texts_per_s=len(texts) / seconds,
+               tokens_per_s=tokens / seconds,
+               note=f"{len(texts) / seconds:.2f} texts/s, {tokens / seconds:.0f} tokens/s, rounds {len(values)}")
+    if worker is None:
+        pytest.skip("llm2vec row not measured: set LLM2VEC_VENV_PYTHON to a venv's python with llm2vec 0.2.3 and "
+                    "transformers 4.44.2 (see scripts/make_llm2vec_reference.py); ours rows were recorded")
 
-        encoder = LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean")
-        encoder.encode(texts[:8], batch_size=BATCH_SIZE, device="cpu")  # warm-up
-        benchmark.pedantic(encoder.encode, args=(texts,), kwargs=dict(batch_size=BATCH_SIZE, device="cpu"),
-                           rounds=ROUNDS, iterations=1)
-        seconds = benchmark.stats.stats.median
-    else:
-        python = os.environ.get("LLM2VEC_VENV_PYTHON")
-        if not python:
-            pytest.skip("set LLM2VEC_VENV_PYTHON to a venv's python with llm2vec 0.2.3 and transformers 4.44.2 "
-                        "(see scripts/make_llm2vec_reference.py) to measure llm2vec side by side")
-        seconds = _llm2vec_seconds(python, smollm2_dir, texts, ROUNDS)
-        benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the time is measured in the subprocess
-    record(benchmark, suite="encode (SmolLM2-135M, CPU fp32)", case=f"{len(texts)} texts {tokens} tok",
-           mode="encode", provider="ours" if provider == "ours" else provider, seconds=seconds,
-           texts_per_s=len(texts) / seconds, tokens_per_s=tokens / seconds,
-           note=f"{len(texts) / seconds:.1f} texts/s, {tokens / seconds:.0f} tokens/s")
 
-
-@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: packed vs padded on CUDA is measured by the GPU check")
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_encode_cuda(benchmark, smollm2_dir, layout):
     from llm2vec_fast import LLM2Vec

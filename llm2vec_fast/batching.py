@@ -3,10 +3,11 @@
 Encoding sorts its inputs by token count (longest first) and cuts the sorted list into batches that hold at
 most ``batch_size`` texts and at most ``max_batch_tokens`` tokens. Two layouts feed the model:
 
-- padded (CPU default): ``(batch, longest)`` left-padded ids with an attention mask, positions restarting
-  at 0 on each text's first real token;
-- packed (CUDA default): all texts of a batch one after the other in ``(1, total)``, positions restarting at
-  0 per text and ``cu_seqlens`` marking the boundaries; no padding is computed at all.
+- packed (the default for a patched model, CPU and CUDA): all texts of a batch one after the other in
+  ``(1, total)``, positions restarting at 0 per text and ``cu_seqlens`` marking the boundaries; no padding is
+  computed at all;
+- padded (unpatched models, or ``packed=False``): ``(batch, longest)`` left-padded ids with an attention mask,
+  positions restarting at 0 on each text's first real token.
 
 Both give the same embeddings, and neither depends on which other texts share the batch.
 """

@@ -48,9 +48,9 @@ def cosine_min(a, b):
     return ((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min()
 
 
-@pytest.mark.parametrize("mode", ["mean", "last_token"])
-def test_batch_size_and_composition_do_not_change_embeddings(tokenizer, mode):
-    encoder = make_encoder(tokenizer, pooling_mode=mode)
+@pytest.mark.parametrize("mode, packed", [("mean", True), ("mean", False), ("last_token", False)])
+def test_batch_size_and_composition_do_not_change_embeddings(tokenizer, mode, packed):
+    encoder = make_encoder(tokenizer, pooling_mode=mode, packed=packed)
     alone = encoder.encode(TEXTS, batch_size=1)
     for batch_size in (3, 32):
         together = encoder.encode(TEXTS, batch_size=batch_size)
@@ -282,3 +282,16 @@ def test_padded_batches_limit_padding():
     assert [[lengths[i] for i in b] for b in batches] == [[100, 90, 80], [74, 60], [30, 29], [10]]
     with pytest.raises(ValueError, match="max_padding"):
         length_sorted_batches(lengths, batch_size=4, max_padding=1.5)
+
+
+@pytest.mark.gpu
+def test_cuda_packed_equals_padded_and_cpu(tokenizer):
+    # On CUDA encode packs by default (Triton varlen kernel); padded batches and the CPU fp32 result agree.
+    encoder = make_encoder(tokenizer, impl="auto")
+    inputs = TEXTS + PAIRS
+    cpu = encoder.encode(inputs, device="cpu", packed=False)
+    encoder.model.to(torch.bfloat16)
+    packed = encoder.encode(inputs, device="cuda")
+    padded = encoder.encode(inputs, device="cuda", packed=False)
+    assert cosine_min(packed, padded) > 0.999
+    assert cosine_min(packed, cpu) > 0.99
