@@ -6,8 +6,9 @@ bidirectional (``llm2vec_fast.patch``) and wrapped with LoRA, gives the last hid
 ``masked_next_token_loss`` applies the LM head to the labelled rows only (hidden state at ``i - 1`` predicts
 the token at ``i``), never building ``(tokens, vocab)`` logits.
 
-The runner is Hugging Face's ``Trainer`` (checkpoints, resume, logging, DDP/FSDP through ``torchrun``); the
-model it trains is the PEFT-wrapped body (``AutoModel``), so the adapter it saves is keyed like llm2vec's
+The runner is Hugging Face's ``Trainer`` (checkpoints, resume, logging, DDP through ``torchrun``; FSDP is not
+supported: the LM head is applied outside the wrapped module, and a sharded tied head would not be gathered for
+it). The model it trains is the PEFT-wrapped body (``AutoModel``), so the adapter it saves is keyed like llm2vec's
 ``-mntp`` adapters and loads with ``LLM2Vec.from_pretrained(base, peft_model_name_or_path=output_dir)`` or
 ``LLM2Vec.from_pretrained(output_dir)`` (the directory also holds the base config and the tokenizer).
 
