@@ -120,17 +120,18 @@ def _cpu_peak_mib(provider, shape):
 
 
 @pytest.mark.parametrize("provider", ["ours", "full_logits"])
-def test_mntp_loss_cpu(benchmark, provider):
+def test_mntp_loss_cpu(benchmark, perf_record, provider):
     shape = CPU_SHAPE
     h, w, labels = _inputs(**shape, dtype=torch.float32, device="cpu")
     benchmark.group = "mntp loss cpu fp32 tokens={} vocab={vocab} hidden={hidden}".format(
         shape["batch"] * shape["seq"], **shape)
     benchmark.pedantic(_step, args=(provider, h, w, labels, "torch"), rounds=2, warmup_rounds=0)
-    seconds = benchmark.stats.stats.min
     flops = _flops(provider, **shape)
-    benchmark.extra_info.update(path="chunked torch" if provider == "ours" else "reference", flops=flops,
-                                tflops=round(flops / seconds / 1e12, 4),
-                                peak_extra_mib=round(_cpu_peak_mib(provider, shape), 1))
+    peak = round(_cpu_peak_mib(provider, shape), 1)
+    perf_record(benchmark, suite="masked next-token loss (fp32, CPU)", case="4096 tok V49152 H576 20%",
+                mode="fwd+bwd", provider=provider, seconds=benchmark.stats.stats.median, flops=flops,
+                path="chunked torch" if provider == "ours" else "reference", peak_extra_mib=peak,
+                note=f"peak +{peak:.0f} MiB")
 
 
 def test_mntp_loss_cpu_peak_memory_ratio(benchmark):
@@ -155,7 +156,7 @@ CUDA_PROVIDERS = [
 
 @pytest.mark.parametrize("head", ["trained", "frozen"])
 @pytest.mark.parametrize("provider", CUDA_PROVIDERS)
-def test_mntp_loss_cuda(benchmark, provider, head):
+def test_mntp_loss_cuda(benchmark, perf_record, provider, head):
     """``frozen``: the LM head needs no gradient, as in LoRA MNTP (no ``d weight`` buffer at all)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (targets there: peak memory <= 3% and time <= 0.35x of the full-logits path)")
@@ -180,7 +181,7 @@ def test_mntp_loss_cuda(benchmark, provider, head):
     benchmark.group = "mntp loss cuda bf16 tokens={} vocab={vocab} hidden={hidden} head {}".format(
         shape["batch"] * shape["seq"], head, **shape)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
     flops = _flops(provider, **shape)
-    benchmark.extra_info.update(flops=flops, tflops=round(flops / seconds / 1e12, 2),
-                                peak_extra_mib=round(peak / 2**20, 1))
+    perf_record(benchmark, suite="masked next-token loss (bf16, CUDA)", case=f"16K tok V128256 H4096 20% {head}",
+                mode="fwd+bwd", provider=provider, seconds=benchmark.stats.stats.median, flops=flops,
+                peak_extra_mib=round(peak / 2**20, 1), note=f"peak +{peak / 2**20:.0f} MiB")
