@@ -137,6 +137,9 @@ class _PackedCache:
         self._entry: tuple | None = None  # (weakref, key, value), replaced as one object: safe across threads
 
     def get(self, tensor: torch.Tensor, extra: tuple, compute):
+        if tensor.is_inference():
+            # Inference tensors keep no version counter, so an in-place change could not be seen: recompute.
+            return compute()
         key = (tensor._version, tensor.shape, tensor.device, extra)
         entry = self._entry
         if entry is not None and entry[0]() is tensor and entry[1] == key:

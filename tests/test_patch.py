@@ -155,6 +155,19 @@ def test_packed_input_equals_padded_batch(tiny_family, impl):
     torch.testing.assert_close(two_rows[1], expected[6:15], atol=ATOL, rtol=RTOL)
 
 
+def test_packed_input_under_inference_mode():
+    # Inference tensors have no version counter: the packed-metadata cache must not rely on one.
+    model = patch(build_tiny_model("llama"), attention_impl="torch")
+    sequences = random_sequences(lengths=(5, 1, 9, 3))
+    packed_ids = torch.cat(sequences)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    expected = hidden_states(model, input_ids=packed_ids, position_ids=position_ids)
+    with torch.inference_mode():
+        position_ids = position_ids.clone()  # made inside inference mode, as an encoder would
+        got = model(input_ids=packed_ids, position_ids=position_ids).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
 def test_unpatch_restores_exact_causal_outputs_and_state(tiny_family):
     model = build_tiny_model(tiny_family)
     input_ids, attention_mask = padded_batch(random_sequences(), "right")
