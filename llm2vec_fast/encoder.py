@@ -6,9 +6,9 @@ same pooling over the non-instruction tokens). Where it differs, it is on purpos
 
 - the instruction/text boundary comes from ONE tokenization of the joined text and its character offsets, so
   a text that tokenizes differently alone and after the instruction (llm2vec issue #80) is handled exactly;
-- batches are cut by a token budget over length-sorted inputs and packed (no padding computed) through our
-  varlen attention; each text's positions start at 0, so that an embedding does not depend on the batch size
-  or on the other texts of the batch (llm2vec issues #68, #74);
+- batches are cut by a token budget over length-sorted inputs; on CUDA they are packed (no padding computed)
+  through our varlen attention, on CPU left-padded; each text's positions start at 0, so that an embedding
+  does not depend on the batch size or on the other texts of the batch (llm2vec issues #68, #74);
 - a text with no token of its own (empty, or only an instruction) gets a defined embedding: the pooling over
   all the input's tokens; an input with no token at all is encoded as the single token EOS.
 """
@@ -352,14 +352,14 @@ class LLM2Vec(torch.nn.Module):
         return pairs, False
 
     def _default_packed(self, device: torch.device) -> bool:
-        # Packed wherever our patched attention runs (its varlen path): no padding is computed. On CPU too, where
-        # it measured ~1.6x faster than length-sorted padded batches (docs/PERF.md). An unpatched model (causal,
-        # enable_bidirectional=False) gets padded batches.
+        # Packed on CUDA, where our patched attention's Triton varlen path computes no padding at all. On CPU the
+        # varlen path is one SDPA call per text, and length-sorted padded batches (little padding) measured as
+        # fast or faster on a quiet machine (docs/PERF.md), so CPU pads. An unpatched model always pads.
         if self.packed is not None:
             return bool(self.packed)
         from .patch import is_patched
 
-        return is_patched(self.model)
+        return device.type == "cuda" and is_patched(self.model)
 
     @torch.no_grad()
     def encode(
@@ -381,8 +381,8 @@ class LLM2Vec(torch.nn.Module):
         Returns ``(n, dim)`` float32 (numpy by default, a tensor with ``convert_to_tensor``), or ``(dim,)`` for
         a single string. ``output_value="token_embeddings"`` gives, per input, the ``(tokens, dim)`` vectors of
         its text tokens (those that ``mean`` pools), as a list. Batches hold at most ``batch_size`` texts and
-        ``max_batch_tokens`` tokens (default ``batch_size * max_length``); ``packed`` (default: whenever the
-        model is patched, on CPU and CUDA) concatenates each batch's texts instead of padding them.
+        ``max_batch_tokens`` tokens (default ``batch_size * max_length``); ``packed`` (default: on CUDA when the
+        model is patched; padded on CPU) concatenates each batch's texts instead of padding them.
         """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
