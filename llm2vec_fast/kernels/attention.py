@@ -666,7 +666,7 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _launch(
             _attn_fwd_kernel, "fwd", grid,
             q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
@@ -689,7 +689,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
     qk_scale = problem.sm_scale * LOG2E
     common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _launch(
             _attn_bwd_dq_kernel, "dq", dq_grid,
@@ -711,14 +711,6 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     return dq, dk, dv
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class BidirectionalAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels. Inputs: ``q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
     softmax_scale, dropout_p``; ``backward`` returns one gradient per input (None for the non-tensors)."""
@@ -728,13 +720,16 @@ class BidirectionalAttentionFunction(torch.autograd.Function):
         problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
         seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
         o, lse = _attention_forward(q, k, v, problem, seed, store_lse=True)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+        # The mask and cu_seqlens go through save_for_backward too, so that autograd catches an in-place change
+        # between forward and backward instead of the backward silently using the changed values.
+        ctx.save_for_backward(q, k, v, o, lse, seed, key_padding_mask, cu_seqlens)
         ctx.problem = problem
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, seed = ctx.saved_tensors
+        q, k, v, o, lse, seed, key_padding_mask, cu_seqlens = ctx.saved_tensors
+        ctx.problem.mask, ctx.problem.cu_seqlens = key_padding_mask, cu_seqlens
         dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.problem, seed)
         return dq, dk, dv, None, None, None, None, None
 
@@ -866,7 +861,17 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
             raise ValueError("cu_seqlens needs max_seqlen (the longest sequence), as in flash_attn_varlen_func")
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-        if not cu_seqlens.is_cuda:  # checking CUDA values would sync the host; CPU values are free to check
+        if cu_seqlens.is_cuda:
+            # Checked on the device, without a host sync: wrong metadata would otherwise read out of bounds or
+            # leave the queries past max_seqlen silently zero. The error surfaces at the next synchronisation.
+            lengths = cu_seqlens.diff()
+            torch._assert_async(
+                (cu_seqlens[0] == 0) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
+                & (cu_seqlens[-1] <= q.shape[0]),
+                "cu_seqlens must start at 0, never decrease, end at most at total_tokens, and no sequence may be "
+                "longer than max_seqlen",
+            )
+        else:  # CPU values are free to check with a clear message
             lengths = cu_seqlens.diff()
             if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > q.shape[0]:
                 raise ValueError(
