@@ -137,10 +137,11 @@ def _mntp_loss_bwd_kernel(
     dz = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
     if HAS_SOFTCAP:
         dz = dz * (1.0 - tanh_x * tanh_x)
-    dz = dz * grad[:, None]
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(DB_ptr + cols, tl.sum(dz * grad[:, None], axis=0), mask=col_mask)
+    # The upstream gradient (1 / labelled rows for "mean") is applied after the cast, not before: scaled first,
+    # the small softmax entries of a large vocabulary would underflow to zero in fp16.
     dz_in = dz.to(W_ptr.dtype.element_ty)
     for k in range(0, HIDDEN, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
@@ -148,11 +149,12 @@ def _mntp_loss_bwd_kernel(
         if COMPUTE_DH:
             w = tl.load(W_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
+            dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION) * grad[:, None]
             tl.atomic_add(DH_ptr + src[:, None] * HIDDEN + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
         if COMPUTE_DW:
             h = tl.load(H_ptr + src[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                         other=0.0)
+            h = (h.to(tl.float32) * grad[:, None]).to(H_ptr.dtype.element_ty)
             dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
             tl.atomic_add(DW_ptr + cols[:, None] * HIDDEN + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
 
@@ -363,9 +365,10 @@ class ChunkedMaskedNextTokenLossFunction(torch.autograd.Function):
         compute_dtype = _compute_dtype(weight.dtype)
         lse = torch.empty(n_valid, device=hidden.device, dtype=compute_dtype)
         target_logit = torch.empty_like(lse)
+        w = weight.to(compute_dtype)  # once, not per chunk: for a 16-bit head this is a full copy of it
         for start in range(0, n_valid, chunk_rows):
             rows = src[start:start + chunk_rows]
-            z, _ = _chunk_logits(hidden2d[rows], weight, bias, logit_softcap, compute_dtype)
+            z, _ = _chunk_logits(hidden2d[rows], w, bias, logit_softcap, compute_dtype)
             lse[start:start + chunk_rows] = torch.logsumexp(z, dim=-1)
             target_logit[start:start + chunk_rows] = z.gather(1, targets[start:start + chunk_rows, None])[:, 0]
             del z
