@@ -90,7 +90,6 @@ if triton is not None:
         """Partial (running max, sum of exp, target score) of one row block over one range of column tiles."""
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         targets = rows + label_offset
         running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -179,7 +178,6 @@ def _forward_triton(q, docs, rq, rd, scale, label_offset):
         label_offset, float(scale), tiles_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     maxima, sums, targets = partial
-    # A split past the last tile has max -inf and sum 0: log(0) = -inf drops out of the logsumexp.
     lse = torch.logsumexp(maxima + sums.log(), dim=0)
     return lse, targets.sum(dim=0)
 
@@ -269,8 +267,6 @@ class InfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if not ctx.triton_path:
             grad_q, grad_docs = ctx.saved_tensors
-            if grad_q is None:
-                raise RuntimeError("info_nce_loss: backward through a loss computed without gradients")
             grad_loss = grad_loss.float()
             return ((grad_q * grad_loss).to(ctx.dtypes[0]), (grad_docs * grad_loss).to(ctx.dtypes[1]),
                     None, None, None, None, None)
@@ -324,16 +320,16 @@ class _GatherWithGrad(torch.autograd.Function):
             scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             scatter(out, grad)
             return out
+        grad = grad.clone()  # all_reduce works in place: autograd's incoming gradient must stay untouched
         dist.all_reduce(grad)  # gloo has no reduce-scatter
         return grad[rank * ctx.rows:(rank + 1) * ctx.rows]
 
 
-def _check_equal_shards(sizes: list[int]) -> None:
+def _check_equal_shards(sizes: list[int], device: torch.device) -> None:
     import torch.distributed as dist
 
-    local = torch.tensor(sizes, dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        local = local.cuda()
+    # On the tensors' own device: NCCL needs CUDA tensors, and the current CUDA device may not be theirs.
+    local = torch.tensor(sizes, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     table = torch.stack(gathered).cpu()
@@ -415,7 +411,7 @@ def info_nce_loss(
             raise RuntimeError("gather_across_ranks=True needs an initialised torch.distributed process group")
         world, rank = dist.get_world_size(), dist.get_rank()
         if world > 1:
-            _check_equal_shards([queries.shape[0], 0 if negatives is None else negatives.shape[0]])
+            _check_equal_shards([queries.shape[0], 0 if negatives is None else negatives.shape[0]], queries.device)
             positives = _GatherWithGrad.apply(positives)
             if negatives is not None:
                 negatives = _GatherWithGrad.apply(negatives)
