@@ -218,3 +218,17 @@ def test_cuda_large_vocab_fp32():
     ref = run(masked_next_token_loss_reference, (hidden, weight, None), labels, upstream, cast=torch.float64)
     low = run(masked_next_token_loss_reference, (hidden, weight, None), labels, upstream)
     assert_close_to_reference(out, ref, low, torch.float32)
+
+
+def test_fp16_gradients_survive_a_tiny_upstream_gradient():
+    # The upstream gradient (1 / labelled rows for "mean") times a softmax entry can fall below fp16's smallest
+    # subnormal; the kernel must apply it after the 16-bit cast, not before, or those entries vanish from d hidden.
+    # Small hidden states and a large head keep the logits moderate while d hidden stays representable in fp16.
+    hidden, weight, _, labels = make_inputs(torch.float32)
+    hidden, weight = (hidden * 0.02).half(), (weight * 50).half()
+    upstream = torch.tensor(2e-6, dtype=torch.float64)
+    out = run(masked_next_token_loss, (hidden, weight, None), labels, upstream, impl="triton", reduction="sum")
+    ref = run(masked_next_token_loss_reference, (hidden, weight, None), labels, upstream, cast=torch.float64,
+              reduction="sum")
+    relative = ((out[1] - ref[1]).norm() / ref[1].norm()).item()
+    assert relative < 2e-2, f"d_hidden: relative error {relative:.3e}"
