@@ -265,12 +265,22 @@ class LLM2Vec(torch.nn.Module):
         for i, count in enumerate(counts):
             text = out[i]
             while count > self.doc_max_length:
-                reduced = int(len(text.split()) * self.doc_max_length / count)
-                text = " ".join(text.split()[:reduced])
-                count = self._token_counts([text])[0]
+                words = text.split()
+                reduced = int(len(words) * self.doc_max_length / count)
                 trimmed[i] = True
+                if reduced == 0:
+                    # Not even one whole word fits (a long URL, unspaced script): llm2vec empties the text here,
+                    # which would give the document the instruction's embedding. Keep its first tokens instead.
+                    text = self._first_tokens(text, self.doc_max_length)
+                    break
+                text = " ".join(words[:reduced])
+                count = self._token_counts([text])[0]
             out[i] = text
         return out, trimmed
+
+    def _first_tokens(self, text: str, n: int) -> str:
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: offsets[min(n, len(offsets)) - 1][1]] if offsets else text
 
     def _token_counts(self, texts: list[str]) -> list[int]:
         # As llm2vec counts them: no special tokens, truncated at max_length.

@@ -295,3 +295,14 @@ def test_cuda_packed_equals_padded_and_cpu(tokenizer):
     padded = encoder.encode(inputs, device="cuda", packed=False)
     assert cosine_min(packed, padded) > 0.999
     assert cosine_min(packed, cpu) > 0.99
+
+
+def test_doc_max_length_keeps_the_first_tokens_of_a_single_long_word(tokenizer):
+    # llm2vec's whole-word rule would empty such a text, leaving the instruction's embedding for the document.
+    encoder = make_encoder(tokenizer, max_length=32, doc_max_length=8)
+    (encoded,) = encoder.tokenize_texts([("Query:", "a" * 200)])
+    text_tokens = [t for t, keep in zip(encoded.input_ids, encoded.embed_mask) if keep]
+    kept = tokenizer.decode(text_tokens).strip()
+    assert encoded.truncated and text_tokens and set(kept) == {"a"}
+    # doc_max_length counts the text's tokens alone (llm2vec's rule); after the instruction they may split otherwise
+    assert len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= 8
