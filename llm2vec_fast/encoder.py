@@ -439,7 +439,10 @@ class LLM2Vec(torch.nn.Module):
         if self._model_device() != device:
             self.model.to(device)
         packed = self._default_packed(device) if packed is None else packed
-        budget = max_batch_tokens or self.max_batch_tokens or batch_size * self.max_length
+        budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
+                      batch_size * self.max_length)
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {budget!r}")
         lengths = [len(e.input_ids) for e in encoded]
         batches = length_sorted_batches(lengths, batch_size=batch_size, max_batch_tokens=budget, packed=packed,
                                         max_padding=self.max_padding)

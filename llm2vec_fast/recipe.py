@@ -152,7 +152,8 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
     settings.update(_fill(spec.get("set", {}), context))
     command = [sys.executable, "-m", "llm2vec_fast.cli", "train", stage, "--config", str(config)]
     for key, value in settings.items():
-        command += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+        # Always JSON: a string such as "null", "true" or "1e-4" must not change type in the subprocess.
+        command += ["--set", f"{key}={json.dumps(value)}"]
     return command, {"config": str(config), **settings}
 
 

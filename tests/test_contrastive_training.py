@@ -209,3 +209,14 @@ def test_supervised_gradcache_run_lowers_the_loss_and_the_adapter_reloads(smollm
         expected = embed(trained_model.eval(), docs, "mean")
     got = encoder.encode(texts, batch_size=4, convert_to_tensor=True, convert_to_numpy=False)
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage,key", [("simcse", "max_sentences"), ("supervised", "max_rows")])
+def test_non_positive_row_limits_are_refused(stage, key, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"llm2vec_fast.training.{stage}")
+    config = {"model_name_or_path": "smollm2-135m", "output_dir": str(tmp_path),
+              "data": {"train_files": ["x.txt"], key: 0}}
+    with pytest.raises(ValueError, match=key):
+        module.settings_from_config(config)

@@ -316,3 +316,12 @@ def test_smollm2_mntp_lowers_loss_and_adapter_reloads(tmp_path, smollm2_path, sh
         got = reloaded(input_ids=ids).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(untrained, want, atol=1e-3), "training changed the model"
+
+
+def test_unknown_text_file_type_is_refused(tmp_path):
+    from llm2vec_fast.training.text_data import read_text_rows
+
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported text file type"):
+        list(read_text_rows([path]))

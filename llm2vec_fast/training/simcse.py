@@ -39,6 +39,8 @@ class SimCSESettings(ContrastiveSettings):
         super().validate()
         if not self.data.train_files:
             raise ValueError("data.train_files must list at least one text file (one sentence per line)")
+        if self.data.max_sentences is not None and self.data.max_sentences < 1:
+            raise ValueError(f"data.max_sentences must be a positive integer or null, got {self.data.max_sentences}")
 
 
 def settings_from_config(config: dict[str, Any]) -> SimCSESettings:

@@ -74,6 +74,8 @@ class SupervisedSettings(ContrastiveSettings):
         super().validate()
         if not self.data.train_files:
             raise ValueError("data.train_files must list at least one .jsonl or .csv file")
+        if self.data.max_rows is not None and self.data.max_rows < 1:
+            raise ValueError(f"data.max_rows must be a positive integer or null, got {self.data.max_rows}")
 
 
 def settings_from_config(config: dict[str, Any]) -> SupervisedSettings:

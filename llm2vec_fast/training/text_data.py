@@ -42,7 +42,10 @@ def _kind(path: Path) -> str:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith(".jsonl") or name.endswith(".json"):
         return "jsonl"
-    return "text"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    raise ValueError(f"{path}: unsupported text file type; use one of {', '.join(TEXT_SUFFIXES)}, .jsonl or .json "
+                     "(optionally .gz), or a `datasets` dataset")
 
 
 def read_text_rows(paths: Iterable[str | os.PathLike], *, text_field: str = "text",
