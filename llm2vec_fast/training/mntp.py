@@ -275,6 +275,9 @@ def _make_trainer_class():
         def __init__(self, *args, mntp_head: MNTPHead, **kwargs):
             super().__init__(*args, **kwargs)
             self.mntp_head = mntp_head
+            # compute_loss does not use num_items_in_batch: without this the Trainer would count the labelled
+            # tokens (and all-gather the count under DDP) on every step for nothing.
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
