@@ -73,11 +73,16 @@ def load_base_model(
         dtype = resolve_dtype(dtype)
     model_class = model_class or AutoModel
     model = model_class.from_pretrained(resolve_model(model_name_or_path), dtype=dtype, **model_kwargs)
+    # Adapters of every stage (and llm2vec's) are keyed on the decoder body, as AutoModel loads it: merge them
+    # into the body, also inside a ...ForCausalLM, whose extra prefix would otherwise leave them unloaded.
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
     for adapter in merge_adapters:
         from peft import PeftModel
 
         logger.info("Merging adapter %s into the base model", adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        merged = PeftModel.from_pretrained(body, adapter).merge_and_unload()
+        if body is model:
+            model = body = merged
     if bidirectional:
         patch(model, attention_impl=attention_impl, attention_dropout=attention_dropout)
     return model
