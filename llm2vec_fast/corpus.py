@@ -445,8 +445,9 @@ def _write_manifest(output: Path, settings: dict, encoder) -> None:
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
     bad_rows = []
     dim = encoder.model.config.hidden_size
-    for ids_file in sorted(output.glob("ids-*.json")):
-        record = json.loads(ids_file.read_text(encoding="utf-8"))
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in output.glob("ids-*.json")]
+    # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
+    for record in sorted(records, key=lambda r: r["shard"]):
         k = record["shard"]
         embeddings_name, ids_name = shard_names(k)
         shards.append({"shard": k, "embeddings": embeddings_name, "ids": ids_name, "first_row": record["first_row"],
