@@ -70,6 +70,72 @@ def _write_jsonl(path, rows):
             handle.write(json.dumps(row) + "\n")
 
 
+def _tiny_lora_model(vocab_size: int):
+    from conftest import build_tiny_model
+
+    from llm2vec_fast import patch
+    from llm2vec_fast.training.modeling import LoraSettings, add_lora
+
+    model = build_tiny_model("llama", vocab_size=vocab_size)
+    patch(model, attention_impl="torch")
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    for name, parameter in model.named_parameters():  # LoRA's B starts at zero: make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+NLI_ROWS = [("A man plays a guitar on the street.", "Someone makes music.", "Nobody is playing."),
+            ("Hi", "Hello there, friend.", "Bye."),
+            ("Two dogs run through a field of tall grass.", "Animals are outside.", "The dogs sleep indoors."),
+            ("A woman reads.", "A person looks at a book.", "A woman is swimming in the sea."),
+            ("Kids.", "Children are present in the picture taken at noon.", "Adults only.")]
+
+
+def test_packed_groups_embed_as_padded_ones_and_split_into_chunks(smollm2_path):
+    from llm2vec_fast.training.gradcache import count_rows, split_into_chunks
+    from llm2vec_fast.training.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    examples = [[ContrastiveExample(q, p, n, instruction="Retrieve semantically similar text") for q, p, n in NLI_ROWS]]
+    padded = ContrastiveCollator(tokenizer, max_length=12)(examples)
+    packed = ContrastiveCollator(tokenizer, max_length=12, packed=True)(examples)
+    assert "attention_mask" not in packed["query"] and packed["query"]["input_ids"].shape[0] == 1
+    # No padding: the packed group holds exactly the padded group's real tokens.
+    assert packed["query"]["input_ids"].numel() == int(padded["query"]["attention_mask"].sum())
+    model = _tiny_lora_model(len(tokenizer)).eval()
+    with torch.no_grad():
+        for group in ("query", "positive", "negative"):
+            want = embed(model, padded[group], "mean")
+            torch.testing.assert_close(embed(model, packed[group], "mean"), want, rtol=1e-5, atol=1e-5)
+            chunks = split_into_chunks(packed[group], 2)
+            assert [count_rows(chunk) for chunk in chunks] == [2, 2, 1]
+            got = torch.cat([embed(model, chunk, "mean") for chunk in chunks])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcache_over_packed_chunks_gives_the_whole_batch_gradients(smollm2_path):
+    from llm2vec_fast.training.gradcache import grad_cache_step, split_into_chunks
+    from llm2vec_fast.training.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    batch = ContrastiveCollator(tokenizer, max_length=12, packed=True)(
+        [[ContrastiveExample(q, p, n) for q, p, n in NLI_ROWS]])
+    model = _tiny_lora_model(len(tokenizer)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(*reps):
+        return info_nce_loss(*reps, scale=20.0, impl="torch")
+
+    loss_fn(*(embed(model, batch[group], "mean") for group in ("query", "positive", "negative"))).backward()
+    want = [p.grad.clone() for p in params]
+    model.zero_grad()
+    groups = [split_into_chunks(batch[group], 2) for group in ("query", "positive", "negative")]
+    grad_cache_step(lambda chunk: embed(model, chunk, "mean"), groups, loss_fn)
+    for got, expected in zip((p.grad for p in params), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_rows_are_errors_or_skipped_with_a_count(tmp_path, caplog):
     path = tmp_path / "rows.jsonl.gz"
     _write_jsonl(path, [

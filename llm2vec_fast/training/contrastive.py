@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import torch
 
 from ..kernels import info_nce_loss
-from ..pooling import check_pooling_mode, pool
-from .gradcache import grad_cache_step, split_into_chunks
+from ..batching import PackedBatch, pack_batch, pad_batch
+from ..pooling import check_pooling_mode, pool, pool_packed
+from .gradcache import count_rows, grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -104,21 +105,23 @@ def instruction_prefix(instruction: str) -> str:
 
 
 class ContrastiveCollator:
-    """``[[example, ...]]`` -> per group (query, positive, negative) ``input_ids``, ``attention_mask`` and
-    ``embed_mask`` ``(batch, seq)``; padding on the left, as the encoder pads.
+    """``[[example, ...]]`` -> per group (query, positive, negative) the fields of a
+    :class:`~llm2vec_fast.batching.PaddedBatch` (``(batch, seq)``, padded on the left as the encoder pads) or,
+    with ``packed``, of a :class:`~llm2vec_fast.batching.PackedBatch` (texts back to back, no padding).
 
     The embed mask marks the text's own tokens: a token counts when its characters reach past the end of the
     instruction prefix; tokens added by the tokenizer (BOS) do not. If truncation leaves a text no token of its
     own, the whole input is pooled (counted in ``self.stats``).
     """
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, *, packed: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("the contrastive collator needs a fast tokenizer (character offsets)")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.packed = bool(packed)
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -127,7 +130,7 @@ class ContrastiveCollator:
         boundaries = [len(instruction_prefix(instruction)) for instruction, _ in pairs]
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length,
                                  return_offsets_mapping=True)
-        rows = []
+        sequences, embed_masks = [], []
         for i, boundary in enumerate(boundaries):
             ids = list(encoded["input_ids"][i])
             offsets, sequence_ids = encoded["offset_mapping"][i], encoded.sequence_ids(i)
@@ -138,18 +141,12 @@ class ContrastiveCollator:
                 mask = [1] * len(ids)
             if offsets and offsets[-1][1] < len(texts[i]) and sequence_ids[-1] is not None:
                 self.stats["truncated"] += 1
-            rows.append((ids, mask))
-        self.stats["texts"] += len(rows)
-        longest = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), longest), dtype=torch.long)
-        embed = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (ids, mask) in enumerate(rows):
-            input_ids[i, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[i, longest - len(ids):] = 1
-            embed[i, longest - len(ids):] = torch.tensor(mask, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention, "embed_mask": embed}
+            sequences.append(ids)
+            embed_masks.append(mask)
+        self.stats["texts"] += len(sequences)
+        if self.packed:
+            return dataclasses.asdict(pack_batch(sequences, embed_masks))
+        return dataclasses.asdict(pad_batch(sequences, embed_masks, pad_id=self.tokenizer.pad_token_id))
 
     def __call__(self, items: list[list[ContrastiveExample]]) -> dict[str, dict[str, torch.Tensor]]:
         examples = [example for batch in items for example in batch]
@@ -170,11 +167,20 @@ class ContrastiveCollator:
 # --------------------------------------------------------------------------------------------------------------------
 # Embedding and loss
 # --------------------------------------------------------------------------------------------------------------------
-def embed(model, inputs: dict[str, torch.Tensor], pooling_mode: str) -> torch.Tensor:
-    """Token ids -> pooled fp32 embeddings ``(batch, hidden)`` over the embed mask."""
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+def embed(model, inputs: dict[str, Any], pooling_mode: str) -> torch.Tensor:
+    """A padded or packed group (the collator's output) -> pooled fp32 embeddings ``(texts, hidden)`` over the
+    embed mask, exactly as :class:`~llm2vec_fast.LLM2Vec` encodes them."""
+    if "cu_seqlens" in inputs:
+        batch = PackedBatch(**{f.name: inputs[f.name] for f in dataclasses.fields(PackedBatch)})
+        hidden = _last_hidden_state(model(**batch.model_inputs()))
+        return pool_packed(hidden, batch.cu_seqlens, pooling_mode, embed_mask=batch.embed_mask)
+    hidden = _last_hidden_state(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                      position_ids=inputs.get("position_ids")))
     return pool(hidden, inputs["attention_mask"], pooling_mode, embed_mask=inputs["embed_mask"])
+
+
+def _last_hidden_state(outputs) -> torch.Tensor:
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
 @dataclass
@@ -209,7 +215,7 @@ def _make_trainer_class():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = inputs["query"]["input_ids"].shape[0]
+            rows = count_rows(inputs["query"])
             if not self.chunk_size or self.chunk_size >= rows:
                 return super().training_step(model, inputs, num_items_in_batch)
             model.train()
@@ -244,6 +250,7 @@ class ContrastiveSettings:
     max_length: int = 128
     batch_size: int = 128  # rows per step on each process (queries; positives and negatives alike)
     chunk_size: int | None = None  # GradCache chunk (rows per forward); None: the whole batch at once
+    packed: bool = True  # texts back to back without padding (varlen attention); false: left-padded batches
     scale: float = 20.0
     loss_impl: str = "auto"  # InfoNCE impl; "auto": Triton on CUDA, PyTorch elsewhere
     gather_across_ranks: bool = True
@@ -332,7 +339,7 @@ def train_contrastive(settings: ContrastiveSettings, examples: list[ContrastiveE
     tokenizer = load_tokenizer(settings.model_name_or_path)
     tokenizer.padding_side = "left"
     batches = build_batches(examples, settings.batch_size, seed=settings.seed)
-    collator = ContrastiveCollator(tokenizer, settings.max_length)
+    collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed)
     collator(batches[:1])  # tokenizer problems show before any model is loaded
     model = build_model(settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

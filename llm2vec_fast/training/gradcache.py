@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["RngState", "grad_cache_step", "split_into_chunks"]
+__all__ = ["RngState", "count_rows", "grad_cache_step", "split_into_chunks"]
 
 
 class RngState:
@@ -46,15 +46,50 @@ def _cuda_devices_in_use() -> list[int]:
     return [torch.cuda.current_device()]
 
 
-def split_into_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split a dict of tensors with a common first dimension into dicts of at most ``chunk_size`` rows."""
+def split_into_chunks(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
+    """Split a group into groups of at most ``chunk_size`` texts: a dict of tensors with a common first dimension
+    (padded rows), or a packed group (``cu_seqlens`` offsets of texts laid back to back, as
+    :class:`~llm2vec_fast.batching.PackedBatch` holds them)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if "cu_seqlens" in inputs:
+        return _split_packed(inputs, chunk_size)
     rows = {t.shape[0] for t in inputs.values()}
     if len(rows) != 1:
         raise ValueError(f"all inputs of a group must have the same number of rows, got {sorted(rows)}")
     (n,) = rows
     return [{k: t[start:start + chunk_size] for k, t in inputs.items()} for start in range(0, n, chunk_size)]
+
+
+def _split_packed(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
+    bounds = inputs["cu_seqlens"].tolist()
+    texts = len(bounds) - 1
+    chunks = []
+    for first in range(0, texts, chunk_size):
+        last = min(first + chunk_size, texts)
+        lo, hi = bounds[first], bounds[last]
+        lengths = [b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1])]
+        chunks.append({
+            "input_ids": inputs["input_ids"][..., lo:hi],
+            "position_ids": inputs["position_ids"][..., lo:hi],
+            "embed_mask": inputs["embed_mask"][lo:hi],
+            "cu_seqlens": inputs["cu_seqlens"][first:last + 1] - lo,
+            "max_seqlen": max(lengths),
+        })
+    return chunks
+
+
+def count_rows(chunk: Any) -> int:
+    """How many texts a chunk holds: a tensor's rows, a padded or packed group's texts, a list's length."""
+    if isinstance(chunk, torch.Tensor):
+        return chunk.shape[0]
+    if isinstance(chunk, dict):
+        if "cu_seqlens" in chunk:
+            return chunk["cu_seqlens"].shape[0] - 1
+        return next(iter(chunk.values())).shape[0]
+    if isinstance(chunk, (list, tuple)):
+        return len(chunk)
+    raise TypeError(f"cannot count the rows of a chunk of type {type(chunk).__name__}")
 
 
 def grad_cache_step(
@@ -128,15 +163,5 @@ def _split_like(grad: torch.Tensor | None, chunks: Iterable[Any]) -> list[torch.
     chunks = list(chunks)
     if grad is None:
         return [None] * len(chunks)
-    sizes = [_rows(chunk) for chunk in chunks]
+    sizes = [count_rows(chunk) for chunk in chunks]
     return list(torch.split(grad, sizes))
-
-
-def _rows(chunk: Any) -> int:
-    if isinstance(chunk, torch.Tensor):
-        return chunk.shape[0]
-    if isinstance(chunk, dict):
-        return next(iter(chunk.values())).shape[0]
-    if isinstance(chunk, (list, tuple)):
-        return len(chunk)
-    raise TypeError(f"cannot count the rows of a chunk of type {type(chunk).__name__}")
