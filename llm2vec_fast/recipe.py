@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -150,11 +151,34 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
     # MNTP keeps the seed in its TrainingArguments section, the contrastive stages at the top level.
     settings[spec.get("seed_key", "seed")] = recipe.get("seed", 42)
     settings.update(_fill(spec.get("set", {}), context))
+    # What the stage was made from, by content: an edited config file or a retrained earlier stage makes
+    # this stage's marker disagree, so stale work is never taken for done.
+    fingerprint = {"config_file": _file_digest(config),
+                   "merged_adapters": {s: adapter_fingerprint(output / s) for s in stage_inputs(recipe, stage)}}
     command = [sys.executable, "-m", "llm2vec_fast.cli", "train", stage, "--config", str(config)]
     for key, value in settings.items():
         # Always JSON: a string such as "null", "true" or "1e-4" must not change type in the subprocess.
         command += ["--set", f"{key}={json.dumps(value)}"]
-    return command, {"config": str(config), **settings}
+    return command, {"config": str(config), **settings, "made_from": fingerprint}
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_fingerprint(directory: Path) -> str | None:
+    """SHA-256 of an adapter's config and weights (None when the folder holds no adapter yet)."""
+    files = [directory / "adapter_config.json", *sorted(directory.glob("adapter_model.*"))]
+    digests = [_file_digest(f) for f in files]
+    if any(d is None for d in digests[:1]) or len(files) < 2:
+        return None
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def _stage_done(directory: Path, settings: dict[str, Any]) -> bool:
@@ -163,8 +187,11 @@ def _stage_done(directory: Path, settings: dict[str, Any]) -> bool:
         return False
     recorded = json.loads(marker.read_text(encoding="utf-8"))
     if recorded.get("settings") != settings:
-        raise RuntimeError(f"{directory} holds a finished {recorded.get('stage')} stage trained with other settings "
-                           f"({marker}); use another --output, or delete that folder to retrain")
+        changed = sorted(key for key in set(settings) | set(recorded.get("settings", {}))
+                         if settings.get(key) != recorded.get("settings", {}).get(key))
+        raise RuntimeError(f"{directory} holds a finished {recorded.get('stage')} stage made from other settings, "
+                           f"config file contents or earlier adapters (differing: {', '.join(changed)}; see "
+                           f"{marker}); use another --output, or delete that folder to retrain it")
     return True
 
 
@@ -222,12 +249,13 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
 
     result_file = output / "eval" / f"{variant['name']}.json"
     settings = recipe["eval"]
+    adapters_used = {stage: adapter_fingerprint(output / stage) for stage in variant["stages"]}
     if result_file.is_file():
         stored = json.loads(result_file.read_text(encoding="utf-8"))
-        if stored.get("eval") == settings:
+        if stored.get("eval") == settings and stored.get("adapters") == adapters_used:
             logger.info("Evaluation of %s already done: skipped", variant["label"])
             return stored["results"]
-        logger.info("Evaluation settings changed since %s: evaluating again", result_file)
+        logger.info("Evaluation settings or adapters changed since %s: evaluating again", result_file)
     adapters = [str(output / stage) for stage in variant["stages"]]
     started = time.monotonic()
     encoder = load_encoder(
@@ -249,7 +277,7 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
         ))
     del wrapper, encoder
     gc.collect()
-    stored = {"variant": variant, "eval": settings, "results": results,
+    stored = {"variant": variant, "eval": settings, "adapters": adapters_used, "results": results,
               "seconds": round(time.monotonic() - started, 1)}
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(stored, indent=2) + "\n", encoding="utf-8")

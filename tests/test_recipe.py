@@ -151,3 +151,17 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     # Changed stage settings on the same output folder are refused instead of silently mixed.
     with pytest.raises(RuntimeError, match="other settings"):
         run_cli(tiny_smol, output, report, shared_data, stages, "--set", "stages.mntp.set.training.max_steps=3")
+
+    # A retrained earlier stage (here: mntp's adapter rewritten) is noticed by content, not by path: its
+    # evaluation is redone, and the stage trained on top of the old adapter is refused as stale.
+    config_file = output / "mntp" / "adapter_config.json"
+    config_file.write_text(config_file.read_text() + "\n")
+    redone = []
+    monkeypatch.setattr(l2v_mteb, "load_encoder", lambda model, **kwargs: redone.append(kwargs) or real_load(
+        model, **kwargs))
+    if len(stages) > 1:
+        with pytest.raises(RuntimeError, match="made_from"):
+            run_cli(tiny_smol, output, report, shared_data, stages)
+    else:
+        assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
+    assert [kwargs["adapters"] for kwargs in redone] == [[str(output / "mntp")]]
