@@ -75,7 +75,8 @@ def test_recipe_file_and_overrides():
     assert [v["name"] for v in variants(recipe)] == ["causal", "bidirectional", *recipe["stages"]]
     assert variants(recipe)[0]["bidirectional"] is False
     if "supervised" in recipe["stages"]:
-        assert stage_inputs(recipe, "supervised")[0] == "mntp"
+        assert stage_inputs(recipe, "supervised") == ["mntp"]  # the paper's order: supervised on MNTP only
+        assert variants(recipe)[-1]["label"] == "+ MNTP + supervised"
     bad = load_recipe(RECIPE)
     bad["stages"]["mntp"]["on_top_of"] = ["supervised"]
     with pytest.raises(ValueError, match="cannot build on"):
@@ -123,9 +124,11 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     assert [c[c.index("train") + 1] for c in launched] == stages
     assert len(evaluated) == len(stages)  # the two baselines were not evaluated again
     assert evaluated[0]["adapters"] == [str(output / "mntp")]
-    for i, stage in enumerate(stages):
+    quick_recipe = load_recipe(RECIPE, quick=True)
+    for stage in stages:
         marker = json.loads((output / stage / "recipe_stage.json").read_text())
-        assert marker["settings"]["merge_adapters"] == [str(output / s) for s in stages[:i]]
+        on_top_of = [s for s in stage_inputs(quick_recipe, stage) if s in stages]
+        assert marker["settings"]["merge_adapters"] == [str(output / s) for s in on_top_of]
         assert (output / stage / "adapter_config.json").is_file()
 
     text = (report / "RESULTS.md").read_text()
