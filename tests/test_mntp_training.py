@@ -98,11 +98,29 @@ def test_collator_never_masks_special_ids_without_a_special_mask():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(mask_probability=0.0), "mask_probability"), (dict(replacement="bert"), "replacement")],
+    [(dict(mask_probability=0.0), "mask_probability"), (dict(replacement="bert"), "replacement"),
+     (dict(random_token_count=0), "random_token_count"), (dict(random_token_count=VOCAB + 1), "random_token_count")],
 )
 def test_collator_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_collator(**kwargs)
+
+
+def test_random_replacements_come_from_the_tokenizer_not_the_padded_head_rows():
+    class Tokenizer:  # a tokenizer of 40 tokens for a head padded to VOCAB rows
+        pad_token_id, all_special_ids = PAD_ID, [PAD_ID, BOS_ID, 2]
+
+        def __len__(self):
+            return 40
+
+    assert VOCAB > 40
+    collator = MNTPCollator.from_tokenizer(Tokenizer(), MASK_ID, VOCAB, mask_probability=1.0,
+                                           generator=torch.Generator().manual_seed(0))
+    features = [{"input_ids": [BOS_ID] + list(range(10, 40)) * 4} for _ in range(64)]
+    batch = collator(features)
+    labelled = batch["labels"] != IGNORE_INDEX
+    replaced = batch["input_ids"][labelled & (batch["input_ids"] != MASK_ID) & (batch["input_ids"] != batch["labels"])]
+    assert replaced.numel() > 100 and int(replaced.max()) < 40
 
 
 def test_collator_rejects_ids_outside_vocabulary():

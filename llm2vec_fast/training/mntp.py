@@ -157,13 +157,16 @@ class MNTPCollator:
 
     mask_token_id: int
     pad_token_id: int
-    vocab_size: int  # random replacements are drawn from [0, vocab_size)
+    vocab_size: int  # rows of the LM head: token ids must lie in [0, vocab_size)
     special_token_ids: tuple[int, ...] = ()
     mask_probability: float = 0.2
     replacement: str = "default"
     ignore_index: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     generator: torch.Generator | None = None
+    # Random replacements are drawn from [0, random_token_count): the tokenizer's real tokens, not the padding
+    # rows some models add to their vocabulary (Qwen2's 151,936 rows for 151,665 tokens); None: vocab_size.
+    random_token_count: int | None = None
 
     def __post_init__(self):
         if not 0.0 < self.mask_probability <= 1.0:
@@ -172,11 +175,15 @@ class MNTPCollator:
             raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {self.replacement!r}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask token id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if self.random_token_count is not None and not 0 < self.random_token_count <= self.vocab_size:
+            raise ValueError(f"random_token_count must be in (0, vocab_size={self.vocab_size}], got "
+                             f"{self.random_token_count}")
 
     @classmethod
     def from_tokenizer(cls, tokenizer, mask_token_id: int, vocab_size: int, **kwargs) -> "MNTPCollator":
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token (set tokenizer.pad_token, e.g. to the eos token)")
+        kwargs.setdefault("random_token_count", min(len(tokenizer), vocab_size))
         return cls(mask_token_id=mask_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
                    special_token_ids=tuple(tokenizer.all_special_ids), **kwargs)
 
@@ -216,7 +223,8 @@ class MNTPCollator:
             to_mask = masked & self._bernoulli(0.8, input_ids.shape)
             inputs[to_mask] = self.mask_token_id
             to_random = masked & ~to_mask & self._bernoulli(0.5, input_ids.shape)
-            inputs[to_random] = torch.randint(self.vocab_size, (int(to_random.sum()),), generator=self.generator)
+            inputs[to_random] = torch.randint(self.random_token_count or self.vocab_size, (int(to_random.sum()),),
+                                              generator=self.generator)
         return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
 
 
