@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from .pooling import POOLING_MODES
+from .training.modeling import MODEL_DTYPES
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -232,10 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
     parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
     parser.add_argument("--doc-max-length", type=int, default=None, help="llm2vec's word trimming (default 400)")
-    parser.add_argument("--pooling-mode", default=None,
-                        choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+    parser.add_argument("--pooling-mode", default=None, choices=POOLING_MODES)
     parser.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="stored embeddings")
-    parser.add_argument("--model-dtype", default="auto", help="compute dtype: auto (bf16 on CUDA), float32, ...")
+    parser.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
+                        help="compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")

@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from .pooling import POOLING_MODES
+from .training.modeling import MODEL_DTYPES
+
 try:
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.models.model_meta import ModelMeta, ScoringFunction
@@ -252,13 +255,13 @@ def add_arguments(parser) -> None:
                         help="folder of the local data for --offline (default $LLM2VEC_FAST_SHARED_DATA)")
     parser.add_argument("--limit", type=int, default=None,
                         help="offline: evaluate on a fixed random sample of at most this many rows/queries")
-    parser.add_argument("--pooling-mode", default="mean", help="mean, weighted_mean, eos_token, last_token, bos_token")
+    parser.add_argument("--pooling-mode", default="mean", choices=POOLING_MODES)
     parser.add_argument("--causal", action="store_true", help="keep the causal attention (no bidirectional patch)")
     parser.add_argument("--no-instructions", action="store_true", help="encode every text without instruction")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the encoder's)")
-    parser.add_argument("--attention-impl", default="auto", help="auto, triton or torch")
+    parser.add_argument("--dtype", default=None, choices=MODEL_DTYPES, help="compute dtype (default: the encoder's)")
+    parser.add_argument("--attention-impl", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results")
 
 

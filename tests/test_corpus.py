@@ -188,3 +188,20 @@ def test_bad_rows_stop_the_run_or_are_listed(tiny_model_dir, tmp_path):
     assert "int, not a string" in problems[3] and "not valid UTF-8" in problems[4]
     vectors, ids = load_output(tmp_path / "skip")
     assert ids == ["a", "f", "g", "h"] and np.isfinite(vectors).all()
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["encode", "--input", "in.txt", "--output", "out", "--pooling-mode", "avg"], "--pooling-mode"),
+    (["encode", "--input", "in.txt", "--output", "out", "--model-dtype", "bf32"], "--model-dtype"),
+    (["eval", "--tasks", "STSBenchmark", "--output", "out", "--dtype", "half"], "--dtype"),
+    (["eval", "--tasks", "STSBenchmark", "--output", "out", "--attention-impl", "flash"], "--attention-impl"),
+    (["eval", "--tasks", "STSBenchmark", "--output", "out", "--pooling-mode", "max"], "--pooling-mode"),
+])
+def test_cli_choices_are_refused_before_any_model_loads(argv, bad, capsys):
+    from llm2vec_fast.cli import main as cli_main
+
+    # "no-such-model" would fail later, with another error, if the bad choice got past the argument parser.
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([argv[0], "--model", "no-such-model", *argv[1:]])
+    assert exit_info.value.code == 2
+    assert f"argument {bad}: invalid choice" in capsys.readouterr().err

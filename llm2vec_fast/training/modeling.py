@@ -32,14 +32,17 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float32
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+MODEL_DTYPES = ("auto", *DTYPES)  # the names a config or a command line may give
+
+
 def resolve_dtype(name: str | None) -> torch.dtype:
     if name in (None, "auto"):
         return default_dtype()
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)} or 'auto'")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
 
 
 def load_tokenizer(model_name_or_path: str):
