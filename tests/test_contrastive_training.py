@@ -42,6 +42,31 @@ def test_batches_never_mix_datasets_and_leftovers_are_logged(caplog):
         build_batches(examples, 11)
 
 
+def test_processes_train_in_step_on_slices_of_one_global_batch():
+    """Under accelerate's sharding (item i to process i % world), each step's per-process batches are the
+    slices of one global batch, so the loss gathered across processes never mixes datasets."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from llm2vec_fast.training.contrastive import BatchDataset, deal_to_ranks
+
+    world, per_process = 2, 3
+    examples = [ContrastiveExample(f"q{name}{i}", f"p{name}{i}", dataset=name) for name in "ab" for i in range(13)]
+    global_batches = build_batches(examples, per_process * world, seed=5)
+    dataset = BatchDataset(deal_to_ranks(global_batches, world))
+    seen = []
+    for rank in range(world):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=torch.utils.data.SequentialSampler(dataset),
+                                             collate_fn=lambda items: items[0])
+        seen.append(list(prepare_data_loader(loader, device=torch.device("cpu"), num_processes=world,
+                                             process_index=rank, put_on_device=False)))
+    assert len(seen[0]) == len(seen[1]) == len(global_batches) == 4
+    for step, global_batch in enumerate(global_batches):
+        assert seen[0][step] + seen[1][step] == global_batch
+        assert len({ex.dataset for ex in seen[0][step] + seen[1][step]}) == 1
+    with pytest.raises(ValueError, match="does not split over 4 processes"):
+        deal_to_ranks(global_batches, 4)
+
+
 def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
     from transformers import AutoTokenizer
 

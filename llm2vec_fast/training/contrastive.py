@@ -83,6 +83,22 @@ def build_batches(examples: Sequence[ContrastiveExample], batch_size: int, *, se
     return batches
 
 
+def deal_to_ranks(batches: list[list[ContrastiveExample]], world_size: int) -> list[list[ContrastiveExample]]:
+    """Global batches (``world_size`` x the per-process batch, each from one dataset) -> per-process batches in
+    the order a sequential sampler deals them out under accelerate (item ``i`` goes to process
+    ``i % world_size``): item ``g * world_size + r`` is process ``r``'s slice of global batch ``g``. So the
+    batches the processes train on at one step, and gather for the loss, come from one dataset."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    dealt = []
+    for batch in batches:
+        if len(batch) % world_size:
+            raise ValueError(f"a global batch of {len(batch)} rows does not split over {world_size} processes")
+        size = len(batch) // world_size
+        dealt.extend(batch[rank * size:(rank + 1) * size] for rank in range(world_size))
+    return dealt
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Each item is a whole batch (so that a batch never mixes datasets); use with a DataLoader batch size of 1."""
 
@@ -338,7 +354,17 @@ def train_contrastive(settings: ContrastiveSettings, examples: list[ContrastiveE
     set_seed(settings.seed)
     tokenizer = load_tokenizer(settings.model_name_or_path)
     tokenizer.padding_side = "left"
-    batches = build_batches(examples, settings.batch_size, seed=settings.seed)
+    world_size = max(1, args.world_size)
+    batches = build_batches(examples, settings.batch_size * world_size, seed=settings.seed)
+    if world_size > 1:
+        # Batches are drawn at the global size and each process takes its slice, in step: with a random
+        # sampler the processes would each draw a batch of their own, from different datasets, and the
+        # gathered loss would score queries against another dataset's documents.
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(f"train_sampling_strategy {args.train_sampling_strategy!r} cannot keep the processes' "
+                             "batches in step; the contrastive stages shuffle their batches themselves")
+        args.train_sampling_strategy = "sequential"
+        batches = deal_to_ranks(batches, world_size)
     collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed)
     collator(batches[:1])  # tokenizer problems show before any model is loaded
     model = build_model(settings)
