@@ -95,6 +95,33 @@ def _write_jsonl(path, rows):
             handle.write(json.dumps(row) + "\n")
 
 
+@pytest.mark.parametrize("pooling_mode", ["mean", "eos_token"])
+def test_training_tokenizes_texts_as_the_encoder_does(smollm2_path, pooling_mode):
+    """With eos_token pooling the encoder appends the family's end marker and pools it; training must too."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.contrastive import model_wrapping
+    from llm2vec_fast.training.modeling import load_tokenizer
+
+    texts = ["A man plays a guitar.", "Hello there, friend."]
+    encoder = LLM2Vec.from_pretrained(smollm2_path, pooling_mode=pooling_mode, attention_impl="torch")
+    collator = ContrastiveCollator(load_tokenizer(smollm2_path), max_length=64,
+                                   wrap=model_wrapping(smollm2_path, pooling_mode))
+    batch = collator.tokenize([("", text) for text in texts])
+    for row, encoded in enumerate(encoder.tokenize_texts([("", text) for text in texts])):
+        real = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][real].tolist() == encoded.input_ids
+        assert batch["embed_mask"][row][real].tolist() == encoded.embed_mask
+    tokenizer = collator.tokenizer
+    last_pooled = batch["input_ids"][0][batch["embed_mask"][0].bool()][-1:]
+    if pooling_mode == "eos_token":  # SmolLM2 is a llama: llm2vec's " </s>" marker ends the text and is pooled
+        assert tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()]).endswith("</s>")
+    else:
+        assert tokenizer.decode(last_pooled).strip() == "."
+    query = collator.tokenize([("Retrieve semantically similar text", texts[0])])
+    pooled = query["input_ids"][0][query["embed_mask"][0].bool()]
+    assert tokenizer.decode(pooled).strip().startswith("A man plays a guitar.")
+
+
 def _tiny_lora_model(vocab_size: int):
     from conftest import build_tiny_model
 

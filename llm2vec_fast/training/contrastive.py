@@ -9,18 +9,21 @@ Data flow: rows -> :class:`ContrastiveExample` -> batches (each from one dataset
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..kernels import info_nce_loss
 from ..batching import PackedBatch, pack_batch, pad_batch
+from ..builtin_models import resolve_model
+from ..encoder import SEPARATOR, split_at_separator, wrap_for_model
+from ..kernels import info_nce_loss
 from ..pooling import check_pooling_mode, pool, pool_packed
 from .gradcache import count_rows, grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
@@ -126,11 +129,13 @@ class ContrastiveCollator:
     with ``packed``, of a :class:`~llm2vec_fast.batching.PackedBatch` (texts back to back, no padding).
 
     The embed mask marks the text's own tokens: a token counts when its characters reach past the end of the
-    instruction prefix; tokens added by the tokenizer (BOS) do not. If truncation leaves a text no token of its
+    instruction prefix; tokens added by the tokenizer (BOS) do not. ``wrap`` is the encoder's wrapping of the
+    joined text (chat template of an instruct model, end marker for ``eos_token`` pooling), so that training
+    pools the tokens encoding will pool. If truncation leaves a text no token of its
     own, the whole input is pooled (counted in ``self.stats``).
     """
 
-    def __init__(self, tokenizer, max_length: int, *, packed: bool = False):
+    def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("the contrastive collator needs a fast tokenizer (character offsets)")
         if max_length < 2:
@@ -138,12 +143,15 @@ class ContrastiveCollator:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.packed = bool(packed)
+        self.wrap = wrap or (lambda text: text)  # the encoder's per-model wrapping (``wrap_for_model``)
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """(instruction, text) pairs -> padded tensors."""
-        texts = [instruction_prefix(instruction) + text for instruction, text in pairs]
-        boundaries = [len(instruction_prefix(instruction)) for instruction, _ in pairs]
+        joined = [split_at_separator(instruction_prefix(instruction) + SEPARATOR + text, self.wrap)
+                  for instruction, text in pairs]
+        texts = [full for full, _ in joined]
+        boundaries = [boundary for _, boundary in joined]
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length,
                                  return_offsets_mapping=True)
         sequences, embed_masks = [], []
@@ -298,6 +306,15 @@ class ContrastiveSettings:
                                  "not in training")
 
 
+def model_wrapping(model_name_or_path: str, pooling_mode: str) -> Callable[[str], str]:
+    """The encoder's text wrapping for this model and pooling mode (see ``wrap_for_model``)."""
+    from transformers import AutoConfig
+
+    model_type = getattr(AutoConfig.from_pretrained(resolve_model(model_name_or_path)), "model_type", None)
+    return functools.partial(wrap_for_model, name_or_path=model_name_or_path, model_type=model_type,
+                             pooling_mode=pooling_mode)
+
+
 def _kernel_impl(setting: str) -> str:
     """A stage's ``"auto"``: our Triton kernels on CUDA, PyTorch elsewhere (never the slow Triton interpreter)."""
     if setting != "auto":
@@ -365,7 +382,8 @@ def train_contrastive(settings: ContrastiveSettings, examples: list[ContrastiveE
                              "batches in step; the contrastive stages shuffle their batches themselves")
         args.train_sampling_strategy = "sequential"
         batches = deal_to_ranks(batches, world_size)
-    collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed)
+    collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed,
+                                   wrap=model_wrapping(settings.model_name_or_path, settings.pooling_mode))
     collator(batches[:1])  # tokenizer problems show before any model is loaded
     model = build_model(settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
