@@ -129,10 +129,10 @@ class ContrastiveCollator:
     with ``packed``, of a :class:`~llm2vec_fast.batching.PackedBatch` (texts back to back, no padding).
 
     The embed mask marks the text's own tokens: a token counts when its characters reach past the end of the
-    instruction prefix; tokens added by the tokenizer (BOS) do not. ``wrap`` is the encoder's wrapping of the
-    joined text (chat template of an instruct model, end marker for ``eos_token`` pooling), so that training
-    pools the tokens encoding will pool. If truncation leaves a text no token of its
-    own, the whole input is pooled (counted in ``self.stats``).
+    instruction prefix; tokens added by the tokenizer (BOS) do not. If truncation leaves a text no token of its
+    own, the whole input is pooled (counted in ``self.stats``). ``wrap`` is the encoder's wrapping of the joined
+    text (chat template of an instruct model, end marker for ``eos_token`` pooling), so that training pools the
+    tokens encoding will pool.
     """
 
     def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None):
@@ -147,7 +147,7 @@ class ContrastiveCollator:
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """(instruction, text) pairs -> padded tensors."""
+        """(instruction, text) pairs -> one group's tensors, padded or packed."""
         joined = [split_at_separator(instruction_prefix(instruction) + SEPARATOR + text, self.wrap)
                   for instruction, text in pairs]
         texts = [full for full, _ in joined]
@@ -385,6 +385,7 @@ def train_contrastive(settings: ContrastiveSettings, examples: list[ContrastiveE
     collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed,
                                    wrap=model_wrapping(settings.model_name_or_path, settings.pooling_mode))
     collator(batches[:1])  # tokenizer problems show before any model is loaded
+    collator.stats = dict.fromkeys(collator.stats, 0)  # count what training tokenizes, not this probe
     model = build_model(settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s: %d batches of %d rows%s, %d trainable parameters, scale %g, loss impl %s", stage, len(batches),
