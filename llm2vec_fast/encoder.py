@@ -269,7 +269,8 @@ class LLM2Vec(torch.nn.Module):
     # ------------------------------------------------------------------ text preparation
     def prepare_for_tokenization(self, text: str) -> str:
         """llm2vec's per-family wrapping of the joined text (chat wrappers, eos marker for eos_token pooling)."""
-        return wrap_for_model(text, name_or_path=self.name_or_path, model_type=getattr(self.config, "model_type", None),
+        model_type = getattr(self.config, "model_type", None)
+        return wrap_for_model(text, name_or_path=self.name_or_path, model_type=model_type,
                               pooling_mode=self.pooling_mode)
 
     def _trim_documents(self, texts: list[str]) -> tuple[list[str], list[bool]]:
