@@ -20,7 +20,7 @@ import importlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,31 @@ _CHAT_WRAPPERS = {
 }
 # ...and, for eos_token pooling, the end marker appended per family (by model_type).
 _EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
+
+
+def wrap_for_model(text: str, *, name_or_path: str, model_type: str | None, pooling_mode: str) -> str:
+    """llm2vec's ``prepare_for_tokenization``: the chat wrapper of a known instruct model (by its hub name) and,
+    for ``eos_token`` pooling, the family's end marker. Training and encoding both go through it, so that a
+    text is wrapped the same way in both."""
+    wrapper = _CHAT_WRAPPERS.get(name_or_path)
+    if wrapper is not None:
+        text = wrapper[0] + text.strip() + wrapper[1]
+        if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
+            return text
+    if pooling_mode == "eos_token":
+        if name_or_path == "meta-llama/Meta-Llama-3-8B":
+            text = text.strip() + "<|end_of_text|>"
+        elif model_type in _EOS_SUFFIX:
+            text = text.strip() + _EOS_SUFFIX[model_type]
+    return text
+
+
+def split_at_separator(marked: str, wrap: Callable[[str], str]) -> tuple[str, int]:
+    """``marked`` holds :data:`SEPARATOR` where the pooled text starts: wrap it, then return the full text
+    without the separator and the character where the pooled text starts."""
+    parts = wrap(marked).split(SEPARATOR)
+    full = "".join(parts)
+    return full, (len(parts[0]) if len(parts) > 1 else len(full))
 
 
 @dataclasses.dataclass
@@ -244,17 +269,9 @@ class LLM2Vec(torch.nn.Module):
     # ------------------------------------------------------------------ text preparation
     def prepare_for_tokenization(self, text: str) -> str:
         """llm2vec's per-family wrapping of the joined text (chat wrappers, eos marker for eos_token pooling)."""
-        wrapper = _CHAT_WRAPPERS.get(self.name_or_path)
-        if wrapper is not None:
-            text = wrapper[0] + text.strip() + wrapper[1]
-            if self.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
-                return text
-        if self.pooling_mode == "eos_token":
-            if self.name_or_path == "meta-llama/Meta-Llama-3-8B":
-                text = text.strip() + "<|end_of_text|>"
-            elif getattr(self.config, "model_type", None) in _EOS_SUFFIX:
-                text = text.strip() + _EOS_SUFFIX[self.config.model_type]
-        return text
+        model_type = getattr(self.config, "model_type", None)
+        return wrap_for_model(text, name_or_path=self.name_or_path, model_type=model_type,
+                              pooling_mode=self.pooling_mode)
 
     def _trim_documents(self, texts: list[str]) -> tuple[list[str], list[bool]]:
         """llm2vec's doc_max_length rule: cut whole words until the text alone has at most doc_max_length tokens.
@@ -294,9 +311,8 @@ class LLM2Vec(torch.nn.Module):
         joined = []
         for (instruction, _), text, cut in zip(pairs, docs, trimmed):
             marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
-            parts = self.prepare_for_tokenization(marked).split(SEPARATOR)
-            full = "".join(parts)
-            joined.append((full, len(parts[0]) if len(parts) > 1 else len(full), cut))
+            full, boundary = split_at_separator(marked, self.prepare_for_tokenization)
+            joined.append((full, boundary, cut))
         return joined
 
     def tokenize_texts(self, pairs: list[tuple[str, str]]) -> list[EncodedText]:

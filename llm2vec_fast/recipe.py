@@ -174,11 +174,11 @@ def _file_digest(path: Path) -> str | None:
 
 def adapter_fingerprint(directory: Path) -> str | None:
     """SHA-256 of an adapter's config and weights (None when the folder holds no adapter yet)."""
-    files = [directory / "adapter_config.json", *sorted(directory.glob("adapter_model.*"))]
-    digests = [_file_digest(f) for f in files]
-    if any(d is None for d in digests[:1]) or len(files) < 2:
+    config = directory / "adapter_config.json"
+    weights = sorted(directory.glob("adapter_model.*"))
+    if not config.is_file() or not weights:
         return None
-    return hashlib.sha256("".join(digests).encode()).hexdigest()
+    return hashlib.sha256("".join(_file_digest(f) for f in [config, *weights]).encode()).hexdigest()
 
 
 def _stage_done(directory: Path, settings: dict[str, Any]) -> bool:

@@ -42,6 +42,31 @@ def test_batches_never_mix_datasets_and_leftovers_are_logged(caplog):
         build_batches(examples, 11)
 
 
+def test_processes_train_in_step_on_slices_of_one_global_batch():
+    """Under accelerate's sharding (item i to process i % world), each step's per-process batches are the
+    slices of one global batch, so the loss gathered across processes never mixes datasets."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from llm2vec_fast.training.contrastive import BatchDataset, deal_to_ranks
+
+    world, per_process = 2, 3
+    examples = [ContrastiveExample(f"q{name}{i}", f"p{name}{i}", dataset=name) for name in "ab" for i in range(13)]
+    global_batches = build_batches(examples, per_process * world, seed=5)
+    dataset = BatchDataset(deal_to_ranks(global_batches, world))
+    seen = []
+    for rank in range(world):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=torch.utils.data.SequentialSampler(dataset),
+                                             collate_fn=lambda items: items[0])
+        seen.append(list(prepare_data_loader(loader, device=torch.device("cpu"), num_processes=world,
+                                             process_index=rank, put_on_device=False)))
+    assert len(seen[0]) == len(seen[1]) == len(global_batches) == 4
+    for step, global_batch in enumerate(global_batches):
+        assert seen[0][step] + seen[1][step] == global_batch
+        assert len({ex.dataset for ex in seen[0][step] + seen[1][step]}) == 1
+    with pytest.raises(ValueError, match="does not split over 4 processes"):
+        deal_to_ranks(global_batches, 4)
+
+
 def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
     from transformers import AutoTokenizer
 
@@ -68,6 +93,33 @@ def _write_jsonl(path, rows):
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("pooling_mode", ["mean", "eos_token"])
+def test_training_tokenizes_texts_as_the_encoder_does(smollm2_path, pooling_mode):
+    """With eos_token pooling the encoder appends the family's end marker and pools it; training must too."""
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.training.contrastive import model_wrapping
+    from llm2vec_fast.training.modeling import load_tokenizer
+
+    texts = ["A man plays a guitar.", "Hello there, friend."]
+    encoder = LLM2Vec.from_pretrained(smollm2_path, pooling_mode=pooling_mode, attention_impl="torch")
+    collator = ContrastiveCollator(load_tokenizer(smollm2_path), max_length=64,
+                                   wrap=model_wrapping(smollm2_path, pooling_mode))
+    batch = collator.tokenize([("", text) for text in texts])
+    for row, encoded in enumerate(encoder.tokenize_texts([("", text) for text in texts])):
+        real = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][real].tolist() == encoded.input_ids
+        assert batch["embed_mask"][row][real].tolist() == encoded.embed_mask
+    tokenizer = collator.tokenizer
+    last_pooled = batch["input_ids"][0][batch["embed_mask"][0].bool()][-1:]
+    if pooling_mode == "eos_token":  # SmolLM2 is a llama: llm2vec's " </s>" marker ends the text and is pooled
+        assert tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()]).endswith("</s>")
+    else:
+        assert tokenizer.decode(last_pooled).strip() == "."
+    query = collator.tokenize([("Retrieve semantically similar text", texts[0])])
+    pooled = query["input_ids"][0][query["embed_mask"][0].bool()]
+    assert tokenizer.decode(pooled).strip().startswith("A man plays a guitar.")
 
 
 def _tiny_lora_model(vocab_size: int):

@@ -158,6 +158,7 @@ def test_other_ignore_index_is_respected():
         (dict(labels_shape=(BATCH, SEQ + 1)), "labels"),
         (dict(float_labels=True), "integer"),
         (dict(bias_shape=(VOCAB + 1,)), "bias"),
+        (dict(bias_device="meta"), "bias and labels must be on one device"),  # e.g. a CPU bias, CUDA hidden
     ],
 )
 def test_bad_arguments_are_named(change, match):
@@ -171,6 +172,8 @@ def test_bad_arguments_are_named(change, match):
         labels = labels.float()
     if "bias_shape" in change:
         kwargs["bias"] = torch.randn(change["bias_shape"])
+    if "bias_device" in change:
+        kwargs["bias"] = torch.randn(VOCAB, device=change["bias_device"])
     with pytest.raises(ValueError, match=match):
         masked_next_token_loss(hidden, weight, labels, **kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,3 +28,9 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
             )
         return True
     return on_cuda or triton_interpreter_enabled()
+
+
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensor's (a model on cuda:1 while the current
+    device is cuda:0 would otherwise launch on the wrong device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import triton_interpreter_enabled, use_triton
+from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 
 logger = logging.getLogger(__name__)
 
@@ -666,7 +666,7 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with launch_device(q):
         _launch(
             _attn_fwd_kernel, "fwd", grid,
             q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
@@ -689,7 +689,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
     qk_scale = problem.sm_scale * LOG2E
     common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with launch_device(q):
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _launch(
             _attn_bwd_dq_kernel, "dq", dq_grid,

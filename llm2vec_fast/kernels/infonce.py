@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ._dispatch import triton_interpreter_enabled, use_triton
+from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 
 try:
     import triton
@@ -148,8 +148,9 @@ def _inverse_norms(x: torch.Tensor, triton_path: bool) -> torch.Tensor:
     out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     block_r = 16
     block_d = min(256, triton.next_power_of_2(x.shape[1]))
-    _infonce_norm_kernel[(triton.cdiv(x.shape[0], block_r),)](
-        x, out, x.shape[0], x.shape[1], x.stride(0), EPS=NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d)
+    with launch_device(x):
+        _infonce_norm_kernel[(triton.cdiv(x.shape[0], block_r),)](
+            x, out, x.shape[0], x.shape[1], x.stride(0), EPS=NORM_EPS, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
@@ -173,10 +174,11 @@ def _forward_triton(q, docs, rq, rd, scale, label_offset):
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)
     partial = torch.empty(3, splits, n_rows, device=q.device, dtype=torch.float32)
-    _infonce_fwd_kernel[(row_blocks, splits)](
-        q, docs, rq, rd, partial[0], partial[1], partial[2], n_rows, n_cols, dim, q.stride(0), docs.stride(0),
-        label_offset, float(scale), tiles_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    with launch_device(q):
+        _infonce_fwd_kernel[(row_blocks, splits)](
+            q, docs, rq, rd, partial[0], partial[1], partial[2], n_rows, n_cols, dim, q.stride(0), docs.stride(0),
+            label_offset, float(scale), tiles_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     maxima, sums, targets = partial
     lse = torch.logsumexp(maxima + sums.log(), dim=0)
     return lse, targets.sum(dim=0)
@@ -188,10 +190,11 @@ def _slab_triton(q, docs, rq, rd, lse, scale, label_offset, slab_dtype):
     block_m, block_n, block_k, warps, stages = _block_sizes(q.dtype)
     slab = torch.empty(n_rows, n_cols, device=q.device, dtype=slab_dtype)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    _infonce_bwd_kernel[grid](
-        q, docs, rq, rd, lse, slab, n_rows, n_cols, dim, q.stride(0), docs.stride(0), slab.stride(0),
-        label_offset, float(scale), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    with launch_device(q):
+        _infonce_bwd_kernel[grid](
+            q, docs, rq, rd, lse, slab, n_rows, n_cols, dim, q.stride(0), docs.stride(0), slab.stride(0),
+            label_offset, float(scale), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return slab
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import triton_interpreter_enabled, use_triton
+from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -277,15 +277,16 @@ class MaskedNextTokenLossFunction(torch.autograd.Function):
         part_target = torch.empty_like(part_max)
         has_softcap = logit_softcap is not None
         precision = _dot_precision(weight.dtype)
-        _mntp_loss_fwd_kernel[(row_blocks, splits)](
-            hidden2d, weight, bias if bias is not None else weight, src, targets, count,
-            part_max, part_sum, part_target,
-            n_rows, vocab, hidden_size, hidden2d.stride(0), weight.stride(0), tiles_per_split,
-            float(logit_softcap) if has_softcap else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=precision,
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        with launch_device(hidden):
+            _mntp_loss_fwd_kernel[(row_blocks, splits)](
+                hidden2d, weight, bias if bias is not None else weight, src, targets, count,
+                part_max, part_sum, part_target,
+                n_rows, vocab, hidden_size, hidden2d.stride(0), weight.stride(0), tiles_per_split,
+                float(logit_softcap) if has_softcap else 1.0,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=precision,
+                num_warps=num_warps, num_stages=num_stages,
+            )
         valid = torch.arange(n_rows, device=hidden.device) < count
         row_max = part_max.max(dim=0).values
         row_max = torch.where(valid, row_max, torch.zeros_like(row_max))
@@ -315,16 +316,17 @@ class MaskedNextTokenLossFunction(torch.autograd.Function):
         block_m, block_v, block_k, num_warps, num_stages = _block_sizes(dev, weight.dtype)
         has_softcap = logit_softcap is not None
         dummy = lse
-        _mntp_loss_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))](
-            hidden2d, weight, bias if bias is not None else weight, src, targets, count, lse, grad_rows,
-            dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
-            vocab, hidden_size, hidden2d.stride(0), weight.stride(0),
-            float(logit_softcap) if has_softcap else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
-            COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
-            num_warps=num_warps, num_stages=num_stages,
-        )
+        with launch_device(hidden2d):
+            _mntp_loss_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))](
+                hidden2d, weight, bias if bias is not None else weight, src, targets, count, lse, grad_rows,
+                dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
+                vocab, hidden_size, hidden2d.stride(0), weight.stride(0),
+                float(logit_softcap) if has_softcap else 1.0,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+                COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )
         grad_hidden = dh.view(batch, seq_len, hidden_size).to(hidden2d.dtype) if need_dh else None
         grad_weight = dw.to(weight.dtype) if need_dw else None
         grad_bias = db.to(bias.dtype) if need_db else None
@@ -494,9 +496,11 @@ def masked_next_token_loss(
         raise ValueError(f"shift must be a non-negative int, got {shift!r}")
     if logit_softcap is not None and not (logit_softcap > 0 and math.isfinite(logit_softcap)):
         raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap!r}")
-    if hidden.device != weight.device or labels.device != hidden.device:
+    if hidden.device != weight.device or labels.device != hidden.device or (
+            bias is not None and bias.device != hidden.device):
         raise ValueError(
-            f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device}, {labels.device}"
+            f"hidden, weight, bias and labels must be on one device, got {hidden.device}, {weight.device}, "
+            f"{None if bias is None else bias.device}, {labels.device}"
         )
     _check_labels(labels, weight.shape[0], ignore_index)
     labels = labels.long()

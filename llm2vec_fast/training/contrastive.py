@@ -9,18 +9,21 @@ Data flow: rows -> :class:`ContrastiveExample` -> batches (each from one dataset
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..kernels import info_nce_loss
 from ..batching import PackedBatch, pack_batch, pad_batch
+from ..builtin_models import resolve_model
+from ..encoder import SEPARATOR, split_at_separator, wrap_for_model
+from ..kernels import info_nce_loss
 from ..pooling import check_pooling_mode, pool, pool_packed
 from .gradcache import count_rows, grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
@@ -83,6 +86,22 @@ def build_batches(examples: Sequence[ContrastiveExample], batch_size: int, *, se
     return batches
 
 
+def deal_to_ranks(batches: list[list[ContrastiveExample]], world_size: int) -> list[list[ContrastiveExample]]:
+    """Global batches (``world_size`` x the per-process batch, each from one dataset) -> per-process batches in
+    the order a sequential sampler deals them out under accelerate (item ``i`` goes to process
+    ``i % world_size``): item ``g * world_size + r`` is process ``r``'s slice of global batch ``g``. So the
+    batches the processes train on at one step, and gather for the loss, come from one dataset."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    dealt = []
+    for batch in batches:
+        if len(batch) % world_size:
+            raise ValueError(f"a global batch of {len(batch)} rows does not split over {world_size} processes")
+        size = len(batch) // world_size
+        dealt.extend(batch[rank * size:(rank + 1) * size] for rank in range(world_size))
+    return dealt
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Each item is a whole batch (so that a batch never mixes datasets); use with a DataLoader batch size of 1."""
 
@@ -111,10 +130,12 @@ class ContrastiveCollator:
 
     The embed mask marks the text's own tokens: a token counts when its characters reach past the end of the
     instruction prefix; tokens added by the tokenizer (BOS) do not. If truncation leaves a text no token of its
-    own, the whole input is pooled (counted in ``self.stats``).
+    own, the whole input is pooled (counted in ``self.stats``). ``wrap`` is the encoder's wrapping of the joined
+    text (chat template of an instruct model, end marker for ``eos_token`` pooling), so that training pools the
+    tokens encoding will pool.
     """
 
-    def __init__(self, tokenizer, max_length: int, *, packed: bool = False):
+    def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("the contrastive collator needs a fast tokenizer (character offsets)")
         if max_length < 2:
@@ -122,12 +143,15 @@ class ContrastiveCollator:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.packed = bool(packed)
+        self.wrap = wrap or (lambda text: text)  # the encoder's per-model wrapping (``wrap_for_model``)
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """(instruction, text) pairs -> padded tensors."""
-        texts = [instruction_prefix(instruction) + text for instruction, text in pairs]
-        boundaries = [len(instruction_prefix(instruction)) for instruction, _ in pairs]
+        """(instruction, text) pairs -> one group's tensors, padded or packed."""
+        joined = [split_at_separator(instruction_prefix(instruction) + SEPARATOR + text, self.wrap)
+                  for instruction, text in pairs]
+        texts = [full for full, _ in joined]
+        boundaries = [boundary for _, boundary in joined]
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length,
                                  return_offsets_mapping=True)
         sequences, embed_masks = [], []
@@ -282,6 +306,15 @@ class ContrastiveSettings:
                                  "not in training")
 
 
+def model_wrapping(model_name_or_path: str, pooling_mode: str) -> Callable[[str], str]:
+    """The encoder's text wrapping for this model and pooling mode (see ``wrap_for_model``)."""
+    from transformers import AutoConfig
+
+    model_type = getattr(AutoConfig.from_pretrained(resolve_model(model_name_or_path)), "model_type", None)
+    return functools.partial(wrap_for_model, name_or_path=model_name_or_path, model_type=model_type,
+                             pooling_mode=pooling_mode)
+
+
 def _kernel_impl(setting: str) -> str:
     """A stage's ``"auto"``: our Triton kernels on CUDA, PyTorch elsewhere (never the slow Triton interpreter)."""
     if setting != "auto":
@@ -338,9 +371,21 @@ def train_contrastive(settings: ContrastiveSettings, examples: list[ContrastiveE
     set_seed(settings.seed)
     tokenizer = load_tokenizer(settings.model_name_or_path)
     tokenizer.padding_side = "left"
-    batches = build_batches(examples, settings.batch_size, seed=settings.seed)
-    collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed)
+    world_size = max(1, args.world_size)
+    batches = build_batches(examples, settings.batch_size * world_size, seed=settings.seed)
+    if world_size > 1:
+        # Batches are drawn at the global size and each process takes its slice, in step: with a random
+        # sampler the processes would each draw a batch of their own, from different datasets, and the
+        # gathered loss would score queries against another dataset's documents.
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            raise ValueError(f"train_sampling_strategy {args.train_sampling_strategy!r} cannot keep the processes' "
+                             "batches in step; the contrastive stages shuffle their batches themselves")
+        args.train_sampling_strategy = "sequential"
+        batches = deal_to_ranks(batches, world_size)
+    collator = ContrastiveCollator(tokenizer, settings.max_length, packed=settings.packed,
+                                   wrap=model_wrapping(settings.model_name_or_path, settings.pooling_mode))
     collator(batches[:1])  # tokenizer problems show before any model is loaded
+    collator.stats = dict.fromkeys(collator.stats, 0)  # count what training tokenizes, not this probe
     model = build_model(settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("%s: %d batches of %d rows%s, %d trainable parameters, scale %g, loss impl %s", stage, len(batches),
