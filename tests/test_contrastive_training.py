@@ -67,6 +67,52 @@ def test_processes_train_in_step_on_slices_of_one_global_batch():
         deal_to_ranks(global_batches, 4)
 
 
+@pytest.mark.slow
+def test_two_processes_train_each_step_on_one_global_batch(smollm2_path, tmp_path):
+    """torchrun, 2 gloo processes, the real Trainer: at every step the two processes' batches are the two
+    halves of one global batch from one dataset (so the loss gathered across them never mixes datasets)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import build_tiny_model
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    build_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": f"{name} question {i}", "positive": f"{name} answer {i}",
+                                        "negative": f"{name} wrong {i}", "dataset": name}) + "\n"
+                            for name in "ab" for i in range(12)))
+    worker = Path(__file__).parent / "helpers" / "contrastive_ranks_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(worker), str(model_dir), str(data), str(tmp_path)]
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the two-process run did not finish in 300 s")
+    assert process.returncode == 0, stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    rows = read_supervised_rows(SupervisedDataSettings(train_files=[str(data)]))
+    global_batches = build_batches(supervised_examples(rows, {"a": "", "b": ""}), 6, seed=42)
+    for step in range(3):
+        together = ranks[0][step] + ranks[1][step]
+        assert len({dataset for dataset, _ in together}) == 1, together
+        assert [query for _, query in together] == [example.query for example in global_batches[step]]
+
+
 def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
     from transformers import AutoTokenizer
 
