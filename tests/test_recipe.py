@@ -19,9 +19,11 @@ from llm2vec_fast import recipe as recipe_module  # noqa: E402
 from llm2vec_fast.recipe import (  # noqa: E402
     RESULTS_BEGIN,
     RESULTS_END,
+    adapter_fingerprint,
     find_recipe,
     load_recipe,
     stage_inputs,
+    stage_order,
     variants,
 )
 
@@ -168,3 +170,38 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     else:
         assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
     assert [kwargs["adapters"] for kwargs in redone] == [[str(output / "mntp")]]
+
+
+def test_committed_adapters_are_those_of_the_recipe_as_it_stands():
+    """The adapters in training/recipes/smollm2_135m/adapters (docs/RESULTS.md's run) were trained by this
+    recipe and these config files, each on top of the committed adapters of its inputs: editing either without
+    rerunning the recipe fails here."""
+    import hashlib
+
+    adapters = RECIPE.parent / "adapters"
+    recipe = load_recipe(RECIPE)
+    for stage in stage_order(recipe):
+        made_from = json.loads((adapters / stage / "recipe_stage.json").read_text())["settings"]
+        assert made_from["made_from"]["merged_adapters"] == {
+            s: adapter_fingerprint(adapters / s) for s in stage_inputs(recipe, stage)}
+        config = (RECIPE.parent / recipe["stages"][stage]["config"]).resolve()
+        assert made_from["made_from"]["config_file"] == hashlib.sha256(config.read_bytes()).hexdigest(), config
+        for key, value in recipe["stages"][stage]["set"].items():
+            if "{" not in json.dumps(value):  # paths under {data_dir} were filled in on the training machine
+                assert made_from[key] == value, (stage, key)
+        assert made_from[recipe["stages"][stage].get("seed_key", "seed")] == recipe["seed"]
+
+
+@pytest.mark.slow
+def test_committed_supervised_adapters_encode_meaningfully(smollm2_path):
+    from llm2vec_fast import LLM2Vec
+
+    adapters = RECIPE.parent / "adapters"
+    model = LLM2Vec.from_pretrained(smollm2_path, [str(adapters / "mntp"), str(adapters / "supervised")],
+                                    merge_peft=True, pooling_mode="mean", max_length=128, attention_impl="torch")
+    instruction = "Retrieve semantically similar text"
+    texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
+    embeddings = model.encode([[instruction, t] for t in texts], convert_to_tensor=True, convert_to_numpy=False,
+                              normalize_embeddings=True)
+    similar, unrelated = float(embeddings[0] @ embeddings[1]), float(embeddings[0] @ embeddings[2])
+    assert similar > unrelated + 0.2, (similar, unrelated)
