@@ -137,23 +137,6 @@ def test_eval_command_offline_and_fallback(monkeypatch, shared_data, tmp_path):
                   "--data-dir", str(shared_data)])
 
 
-@pytest.fixture(scope="module")
-def tiny_smol(smollm2_path, tmp_path_factory) -> str:
-    """A 2-layer random Llama with SmolLM2's real tokenizer: the real LLM2Vec code path, fast."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_smol_encoder")
-    LlamaModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_real_encoder_through_wrapper(tiny_smol, shared_data):
     """LLM2Vec through the wrapper gives exactly LLM2Vec.encode of [instruction, text] pairs, and mteb's STS
     score equals the Spearman correlation of those embeddings' cosines."""

@@ -31,24 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "training" / "recipes" / "smollm2_135m" / "recipe.json"
 
 
-@pytest.fixture(scope="module")
-def tiny_smol(smollm2_path, tmp_path_factory) -> str:
-    """A 2-layer random Llama with SmolLM2's tokenizer and vocabulary, saved as a HF directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny_smol")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def available_stages() -> list[str]:
     """The stages whose trainer and SmolLM2 config exist in this checkout."""
     import importlib.util
