@@ -68,7 +68,7 @@ def test_processes_train_in_step_on_slices_of_one_global_batch():
 
 
 @pytest.mark.slow
-def test_two_processes_train_each_step_on_one_global_batch(smollm2_path, tmp_path):
+def test_two_processes_train_each_step_on_one_global_batch(tiny_smol, tmp_path):
     """torchrun, 2 gloo processes, the real Trainer: at every step the two processes' batches are the two
     halves of one global batch from one dataset (so the loss gathered across them never mixes datasets)."""
     import os
@@ -77,13 +77,7 @@ def test_two_processes_train_each_step_on_one_global_batch(smollm2_path, tmp_pat
     import sys
     from pathlib import Path
 
-    from conftest import build_tiny_model
-    from transformers import AutoTokenizer
-
-    model_dir = tmp_path / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    build_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_smol
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"query": f"{name} question {i}", "positive": f"{name} answer {i}",
                                         "negative": f"{name} wrong {i}", "dataset": name}) + "\n"
