@@ -185,7 +185,7 @@ NLI_ROWS = [("A man plays a guitar on the street.", "Someone makes music.", "Nob
 
 
 def test_packed_groups_embed_as_padded_ones_and_split_into_chunks(smollm2_path):
-    from llm2vec_fast.training.gradcache import count_rows, split_into_chunks
+    from llm2vec_fast.training.contrastive import split_group, texts_in_group
     from llm2vec_fast.training.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_path)
@@ -200,14 +200,16 @@ def test_packed_groups_embed_as_padded_ones_and_split_into_chunks(smollm2_path):
         for group in ("query", "positive", "negative"):
             want = embed(model, padded[group], "mean")
             torch.testing.assert_close(embed(model, packed[group], "mean"), want, rtol=1e-5, atol=1e-5)
-            chunks = split_into_chunks(packed[group], 2)
-            assert [count_rows(chunk) for chunk in chunks] == [2, 2, 1]
+            chunks = split_group(packed[group], 2)
+            assert [texts_in_group(chunk) for chunk in chunks] == [2, 2, 1]
+            assert [texts_in_group(chunk) for chunk in split_group(padded[group], 2)] == [2, 2, 1]
             got = torch.cat([embed(model, chunk, "mean") for chunk in chunks])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradcache_over_packed_chunks_gives_the_whole_batch_gradients(smollm2_path):
-    from llm2vec_fast.training.gradcache import grad_cache_step, split_into_chunks
+    from llm2vec_fast.training.contrastive import split_group
+    from llm2vec_fast.training.gradcache import grad_cache_step
     from llm2vec_fast.training.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_path)
@@ -222,7 +224,7 @@ def test_gradcache_over_packed_chunks_gives_the_whole_batch_gradients(smollm2_pa
     loss_fn(*(embed(model, batch[group], "mean") for group in ("query", "positive", "negative"))).backward()
     want = [p.grad.clone() for p in params]
     model.zero_grad()
-    groups = [split_into_chunks(batch[group], 2) for group in ("query", "positive", "negative")]
+    groups = [split_group(batch[group], 2) for group in ("query", "positive", "negative")]
     grad_cache_step(lambda chunk: embed(model, chunk, "mean"), groups, loss_fn)
     for got, expected in zip((p.grad for p in params), want):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -25,7 +25,7 @@ from ..builtin_models import resolve_model
 from ..encoder import SEPARATOR, split_at_separator, wrap_for_model
 from ..kernels import info_nce_loss
 from ..pooling import check_pooling_mode, pool, pool_packed
-from .gradcache import count_rows, grad_cache_step, split_into_chunks
+from .gradcache import grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -195,12 +195,29 @@ def embed(model, inputs: dict[str, Any], pooling_mode: str) -> torch.Tensor:
     """A padded or packed group (the collator's output) -> pooled fp32 embeddings ``(texts, hidden)`` over the
     embed mask, exactly as :class:`~llm2vec_fast.LLM2Vec` encodes them."""
     if "cu_seqlens" in inputs:
-        batch = PackedBatch(**{f.name: inputs[f.name] for f in dataclasses.fields(PackedBatch)})
+        batch = _as_packed(inputs)
         hidden = _last_hidden_state(model(**batch.model_inputs()))
         return pool_packed(hidden, batch.cu_seqlens, pooling_mode, embed_mask=batch.embed_mask)
     hidden = _last_hidden_state(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                       position_ids=inputs.get("position_ids")))
     return pool(hidden, inputs["attention_mask"], pooling_mode, embed_mask=inputs["embed_mask"])
+
+
+def texts_in_group(inputs: dict[str, Any]) -> int:
+    """How many texts a padded or packed group holds."""
+    return inputs["cu_seqlens"].shape[0] - 1 if "cu_seqlens" in inputs else inputs["input_ids"].shape[0]
+
+
+def split_group(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
+    """A padded or packed group in chunks of at most ``chunk_size`` texts (for GradCache)."""
+    if "cu_seqlens" not in inputs:
+        return split_into_chunks(inputs, chunk_size)
+    return [dataclasses.asdict(chunk) for chunk in _as_packed(inputs).split(chunk_size)]
+
+
+def _as_packed(inputs: dict[str, Any]) -> PackedBatch:
+    """The collator's packed group (a dict, so that the Trainer moves its tensors) as a :class:`PackedBatch`."""
+    return PackedBatch(**{f.name: inputs[f.name] for f in dataclasses.fields(PackedBatch)})
 
 
 def _last_hidden_state(outputs) -> torch.Tensor:
@@ -239,12 +256,14 @@ def _make_trainer_class():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = count_rows(inputs["query"])
+            rows = texts_in_group(inputs["query"])
             if not self.chunk_size or self.chunk_size >= rows:
                 return super().training_step(model, inputs, num_items_in_batch)
             model.train()
-            inputs = self._prepare_inputs(inputs)
-            groups = [split_into_chunks(inputs[group], self.chunk_size) for group in GROUPS if group in inputs]
+            # Split on the host, then move each chunk: a packed group is cut at its cu_seqlens, which would
+            # otherwise be read back from the device.
+            groups = [[self._prepare_inputs(chunk) for chunk in split_group(inputs[group], self.chunk_size)]
+                      for group in GROUPS if group in inputs]
             accumulation = self.current_gradient_accumulation_steps
 
             def loss_fn(*reps):

@@ -15,11 +15,11 @@ in one graph, with the same dropout; peak activation memory is that of one chunk
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["RngState", "count_rows", "grad_cache_step", "split_into_chunks"]
+__all__ = ["RngState", "grad_cache_step", "split_into_chunks"]
 
 
 class RngState:
@@ -46,50 +46,15 @@ def _cuda_devices_in_use() -> list[int]:
     return [torch.cuda.current_device()]
 
 
-def split_into_chunks(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
-    """Split a group into groups of at most ``chunk_size`` texts: a dict of tensors with a common first dimension
-    (padded rows), or a packed group (``cu_seqlens`` offsets of texts laid back to back, as
-    :class:`~llm2vec_fast.batching.PackedBatch` holds them)."""
+def split_into_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split a dict of tensors with a common first dimension into dicts of at most ``chunk_size`` rows."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    if "cu_seqlens" in inputs:
-        return _split_packed(inputs, chunk_size)
     rows = {t.shape[0] for t in inputs.values()}
     if len(rows) != 1:
         raise ValueError(f"all inputs of a group must have the same number of rows, got {sorted(rows)}")
     (n,) = rows
     return [{k: t[start:start + chunk_size] for k, t in inputs.items()} for start in range(0, n, chunk_size)]
-
-
-def _split_packed(inputs: dict[str, Any], chunk_size: int) -> list[dict[str, Any]]:
-    bounds = inputs["cu_seqlens"].tolist()
-    texts = len(bounds) - 1
-    chunks = []
-    for first in range(0, texts, chunk_size):
-        last = min(first + chunk_size, texts)
-        lo, hi = bounds[first], bounds[last]
-        lengths = [b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1])]
-        chunks.append({
-            "input_ids": inputs["input_ids"][..., lo:hi],
-            "position_ids": inputs["position_ids"][..., lo:hi],
-            "embed_mask": inputs["embed_mask"][lo:hi],
-            "cu_seqlens": inputs["cu_seqlens"][first:last + 1] - lo,
-            "max_seqlen": max(lengths),
-        })
-    return chunks
-
-
-def count_rows(chunk: Any) -> int:
-    """How many texts a chunk holds: a tensor's rows, a padded or packed group's texts, a list's length."""
-    if isinstance(chunk, torch.Tensor):
-        return chunk.shape[0]
-    if isinstance(chunk, dict):
-        if "cu_seqlens" in chunk:
-            return chunk["cu_seqlens"].shape[0] - 1
-        return next(iter(chunk.values())).shape[0]
-    if isinstance(chunk, (list, tuple)):
-        return len(chunk)
-    raise TypeError(f"cannot count the rows of a chunk of type {type(chunk).__name__}")
 
 
 def grad_cache_step(
@@ -122,6 +87,7 @@ def grad_cache_step(
     # 1. Embeddings without a graph, remembering the RNG state of each chunk.
     states: list[list[RngState]] = []
     cached: list[torch.Tensor | None] = []
+    sizes: list[list[int]] = []  # embeddings per chunk, to cut the embedding gradient the same way
     for chunks in groups:
         group_states, group_reps = [], []
         for chunk in chunks:
@@ -130,6 +96,7 @@ def grad_cache_step(
                 group_reps.append(encode(chunk))
         states.append(group_states)
         cached.append(torch.cat(group_reps).detach().requires_grad_() if group_reps else None)
+        sizes.append([reps.shape[0] for reps in group_reps])
 
     # 2. The loss and its gradient with respect to the embeddings only.
     loss = loss_fn(*cached)
@@ -140,8 +107,8 @@ def grad_cache_step(
 
     # 3. Each chunk again, with a graph and the same randomness, back-propagated with its embedding gradient.
     work = [(chunk, state, grad_rows)
-            for chunks, group_states, grad in zip(groups, states, reps_grads)
-            for chunk, state, grad_rows in zip(chunks, group_states, _split_like(grad, chunks))]
+            for chunks, group_states, grad, group_sizes in zip(groups, states, reps_grads, sizes)
+            for chunk, state, grad_rows in zip(chunks, group_states, _split_like(grad, group_sizes))]
     for index, (chunk, state, grad_rows) in enumerate(work):
         last = index == len(work) - 1
         sync = contextlib.nullcontext() if (last or no_sync is None) else no_sync()
@@ -158,10 +125,8 @@ def grad_cache_step(
     return loss.detach()
 
 
-def _split_like(grad: torch.Tensor | None, chunks: Iterable[Any]) -> list[torch.Tensor | None]:
-    """The embedding gradient cut into the chunks' row counts."""
-    chunks = list(chunks)
+def _split_like(grad: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
+    """The embedding gradient cut into the chunks' embedding counts."""
     if grad is None:
-        return [None] * len(chunks)
-    sizes = [count_rows(chunk) for chunk in chunks]
+        return [None] * len(sizes)
     return list(torch.split(grad, sizes))
