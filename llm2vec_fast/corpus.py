@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .training.modeling import MODEL_DTYPES
 
@@ -242,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
-    parser.add_argument("--attention-impl", default="auto", choices=["auto", "triton", "torch"],
+    parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
                         help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
                         help="stop at a bad row (default), or skip it and list it in the shard and manifest")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .training.modeling import MODEL_DTYPES
 
@@ -261,7 +262,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default=None, choices=MODEL_DTYPES, help="compute dtype (default: the encoder's)")
-    parser.add_argument("--attention-impl", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS)
     parser.add_argument("--overwrite", action="store_true", help="rerun tasks that already have results")
 
 

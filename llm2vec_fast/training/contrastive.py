@@ -24,6 +24,7 @@ from ..batching import PackedBatch, pack_batch, pad_batch
 from ..builtin_models import resolve_model
 from ..encoder import SEPARATOR, split_at_separator, wrap_for_model
 from ..kernels import info_nce_loss
+from ..kernels._dispatch import IMPLEMENTATIONS
 from ..pooling import check_pooling_mode, pool, pool_packed
 from .gradcache import grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
@@ -31,7 +32,7 @@ from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, r
 logger = logging.getLogger(__name__)
 
 GROUPS = ("query", "positive", "negative")
-IMPLS = ("auto", "triton", "torch")
+IMPLS = IMPLEMENTATIONS  # "auto", "triton", "torch"
 LLM2VEC_CONFIG = "llm2vec_config.json"
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..kernels._dispatch import IMPLEMENTATIONS
 from ..kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
 from .config import add_config_arguments, config_to_dataclass, load_config
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
@@ -38,7 +39,7 @@ IGNORE_INDEX = -100
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
 REPLACEMENTS = ("default", "all_mask")
 LOSSES = ("fused", "full_logits")
-IMPLS = ("auto", "triton", "torch")
+IMPLS = IMPLEMENTATIONS  # "auto", "triton", "torch"
 
 
 # ---------------------------------------------------------------------------------------------------------------
