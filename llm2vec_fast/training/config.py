@@ -80,3 +80,15 @@ def add_config_arguments(parser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value (JSON-parsed; dotted keys reach into sections); repeatable",
     )
+
+
+def check_run_settings(settings: Any, choices: dict[str, tuple[str, ...]]) -> None:
+    """What every stage's settings need: a model, an output folder, and each named setting among its choices."""
+    if not settings.model_name_or_path:
+        raise ValueError("model_name_or_path is required (a hub id, local directory or 'smollm2-135m')")
+    if not settings.output_dir:
+        raise ValueError("output_dir is required")
+    for name, allowed in choices.items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -26,13 +26,13 @@ from ..encoder import SEPARATOR, split_at_separator, wrap_for_model
 from ..kernels import info_nce_loss
 from ..kernels._dispatch import IMPLEMENTATIONS
 from ..pooling import check_pooling_mode, pool, pool_packed
+from .config import check_run_settings
 from .gradcache import grad_cache_step, split_into_chunks
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 GROUPS = ("query", "positive", "negative")
-IMPLS = IMPLEMENTATIONS  # "auto", "triton", "torch"
 LLM2VEC_CONFIG = "llm2vec_config.json"
 
 
@@ -306,10 +306,7 @@ class ContrastiveSettings:
     training: dict[str, Any] = field(default_factory=dict)  # Hugging Face TrainingArguments
 
     def validate(self) -> None:
-        if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required (a hub id, local directory or 'smollm2-135m')")
-        if not self.output_dir:
-            raise ValueError("output_dir is required")
+        check_run_settings(self, {"loss_impl": IMPLEMENTATIONS, "attention_impl": IMPLEMENTATIONS})
         check_pooling_mode(self.pooling_mode)
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (in-batch negatives), got {self.batch_size}")
@@ -317,9 +314,6 @@ class ContrastiveSettings:
             raise ValueError(f"chunk_size must be a positive number of rows or null, got {self.chunk_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        for name, value in (("loss_impl", self.loss_impl), ("attention_impl", self.attention_impl)):
-            if value not in IMPLS:
-                raise ValueError(f"{name} must be one of {IMPLS}, got {value!r}")
         for key in ("output_dir", "per_device_train_batch_size", "seed"):
             if key in self.training:
                 raise ValueError(f"set {key!r} at the top level of the config (batch_size for the batch), "

@@ -29,7 +29,7 @@ import torch
 
 from ..kernels._dispatch import IMPLEMENTATIONS
 from ..kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
-from .config import add_config_arguments, config_to_dataclass, load_config
+from .config import add_config_arguments, check_run_settings, config_to_dataclass, load_config
 from .modeling import LoraSettings, add_lora, load_base_model, load_tokenizer, resolve_dtype
 from .text_data import load_text_dataset, tokenize_into_blocks
 
@@ -39,7 +39,6 @@ IGNORE_INDEX = -100
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
 REPLACEMENTS = ("default", "all_mask")
 LOSSES = ("fused", "full_logits")
-IMPLS = IMPLEMENTATIONS  # "auto", "triton", "torch"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,21 +80,10 @@ class MNTPSettings:
     training: dict[str, Any] = field(default_factory=dict)  # Hugging Face TrainingArguments
 
     def validate(self) -> None:
-        if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required (a hub id, local directory or 'smollm2-135m')")
-        if not self.output_dir:
-            raise ValueError("output_dir is required")
+        check_run_settings(self, {"replacement": REPLACEMENTS, "mask_token_type": MASK_TOKEN_TYPES, "loss": LOSSES,
+                                  "loss_impl": IMPLEMENTATIONS, "attention_impl": IMPLEMENTATIONS})
         if not 0.0 < self.mask_probability <= 1.0:
             raise ValueError(f"mask_probability must be in (0, 1], got {self.mask_probability}")
-        for name, value, allowed in (
-            ("replacement", self.replacement, REPLACEMENTS),
-            ("mask_token_type", self.mask_token_type, MASK_TOKEN_TYPES),
-            ("loss", self.loss, LOSSES),
-            ("loss_impl", self.loss_impl, IMPLS),
-            ("attention_impl", self.attention_impl, IMPLS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= self.data.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.data.validation_fraction}")
         if "output_dir" in self.training:
