@@ -416,6 +416,10 @@ class LLM2Vec(torch.nn.Module):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         pairs, single = self._as_pairs(sentences)
         encoded = self.tokenize_texts(pairs)
+        cut = sum(e.truncated for e in encoded)
+        if cut:  # said, not silent: an adapter's llm2vec_config.json may carry a short training max_length
+            logger.warning("%d of %d texts were cut to fit max_length=%d tokens or doc_max_length=%d", cut,
+                           len(encoded), self.max_length, self.doc_max_length)
         embeddings = self.encode_tokenized(
             encoded, batch_size=batch_size, device=device, output_value=output_value,
             max_batch_tokens=max_batch_tokens, packed=packed,

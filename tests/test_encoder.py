@@ -166,7 +166,9 @@ def test_bad_settings_are_refused(tokenizer):
         make_encoder(tokenizer, pooling_mode="max")
 
 
-def test_max_length_truncates_and_doc_max_length_trims_words(tokenizer):
+def test_max_length_truncates_and_doc_max_length_trims_words(tokenizer, caplog):
+    import logging
+
     encoder = make_encoder(tokenizer, max_length=8, doc_max_length=5)
     long_text = "one two three four five six seven eight nine ten eleven twelve"
     encoded = encoder.tokenize_texts([("", long_text), ("an instruction that is long enough", long_text),
@@ -174,7 +176,13 @@ def test_max_length_truncates_and_doc_max_length_trims_words(tokenizer):
     assert encoded[0].truncated and encoded[1].truncated and not encoded[2].truncated
     assert tokenizer.decode(encoded[0].input_ids) == "one two three four five"  # word trimming, llm2vec's rule
     assert len(encoded[1].input_ids) == 8  # instruction + trimmed text cut at max_length
-    assert np.isfinite(encoder.encode([["an instruction that is long enough", long_text]])).all()
+    with caplog.at_level(logging.WARNING, logger="llm2vec_fast.encoder"):
+        assert np.isfinite(encoder.encode([["an instruction that is long enough", long_text], "short"])).all()
+    assert "1 of 2 texts were cut to fit max_length=8 tokens or doc_max_length=5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llm2vec_fast.encoder"):
+        encoder.encode(["short"])
+    assert "were cut" not in caplog.text
 
 
 def test_save_and_from_pretrained_round_trip(tokenizer, tmp_path):
