@@ -89,7 +89,7 @@ def test_directory_is_complete(exported_mean):
     assert pooling["word_embedding_dimension"] == encoder.config.hidden_size
     st_config = json.loads(open(os.path.join(path, "config_sentence_transformers.json")).read())
     assert st_config["prompts"]["SciFact"] == default_prompts()["SciFact"]
-    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(":")
+    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(": ")
     assert "llm2vec-fast" in st_config["requirements"]
     config = json.loads(open(os.path.join(path, "config.json")).read())
     assert config["is_causal"] is False and config["use_bidirectional_attention"] is True
