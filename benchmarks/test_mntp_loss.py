@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
+from perf_table import skip_if_compile_warmup
 
 LABELLED = 0.2
 CPU_SHAPE = dict(batch=2, seq=2048, hidden=576, vocab=49152)
@@ -173,6 +174,7 @@ def test_mntp_loss_cuda(benchmark, perf_record, provider, head):
     except torch.cuda.OutOfMemoryError:
         pytest.skip(f"{provider} runs out of GPU memory at {shape}")
     peak = torch.cuda.max_memory_allocated() - base
+    skip_if_compile_warmup()
 
     def run():
         _step(provider, h, w, labels)

@@ -105,6 +105,9 @@ def _make_configs(kind: str, candidates) -> list:
     ]
 
 
+_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES}
+
+
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
     """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
     on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit). dK/dV is
@@ -120,34 +123,50 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
     return (resident + scores) / threads_words
 
 
-def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str) -> list:
-    """The configs of ``kind`` that fit ``block_d``: shared memory for one resident tile plus ``num_stages``
-    streamed pairs of tiles under 200 KB, and a register estimate under the spill line; at most ``_MAX_TUNED``,
-    never none (else the smallest register footprint)."""
+def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
+                      has_padding: bool = False, is_varlen: bool = False) -> list[tuple[int, int, int, int]]:
+    """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
+    resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
+    spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
+    none (else the smallest register footprint). The sm_90 compile gate (tests/test_sm90_compile.py) compiles
+    every config this returns."""
     elem = 4 if dot_precision == "ieee" else 2
     limit = 210 if kind == "dkdv" else 224
+    candidates = _CANDIDATES[kind]
+
+    def regs(config):
+        block_m, block_n, warps, _ = config
+        return _register_estimate(kind, block_m, block_n, block_d, warps) * elem / 2
 
     def fits(config):
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        block_m, block_n, _, stages = config
         resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-        smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
-        regs = _register_estimate(kind, block_m, block_n, block_d, config.num_warps) * elem / 2
-        return smem <= 200 * 1024 and regs <= limit
+        smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * elem
+        return smem <= 200 * 1024 and regs(config) <= limit
 
-    kept = [config for config in configs if fits(config)]
-    if not kept:
-        kept = [min(configs, key=lambda c: _register_estimate(
-            kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps))]
-    return kept[:_MAX_TUNED]
+    kept = [config for config in candidates if fits(config)]
+    return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]
+
+
+def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **flags) -> list:
+    """The autotuner's ``configs`` that :func:`candidate_configs` keeps (``flags``: its keyword arguments)."""
+    if _INTERPRET:  # one interpreter config, whatever fits on a GPU
+        return list(configs)[:1]
+    by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+    kept = candidate_configs(kind, block_d, dot_precision, **flags)
+    return [by_shape[shape] for shape in kept if shape in by_shape]
 
 
 def _prune(kind: str):
     """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        dot_precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION", "tf32"))
-        kept = _fitting_configs(kind, configs, block_d, dot_precision)
+        named = {**named_args, **kwargs}
+        kept = _fitting_configs(
+            kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
+            group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
+            has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
+        )
         return kept if _AUTOTUNE else kept[:1]
 
     return prune
@@ -173,9 +192,15 @@ def forced_configs(**configs):
 
 
 def _launch(kernel, kind: str, grid, *args, **kwargs):
+    """Launch ``kernel`` (an autotuner) with the forced config of ``kind`` if any, else with the only config the
+    pruning keeps (Triton before 3.8 benchmarks even a single pruned config), else autotuned. Every constexpr
+    the pruning reads is passed by keyword."""
     config = _FORCED_CONFIGS.get(kind)
     if config is None:
-        return kernel[grid](*args, **kwargs)
+        kept = _prune(kind)(kernel.configs, {}, **kwargs)
+        if len(kept) != 1:
+            return kernel[grid](*args, **kwargs)
+        config = kept[0]
     return kernel.fn[grid](
         *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
     )
