@@ -208,17 +208,23 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
         command += ["--set", "resume_from_checkpoint=true"]
     logger.info("Stage %s: %s", stage, " ".join(command))
     started = time.monotonic()
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    completed = subprocess.run(command, env=env, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit code {completed.returncode}); rerun the recipe to resume")
+    returncode = run_stage_process(command)
+    if returncode != 0:
+        raise RuntimeError(f"stage {stage} failed (exit code {returncode}); rerun the recipe to resume")
     if not (directory / "adapter_config.json").is_file():
         raise RuntimeError(f"stage {stage} finished but wrote no adapter (adapter_config.json) in {directory}")
     marker = {"stage": stage, "settings": settings, "seconds": round(time.monotonic() - started, 1),
               "adapter_bytes": _adapter_bytes(directory)}
     (directory / STAGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return marker
+
+
+def run_stage_process(command: list[str]) -> int:
+    """Run one stage's ``llm2vec-fast train`` subprocess; returns its exit code. The one place the recipe starts
+    a process, so that tests replace this and not ``subprocess.run`` for everything else in the process."""
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _adapter_bytes(directory: Path) -> int:

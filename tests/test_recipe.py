@@ -5,7 +5,6 @@ tokenizer (the stages need real text), so that every step is the real code path 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ def available_stages() -> list[str]:
 
 
 def run_cli(model: str, output: Path, report: Path, data: Path, stages: list[str], *extra: str) -> int:
-    return cli.main(["recipe", str(RECIPE), "--quick", "--output", str(output), "--report-dir", str(report),
+    return cli.run(["recipe", str(RECIPE), "--quick", "--output", str(output), "--report-dir", str(report),
                      "--data-dir", str(data), "--stages", ",".join(stages), "--set", f"model={model}", *extra])
 
 
@@ -76,12 +75,14 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     output, report = tmp_path / "run", tmp_path / "report"
 
     # A crash in the first training stage: the baselines are evaluated and reported, the stage is not marked.
-    real_run = subprocess.run
+    # Only the recipe's own stage launcher is replaced: subprocess.run stays real for everything else in this
+    # process (matplotlib's first import runs fc-list through it on a machine without a font cache).
+    real_run = recipe_module.run_stage_process
 
-    def crash(command, **kwargs):
-        return subprocess.CompletedProcess(command, 3)
+    def crash(command):
+        return 3
 
-    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    monkeypatch.setattr(recipe_module, "run_stage_process", crash)
     with pytest.raises(RuntimeError, match="stage mntp failed"):
         run_cli(tiny_smol, output, report, shared_data, stages)
     partial = (report / "RESULTS.md").read_text()
@@ -91,11 +92,11 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     # The rerun trains the stages for real (in order, each on top of the earlier ones) and reuses the baselines.
     launched = []
 
-    def record(command, **kwargs):
+    def record(command):
         launched.append(command)
-        return real_run(command, **kwargs)
+        return real_run(command)
 
-    monkeypatch.setattr(recipe_module.subprocess, "run", record)
+    monkeypatch.setattr(recipe_module, "run_stage_process", record)
     evaluated = []
     real_load = l2v_mteb.load_encoder
 
@@ -128,7 +129,7 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
 
     # A third run does nothing but rewrite the report; the text outside the markers is kept.
     (report / "RESULTS.md").write_text("# Results\n\nnotes kept\n\n" + text[text.index(RESULTS_BEGIN):] + "\nmore\n")
-    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    monkeypatch.setattr(recipe_module, "run_stage_process", crash)
     monkeypatch.setattr(l2v_mteb, "load_encoder", lambda *a, **k: pytest.fail("nothing should be re-evaluated"))
     assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
     again = (report / "RESULTS.md").read_text()
