@@ -73,7 +73,7 @@ def test_a_library_error_is_one_line_and_exit_code_1(tmp_path, capsys, monkeypat
         raise FileNotFoundError("no recipe 'x': not a file")
 
     monkeypatch.setattr(recipe_module, "main", fail)
-    assert cli.main(["recipe", "x", "--output", str(tmp_path)]) == 1
+    assert cli.main(["recipe", "x", "--output", str(tmp_path), "--data-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().err == "llm2vec-fast: error: no recipe 'x': not a file\n"
     with pytest.raises(FileNotFoundError):  # run() leaves the exception to the caller
-        cli.run(["recipe", "x", "--output", str(tmp_path)])
+        cli.run(["recipe", "x", "--output", str(tmp_path), "--data-dir", str(tmp_path)])

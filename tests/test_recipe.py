@@ -49,7 +49,7 @@ def run_cli(model: str, output: Path, report: Path, data: Path, stages: list[str
 
 
 def test_recipe_file_and_overrides():
-    assert find_recipe("smollm2-135m").resolve() == RECIPE.resolve()
+    assert find_recipe("smollm2-135m", RECIPE.parent.parent).resolve() == RECIPE.resolve()
     recipe = load_recipe(RECIPE, quick=True, overrides={"stages.mntp.set.training.max_steps": 7, "eval.batch_size": 4})
     assert recipe["stages"]["mntp"]["set"]["training.max_steps"] == 7  # the stage's own dotted key, kept flat
     assert recipe["stages"]["mntp"]["set"]["data.block_size"] == 32  # from the quick section
@@ -188,3 +188,64 @@ def test_committed_supervised_adapters_encode_meaningfully(smollm2_path):
                               normalize_embeddings=True)
     similar, unrelated = float(embeddings[0] @ embeddings[1]), float(embeddings[0] @ embeddings[2])
     assert similar > unrelated + 0.2, (similar, unrelated)
+
+
+def test_the_recipe_needs_no_source_checkout(tmp_path, monkeypatch):
+    """From an installed package (here: a working directory without training/), a recipe is a path or a name
+    under --recipes-dir / $LLM2VEC_FAST_RECIPES, and the report goes under the output folder, never into docs/."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(recipe_module.RECIPES_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="--recipes-dir"):
+        find_recipe("smollm2-135m")
+    assert find_recipe("smollm2-135m", RECIPE.parent.parent) == RECIPE
+    monkeypatch.setenv(recipe_module.RECIPES_DIR_ENV, str(RECIPE.parent.parent))
+    assert find_recipe("smollm2-135m") == RECIPE
+
+    called = {}
+    monkeypatch.setattr(recipe_module, "run_recipe",
+                        lambda recipe, output, data_dir, report_dir, **kw: called.update(report_dir=report_dir))
+    assert cli.run(["recipe", "smollm2-135m", "--output", "run", "--data-dir", str(tmp_path)]) == 0
+    assert called["report_dir"] == Path("run") / "report"
+
+
+def _fake_training(command):
+    """A stage 'trained' instantly: the adapter files the recipe checks for."""
+    out = Path(json.loads(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"weights")
+    return 0
+
+
+def test_a_truncated_or_interrupted_stage_marker_means_not_done(tmp_path, monkeypatch):
+    import llm2vec_fast.files as files
+
+    recipe = load_recipe(RECIPE)
+    stage = stage_order(recipe)[0]
+    context = {"data_dir": str(tmp_path), "output": str(tmp_path), "recipe_dir": str(RECIPE.parent)}
+    launched = []
+    monkeypatch.setattr(recipe_module, "run_stage_process", lambda c: launched.append(c) or _fake_training(c))
+
+    # A marker cut short (as the old non-atomic write could leave it): the stage is trained again, not a crash.
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "recipe_stage.json").write_text('{"stage": "mn')
+    marker = recipe_module.run_stage(recipe, stage, tmp_path, context)
+    assert len(launched) == 1 and json.loads((tmp_path / stage / "recipe_stage.json").read_text()) == marker
+    assert not list((tmp_path / stage).glob("*.tmp"))
+    recipe_module.run_stage(recipe, stage, tmp_path, context)
+    assert len(launched) == 1  # now done
+
+    # A crash between writing the marker and renaming it into place leaves no marker at all, never half of one.
+    other = tmp_path / "other"
+
+    def crash(*args):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(OSError, match="killed before the rename"):
+        recipe_module.run_stage(recipe, stage, other, {**context, "output": str(other)})
+    assert not (other / stage / "recipe_stage.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe_module, "run_stage_process", lambda c: launched.append(c) or _fake_training(c))
+    recipe_module.run_stage(recipe, stage, other, {**context, "output": str(other)})
+    assert len(launched) == 3 and (other / stage / "recipe_stage.json").is_file()
