@@ -42,6 +42,7 @@ import math
 import torch
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._matmul import matmul_fp32
 
 try:
     import triton
@@ -283,14 +284,6 @@ def _project_out_radial(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torc
     return (grad_unit - radial * unit) * inv_norm[:, None]
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result: cuBLAS with fp32 output for 16-bit CUDA operands (no upcast copies),
-    fp32 operands elsewhere."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
 def _softmax_torch(s, doc_ids, label_offset, want_grad, grad_dtype):
     """(lse, target, softmax - onehot or None) of a slab of fp32 scores, with the targets' duplicates masked."""
     rows = torch.arange(s.shape[0], device=s.device)
@@ -337,11 +330,11 @@ def _loss_and_grads_in_slabs(q, docs, rq, rd, doc_ids, scale, label_offset, tota
     for start in range(0, q.shape[0], ROWS_PER_SLAB):
         stop = min(start + ROWS_PER_SLAB, q.shape[0])
         unit_q = (q[start:stop].float() * rq[start:stop, None]).to(compute_dtype)
-        s = _matmul_fp32(unit_q, unit_docs.T).mul_(scale)
+        s = matmul_fp32(unit_q, unit_docs.T).mul_(scale)
         lse[start:stop], target[start:stop], h = softmax(s, doc_ids, label_offset + start, want_grad, compute_dtype)
         if want_grad:
-            grad_q[start:stop] = _project_out_radial(_matmul_fp32(h, unit_docs), q[start:stop], rq[start:stop])
-            grad_unit_docs += _matmul_fp32(h.T, unit_q)
+            grad_q[start:stop] = _project_out_radial(matmul_fp32(h, unit_docs), q[start:stop], rq[start:stop])
+            grad_unit_docs += matmul_fp32(h.T, unit_q)
         del s, h
     if not want_grad:
         return lse, target, None, None
