@@ -23,6 +23,7 @@ TRAIN_STAGES = {
 }
 COMMANDS = {
     "encode": ("llm2vec_fast.corpus", "Encode a large corpus into embedding shards (resumable)."),
+    "export": ("llm2vec_fast.export", "Export an encoder as a sentence-transformers model directory (TEI, vLLM)."),
     "eval": ("llm2vec_fast.mteb", "Evaluate an encoder on MTEB tasks, or offline on local files."),
     "recipe": ("llm2vec_fast.recipe", "Run the whole LLM2Vec recipe on a model and report the scores."),
 }
