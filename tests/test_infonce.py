@@ -250,3 +250,95 @@ def test_infonce_kernels_compute_offsets_in_int64():
     wrapping = int32_index_products(_INFONCE_KERNELS)
     assert sorted(wrapping) == sorted(spec[1] for spec in _INFONCE_KERNELS)
     assert not any(wrapping.values()), wrapping
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_near_identical_embeddings_and_large_scale_stay_stable(impl):
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 64, generator=generator)
+    # Every row is one direction plus tiny noise: all scores nearly equal and huge (scale 1000).
+    queries = base + 1e-4 * torch.randn(9, 64, generator=generator)
+    positives = base + 1e-4 * torch.randn(9, 64, generator=generator)
+    negatives = base + 1e-4 * torch.randn(5, 64, generator=generator)
+    for scale in (1000.0, 1e5):
+        ref_loss, ref_grads = _loss_and_grads(info_nce_loss_reference, (queries, positives, negatives),
+                                              dtype=torch.float64, scale=scale)
+        loss, grads = _loss_and_grads(info_nce_loss, (queries, positives, negatives), scale=scale, impl=impl)
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+        if scale == 1000.0:  # at 1e5 fp32 cosines themselves are rounding noise times the scale
+            for ours, ref in zip(grads, ref_grads):
+                torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_zero_vector_rows_follow_normalize(impl):
+    queries, positives, negatives = _inputs(5, 64, 2, torch.float32, seed=9)
+    queries[2] = 0.0
+    ref_loss, ref_grads = _loss_and_grads(info_nce_loss_reference, (queries, positives, negatives),
+                                          dtype=torch.float64)
+    loss, grads = _loss_and_grads(info_nce_loss, (queries, positives, negatives), impl=impl)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_perfect_pairs_give_low_loss_and_impl_auto_works():
+    queries = torch.eye(8, 16)
+    assert info_nce_loss(queries, queries.clone(), scale=50.0).item() < 1e-10
+    assert info_nce_loss(queries, queries.clone().flip(0), scale=50.0).item() > 40.0
+
+
+def test_no_graph_under_no_grad():
+    queries, positives, negatives = _inputs(4, 64, 4, torch.float32)
+    with torch.no_grad():
+        loss = info_nce_loss(queries, positives, negatives, impl="torch")
+    assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda q, p, n: (q[:0], p[:0], None), "empty batch"),
+        (lambda q, p, n: (q, p[:3], n), "positives must have"),
+        (lambda q, p, n: (q, p, n[:, :10]), "negatives must have dimension"),
+        (lambda q, p, n: (q[0], p[0], None), "must be 2-D"),
+        (lambda q, p, n: (q, p.double(), n), "float32, float16 or bfloat16"),
+        (lambda q, p, n: (q, p.half(), n), "share a dtype"),
+    ],
+)
+def test_bad_inputs_are_named(change, message):
+    q, p, n = change(*_inputs(4, 32, 2, torch.float32))
+    with pytest.raises((ValueError, TypeError), match=message):
+        info_nce_loss(q, p, n)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_scale_is_named(scale):
+    q, p, _ = _inputs(4, 32, 0, torch.float32)
+    with pytest.raises(ValueError, match="scale must be a finite positive"):
+        info_nce_loss(q, p, scale=scale)
+
+
+def test_gather_without_process_group_is_an_error():
+    q, p, _ = _inputs(4, 32, 0, torch.float32)
+    with pytest.raises(RuntimeError, match="process group"):
+        info_nce_loss(q, p, gather_across_ranks=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch,dim,n_neg", [(1, 64, 0), (33, 100, 33), (300, 4096, 300), (1500, 576, 0)])
+def test_cuda_matches_float64(batch, dim, n_neg, dtype, variant):
+    _check_against_float64(_inputs(batch, dim, n_neg, dtype, seed=batch, device="cuda"), "triton", 50.0,
+                           variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fused", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_masked_matches_float64(dtype, variant):
+    pos_ids, neg_ids = _duplicated_ids(300, 300, 40, seed=1)
+    _check_against_float64(_inputs(300, 576, 300, dtype, seed=2, device="cuda"), "triton", 50.0, variant=variant,
+                           ids=(pos_ids.cuda(), neg_ids.cuda()))
