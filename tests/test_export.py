@@ -165,7 +165,7 @@ def test_sentence_transformers_trainer_fine_tunes_it(exported_mean, tmp_path, mo
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    patching = importlib.import_module("llm2vec_fast.patch")  # the module, not the function llm2vec_fast.patch
+    patching = importlib.import_module("llm2vec_fast.attention_adapter")
 
     _, path = exported_mean
     model = SentenceTransformer(path, trust_remote_code=True, device="cpu")
@@ -232,15 +232,16 @@ def test_export_refuses_an_architecture_without_bidirectional_attention(tmp_path
     assert not (tmp_path / "bert").exists()
 
 
-def test_export_cli(tiny_smol, tmp_path):
+def test_export_cli(tiny_smol, tmp_path, capsys):
     from llm2vec_fast.cli import main
 
     assert main(["export", "--model", tiny_smol, "--pooling-mode", "last_token", "--max-length", "32",
                  "--output", str(tmp_path / "cli")]) == 0
     pooling = json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())
     assert pooling["llm2vec_pooling_mode"] == "last_token" and pooling["pooling_mode_lasttoken"] is True
-    with pytest.raises(FileExistsError):
-        main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")])
+    capsys.readouterr()
+    assert main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tmp_path):
@@ -248,7 +249,7 @@ def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tm
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from llm2vec_fast.patch import is_patched
+    from llm2vec_fast.bidirectional import is_patched
 
     torch.manual_seed(1)
     lora = get_peft_model(AutoModel.from_pretrained(tiny_smol),
