@@ -52,8 +52,11 @@ def test_sentence_transformers_vs_llm2vec_cpu(benchmark, texts, smollm2_dir, tmp
     ours_st.encode(warm_up, batch_size=BATCH_SIZE, show_progress_bar=False)
     native.encode(warm_up, batch_size=BATCH_SIZE, show_progress_bar=False)
     times: dict[str, list[float]] = {name: [] for name in providers}
-    for _ in range(ROUNDS):
-        for name, run in providers.items():
+    names = list(providers)
+    for round_index in range(ROUNDS):
+        # The order rotates from round to round, so that no provider always runs first after a pause.
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            run = providers[name]
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
