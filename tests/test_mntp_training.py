@@ -355,6 +355,31 @@ def test_smollm2_mntp_lowers_loss_and_adapter_reloads(tmp_path, smollm2_path, sh
     assert not torch.allclose(untrained, want, atol=1e-3), "training changed the model"
 
 
+@pytest.mark.slow
+def test_mntp_model_trains_under_fsdp_on_two_processes(tmp_path):
+    """torchrun, 2 gloo processes, torch's FSDP2 with the LM head sharded in the root unit: the head and loss
+    live inside the wrapped module, so the sharded training steps give the unsharded model's losses. (On CPU
+    accelerate falls back from FSDP to DDP, so the worker applies FSDP2 itself, as accelerate does on GPUs.)"""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = tiny_llama_dir(tmp_path, [f"w{i}" for i in range(60)])
+    worker = REPO_ROOT / "tests" / "helpers" / "mntp_fsdp_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(model_dir), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        curves = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert curves["sharded_head"] == "DTensor"
+        torch.testing.assert_close(torch.tensor(curves["fsdp"]), torch.tensor(curves["single"]), rtol=1e-4,
+                                   atol=1e-5)
+        assert curves["fsdp"][-1] < curves["fsdp"][0] - 0.1, curves
+
+
 def test_unknown_text_file_type_is_refused(tmp_path):
     from llm2vec_fast.training.data import read_file
 
