@@ -24,7 +24,7 @@ import torch
 from .batching import PackedBatch, PaddedBatch, pack_batch, pad_batch, positions_from_mask
 from .pooling import pool, pool_segments
 
-__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "last_hidden_state", "text_token_states",
+__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "hidden_states", "last_hidden_state", "text_token_states",
            "wrap_for_model", "split_at_separator"]
 
 SEPARATOR = "!@#$%^&*()"
@@ -186,8 +186,10 @@ def as_batch(batch: PaddedBatch | PackedBatch | Mapping[str, Any]) -> PaddedBatc
                        attention_mask if embed_mask is None else embed_mask)
 
 
-def _hidden(model, batch: PaddedBatch | PackedBatch) -> torch.Tensor:
-    """Packed: ``(total, dim)``; padded: ``(batch, longest, dim)``."""
+def hidden_states(model, batch: PaddedBatch | PackedBatch | Mapping[str, Any]) -> torch.Tensor:
+    """A batch through the model: the last hidden states, packed ``(total, dim)`` or padded ``(batch, longest,
+    dim)``, with each text's positions from 0."""
+    batch = as_batch(batch)
     if isinstance(batch, PackedBatch):
         return last_hidden_state(model(**batch.model_inputs(), use_cache=False))[0]
     return last_hidden_state(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -198,7 +200,7 @@ def embed(model, batch: PaddedBatch | PackedBatch | Mapping[str, Any], pooling_m
     """A batch through the model, pooled over each text's embed mask: ``(texts, dim)`` fp32, with the autograd
     graph kept (training calls this; encoding calls it under ``torch.no_grad``)."""
     batch = as_batch(batch)
-    hidden = _hidden(model, batch)
+    hidden = hidden_states(model, batch)
     if isinstance(batch, PackedBatch):
         return pool_segments(hidden, batch.cu_seqlens.diff(), pooling_mode, embed_mask=batch.embed_mask)
     return pool(hidden, batch.attention_mask, pooling_mode, embed_mask=batch.embed_mask)
@@ -208,7 +210,7 @@ def text_token_states(model, batch: PaddedBatch | PackedBatch | Mapping[str, Any
     """Per text, the fp32 ``(tokens, dim)`` hidden states of the tokens its embed mask marks (what ``mean``
     pools)."""
     batch = as_batch(batch)
-    hidden = _hidden(model, batch)
+    hidden = hidden_states(model, batch)
     if isinstance(batch, PackedBatch):
         bounds, flags = batch.cu_seqlens.tolist(), batch.embed_mask.bool()
         return [hidden[a:b][flags[a:b]].float() for a, b in zip(bounds[:-1], bounds[1:])]
