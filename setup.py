@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "safetensors",
         "numpy",
+        "packaging",
     ],
     extras_require={
         "dev": [
@@ -34,6 +35,7 @@ setup(
         ],
         "eval": ["mteb>=2.0,<3", "matplotlib"],
         "parquet": ["pyarrow"],
+        "sentence-transformers": ["sentence-transformers>=6"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
 )

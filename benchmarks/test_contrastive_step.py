@@ -72,7 +72,7 @@ def _batches(path: str, examples, device: str):
 
 def _step(model, batch):
     from llm2vec_fast.kernels import info_nce_loss
-    from llm2vec_fast.training.losses import embed
+    from llm2vec_fast.pipeline import embed
 
     reps = [embed(model, batch[group], "mean") for group in GROUPS]
     info_nce_loss(*reps, scale=50.0).backward()

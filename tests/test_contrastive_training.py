@@ -14,7 +14,8 @@ from llm2vec_fast.training.arguments import ContrastiveArguments, DataArguments,
 from llm2vec_fast.training.collators import ContrastiveCollator
 from llm2vec_fast.training.contrastive import build_model
 from llm2vec_fast.training.data import add_instructions, load_sentences, load_triplets
-from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss, embed
+from llm2vec_fast.pipeline import embed
+from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss
 from llm2vec_fast.training.samplers import OneDatasetBatchSampler
 from llm2vec_fast.training.supervised import train_supervised
 
@@ -135,7 +136,8 @@ def _write_jsonl(path, rows):
 
 @pytest.mark.parametrize("pooling_mode", ["mean", "eos_token"])
 def test_training_tokenizes_texts_as_the_encoder_does(smollm2_path, pooling_mode):
-    """With eos_token pooling the encoder appends the family's end marker and pools it; training must too."""
+    """Training and encoding share the pipeline's TextTokenizer; what this still checks is that training gives it
+    the encoder's wrapping: with eos_token pooling the family's end marker is appended and pooled."""
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.training.contrastive import model_wrapping
     from llm2vec_fast.training.modeling import load_tokenizer

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "BidirectionalAttentionFunction",
     "attention_dropout_keep_mask",
     "draw_dropout_seed",
+    "attention_variants",
+    "VARIANTS",
     "SUPPORTED_HEAD_DIMS",
 ]
 
@@ -105,6 +108,9 @@ def _make_configs(kind: str, candidates) -> list:
     ]
 
 
+_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES}
+
+
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
     """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
     on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit). dK/dV is
@@ -120,34 +126,50 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
     return (resident + scores) / threads_words
 
 
-def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str) -> list:
-    """The configs of ``kind`` that fit ``block_d``: shared memory for one resident tile plus ``num_stages``
-    streamed pairs of tiles under 200 KB, and a register estimate under the spill line; at most ``_MAX_TUNED``,
-    never none (else the smallest register footprint)."""
+def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
+                      has_padding: bool = False, is_varlen: bool = False) -> list[tuple[int, int, int, int]]:
+    """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
+    resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
+    spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
+    none (else the smallest register footprint). The sm_90 compile gate (tests/test_sm90_compile.py) compiles
+    every config this returns."""
     elem = 4 if dot_precision == "ieee" else 2
     limit = 210 if kind == "dkdv" else 224
+    candidates = _CANDIDATES[kind]
+
+    def regs(config):
+        block_m, block_n, warps, _ = config
+        return _register_estimate(kind, block_m, block_n, block_d, warps) * elem / 2
 
     def fits(config):
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        block_m, block_n, _, stages = config
         resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-        smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
-        regs = _register_estimate(kind, block_m, block_n, block_d, config.num_warps) * elem / 2
-        return smem <= 200 * 1024 and regs <= limit
+        smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * elem
+        return smem <= 200 * 1024 and regs(config) <= limit
 
-    kept = [config for config in configs if fits(config)]
-    if not kept:
-        kept = [min(configs, key=lambda c: _register_estimate(
-            kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps))]
-    return kept[:_MAX_TUNED]
+    kept = [config for config in candidates if fits(config)]
+    return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]
+
+
+def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **flags) -> list:
+    """The autotuner's ``configs`` that :func:`candidate_configs` keeps (``flags``: its keyword arguments)."""
+    if _INTERPRET:  # one interpreter config, whatever fits on a GPU
+        return list(configs)[:1]
+    by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+    kept = candidate_configs(kind, block_d, dot_precision, **flags)
+    return [by_shape[shape] for shape in kept if shape in by_shape]
 
 
 def _prune(kind: str):
     """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        dot_precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION", "tf32"))
-        kept = _fitting_configs(kind, configs, block_d, dot_precision)
+        named = {**named_args, **kwargs}
+        kept = _fitting_configs(
+            kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
+            group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
+            has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
+        )
         return kept if _AUTOTUNE else kept[:1]
 
     return prune
@@ -173,15 +195,23 @@ def forced_configs(**configs):
 
 
 def _launch(kernel, kind: str, grid, *args, **kwargs):
+    """Launch ``kernel`` (an autotuner) with the forced config of ``kind`` if any, else with the only config the
+    pruning keeps (Triton before 3.8 benchmarks even a single pruned config), else autotuned. Every constexpr
+    the pruning reads is passed by keyword."""
     config = _FORCED_CONFIGS.get(kind)
     if config is None:
-        return kernel[grid](*args, **kwargs)
+        kept = _prune(kind)(kernel.configs, {}, **kwargs)
+        if len(kept) != 1:
+            return kernel[grid](*args, **kwargs)
+        config = kept[0]
     return kernel.fn[grid](
         *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
     )
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "IS_VARLEN", "HAS_PADDING", "HAS_DROPOUT", "GROUP", "DOT_PRECISION"]
+# The band and soft-cap specializations change the work per tile: tuned apart (the window itself is not a key).
+_AUTOTUNE_KEY_BAND = _AUTOTUNE_KEY + ["CAUSAL", "WINDOWED", "SOFTCAP"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,11 +230,100 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through exp2 of a non-positive argument (no overflow; every backend and the interpreter have exp2);
+    absolute error ~1e-7, which is what the soft-capped logits need."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * 1.4426950408889634))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(qk, cap_in, cap_out):
+    """Soft-capped unscaled scores and the tanh (for the backward): ``cap_out * tanh(qk * cap_in)`` with
+    ``cap_in = scale / softcap`` and ``cap_out = softcap / scale``, so that multiplying by the softmax scale
+    afterwards gives ``softcap * tanh(qk * scale / softcap)``, as Gemma-2 does."""
+    t = _tanh(qk * cap_in)
+    return t * cap_out, t
+
+
+@triton.jit
+def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """Band mask of a tile (broadcastable int32 index tiles): causal ``k <= q``, window ``|q - k| < window``
+    (causal and window: ``q - window < k <= q``)."""
+    diff = q_idx - k_idx
+    if CAUSAL:
+        ok = diff >= 0
+        if WINDOWED:
+            ok = ok & (diff < window)
+    else:
+        ok = (diff < window) & (diff > -window)
+    return ok
+
+
+@triton.jit
+def _real_range(RANGES, b, seqlen, PAD_SKIP: tl.constexpr):
+    """Row ``b``'s real tokens ``[first, end)`` and whether padding lies between them (``PAD_SKIP``: from the
+    host's ``_real_token_ranges``); otherwise the whole sequence and no holes."""
+    if PAD_SKIP:
+        first = tl.load(RANGES + 3 * b)
+        end = tl.load(RANGES + 3 * b + 1)
+        holes = tl.load(RANGES + 3 * b + 2) != 0
+    else:
+        first = seqlen * 0
+        end = seqlen
+        holes = seqlen < 0
+    return first, end, holes
+
+
+@triton.jit
+def _band_tiles(
+    start, first, end, window,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    KEYS_OUTER: tl.constexpr, PAD_SKIP: tl.constexpr,
+):
+    """Loop bounds of the inner tiles for the outer tile ``[start, start + BLOCK_OUT)`` (queries, or keys when
+    ``KEYS_OUTER``): masked inner tiles ``[a, b)``, full tiles ``[b, c)`` that need no mask at all, masked tiles
+    ``[c, d)``. Tiles outside ``[a, d)`` see nothing (above the diagonal, outside the window) and are never
+    visited. ``[first, end)`` are the inner positions that exist: the sequence, or with ``PAD_SKIP`` the real
+    tokens of the row (padding before and after them is never visited). Without causal/window/skip: ``[0, 0)``,
+    every full tile, then the tail tile past the last full one."""
+    lo = first  # visible inner range [lo, hi)
+    hi = end
+    full_lo = first  # inner positions visible from every outer position of the tile: [full_lo, full_hi)
+    full_hi = end
+    if WINDOWED:
+        lo = tl.maximum(start - window + 1, first)
+        hi = tl.minimum(start + BLOCK_OUT + window - 1, end)
+        full_lo = tl.maximum(start + BLOCK_OUT - window, first)
+        full_hi = tl.minimum(start + window, end)
+    if CAUSAL:
+        if KEYS_OUTER:  # inner = queries i >= key j
+            lo = tl.maximum(lo, start)
+            full_lo = tl.maximum(full_lo, start + BLOCK_OUT - 1)
+        else:  # inner = keys j <= query i
+            hi = tl.minimum(hi, start + BLOCK_OUT)
+            full_hi = tl.minimum(full_hi, start + 1)
+    d = tl.cdiv(hi, BLOCK_IN) * BLOCK_IN
+    c = (full_hi // BLOCK_IN) * BLOCK_IN
+    if (CAUSAL or WINDOWED) or PAD_SKIP:
+        a = (lo // BLOCK_IN) * BLOCK_IN
+        b = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_IN) * BLOCK_IN, a), d)
+        c = tl.minimum(tl.maximum(c, b), d)
+    else:
+        a = 0
+        b = 0
+    return a, b, c, d
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p,
+    offs_m, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -213,7 +332,7 @@ def _attn_fwd_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             kv_mask = (offs_n[:, None] < seqlen) & d_mask
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         elif HEAD_DIM != BLOCK_D:
@@ -221,15 +340,28 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
+        if SOFTCAP:
+            qk, _ = _softcap(qk, cap_in, cap_out)
         if HAS_PADDING:
-            if BOUNDARY:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-            else:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms)
             # finite, so that a tile whose keys are all padding keeps the running max finite
-            qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-        if BOUNDARY:
-            qk = tl.where(offs_n[None, :] < seqlen, qk, float("-inf"))
+            if PAD_SKIP:  # the range check below masks the padding around the real tokens; holes need the mask
+                if holes:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                    qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
+            else:
+                if MASKED:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                else:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
+                qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
+        if MASKED:
+            ok = offs_n[None, :] < end
+            if PAD_SKIP:
+                ok = ok & (offs_n[None, :] >= first)
+            if CAUSAL or WINDOWED:
+                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+            # finite too: a row may see no key of a band tile; its own key (always visible) clears that later
+            qk = tl.where(ok, qk, -1.0e30)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max and scale commute
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -239,7 +371,7 @@ def _attn_fwd_inner(
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
             k_idx = offs_n[None, :] + offs_m[:, None] * 0
             p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
-        if BOUNDARY:
+        if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif HEAD_DIM != BLOCK_D:
             v = tl.load(v_ptrs, mask=d_mask, other=0.0)
@@ -250,21 +382,22 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KPM, CU_SEQLENS, SEED,
+    Q, K, V, O, LSE, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_heads, max_seqlen, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, dropout_p, inv_keep, window, cap_in, cap_out, SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
@@ -281,6 +414,7 @@ def _attn_fwd_kernel(
         seqlen = seqlen_padded
     if start_m >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
     k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
@@ -295,23 +429,36 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < seqlen
     io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if PAD_SKIP:
+        if (start_m + BLOCK_M <= first) | (start_m >= end):  # a tile of padded rows: zeros, nothing computed
+            tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=io_mask)
+            if STORE_LSE:
+                tl.store(LSE + b64 * stride_lb + h * stride_lh + row0 + offs_m,
+                         tl.full([BLOCK_M], float("inf"), dtype=tl.float32), mask=row_mask)
+            return
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
-    )
-    if n_full < seqlen:
+    a, b_full, c_full, d = _band_tiles(start_m, first, end, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False, PAD_SKIP)
+    if (CAUSAL or WINDOWED) or PAD_SKIP:  # the leading masked tiles (without a band or a skip there are none)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+            offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+    )
     # l_i >= 1: the running maximum always contributes exp2(0)
     acc = acc * (1.0 / l_i)[:, None]
     if HAS_DROPOUT:
@@ -331,9 +478,11 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    offs_m, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -342,7 +491,7 @@ def _attn_bwd_dq_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             kv_mask = (offs_n[:, None] < seqlen) & d_mask
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -353,29 +502,43 @@ def _attn_bwd_dq_inner(
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            qk, t = _softcap(qk, cap_in, cap_out)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
         if HAS_PADDING:
-            if BOUNDARY:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            if PAD_SKIP:
+                if holes:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                    p = tl.where(key_ok[None, :] != 0, p, 0.0)
             else:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms)
-            p = tl.where(key_ok[None, :] != 0, p, 0.0)
-        if BOUNDARY:
-            p = tl.where(offs_n[None, :] < seqlen, p, 0.0)
+                if MASKED:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                else:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
+                p = tl.where(key_ok[None, :] != 0, p, 0.0)
+        if MASKED:
+            ok = offs_n[None, :] < end
+            if PAD_SKIP:
+                ok = ok & (offs_n[None, :] >= first)
+            if CAUSAL or WINDOWED:
+                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
             k_idx = offs_n[None, :] + offs_m[:, None] * 0
             dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d softcap*tanh(x / softcap) / dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -383,11 +546,13 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, window, cap_in, cap_out,
+    SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
     pid = tl.program_id(0)
@@ -405,6 +570,7 @@ def _attn_bwd_dq_kernel(
         seqlen = seqlen_padded
     if start_m >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
     k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
@@ -422,6 +588,11 @@ def _attn_bwd_dq_kernel(
     row_mask = offs_m < seqlen
     d_mask = offs_d[None, :] < HEAD_DIM
     io_mask = row_mask[:, None] & d_mask
+    if PAD_SKIP:
+        if (start_m + BLOCK_M <= first) | (start_m >= end):  # padded rows: dQ = 0 (delta is never read there)
+            tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=io_mask)
+            return
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
     o = tl.load(O + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
@@ -430,18 +601,23 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + lse_off + offs_m, mask=row_mask, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
-    )
-    if n_full < seqlen:
+    a, b_full, c_full, d = _band_tiles(start_m, first, end, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False, PAD_SKIP)
+    if (CAUSAL or WINDOWED) or PAD_SKIP:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+            offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+    )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -449,9 +625,11 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_os,
-    offs_n, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    offs_n, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -460,7 +638,7 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_os + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             row_in = offs_m < seqlen
             io_mask = row_in[:, None] & d_mask
             q = tl.load(q_ptrs, mask=io_mask, other=0.0)
@@ -478,7 +656,12 @@ def _attn_bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         # transposed tiles (keys x queries): rows of dK/dV stay in registers
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            qk_t, t_t = _softcap(qk_t, cap_in, cap_out)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASKED:
+            if CAUSAL or WINDOWED:  # rows beyond seqlen already have lse = +inf, so p = 0
+                p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], window, CAUSAL, WINDOWED), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[None, :] + offs_n[:, None] * 0
@@ -489,14 +672,16 @@ def _attn_bwd_dkdv_inner(
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -505,11 +690,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_kv_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_kv_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, window, cap_in, cap_out,
+    SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
     pid = tl.program_id(0)
@@ -526,6 +713,7 @@ def _attn_bwd_dkdv_kernel(
         seqlen = seqlen_padded
     if start_n >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     seed = 0
     if HAS_DROPOUT:
@@ -534,30 +722,43 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     key_in = offs_n < seqlen
     io_mask = key_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if PAD_SKIP:
+        if (start_n + BLOCK_N <= first) | (start_n >= end):  # padded keys: no query attends them
+            zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
+            tl.store(DK + b64 * stride_dkb + row0 * stride_dks + kvh * stride_dkh
+                     + offs_n[:, None] * stride_dks + offs_d[None, :], zeros, mask=io_mask)
+            tl.store(DV + b64 * stride_dvb + row0 * stride_dvs + kvh * stride_dvh
+                     + offs_n[:, None] * stride_dvs + offs_d[None, :], zeros, mask=io_mask)
+            return
     k = tl.load(K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
                 + offs_n[:, None] * stride_ks + offs_d[None, :], mask=io_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=io_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    a, b_full, c_full, d = _band_tiles(start_n, first, end, window, BLOCK_N, BLOCK_M, CAUSAL, WINDOWED, True, PAD_SKIP)
     for g in range(GROUP):
         h = kvh * GROUP + g
         bh = b * (num_kv_heads * GROUP) + h
         q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_ob + row0 * stride_os + h * stride_oh
         lse_off = b64 * stride_lb + h * stride_lh + row0
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-            offs_n, offs_d, 0, m_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION,
-        )
-        if m_full < seqlen:
+        if (CAUSAL or WINDOWED) or PAD_SKIP:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-                offs_n, offs_d, m_full, m_full + BLOCK_M, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION,
+                offs_n, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
             )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+            offs_n, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+            offs_n, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        )
     dk = dk * sm_scale
     if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
         key_ok = tl.load(KPM + b64 * stride_mb + offs_n * stride_ms, mask=key_in, other=0) != 0
@@ -583,9 +784,65 @@ def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexp
         tl.store(base + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8), mask=in_bounds)
 
 
+@triton.jit
+def _zero_tail_kernel(X, CU_SEQLENS, batch, total, row_elems, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Zeros rows ``cu_seqlens[batch]..total`` of a contiguous ``(total, row_elems)`` tensor: the packed tokens
+    past the last sequence, which no attention program writes. Programs below that row return at once."""
+    row = tl.program_id(0) * BLOCK_T
+    end = tl.load(CU_SEQLENS + batch)
+    if row + BLOCK_T <= end:
+        return
+    rows = row + tl.arange(0, BLOCK_T)
+    in_tail = (rows >= end) & (rows < total)
+    base = X + rows.to(tl.int64)[:, None] * row_elems
+    for start in range(0, row_elems, BLOCK_E):
+        cols = start + tl.arange(0, BLOCK_E)
+        tl.store(base + cols[None, :], tl.zeros([BLOCK_T, BLOCK_E], dtype=X.dtype.element_ty),
+                 mask=in_tail[:, None] & (cols[None, :] < row_elems))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
+
+#: Kernel design variants, by name; the first of each is the default (defaults change only on a GPU measurement).
+#: padding: ``"mask"`` loads the key mask in every tile; ``"skip"`` visits only the tiles of each row's real tokens
+#: (from ``first`` to ``last`` real token: tiles of only padding are skipped, query tiles of only padding just store
+#: zeros) and masks only boundary tiles, unless the row has padding between real tokens; packed outputs are
+#: allocated empty and only the tokens past ``cu_seqlens[-1]`` are zeroed.
+VARIANTS = {"padding": ("mask", "skip")}
+_VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
+
+
+@contextlib.contextmanager
+def attention_variants(**choices):
+    """Use the named kernel variants (see ``VARIANTS``) inside the block, e.g.
+    ``with attention_variants(padding="skip"): ...``. The backward of a call uses the variants of its forward."""
+    for name, choice in choices.items():
+        if name not in VARIANTS:
+            raise ValueError(f"unknown attention variant {name!r}; known: {sorted(VARIANTS)}")
+        if choice not in VARIANTS[name]:
+            raise ValueError(f"unknown {name} variant {choice!r}; choose from {list(VARIANTS[name])}")
+    previous = dict(_VARIANT)
+    _VARIANT.update(choices)
+    try:
+        yield
+    finally:
+        _VARIANT.clear()
+        _VARIANT.update(previous)
+
+
+def _real_token_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, 3)`` int32 on the mask's device, without a host sync: first real token, one past the last, and
+    whether padding lies between them (then the kernels still read the mask inside that range). A row without
+    real tokens gets ``[0, 0)``."""
+    seq = mask.shape[1]
+    any_real = mask.any(dim=1)
+    as_int = mask.to(torch.int32)
+    first = torch.where(any_real, as_int.argmax(dim=1), 0)
+    end = torch.where(any_real, seq - as_int.flip(1).argmax(dim=1), 0)
+    holes = as_int.sum(dim=1) != end - first
+    return torch.stack([first, end, holes.to(end.dtype)], dim=1).to(torch.int32).contiguous()
 
 
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:
@@ -597,7 +854,10 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
 class _Problem:
     """Validated shapes and the host-side arguments shared by the three kernels."""
 
-    def __init__(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+    def __init__(
+        self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+        logit_softcap=None, window=None, causal=False,
+    ):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             self.total, self.heads, self.head_dim = q.shape
@@ -617,6 +877,40 @@ class _Problem:
         self.mask = key_padding_mask
         self.cu_seqlens = cu_seqlens
         self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.causal = bool(causal)
+        self.window = int(window) if window is not None else 0
+        self.softcap = float(logit_softcap) if logit_softcap is not None else None
+        # the kernels cap the unscaled scores: cap_out * tanh(qk * cap_in), then scale (see _softcap)
+        self.cap_in = self.sm_scale / self.softcap if self.softcap else 1.0
+        self.cap_out = self.softcap / self.sm_scale if self.softcap else 1.0
+        self.skip_padding = _VARIANT["padding"] == "skip"
+        self.ranges = (
+            _real_token_ranges(key_padding_mask) if self.skip_padding and key_padding_mask is not None else None
+        )
+
+    def ranges_arg(self, device) -> torch.Tensor:
+        return self.ranges if self.ranges is not None else torch.empty(1, device=device, dtype=torch.int32)
+
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor shaped as ``like`` for an output or gradient: empty where the kernels write every
+        element; packed outputs are zeroed past ``cu_seqlens[-1]`` (by default the whole tensor, with the skip
+        variant only that tail)."""
+        if self.varlen and not self.skip_padding:
+            return torch.zeros_like(like, memory_format=torch.contiguous_format)
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if self.varlen and out.numel():
+            row_elems = out[0].numel()
+            block_t = 16
+            with launch_device(out):
+                _zero_tail_kernel[(triton.cdiv(out.shape[0], block_t),)](
+                    out, self.cu_seqlens, self.batch, out.shape[0], row_elems,
+                    BLOCK_T=block_t, BLOCK_E=min(1024, triton.next_power_of_2(row_elems)),
+                )
+        return out
+
+    def band_args(self) -> tuple[int, float, float]:
+        """The runtime window and soft-cap arguments every kernel takes after ``inv_keep``."""
+        return self.window, self.cap_in, self.cap_out
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
         """(batch, token, head) strides; the batch stride is 0 for packed tensors."""
@@ -651,6 +945,10 @@ class _Problem:
             HAS_PADDING=self.mask is not None,
             HAS_DROPOUT=self.dropout_p > 0.0,
             DOT_PRECISION=self.dot_precision,
+            CAUSAL=self.causal,
+            WINDOWED=self.window > 0,
+            SOFTCAP=self.softcap is not None,
+            PAD_SKIP=self.ranges is not None,
         )
 
 
@@ -659,8 +957,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
-    new = torch.zeros_like if problem.varlen else torch.empty_like  # packed: tokens past cu_seqlens[-1] stay 0
-    o = new(q, memory_format=torch.contiguous_format)
+    o = problem.new_output(q)
     lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
     lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
@@ -669,11 +966,11 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     with launch_device(q):
         _launch(
             _attn_fwd_kernel, "fwd", grid,
-            q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
+            q, k, v, o, lse, mask, problem.cu_arg(q.device), problem.ranges_arg(q.device), seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *lse_strides, stride_mb, stride_ms,
             problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, problem.dropout_p, problem.inv_keep,
-            _seq_bucket(max_seqlen),
+            *problem.band_args(), _seq_bucket(max_seqlen),
             STORE_LSE=store_lse, **problem.constexprs(),
         )
     return o, lse
@@ -681,19 +978,18 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
 
 def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tensor):
     do = do.contiguous()  # shares o's (contiguous) strides
-    new = torch.zeros_like if problem.varlen else torch.empty_like
-    dq, dk, dv = new(q), new(k), new(v)
+    dq, dk, dv = problem.new_output(q), problem.new_output(k), problem.new_output(v)
     delta = torch.empty_like(lse)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
-    cu = problem.cu_arg(q.device)
+    cu, ranges = problem.cu_arg(q.device), problem.ranges_arg(q.device)
     heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
     qk_scale = problem.sm_scale * LOG2E
-    common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
+    common_tail = (problem.dropout_p, problem.inv_keep, *problem.band_args(), _seq_bucket(max_seqlen))
     with launch_device(q):
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _launch(
             _attn_bwd_dq_kernel, "dq", dq_grid,
-            q, k, v, o, do, dq, lse, delta, mask, cu, seed,
+            q, k, v, o, do, dq, lse, delta, mask, cu, ranges, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *problem.strides(dq), *problem.lse_strides(lse), stride_mb, stride_ms,
             problem.seqlen, heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
@@ -702,7 +998,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
         dkdv_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
         _launch(
             _attn_bwd_dkdv_kernel, "dkdv", dkdv_grid,
-            q, k, v, do, dk, dv, lse, delta, mask, cu, seed,
+            q, k, v, do, dk, dv, lse, delta, mask, cu, ranges, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(do),
             *problem.strides(dk), *problem.strides(dv), *problem.lse_strides(lse), stride_mb, stride_ms,
             problem.seqlen, kv_heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
@@ -713,11 +1009,17 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
 
 class BidirectionalAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels. Inputs: ``q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
-    softmax_scale, dropout_p``; ``backward`` returns one gradient per input (None for the non-tensors)."""
+    softmax_scale, dropout_p, logit_softcap, window, causal``; ``backward`` returns one gradient per input (None
+    for the non-tensors)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
-        problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    def forward(
+        ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+        logit_softcap=None, window=None, causal=False,
+    ):
+        problem = _Problem(
+            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window, causal
+        )
         seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
         o, lse = _attention_forward(q, k, v, problem, seed, store_lse=True)
         # The mask and cu_seqlens go through save_for_backward too, so that autograd catches an in-place change
@@ -731,7 +1033,7 @@ class BidirectionalAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, seed, key_padding_mask, cu_seqlens = ctx.saved_tensors
         ctx.problem.mask, ctx.problem.cu_seqlens = key_padding_mask, cu_seqlens
         dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.problem, seed)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -750,16 +1052,21 @@ def bidirectional_attention_reference(
     softmax_scale: float | None = None,
     dropout_keep_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    logit_softcap: float | None = None,
+    window: int | None = None,
+    causal: bool = False,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch attention, for tests: explicit ``softmax(q k^T * scale) v`` with K/V repeated per group.
+    """Plain PyTorch attention: explicit ``softmax(mask(softcap(q k^T * scale))) v`` with K/V repeated per
+    group; the tests' reference and the CPU path for soft-capping (which SDPA cannot do).
 
-    Same shapes as :func:`bidirectional_attention`. ``upcast=True`` computes in fp32 (fp64 stays fp64) and
-    returns the input dtype; ``upcast=False`` computes in the input dtype (the low-precision error that the
+    Same shapes and flags as :func:`bidirectional_attention`. ``upcast=True`` computes in fp32 (fp64 stays fp64)
+    and returns the input dtype; ``upcast=False`` computes in the input dtype (the low-precision error that the
     kernel's tolerance is measured against). ``dropout_keep_mask`` ``(batch, heads, max_seqlen, max_seqlen)``
     bool, with ``dropout_p``, applies that exact dropout (kept values scaled by ``1 / (1 - dropout_p)``).
     Padded query rows give zeros.
     """
+    flags = dict(logit_softcap=logit_softcap, window=window, causal=causal)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outs = []
@@ -769,7 +1076,7 @@ def bidirectional_attention_reference(
             outs.append(
                 bidirectional_attention_reference(
                     q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], softmax_scale=softmax_scale,
-                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast,
+                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast, **flags,
                 )[0]
             )
         out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
@@ -784,6 +1091,11 @@ def bidirectional_attention_reference(
     kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    if logit_softcap is not None:  # Gemma-2's order: scale, cap, then mask
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    band = _band_mask(q.shape[1], window, causal, q.device)
+    if band is not None:
+        scores = scores.masked_fill(~band, float("-inf"))
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
         # padded query rows attend to everything, then are zeroed: no NaN, no gradient
@@ -797,13 +1109,43 @@ def bidirectional_attention_reference(
     return out.to(dtype)
 
 
-def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p):
-    """The CPU path: PyTorch SDPA with ``is_causal=False`` (one call per sequence when packed)."""
+def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tensor | None:
+    """``(seq, seq)`` bool, True where key ``j`` is visible to query ``i`` (positions in the row); None when
+    every key is."""
+    if window is None and not causal:
+        return None
+    i = torch.arange(seq, device=device)[:, None]
+    j = torch.arange(seq, device=device)[None, :]
+    visible = torch.ones(seq, seq, dtype=torch.bool, device=device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= (i - j).abs() < window
+    return visible
+
+
+def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal):
+    """The CPU path: PyTorch SDPA (one call per sequence when packed); soft-capping, which SDPA cannot express,
+    goes through the explicit reference computation in the input dtype."""
+    flags = (logit_softcap, window, causal)
+    if logit_softcap is not None:
+        keep = None
+        if dropout_p > 0:
+            batch = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+            seq = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
+            keep = torch.rand(batch, q.shape[-2], seq, seq, device=q.device) >= dropout_p
+        return bidirectional_attention_reference(
+            q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
+            dropout_keep_mask=keep, dropout_p=dropout_p, logit_softcap=logit_softcap, window=window,
+            causal=causal, upcast=False,
+        )
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         out = q.new_zeros(q.shape)
         pieces = [
-            _torch_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p)[0]
+            _torch_attention(
+                q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p, *flags
+            )[0]
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
         if pieces:
@@ -812,13 +1154,23 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
         return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     mask = None
+    band = None if (causal and window is None) else _band_mask(q.shape[1], window, causal, q.device)
     if key_padding_mask is not None:
-        # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a fully
-        # masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
-        keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
-        mask = keys[:, None, None, :]
+        if band is None and not causal:
+            # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a
+            # fully masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
+            keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
+            mask = keys[:, None, None, :]
+        else:
+            # Padded query rows attend to everything (then are zeroed): a real row always sees itself, a padded
+            # one might see no real key in its band, and a fully masked row is NaN in SDPA, forward and backward.
+            band = band if band is not None else _band_mask(q.shape[1], None, True, q.device)
+            mask = (band & key_padding_mask[:, None, :]) | ~key_padding_mask[:, :, None]
+            mask = mask[:, None]
+    elif band is not None:
+        mask = band
     out = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=softmax_scale,
+        qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=softmax_scale,
         enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)
     if key_padding_mask is not None:
@@ -831,7 +1183,20 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+def _validate_flags(logit_softcap, window, causal) -> None:
+    if logit_softcap is not None and (
+        isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
+        or not math.isfinite(logit_softcap) or not logit_softcap > 0
+    ):
+        raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an int >= 1 (key j visible to query i when |i - j| < window) or None, "
+                         f"got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -871,6 +1236,10 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
                 "cu_seqlens must start at 0, never decrease, end at most at total_tokens, and no sequence may be "
                 "longer than max_seqlen",
             )
+            if causal:
+                torch._assert_async(
+                    (lengths > 0).all() & (cu_seqlens[-1] == q.shape[0]), _CAUSAL_PACKING_MESSAGE
+                )
         else:  # CPU values are free to check with a clear message
             lengths = cu_seqlens.diff()
             if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > q.shape[0]:
@@ -880,6 +1249,8 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
                 )
             if int(lengths.max()) > max_seqlen:
                 raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence, {int(lengths.max())}")
+            if causal and (bool((lengths <= 0).any()) or int(cu_seqlens[-1]) != q.shape[0]):
+                raise ValueError(f"{_CAUSAL_PACKING_MESSAGE}; got {cu_seqlens.tolist()} for {q.shape[0]} tokens")
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
     else:
@@ -918,6 +1289,10 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+_CAUSAL_PACKING_MESSAGE = (
+    "causal=True with cu_seqlens needs contiguous packed sequences: cu_seqlens strictly increasing (no empty "
+    "sequence) and ending at total_tokens, so that every token belongs to exactly one sequence, in order"
+)
 _warned_fallback: set = set()
 
 
@@ -931,9 +1306,12 @@ def bidirectional_attention(
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    logit_softcap: float | None = None,
+    window: int | None = None,
+    causal: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Non-causal scaled dot-product attention.
+    """Scaled dot-product attention: bidirectional by default, optionally soft-capped, windowed or causal.
 
     Args:
         q: ``(batch, seq, heads, head_dim)``, or ``(total_tokens, heads, head_dim)`` with ``cu_seqlens``.
@@ -946,30 +1324,43 @@ def bidirectional_attention(
             host sync).
         softmax_scale: defaults to ``head_dim ** -0.5``.
         dropout_p: attention dropout probability (apply it in training only: it is applied whenever > 0).
+        logit_softcap: ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` after the softmax scale
+            and before any mask, as Gemma-2's attention does.
+        window: ``w >= 1``: key ``j`` is visible to query ``i`` only when ``|i - j| < w`` (Gemma-3's bidirectional
+            sliding window). ``i`` and ``j`` are positions within the sequence when packed, and indices along
+            the ``seq`` dimension of the padded row otherwise (padding is still masked). Real tokens of a
+            left- or right-padded row are contiguous, so their index distance is their distance in the unpadded
+            sequence and a padded batch gives, row by row, the unpadded result; a mask with holes counts the
+            holes in the distance.
+        causal: key ``j`` visible only when ``j <= i`` (same indices as ``window``; within each sequence when
+            packed, which then must be contiguous: ``cu_seqlens`` strictly increasing and ending at
+            ``total_tokens``). With ``window``: ``i - w < j <= i``.
         impl: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch SDPA), ``"triton"``,
             ``"torch"``.
 
     Returns:
         Same shape and dtype as ``q``.
     """
-    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    _validate_flags(logit_softcap, window, causal)
+    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal)
+    flags = (logit_softcap, window, causal)
     triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
     if impl == "triton" and not triton_ok:
         raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
     if not use_triton(impl, q, k, v, key_padding_mask, cu_seqlens):
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
     if not triton_ok:
         if q.shape[-1] not in _warned_fallback:
             _warned_fallback.add(q.shape[-1])
             logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return BidirectionalAttentionFunction.apply(
-            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p)
+            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p), *flags
         )
     # Inference: no autograd node, no saved tensors, no log-sum-exp written.
-    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, *flags)
     seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
     out, _ = _attention_forward(q, k, v, problem, seed, store_lse=False)
     return out

@@ -10,8 +10,7 @@ from typing import Any, Callable
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from ..batching import pack_batch, pad_batch
-from ..encoder import SEPARATOR, split_at_separator
+from ..pipeline import TextTokenizer, collate
 
 IGNORE_INDEX = -100
 GROUPS = ("query", "positive", "negative")
@@ -79,64 +78,36 @@ class MNTPDataCollator(DataCollatorForLanguageModeling):
         return super().torch_mask_tokens(inputs, special_tokens_mask=special, offset_mapping=offset_mapping)
 
 
-def instruction_prefix(instruction: str) -> str:
-    """How llm2vec's supervised data joins an instruction and a query: ``"{instruction}; {query}"``."""
-    return f"{instruction.strip()}; " if instruction and instruction.strip() else ""
-
-
 class ContrastiveCollator:
     """Rows ``{"query", "positive", "negative"?, "instruction"?}`` -> per group (query, positive, negative) a list
     of chunks of at most ``chunk_size`` texts (one chunk when ``None``), each the fields of a
-    :class:`~llm2vec_fast.batching.PaddedBatch` (``(texts, seq)``, left padded as the encoder pads) or, with
-    ``packed``, of a :class:`~llm2vec_fast.batching.PackedBatch`. Chunks are cut here, on the host, so that
-    GradCache never reads a packed group's ``cu_seqlens`` back from the device.
+    :class:`~llm2vec_fast.batching.PaddedBatch` (left padded as the encoder pads) or, with ``packed``, of a
+    :class:`~llm2vec_fast.batching.PackedBatch`. Chunks are cut here, on the host, so that GradCache never reads
+    a packed group's ``cu_seqlens`` back from the device.
 
-    The embed mask marks the text's own tokens: a token counts when its characters reach past the end of the
-    instruction prefix; tokens added by the tokenizer (BOS) do not. If truncation leaves a text no token of its
-    own, the whole input is pooled (counted in ``self.stats``). ``wrap`` is the encoder's wrapping of the joined
-    text (chat template of an instruct model, end marker for ``eos_token`` pooling).
+    Texts go through the pipeline the encoder uses (:class:`~llm2vec_fast.pipeline.TextTokenizer`, ``collate``):
+    the query is ``"{instruction}; {query}"`` as in llm2vec's supervised data, its instruction left out of
+    pooling; ``wrap`` is the model's wrapping (``wrap_for_model``). Texts cut at ``max_length`` and texts pooled
+    whole (no token of their own left) are counted in ``self.stats``.
     """
 
     def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None,
                  chunk_size: int | None = None):
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("the contrastive collator needs a fast tokenizer (character offsets)")
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of texts or None, got {chunk_size}")
+        self.text_tokenizer = TextTokenizer(tokenizer, max_length=max_length, wrap=wrap, instruction_separator="; ")
         self.tokenizer = tokenizer
-        self.max_length = int(max_length)
         self.packed = bool(packed)
         self.chunk_size = chunk_size
-        self.wrap = wrap or (lambda text: text)
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """(instruction, text) pairs -> one padded or packed group."""
-        joined = [split_at_separator(instruction_prefix(instruction) + SEPARATOR + text, self.wrap)
-                  for instruction, text in pairs]
-        texts = [full for full, _ in joined]
-        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length,
-                                 return_offsets_mapping=True)
-        sequences, embed_masks = [], []
-        for i, (_, boundary) in enumerate(joined):
-            ids = list(encoded["input_ids"][i])
-            offsets, sequence_ids = encoded["offset_mapping"][i], encoded.sequence_ids(i)
-            mask = [int(seq is not None and (end > boundary or (start == end and start >= boundary)))
-                    for (start, end), seq in zip(offsets, sequence_ids)]
-            if not any(mask):
-                self.stats["instruction_filled_input"] += 1
-                mask = [1] * len(ids)
-            if offsets and offsets[-1][1] < len(texts[i]) and sequence_ids[-1] is not None:
-                self.stats["truncated"] += 1
-            sequences.append(ids)
-            embed_masks.append(mask)
-        self.stats["texts"] += len(sequences)
-        if self.packed:
-            return dataclasses.asdict(pack_batch(sequences, embed_masks))
-        return dataclasses.asdict(pad_batch(sequences, embed_masks, pad_id=self.tokenizer.pad_token_id))
-
+        """(instruction, text) pairs -> one padded or packed group, as a dict (so that the Trainer moves it)."""
+        encoded = self.text_tokenizer(pairs)
+        self.stats["texts"] += len(encoded)
+        self.stats["truncated"] += sum(e.truncated for e in encoded)
+        self.stats["instruction_filled_input"] += sum(e.pooled_whole for e in encoded)
+        return dataclasses.asdict(collate(encoded, packed=self.packed, pad_id=self.tokenizer.pad_token_id))
     def chunks(self, pairs: list[tuple[str, str]]) -> list[dict[str, torch.Tensor]]:
         size = self.chunk_size or len(pairs)
         return [self.tokenize(pairs[start:start + size]) for start in range(0, len(pairs), size)]

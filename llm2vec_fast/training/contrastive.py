@@ -16,7 +16,8 @@ import os
 from typing import Callable
 
 from ..builtin_models import resolve_model
-from ..encoder import ENCODER_KEYS, LLM2VEC_CONFIG, wrap_for_model
+from ..encoder import ENCODER_KEYS, LLM2VEC_CONFIG
+from ..pipeline import wrap_for_model
 from .collators import ContrastiveCollator
 from .losses import CachedInfoNCELoss, InfoNCELoss
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for

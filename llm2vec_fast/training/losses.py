@@ -17,16 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batching import PackedBatch
 from ..kernels import info_nce_loss
 from ..kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
-from ..pooling import pool, pool_packed
+from ..pipeline import embed, last_hidden_state
 from .collators import GROUPS, IGNORE_INDEX
 from .gradcache import backward_chunks, embed_without_graph, embedding_grads
-
-
-def last_hidden_state(outputs) -> torch.Tensor:
-    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
 class MNTPLoss(nn.Module):
@@ -88,18 +83,6 @@ class MNTPModel(nn.Module):
 
     def activation_checkpointing_enable(self, **kwargs):
         self.body.activation_checkpointing_enable(**kwargs)
-
-
-def embed(model, inputs: dict[str, Any], pooling_mode: str) -> torch.Tensor:
-    """A padded or packed group (the collator's output) -> pooled fp32 embeddings ``(texts, hidden)`` over the
-    embed mask, exactly as :class:`~llm2vec_fast.LLM2Vec` encodes them."""
-    if "cu_seqlens" in inputs:
-        batch = PackedBatch(**{name: inputs[name] for name in PackedBatch.__dataclass_fields__})
-        hidden = last_hidden_state(model(**batch.model_inputs()))
-        return pool_packed(hidden, batch.cu_seqlens, pooling_mode, embed_mask=batch.embed_mask)
-    hidden = last_hidden_state(model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     position_ids=inputs.get("position_ids")))
-    return pool(hidden, inputs["attention_mask"], pooling_mode, embed_mask=inputs["embed_mask"])
 
 
 class InfoNCELoss(nn.Module):
