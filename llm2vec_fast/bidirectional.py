@@ -227,15 +227,16 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def unpatched(model: nn.Module) -> Iterator[nn.Module]:
-    """``with unpatched(model):`` the model as it was before ``patch`` (causal, its own attention), patched again
-    with the same settings afterwards, even on an exception. A model that is not patched is left as it is."""
+def unpatched(model: nn.Module) -> Iterator[str | None]:
+    """``with unpatched(model) as impl:`` the model as it was before ``patch`` (causal, its own attention; a copy
+    or a pickle of it then carries no patch state), patched again with the same settings afterwards, even on an
+    exception. Yields the patch's ``attention_impl``, or None when ``model`` is not patched (left as it is)."""
     state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
     if state is None:
-        yield model
+        yield None
         return
     unpatch(model)
     try:
-        yield model
+        yield state["impl"]
     finally:
         patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"])

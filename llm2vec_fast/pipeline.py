@@ -24,7 +24,7 @@ import torch
 from .batching import PackedBatch, PaddedBatch, pack_batch, pad_batch, positions_from_mask
 from .pooling import pool, pool_segments
 
-__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "last_hidden_state", "text_token_states",
+__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "hidden_states", "last_hidden_state", "text_token_states",
            "wrap_for_model", "split_at_separator"]
 
 SEPARATOR = "!@#$%^&*()"
@@ -186,8 +186,10 @@ def as_batch(batch: PaddedBatch | PackedBatch | Mapping[str, Any]) -> PaddedBatc
                        attention_mask if embed_mask is None else embed_mask)
 
 
-def hidden_states(model, batch: PaddedBatch | PackedBatch) -> torch.Tensor:
-    """Packed: ``(total, dim)``; padded: ``(batch, longest, dim)``."""
+def hidden_states(model, batch: PaddedBatch | PackedBatch | Mapping[str, Any]) -> torch.Tensor:
+    """A batch through the model: the last hidden states, packed ``(total, dim)`` or padded ``(batch, longest,
+    dim)``, with each text's positions from 0."""
+    batch = as_batch(batch)
     if isinstance(batch, PackedBatch):
         return last_hidden_state(model(**batch.model_inputs(), use_cache=False))[0]
     return last_hidden_state(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

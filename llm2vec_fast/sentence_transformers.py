@@ -13,7 +13,6 @@ outside its own package only with that consent. ``model_kwargs`` go to ``LLM2Vec
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from .encoder import LLM2VEC_CONFIG, LLM2Vec
 from .export import pooling_config, write_model_files
-from .pipeline import as_batch, collate, hidden_states
+from .pipeline import collate, hidden_states
 from .pooling import check_pooling_mode, pool
 
 
@@ -78,11 +77,13 @@ class LLM2VecTransformer(InputModule):
         pairs, _ = self.encoder._as_pairs(list(inputs))
         if prompt:
             pairs = [(instruction or prompt, text) for instruction, text in pairs]
-        batch = collate(self.encoder.tokenize_texts(pairs), packed=False, pad_id=self.encoder.tokenizer.pad_token_id)
-        return dataclasses.asdict(batch)
+        encoded = self.encoder.tokenize_texts(pairs)
+        batch = collate(encoded, packed=False, pad_id=self.encoder.tokenizer.pad_token_id)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids, "embed_mask": batch.embed_mask}
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
-        features["token_embeddings"] = hidden_states(self.encoder.model, as_batch(features))
+        features["token_embeddings"] = hidden_states(self.encoder.model, features)
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
