@@ -34,6 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .bidirectional import unpatched
 from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
@@ -100,23 +101,10 @@ def bidirectional_flags(model_type: str | None) -> dict[str, bool]:
     return flags
 
 
-def patch_impl(model) -> str | None:
-    """The ``attention_impl`` that ``model`` is patched with, or None when it is not patched."""
-    from . import transformers_compat as compat
-    from .attention_adapter import ATTENTION_NAMES
-    from .bidirectional import is_patched
-
-    if not is_patched(model):
-        return None
-    by_name = {name: impl for impl, name in ATTENTION_NAMES.items()}
-    return by_name.get(compat.attn_implementation(model.config), "auto")
-
-
 def write_model_files(encoder, output: str | os.PathLike) -> None:
     """The model (merged, unpatched, with the bidirectional flags in config.json), the tokenizer,
     ``llm2vec_config.json`` and ``sentence_bert_config.json`` into ``output`` (which may exist)."""
     from . import transformers_compat as compat
-    from .bidirectional import unpatched
 
     if hasattr(encoder.model, "merge_and_unload"):  # PEFT-wrapped: merge a copy, the caller's encoder stays as it is
         # Copied unpatched: the patch's record of what it changed does not survive a deep copy.
