@@ -90,7 +90,7 @@ def test_directory_is_complete(exported_mean):
     assert pooling["word_embedding_dimension"] == encoder.config.hidden_size
     st_config = json.loads(open(os.path.join(path, "config_sentence_transformers.json")).read())
     assert st_config["prompts"]["SciFact"] == default_prompts()["SciFact"]
-    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(":")
+    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(": ")
     assert "llm2vec-fast" in st_config["requirements"]
     config = json.loads(open(os.path.join(path, "config.json")).read())
     assert config["is_causal"] is False and config["use_bidirectional_attention"] is True
@@ -233,15 +233,16 @@ def test_export_refuses_an_architecture_without_bidirectional_attention(tmp_path
     assert not (tmp_path / "bert").exists()
 
 
-def test_export_cli(tiny_smol, tmp_path):
+def test_export_cli(tiny_smol, tmp_path, capsys):
     from llm2vec_fast.cli import main
 
     assert main(["export", "--model", tiny_smol, "--pooling-mode", "last_token", "--max-length", "32",
                  "--output", str(tmp_path / "cli")]) == 0
     pooling = json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())
     assert pooling["llm2vec_pooling_mode"] == "last_token" and pooling["pooling_mode_lasttoken"] is True
-    with pytest.raises(FileExistsError):
-        main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")])
+    capsys.readouterr()
+    assert main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tmp_path):
