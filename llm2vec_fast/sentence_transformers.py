@@ -13,6 +13,7 @@ outside its own package only with that consent. ``model_kwargs`` go to ``LLM2Vec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +26,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("llm2vec_fast.sentence_transformers needs sentence-transformers>=6: "
                       "pip install 'llm2vec-fast[sentence-transformers]'") from error
 
-from .batching import pad_batch
 from .encoder import LLM2VEC_CONFIG, LLM2Vec
 from .export import pooling_config, write_model_files
+from .pipeline import as_batch, collate, hidden_states
 from .pooling import check_pooling_mode, pool
 
 
@@ -77,16 +78,11 @@ class LLM2VecTransformer(InputModule):
         pairs, _ = self.encoder._as_pairs(list(inputs))
         if prompt:
             pairs = [(instruction or prompt, text) for instruction, text in pairs]
-        encoded = self.encoder.tokenize_texts(pairs)
-        batch = pad_batch([e.input_ids for e in encoded], [e.embed_mask for e in encoded],
-                          pad_id=self.encoder.tokenizer.pad_token_id)
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                "position_ids": batch.position_ids, "embed_mask": batch.embed_mask}
+        batch = collate(self.encoder.tokenize_texts(pairs), packed=False, pad_id=self.encoder.tokenizer.pad_token_id)
+        return dataclasses.asdict(batch)
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
-        features["token_embeddings"] = self.encoder._hidden(
-            input_ids=features["input_ids"], attention_mask=features["attention_mask"],
-            position_ids=features["position_ids"])
+        features["token_embeddings"] = hidden_states(self.encoder.model, as_batch(features))
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
