@@ -241,6 +241,7 @@ def test_export_cli(tiny_smol, tmp_path, capsys):
     pooling = json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())
     assert pooling["llm2vec_pooling_mode"] == "last_token" and pooling["pooling_mode_lasttoken"] is True
     capsys.readouterr()
+    # The program turns the library's FileExistsError into one line and exit code 1; nothing is overwritten.
     assert main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
 
