@@ -158,15 +158,31 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
 def test_committed_adapters_are_those_of_the_recipe_as_it_stands():
     """The adapters in training/recipes/smollm2_135m/adapters (docs/RESULTS.md's run) were trained by this
     recipe and these config files, each on top of the committed adapters of its inputs: editing either without
-    rerunning the recipe fails here."""
+    rerunning the recipe fails here. They were trained in float32 and are stored cast to float16
+    (scripts/cast_adapters_fp16.py): each marker's ``stored_as`` holds the digest of the file as trained and as
+    stored, so the chain runs from the committed files back to the digests training recorded."""
     import hashlib
+
+    from safetensors import safe_open
 
     adapters = RECIPE.parent / "adapters"
     recipe = load_recipe(RECIPE)
+    markers = {s: json.loads((adapters / s / "recipe_stage.json").read_text()) for s in stage_order(recipe)}
+
+    def as_trained(stage: str) -> str:
+        stored = markers[stage].get("stored_as")
+        current = adapter_fingerprint(adapters / stage)
+        if stored is None:
+            return current
+        assert current == stored["sha256"], f"{stage}: the committed adapter is not the one its marker records"
+        with safe_open(str(adapters / stage / "adapter_model.safetensors"), "pt") as weights:
+            assert {str(weights.get_slice(k).get_dtype()) for k in weights.keys()} == {"F16"}, stage
+        return stored["trained_sha256"]
+
     for stage in stage_order(recipe):
-        made_from = json.loads((adapters / stage / "recipe_stage.json").read_text())["settings"]
-        assert made_from["made_from"]["merged_adapters"] == {
-            s: adapter_fingerprint(adapters / s) for s in stage_inputs(recipe, stage)}
+        made_from = markers[stage]["settings"]
+        assert made_from["made_from"]["merged_adapters"] == {s: as_trained(s) for s in stage_inputs(recipe, stage)}
+        as_trained(stage)
         config = (RECIPE.parent / recipe["stages"][stage]["config"]).resolve()
         assert made_from["made_from"]["config_file"] == hashlib.sha256(config.read_bytes()).hexdigest(), config
         for key, value in recipe["stages"][stage]["set"].items():
