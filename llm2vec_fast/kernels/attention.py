@@ -109,8 +109,9 @@ _WIDE_HEAD_CANDIDATES = {
 _WIDE_HEAD_DROPOUT_CANDIDATES = {**_WIDE_HEAD_CANDIDATES, "dq": ((32, 32, 4, 2),)}
 #: (kind, BLOCK_D, dropout) -> configs the sm_90 compiles showed spilling although the estimate lets them
 #: through (Triton 3.9): the forward's 128x64 w8 s3 with dropout at head_dim 128 spilled 24 bytes without
-#: padding and GQA, and none with both
-_MEASURED_SPILLS = {("fwd", 128, True): {(128, 64, 8, 3)}}
+#: padding and GQA (none with both); dQ's 64x64 w4 s3 at head_dim 128 48 bytes with padding
+_MEASURED_SPILLS = {("fwd", 128, True): {(128, 64, 8, 3)}, ("dq", 128, False): {(64, 64, 4, 3)},
+                    ("dq", 128, True): {(64, 64, 4, 3)}}
 #: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
 #: to bound compile time
 _MAX_TUNED = 5

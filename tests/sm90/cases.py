@@ -36,6 +36,8 @@ ATTENTION_VARIANTS = {
     "varlen-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=False),
     "dropout": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=True),
     "varlen-dropout-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=True),
+    # padding="skip": all-padding key tiles skipped, only boundary tiles masked
+    "padskip-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=False, PAD_SKIP=True),
     # Gemma-2: logit soft-capping and a sliding window
     "softcap-window-gqa": dict(GROUP=2, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False, SOFTCAP=True,
                                WINDOWED=True),
@@ -50,7 +52,7 @@ ATTENTION_HEAVY = {
 _FWD_FLOATS = ("qk_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
 _BWD_FLOATS = ("qk_scale", "sm_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
 _ODD = ("seqlen_padded", "max_seqlen", "window")
-_META = dict(KPM="u8", CU_SEQLENS="i32", SEED="i64")
+_META = dict(KPM="u8", CU_SEQLENS="i32", RANGES="i32", SEED="i64")
 #: kernel name -> (kind of launch configs, pointer parameters holding q/k/v-dtype data, fp32 pointers, floats, odd)
 ATTENTION_KERNELS = {
     "_attn_fwd_kernel": ("fwd", ("Q", "K", "V", "O"), ("LSE",), _FWD_FLOATS, _ODD + ("num_heads",)),
@@ -85,7 +87,7 @@ def attention_dot_precision(dtype) -> str:
 
 def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant, flags, config, default):
     block_m, block_n, warps, stages = config
-    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False)
+    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, PAD_SKIP=False)
     if kind == "fwd":
         constexprs["STORE_LSE"] = True
     constexprs.update(flags)
