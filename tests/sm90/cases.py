@@ -128,7 +128,8 @@ def attention_cases() -> list[dict]:
 
 def _prune_flags(flags: dict) -> dict:
     return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
-                is_varlen=flags["IS_VARLEN"])
+                is_varlen=flags["IS_VARLEN"],
+                banded=any(flags.get(flag, False) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")))
 
 
 def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
