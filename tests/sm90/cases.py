@@ -12,7 +12,8 @@ constexpr values, ``ones`` (integers that a real launch passes as 1, which Trito
 16 (strides), as real launches specialize them. Keys of each case:
 ``name, kernel, pointers, floats, constexprs, ones, odd, num_warps, num_stages, default, check_wgmma``:
 ``default`` marks a config the kernels choose by default (it must not spill); ``check_wgmma`` says that the
-16-bit matmuls have 64-row or larger tiles, so they must compile to ``wgmma``.
+16-bit matmuls have 64 or more rows (``wgmma``'s M per warpgroup: BLOCK_M, keys in dK/dV), so they must compile
+to ``wgmma``.
 """
 
 from __future__ import annotations
@@ -98,12 +99,12 @@ def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, vari
                       BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision)
     pointers = {name: _DTYPES[dtype] for name in data}
     pointers.update({name: "fp32" for name in fp32}, **_META)
-    tiles = (block_m, block_n)
+    rows = block_n if kind == "dkdv" else block_m  # the M of the kernel's matmuls (dK/dV: keys)
     return dict(
         name=f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-{block_m}x{block_n}w{warps}s{stages}",
         kernel=f"{_ATTN}:{kernel}", pointers=pointers, floats=list(floats), constexprs=constexprs,
         ones=["stride_ms"] if flags["HAS_PADDING"] else [], odd=list(odd), num_warps=warps, num_stages=stages,
-        default=default, check_wgmma=dtype != torch.float32 and min(tiles) >= 64,
+        default=default, check_wgmma=dtype != torch.float32 and rows >= 64,
     )
 
 
