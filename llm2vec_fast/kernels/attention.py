@@ -101,7 +101,8 @@ _FP32_CANDIDATES = {"fwd": ((16, 16, 4, 1),), "dq": ((16, 16, 8, 1),), "dkdv": (
 #: while its estimate was half that of 128x32 w8, which did not), so these lists are the sm_90 compiles' verdict,
 #: without spills, fastest expected first
 _WIDE_HEAD_CANDIDATES = {
-    "fwd": ((128, 32, 8, 2), (64, 32, 4, 2)),
+    # 128x32 w8 and 64x32 w4 spilled 16 and 48 bytes under Triton 3.6 (0 under 3.9); 64x32 w8: 155 registers
+    "fwd": ((64, 32, 8, 2),),
     "dq": ((64, 32, 8, 2), (32, 32, 4, 2)),
     "dkdv": ((32, 32, 8, 2), (16, 32, 8, 2)),
 }
@@ -114,16 +115,19 @@ _WIDE_HEAD_DROPOUT_CANDIDATES = {**_WIDE_HEAD_CANDIDATES, "dq": ((32, 32, 4, 2),
 #: padding+dropout+GQA). dQ at head_dim 128: 64x64 w4 s3 spilled 48 bytes with padding, 64x64 w8 s2 48 with
 #: padding+dropout. dK/dV at head_dim 96/128: every 64-key tile spilled in some variant (32x128 w8 24-224 bytes,
 #: 32x64 w8 72-96 with soft-capping+window or padding="skip", 32x64 w4 s3 248, 16x64 w4 48-128), so the 32-key
-#: tiles (``mma.sync``; 157-174 registers with dropout or a band) except in the plain variants, where 32x64 w8
-#: s2 held (230-236 registers; 32x32 w8 s2 has a 16-24 byte stack with GQA there). Keyed (kind, BLOCK_D,
+#: tiles (``mma.sync``; 157-174 registers with dropout or a band; in the plain variants 16x32 w8 s2, 128-170
+#: registers under both Triton 3.6 and 3.9). Keyed (kind, BLOCK_D,
 #: dropout, banded), banded = soft-capping, a window, causal or padding="skip".
 _FWD_DROPOUT_SPILLS = {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)}
 _DKDV_64_KEYS = {(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2)}
 _MEASURED_SPILLS = {
     **{("fwd", d, True, banded): _FWD_DROPOUT_SPILLS for d in (64, 128) for banded in (False, True)},
+    # soft-capping + window: 128x64 w8 s3 spilled 64 bytes under Triton 3.6; 128x32 w8 s2: 250 registers
+    ("fwd", 128, False, True): _FWD_DROPOUT_SPILLS,
     **{("dq", 128, False, banded): {(64, 64, 4, 3)} for banded in (False, True)},
     **{("dq", 128, True, banded): {(64, 64, 4, 3), (64, 64, 8, 2)} for banded in (False, True)},
-    ("dkdv", 128, False, False): _DKDV_64_KEYS - {(32, 64, 8, 2)},
+    # 32x64 w8 s2 spilled 8 bytes with varlen+GQA under Triton 3.6, 32x32 w8 s2 16-24 with GQA under 3.9
+    ("dkdv", 128, False, False): _DKDV_64_KEYS | {(32, 32, 8, 2)},
     ("dkdv", 128, False, True): _DKDV_64_KEYS,
     ("dkdv", 128, True, False): _DKDV_64_KEYS,
     ("dkdv", 128, True, True): _DKDV_64_KEYS,
@@ -136,7 +140,8 @@ _INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16,
 
 
 def _make_configs(kind: str, candidates) -> list:
-    candidates = tuple(candidates) + tuple(c for c in _FP32_CANDIDATES[kind] if c not in candidates)
+    extra = _FP32_CANDIDATES[kind] + _WIDE_HEAD_CANDIDATES[kind] + _WIDE_HEAD_DROPOUT_CANDIDATES[kind]
+    candidates = tuple(candidates) + tuple(dict.fromkeys(c for c in extra if c not in candidates))
     if _INTERPRET:
         candidates = (_INTERPRETER_CONFIG[kind],)
     return [
