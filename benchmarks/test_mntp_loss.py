@@ -1,7 +1,6 @@
 """Masked next-token loss, forward+backward: ours (``masked_next_token_loss``) vs the full-logits PyTorch path
 (``masked_next_token_loss_reference``: ``hidden @ weight.T`` for every position, then cross-entropy), and
-Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA). On CUDA ours runs in
-both variants side by side: ``ours`` (``variant="fused"``, the default) and ``ours_gemm`` (``variant="gemm"``).
+Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA).
 
 Rows (20% of the positions labelled, as MNTP's default mask rate):
 - CUDA: 16,384 tokens (8 x 2,048), vocab 128,256, hidden 4,096, bf16 (Llama-3-8B's head). Skipped without a GPU.

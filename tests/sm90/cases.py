@@ -180,19 +180,28 @@ def _infonce(kernel, dtype, has_ids=False):
                         config, odd)
 
 
+def _infonce_norm(dtype):
+    """The inverse-norm kernel at its launch config (16 rows x 256 columns per step; no matmul)."""
+    d = _DTYPES[dtype]
+    return dict(name=f"_infonce_norm_kernel-{d}", kernel="llm2vec_fast.kernels.infonce:_infonce_norm_kernel",
+                pointers=dict(X=d, RN="fp32"), floats=[], constexprs=dict(EPS=1e-12, BLOCK_R=16, BLOCK_D=256),
+                ones=[], odd=["n_rows", "dim"], num_warps=4, num_stages=3, default=True, check_wgmma=False)
+
+
 def _row_softmax(module, dtype, block, warps, **flags):
     """The GEMM variants' row-softmax epilogues (no matmul: compiled for registers and spills only)."""
     d = _DTYPES[dtype]
     if module == "mntp_loss":
         pointers = dict(Z_ptr="fp32", OUT_ptr=d, B_ptr=d, Y_ptr="i64", LSE_ptr="fp32", TARGET_ptr="fp32")
-        constexprs = dict(HAS_BIAS=False, HAS_SOFTCAP=False, WRITE_GRAD=True, BLOCK_V=block, **flags)
+        constexprs = dict(dict(HAS_BIAS=False, HAS_SOFTCAP=False, WRITE_GRAD=True, BLOCK_V=block), **flags)
         floats, odd = ["softcap"], ["VOCAB"]
     else:
         pointers = dict(S="fp32", OUT=d, DOC_IDS="i64", LSE="fp32", TARGET="fp32")
-        constexprs = dict(HAS_IDS=True, WRITE_GRAD=True, BLOCK_N=block, **flags)
+        constexprs = dict(dict(HAS_IDS=True, WRITE_GRAD=True, BLOCK_N=block), **flags)
         floats, odd = [], ["n_cols", "label_offset"]
     kernel = f"_{'mntp' if module == 'mntp_loss' else 'infonce'}_row_softmax_kernel"
-    return dict(name=f"{kernel}-{d}", kernel=f"llm2vec_fast.kernels.{module}:{kernel}", pointers=pointers,
+    flag_names = "".join(f"-{k.lower()}" for k, v in flags.items() if v is True)
+    return dict(name=f"{kernel}-{d}{flag_names}", kernel=f"llm2vec_fast.kernels.{module}:{kernel}", pointers=pointers,
                 floats=floats, constexprs=constexprs, ones=[], odd=odd, num_warps=warps, num_stages=3, default=True,
                 check_wgmma=False)
 
@@ -217,7 +226,9 @@ def loss_cases() -> list[dict]:
             _infonce("fwd", dtype, has_ids=True),
             _infonce("bwd", dtype, has_ids=True),
         ]
-    cases += [_row_softmax("mntp_loss", torch.bfloat16, 2048, 8), _row_softmax("infonce", torch.bfloat16, 2048, 4)]
+    cases += [_row_softmax("mntp_loss", torch.bfloat16, 2048, 8), _row_softmax("infonce", torch.bfloat16, 2048, 4),
+              _row_softmax("mntp_loss", torch.bfloat16, 2048, 8, HAS_BIAS=True, HAS_SOFTCAP=True),
+              _infonce_norm(torch.bfloat16)]
     return cases
 
 
