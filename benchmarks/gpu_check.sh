@@ -71,17 +71,17 @@ $PY benchmarks/collect_without.py $TEST_FILES $BENCH_FILES
 collect_rc=$?
 
 # shellcheck disable=SC2086
-LLM2VEC_FAST_AUTOTUNE=0 phase 1_gpu_tests "$(cap 170 200)" -m gpu -p perf_table $xdist $ptimeout -q -rfE \
+LLM2VEC_FAST_AUTOTUNE=0 phase 1_gpu_tests "$(cap 150 250)" -m gpu -p perf_table $xdist $ptimeout -q -rfE \
     --durations=10 $TEST_FILES
 tests_rc=$?
 
 # shellcheck disable=SC2086
-LLM2VEC_FAST_COMPILE_WARMUP=1 phase 2_compile_warmup "$(cap 100 100)" -k "ours and cuda" $xdist $ptimeout -q \
+LLM2VEC_FAST_COMPILE_WARMUP=1 phase 2_compile_warmup "$(cap 80 170)" -k "ours and cuda" $xdist $ptimeout -q \
     -rfE $BENCH_FILES
 warm_rc=$?
 
 # shellcheck disable=SC2086
-phase 3_benchmarks "$(cap 240 15)" -k cuda $ptimeout -q -rfEs --benchmark-columns=median,rounds \
+phase 3_benchmarks "$(cap 240 10)" -k cuda $ptimeout -q -rfEs --benchmark-columns=median,rounds \
     --benchmark-sort=name $BENCH_FILES
 bench_rc=$?
 

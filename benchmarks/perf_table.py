@@ -41,6 +41,8 @@ def pytest_runtest_logreport(report):
     """One line per test outcome (the call phase, or a setup that failed or skipped)."""
     if report.when != "call" and report.outcome == "passed":
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the xdist controller writes the line (it gets every report)
+        return
     row = dict(kind="test", test=report.nodeid, outcome=report.outcome, when=report.when,
                seconds=round(report.duration, 2))
     if report.outcome != "passed":

@@ -101,9 +101,36 @@ _FP32_CANDIDATES = {"fwd": ((16, 16, 4, 1),), "dq": ((16, 16, 8, 1),), "dkdv": (
 #: while its estimate was half that of 128x32 w8, which did not), so these lists are the sm_90 compiles' verdict,
 #: without spills, fastest expected first
 _WIDE_HEAD_CANDIDATES = {
-    "fwd": ((128, 32, 8, 2), (64, 32, 4, 2)),
+    # 128x32 w8 and 64x32 w4 spilled 16 and 48 bytes under Triton 3.6 (0 under 3.9); 64x32 w8: 155 registers
+    "fwd": ((64, 32, 8, 2),),
     "dq": ((64, 32, 8, 2), (32, 32, 4, 2)),
     "dkdv": ((32, 32, 8, 2), (16, 32, 8, 2)),
+}
+#: with dropout, dQ's 64x32 w8 spilled 112 bytes at head_dim 256
+_WIDE_HEAD_DROPOUT_CANDIDATES = {**_WIDE_HEAD_CANDIDATES, "dq": ((32, 32, 4, 2),)}
+#: (kind, BLOCK_D, dropout) -> configs the sm_90 compiles showed spilling although the estimate lets them
+#: through (Triton 3.9): with dropout at head_dim 128 the forward's 128x64 w8 s3 spilled 24 bytes and 64x64 w4
+#: s3 40 without padding and GQA (none with both; none under Triton 3.6), and 64x64 w8 s2 sat at 244 registers:
+#: 128x32 w8 s2 (178-202) is the default there, and at head_dim 64 too (128x64 w8 s3 spilled 48 bytes with
+#: padding+dropout+GQA). dQ at head_dim 128: 64x64 w4 s3 spilled 48 bytes with padding, 64x64 w8 s2 48 with
+#: padding+dropout. dK/dV at head_dim 96/128: every 64-key tile spilled in some variant (32x128 w8 24-224 bytes,
+#: 32x64 w8 72-96 with soft-capping+window or padding="skip", 32x64 w4 s3 248, 16x64 w4 48-128), so the 32-key
+#: tiles (``mma.sync``; 157-174 registers with dropout or a band; in the plain variants 16x32 w8 s2, 128-170
+#: registers under both Triton 3.6 and 3.9). Keyed (kind, BLOCK_D,
+#: dropout, banded), banded = soft-capping, a window, causal or padding="skip".
+_FWD_DROPOUT_SPILLS = {(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)}
+_DKDV_64_KEYS = {(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2)}
+_MEASURED_SPILLS = {
+    **{("fwd", d, True, banded): _FWD_DROPOUT_SPILLS for d in (64, 128) for banded in (False, True)},
+    # soft-capping + window: 128x64 w8 s3 spilled 64 bytes under Triton 3.6; 128x32 w8 s2: 250 registers
+    ("fwd", 128, False, True): _FWD_DROPOUT_SPILLS,
+    **{("dq", 128, False, banded): {(64, 64, 4, 3)} for banded in (False, True)},
+    **{("dq", 128, True, banded): {(64, 64, 4, 3), (64, 64, 8, 2)} for banded in (False, True)},
+    # 32x64 w8 s2 spilled 8 bytes with varlen+GQA under Triton 3.6, 32x32 w8 s2 16-24 with GQA under 3.9
+    ("dkdv", 128, False, False): _DKDV_64_KEYS | {(32, 32, 8, 2)},
+    ("dkdv", 128, False, True): _DKDV_64_KEYS,
+    ("dkdv", 128, True, False): _DKDV_64_KEYS,
+    ("dkdv", 128, True, True): _DKDV_64_KEYS,
 }
 #: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
 #: to bound compile time
@@ -113,7 +140,8 @@ _INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16,
 
 
 def _make_configs(kind: str, candidates) -> list:
-    candidates = tuple(candidates) + tuple(c for c in _FP32_CANDIDATES[kind] if c not in candidates)
+    extra = _FP32_CANDIDATES[kind] + _WIDE_HEAD_CANDIDATES[kind] + _WIDE_HEAD_DROPOUT_CANDIDATES[kind]
+    candidates = tuple(candidates) + tuple(dict.fromkeys(c for c in extra if c not in candidates))
     if _INTERPRET:
         candidates = (_INTERPRETER_CONFIG[kind],)
     return [
@@ -151,17 +179,19 @@ _REGISTER_LIMIT = {"fwd": 224, "dq": 224, "dkdv": 256}
 
 
 def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
-                      has_padding: bool = False, is_varlen: bool = False) -> list[tuple[int, int, int, int]]:
+                      has_padding: bool = False, is_varlen: bool = False,
+                      banded: bool = False) -> list[tuple[int, int, int, int]]:
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
     resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
     spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
     none (else the smallest register footprint). fp32 ("ieee") and head_dim 256 have their own lists. The sm_90
-    compile gate (tests/test_sm90_compile.py) compiles what this returns. ``group``, ``has_padding`` and ``is_varlen`` are
-    accepted so that a calibration can use them; the compiles so far showed no spill line that depends on them."""
+    compile gate (tests/test_sm90_compile.py) compiles what this returns. ``banded``: soft-capping, a window,
+    causal or padding="skip" (more registers in dK/dV). ``group``, ``has_padding`` and ``is_varlen`` are accepted
+    so that a calibration can use them; no spill line measured so far depends on them alone."""
     if dot_precision == "ieee":
         return list(_FP32_CANDIDATES[kind])
     if block_d >= 256:
-        return list(_WIDE_HEAD_CANDIDATES[kind])
+        return list((_WIDE_HEAD_DROPOUT_CANDIDATES if has_dropout else _WIDE_HEAD_CANDIDATES)[kind])
     candidates = _CANDIDATES[kind]
 
     def regs(config):
@@ -174,7 +204,8 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
         smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * 2
         return smem <= 200 * 1024 and regs(config) <= _REGISTER_LIMIT[kind]
 
-    kept = [config for config in candidates if fits(config)]
+    spilled = _MEASURED_SPILLS.get((kind, block_d, has_dropout, banded), ())
+    kept = [config for config in candidates if fits(config) and config not in spilled]
     return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]
 
 
@@ -196,6 +227,7 @@ def _prune(kind: str):
             kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
+            banded=any(bool(named.get(flag, False)) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")),
         )
         return kept if _AUTOTUNE else kept[:1]
 

@@ -12,7 +12,8 @@ constexpr values, ``ones`` (integers that a real launch passes as 1, which Trito
 16 (strides), as real launches specialize them. Keys of each case:
 ``name, kernel, pointers, floats, constexprs, ones, odd, num_warps, num_stages, default, check_wgmma``:
 ``default`` marks a config the kernels choose by default (it must not spill); ``check_wgmma`` says that the
-16-bit matmuls have 64-row or larger tiles, so they must compile to ``wgmma``.
+16-bit matmuls have 64 or more rows (``wgmma``'s M per warpgroup: BLOCK_M, keys in dK/dV), so they must compile
+to ``wgmma``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ ATTENTION_VARIANTS = {
     "varlen-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=False),
     "dropout": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=True),
     "varlen-dropout-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=True),
+    # padding="skip": all-padding key tiles skipped, only boundary tiles masked
+    "padskip-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=False, PAD_SKIP=True),
     # Gemma-2: logit soft-capping and a sliding window
     "softcap-window-gqa": dict(GROUP=2, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False, SOFTCAP=True,
                                WINDOWED=True),
@@ -50,7 +53,7 @@ ATTENTION_HEAVY = {
 _FWD_FLOATS = ("qk_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
 _BWD_FLOATS = ("qk_scale", "sm_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
 _ODD = ("seqlen_padded", "max_seqlen", "window")
-_META = dict(KPM="u8", CU_SEQLENS="i32", SEED="i64")
+_META = dict(KPM="u8", CU_SEQLENS="i32", RANGES="i32", SEED="i64")
 #: kernel name -> (kind of launch configs, pointer parameters holding q/k/v-dtype data, fp32 pointers, floats, odd)
 ATTENTION_KERNELS = {
     "_attn_fwd_kernel": ("fwd", ("Q", "K", "V", "O"), ("LSE",), _FWD_FLOATS, _ODD + ("num_heads",)),
@@ -85,7 +88,7 @@ def attention_dot_precision(dtype) -> str:
 
 def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant, flags, config, default):
     block_m, block_n, warps, stages = config
-    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False)
+    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, PAD_SKIP=False)
     if kind == "fwd":
         constexprs["STORE_LSE"] = True
     constexprs.update(flags)
@@ -96,12 +99,12 @@ def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, vari
                       BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision)
     pointers = {name: _DTYPES[dtype] for name in data}
     pointers.update({name: "fp32" for name in fp32}, **_META)
-    tiles = (block_m, block_n)
+    rows = block_n if kind == "dkdv" else block_m  # the M of the kernel's matmuls (dK/dV: keys)
     return dict(
         name=f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-{block_m}x{block_n}w{warps}s{stages}",
         kernel=f"{_ATTN}:{kernel}", pointers=pointers, floats=list(floats), constexprs=constexprs,
         ones=["stride_ms"] if flags["HAS_PADDING"] else [], odd=list(odd), num_warps=warps, num_stages=stages,
-        default=default, check_wgmma=dtype != torch.float32 and min(tiles) >= 64,
+        default=default, check_wgmma=dtype != torch.float32 and rows >= 64,
     )
 
 
@@ -126,7 +129,8 @@ def attention_cases() -> list[dict]:
 
 def _prune_flags(flags: dict) -> dict:
     return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
-                is_varlen=flags["IS_VARLEN"])
+                is_varlen=flags["IS_VARLEN"],
+                banded=any(flags.get(flag, False) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")))
 
 
 def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
