@@ -16,6 +16,7 @@ import torch
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.export import export_sentence_transformers
+from llm2vec_fast.pipeline import hidden_states
 from llm2vec_fast.pooling import POOLING_MODES
 from llm2vec_fast.prompts import default_prompts
 
@@ -115,7 +116,7 @@ def test_plain_transformers_loads_it_bidirectional(exported_mean):
     with torch.no_grad():
         states = plain(input_ids=ids).last_hidden_state
         assert not torch.allclose(states[0, 0], plain(input_ids=changed).last_hidden_state[0, 0])
-        ours = encoder._hidden(input_ids=ids)
+        ours = hidden_states(encoder.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     torch.testing.assert_close(states, ours, rtol=1e-5, atol=1e-5)
 
 
@@ -165,7 +166,7 @@ def test_sentence_transformers_trainer_fine_tunes_it(exported_mean, tmp_path, mo
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    patching = importlib.import_module("llm2vec_fast.patch")  # the module, not the function llm2vec_fast.patch
+    patching = importlib.import_module("llm2vec_fast.attention_adapter")  # where patched models call the kernel
 
     _, path = exported_mean
     model = SentenceTransformer(path, trust_remote_code=True, device="cpu")
@@ -248,7 +249,7 @@ def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tm
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from llm2vec_fast.patch import is_patched
+    from llm2vec_fast import is_patched
 
     torch.manual_seed(1)
     lora = get_peft_model(AutoModel.from_pretrained(tiny_smol),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from llm2vec_fast.kernels import masked_next_token_loss
 from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss_reference
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from kernel_ir import int32_index_products  # noqa: E402
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 37, 64, 123
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -160,6 +166,29 @@ def test_frozen_head(impl, variant, reduction):
     torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-scale", "per-row-scale"])
+def test_gemm_chunks_with_16bit_operands(per_row):
+    """The GEMM variant's CUDA arithmetic on CPU: fp16 operands and ``d logits`` (the interpreter writes them),
+    d weight into its fp32 buffer (the fp16 head's branch), against the float64 reference."""
+    from llm2vec_fast.kernels.mntp_loss import _gemm_chunks
+
+    hidden, weight, b, labels = make_inputs(torch.float16, seed=12, bias=True)
+    rows = hidden.reshape(-1, HIDDEN)[: 40]
+    targets = labels.reshape(-1)[: 40].clamp(min=0)
+    scale = torch.rand(40, generator=torch.Generator().manual_seed(3)) if per_row else 0.25
+    lse, target_logit, dh, dw, db = _gemm_chunks(rows, weight, b, targets, 2.0, 7, {"hidden", "weight", "bias"},
+                                                 scale, torch.float16)
+    assert dw.dtype == torch.float32
+    h64, w64, b64 = (t.double().requires_grad_() for t in (rows, weight, b))
+    logits = 2.0 * torch.tanh((h64 @ w64.T + b64) / 2.0)
+    per_row_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    weights = scale.double() if per_row else torch.full((40,), scale, dtype=torch.float64)
+    (per_row_loss * weights).sum().backward()
+    torch.testing.assert_close(lse.double() - target_logit.double(), per_row_loss.detach(), rtol=1e-3, atol=1e-3)
+    for ours, ref in ((dh, h64.grad), (dw, w64.grad), (db, b64.grad)):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-2, atol=2e-3 * ref.abs().max().item())
+
+
 def test_gemm_variant_reads_the_count_once_and_fused_never(monkeypatch):
     """The fused path keeps no host sync (no ``.item()``); the GEMM variant reads the labelled-row count once
     per call (forward), none in the backward."""
@@ -172,6 +201,31 @@ def test_gemm_variant_reads_the_count_once_and_fused_never(monkeypatch):
         leaf = hidden.clone().requires_grad_()
         masked_next_token_loss(leaf, weight, labels, impl="triton", variant=variant).backward()
         assert len(calls) == expected, variant
+
+
+_MNTP = "llm2vec_fast.kernels.mntp_loss"
+_TILES = {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 64, "DOT_PRECISION": "tf32", "HAS_BIAS": True, "HAS_SOFTCAP": True}
+_MNTP_KERNELS = [
+    [_MNTP, "_mntp_loss_fwd_kernel",
+     {"H_ptr": "*bf16", "W_ptr": "*bf16", "B_ptr": "*bf16", "IDX_ptr": "*i64", "Y_ptr": "*i64", "COUNT_ptr": "*i32",
+      "MAX_ptr": "*fp32", "SUMEXP_ptr": "*fp32", "TARGET_ptr": "*fp32"}, _TILES, ["softcap"]],
+    [_MNTP, "_mntp_loss_bwd_kernel",
+     {"H_ptr": "*bf16", "W_ptr": "*bf16", "B_ptr": "*bf16", "IDX_ptr": "*i64", "Y_ptr": "*i64", "COUNT_ptr": "*i32",
+      "LSE_ptr": "*fp32", "GRAD_ptr": "*fp32", "DH_ptr": "*fp32", "DW_ptr": "*fp32", "DB_ptr": "*fp32"},
+     dict(_TILES, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True), ["softcap"]],
+    [_MNTP, "_mntp_row_softmax_kernel",
+     {"Z_ptr": "*fp32", "OUT_ptr": "*bf16", "B_ptr": "*bf16", "Y_ptr": "*i64", "LSE_ptr": "*fp32",
+      "TARGET_ptr": "*fp32"}, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "WRITE_GRAD": True, "BLOCK_V": 2048},
+     ["softcap"]],
+]
+
+
+def test_kernels_compute_offsets_in_int64():
+    """No kernel multiplies int32 index tensors (a 256K vocabulary at hidden 8192 is 2^31 weight elements), read
+    from the sm_90 TTIR with every integer argument an i32 scalar; proves the IR's index arithmetic, runs nothing."""
+    wrapping = int32_index_products(_MNTP_KERNELS)
+    assert sorted(wrapping) == sorted(spec[1] for spec in _MNTP_KERNELS)
+    assert not any(wrapping.values()), wrapping
 
 
 def test_other_ignore_index_is_respected():

@@ -64,13 +64,15 @@ if triton is not None:
     def _infonce_norm_kernel(X, RN, n_rows, dim, stride_x, EPS: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_D: tl.constexpr):
         """RN[r] = 1 / max(|X[r]|, EPS), in fp32."""
-        # int64 row indices: row * stride passes 2^31 once (B + N) x D does (8 ranks x 128K docs at D 4096).
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
+        # row * stride in int64: it passes 2^31 once (B + N) x D does (8 ranks x 128K docs at D 4096). Indices
+        # themselves stay int32 (fewer registers in the tiles' compares).
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_x
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k in range(0, dim, BLOCK_D):
             mask = (rows[:, None] < n_rows) & ((k + cols)[None, :] < dim)
-            x = tl.load(X + rows[:, None] * stride_x + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(x * x, axis=1)
         inv = 1.0 / tl.maximum(tl.sqrt(acc), EPS)
         tl.store(RN + rows, inv, mask=rows < n_rows)
@@ -79,15 +81,15 @@ if triton is not None:
     def _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """scale * cos(Q[rows], DOCS[cols]) as a (BLOCK_M, BLOCK_N) fp32 tile; D is walked in BLOCK_K steps.
-        ``rows`` and ``cols`` are int64, so that ``row * stride`` cannot wrap."""
+        ``row * stride`` is taken in int64, so that it cannot wrap."""
         ks = tl.arange(0, BLOCK_K)
+        q_rows = Q + rows.to(tl.int64)[:, None] * stride_q
+        d_cols = DOCS + cols.to(tl.int64)[None, :] * stride_d
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, dim, BLOCK_K):
             kk = k + ks
-            q = tl.load(Q + rows[:, None] * stride_q + kk[None, :],
-                        mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
-            d = tl.load(DOCS + cols[None, :] * stride_d + kk[:, None],
-                        mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
+            q = tl.load(q_rows + kk[None, :], mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
+            d = tl.load(d_cols + kk[:, None], mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
             acc = tl.dot(q, d, acc, input_precision=DOT_PRECISION)
         rq = tl.load(RQ + rows, mask=rows < n_rows, other=0.0)
         rd = tl.load(RD + cols, mask=cols < n_cols, other=0.0)
@@ -108,7 +110,7 @@ if triton is not None:
         """Partial (running max, sum of exp, target score) of one row block over one range of column tiles."""
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         targets = rows + label_offset
         target_ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
         if HAS_IDS:
@@ -118,7 +120,7 @@ if triton is not None:
         target = tl.zeros((BLOCK_M,), dtype=tl.float32)
         first_tile = split * tiles_per_split
         for tile in range(first_tile, first_tile + tiles_per_split):
-            cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
             s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
@@ -140,8 +142,8 @@ if triton is not None:
                             label_offset, scale, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """SLAB[i, j] = softmax(s)[i, j] - [j == i + label_offset] for the slab's rows, recomputing s."""
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         targets = rows + label_offset
         s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
@@ -151,7 +153,8 @@ if triton is not None:
         lse = tl.load(LSE + rows, mask=rows < n_rows, other=0.0)
         h = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        tl.store(SLAB + rows[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty), mask=mask)
+        tl.store(SLAB + rows.to(tl.int64)[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS: tl.constexpr):

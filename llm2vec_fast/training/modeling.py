@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -14,14 +13,6 @@ from ..bidirectional import patch
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
@@ -91,18 +82,23 @@ def load_base_model(
     return model
 
 
-def add_lora(model, settings: LoraSettings, *, gradient_checkpointing: bool = False):
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+             target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS):
     """Wrap ``model`` with a new trainable LoRA adapter (peft)."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
     return get_peft_model(model, config)
+
+
+def lora_for(model, model_args):
+    """``add_lora`` with the LoRA settings of :class:`~llm2vec_fast.training.arguments.ModelArguments`."""
+    return add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                    target_modules=model_args.lora_target_modules)
+
+
+def kernel_impl(setting: str) -> str:
+    """A stage's ``"auto"``: our Triton kernels on CUDA, PyTorch elsewhere (never the slow Triton interpreter)."""
+    if setting != "auto":
+        return setting
+    return "auto" if torch.cuda.is_available() else "torch"

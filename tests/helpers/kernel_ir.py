@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
+import subprocess
 import sys
 
 
@@ -35,6 +38,23 @@ def signature_of(fn, pointers: dict, constexprs: dict, floats=()) -> dict:
     below 2^31: the case in which int32 offset arithmetic would wrap)."""
     return {name: ("constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32"))
             for name in fn.arg_names}
+
+
+def int32_index_products(specs: list) -> dict:
+    """For each kernel of ``specs`` (``[module, kernel, pointers, constexprs, floats]``), the lines of its TTIR
+    that multiply int32 tensors: ``row * stride`` computed there wraps once it reaches 2^31. Runs in a fresh
+    process with ``TRITON_INTERPRET=0``."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, __file__, json.dumps(specs)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    irs = json.loads(out.stdout)
+    missing = {spec[1] for spec in specs} - set(irs)
+    if missing or not all("tt.addptr" in ttir for ttir in irs.values()):
+        raise RuntimeError(f"no IR (or no pointer arithmetic) for {sorted(missing) or sorted(irs)}")
+    pattern = re.compile(r"arith\.muli .*: tensor<[0-9x]*xi32>")
+    return {name: [line.strip() for line in ttir.splitlines() if pattern.search(line)] for name, ttir in irs.items()}
 
 
 if __name__ == "__main__":
