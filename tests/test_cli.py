@@ -22,13 +22,20 @@ ENCODE = ["encode", "--model", "m", "--input", "in.jsonl", "--output", "out"]
 def test_log_level_before_the_subcommand_in_any_spelling(head):
     argv = [*head, *ENCODE]
     args = cli.build_parser(argv).parse_args(argv)
-    assert (args.log_level, args.command, args.model, args.input) == ("DEBUG", "encode", "m", "in.jsonl")
+    assert (args.cli_log_level, args.command, args.model, args.input) == ("DEBUG", "encode", "m", "in.jsonl")
 
 
-def test_log_level_before_a_training_stage():
-    argv = ["--log-level=WARNING", "train", "mntp", "--config", "c.json", "--set", "a=1"]
+def test_log_level_before_a_training_stage_is_not_the_stages_own_log_level():
+    # The stage has a log_level setting of its own (TrainingArguments'): the global option must not fill it,
+    # or every stage would be handed the global default "INFO", which it refuses.
+    for head in ([], ["--log-level=WARNING"]):
+        argv = [*head, "train", "mntp", "--config", "c.json", "--max_steps", "3"]
+        args = cli.build_parser(argv).parse_args(argv)
+        assert (args.stage, args.config, args.max_steps) == ("mntp", "c.json", 3)
+        assert args.cli_log_level == ("WARNING" if head else "INFO") and "log_level" not in vars(args)
+    argv = ["train", "mntp", "--config", "c.json", "--log-level", "debug"]  # after the stage: the stage's own
     args = cli.build_parser(argv).parse_args(argv)
-    assert (args.log_level, args.stage, args.config, args.overrides) == ("WARNING", "mntp", "c.json", ["a=1"])
+    assert (args.cli_log_level, args.log_level) == ("INFO", "debug")
 
 
 @pytest.mark.parametrize("head", [["--log-level", "LOUD"], ["--log-level=LOUD"]])
