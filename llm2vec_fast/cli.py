@@ -34,8 +34,8 @@ USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
-    # A dest of its own: the subcommands' options share the namespace, and a training stage has a log_level
-    # setting of its own (TrainingArguments') that this one must not fill.
+    # Its own dest: the training stages take TrainingArguments' ``--log_level`` (transformers' logging), which
+    # must not receive this one's value.
     parser.add_argument("--log-level", dest="cli_log_level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="logging level (default INFO)")
 

@@ -25,15 +25,24 @@ def test_log_level_before_the_subcommand_in_any_spelling(head):
     assert (args.cli_log_level, args.command, args.model, args.input) == ("DEBUG", "encode", "m", "in.jsonl")
 
 
-def test_log_level_before_a_training_stage_is_not_the_stages_own_log_level():
-    # The stage has a log_level setting of its own (TrainingArguments'): the global option must not fill it,
-    # or every stage would be handed the global default "INFO", which it refuses.
-    for head in ([], ["--log-level=WARNING"]):
-        argv = [*head, "train", "mntp", "--config", "c.json", "--max_steps", "3"]
-        args = cli.build_parser(argv).parse_args(argv)
-        assert (args.stage, args.config, args.max_steps) == ("mntp", "c.json", 3)
-        assert args.cli_log_level == ("WARNING" if head else "INFO") and "log_level" not in vars(args)
-    argv = ["train", "mntp", "--config", "c.json", "--log-level", "debug"]  # after the stage: the stage's own
+def test_log_level_before_a_training_stage():
+    """The global level is not a training setting: TrainingArguments' own ``log_level`` (transformers' logging,
+    lower-case choices) is left alone unless given after the stage."""
+    from llm2vec_fast.training.arguments import overrides_from
+
+    argv = ["--log-level=WARNING", "train", "mntp", "--config", "c.json", "--learning_rate", "1e-4"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.cli_log_level, args.stage, args.config) == ("WARNING", "mntp", "c.json")
+    assert overrides_from(args, "mntp") == {"learning_rate": 1e-4}
+
+
+def test_the_global_default_stays_out_of_a_stage_and_a_level_after_the_stage_is_the_stages():
+    # Without any --log-level the global default ("INFO") must not reach the stage's own log_level either,
+    # which refuses it (every recipe stage failed so).
+    argv = ["train", "mntp", "--config", "c.json", "--max_steps", "3"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.cli_log_level, args.max_steps) == ("INFO", 3) and "log_level" not in vars(args)
+    argv = ["train", "mntp", "--config", "c.json", "--log-level", "debug"]
     args = cli.build_parser(argv).parse_args(argv)
     assert (args.cli_log_level, args.log_level) == ("INFO", "debug")
 
