@@ -538,7 +538,6 @@ def _encode_shards(source, output, settings, encoder, device, writer, rank, worl
     bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text", disable=disable,
                position=rank if world > 1 else None)
     progress = _BatchProgress(bar)
-    counts = {"rows": 0, "encoded": 0, "bad": 0}
     first_problem = None
     current: list[Row] = []
 
@@ -551,15 +550,11 @@ def _encode_shards(source, output, settings, encoder, device, writer, rank, worl
     try:
         for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None,
                              wanted=wanted):
-            counts["rows"] += 1
             if row.text is None:
-                counts["bad"] += 1
                 progress.bad += 1
                 first_problem = first_problem or row.problem
-                # A lower bound of the run's count: stop as soon as the policy is broken, not at the end.
-                _check_bad_rows(settings, counts["bad"], 0, 0, first_problem)
-            else:
-                counts["encoded"] += 1
+                # This rank's count is a lower bound of the run's: stop as soon as the policy is broken.
+                _check_bad_rows(settings, progress.bad, 0, 0, first_problem)
             if current and row.index // settings.shard_size != current[0].index // settings.shard_size:
                 flush(current)
                 current = []

@@ -36,6 +36,17 @@ def test_log_level_before_a_training_stage():
     assert overrides_from(args, "mntp") == {"learning_rate": 1e-4}
 
 
+def test_the_global_default_stays_out_of_a_stage_and_a_level_after_the_stage_is_the_stages():
+    # Without any --log-level the global default ("INFO") must not reach the stage's own log_level either,
+    # which refuses it (every recipe stage failed so).
+    argv = ["train", "mntp", "--config", "c.json", "--max_steps", "3"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.cli_log_level, args.max_steps) == ("INFO", 3) and "log_level" not in vars(args)
+    argv = ["train", "mntp", "--config", "c.json", "--log-level", "debug"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert (args.cli_log_level, args.log_level) == ("INFO", "debug")
+
+
 @pytest.mark.parametrize("head", [["--log-level", "LOUD"], ["--log-level=LOUD"]])
 def test_unknown_log_level_is_an_argparse_error(head, capsys):
     with pytest.raises(SystemExit) as exit_info:
