@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "safetensors",
         "numpy",
+        "packaging",
     ],
     extras_require={
         "dev": [

@@ -2,6 +2,9 @@
 
 ``llm2vec_fast.patch(model)`` makes a Hugging Face decoder bidirectional through our attention kernel;
 ``llm2vec_fast.LLM2Vec`` is the encoder; ``llm2vec_fast.kernels`` holds the fused ops.
+
+The public names are imported on first use, so that ``import llm2vec_fast`` (and ``llm2vec-fast --help``)
+does not import torch.
 """
 
 from __future__ import annotations
@@ -13,42 +16,40 @@ __version__ = "0.1.0"
 _MINIMUM_VERSIONS = {"torch": "2.5", "triton": "3.2", "transformers": "5.0"}
 
 
+def _older_than(installed: str, minimum: str) -> bool:
+    from packaging.version import Version
+
+    # A pre-release of the minimum (3.2.0rc1) is older than the minimum; a local tag (2.13.0+cpu) counts as its
+    # release.
+    return Version(installed) < Version(minimum)
+
+
 def _check_versions() -> None:
     from importlib.metadata import PackageNotFoundError, version
-
-    def as_tuple(text: str) -> tuple[int, ...]:
-        parts = []
-        for piece in text.split("+")[0].split(".")[:3]:
-            digits = "".join(ch for ch in piece if ch.isdigit())
-            parts.append(int(digits or 0))
-        return tuple(parts)
 
     for package, minimum in _MINIMUM_VERSIONS.items():
         try:
             installed = version(package)
         except PackageNotFoundError:
-            if package == "triton":  # optional on CPU-only machines: the PyTorch references run instead
-                continue
             raise ImportError(f"llm2vec-fast needs {package}>={minimum}, which is not installed") from None
-        if as_tuple(installed) < as_tuple(minimum):
+        if _older_than(installed, minimum):
             raise ImportError(f"llm2vec-fast needs {package}>={minimum}, found {installed}")
 
 
 _check_versions()
 
-# Imported eagerly: once the submodule ``llm2vec_fast.patch`` is imported (by anyone), Python binds the package
-# attribute ``patch`` to that module, so a lazy ``__getattr__`` would then hand out the module, not the function.
-from .patch import patch, unpatch  # noqa: E402
-
 _LAZY = {
+    "patch": "llm2vec_fast.bidirectional",
+    "unpatch": "llm2vec_fast.bidirectional",
+    "unpatched": "llm2vec_fast.bidirectional",
+    "is_patched": "llm2vec_fast.bidirectional",
     "LLM2Vec": "llm2vec_fast.encoder",
 }
 
-__all__ = ["patch", "unpatch", "LLM2Vec", "__version__"]
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
-    # Imported on first use so that `import llm2vec_fast.kernels` stays light.
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llm2vec_fast' has no attribute {name!r}")

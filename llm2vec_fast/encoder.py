@@ -16,7 +16,6 @@ same pooling over the non-instruction tokens). Where it differs, it is on purpos
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -231,7 +230,7 @@ class LLM2Vec(torch.nn.Module):
         settings.update({k: v for k, v in explicit.items() if v is not None})
 
         if enable_bidirectional:
-            from .patch import patch
+            from .bidirectional import patch
 
             patch(model, attention_impl=attention_impl)
         model.eval()
@@ -243,23 +242,17 @@ class LLM2Vec(torch.nn.Module):
         With a PEFT-wrapped model, only the adapter is written unless ``merge_before_save``; the adapter then
         loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec.
         """
+        from . import transformers_compat
+        from .bidirectional import unpatched
+
         if merge_before_save and hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
-            if hasattr(self.model, "_hf_peft_config_loaded"):
-                self.model._hf_peft_config_loaded = False
+            transformers_compat.forget_loaded_adapter(self.model)
         os.makedirs(output_path, exist_ok=True)
-        patching = importlib.import_module("llm2vec_fast.patch")
-
-        # The model is written as it was before patching (is_causal, use_cache, attention implementation),
-        # so that transformers and llm2vec load the plain model; the patch is put back afterwards.
-        state = getattr(patching._base_model(self.model), patching._STATE_ATTRIBUTE, None)
-        if state is not None:
-            patching.unpatch(self.model)
-        try:
+        # Written as it was before patching (is_causal, use_cache, attention implementation), so that transformers
+        # and llm2vec load the plain model.
+        with unpatched(self.model):
             self.model.save_pretrained(output_path)
-        finally:
-            if state is not None:
-                patching.patch(self.model, attention_impl=state.get("impl", "auto"))
         self.tokenizer.save_pretrained(output_path)
         if save_config:
             settings = {k: getattr(self, k) for k in ENCODER_KEYS}
@@ -383,7 +376,7 @@ class LLM2Vec(torch.nn.Module):
         # fast or faster on a quiet machine (docs/PERF.md), so CPU pads. An unpatched model always pads.
         if self.packed is not None:
             return bool(self.packed)
-        from .patch import is_patched
+        from .bidirectional import is_patched
 
         return device.type == "cuda" and is_patched(self.model)
 

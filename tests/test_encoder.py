@@ -195,7 +195,7 @@ def test_save_and_from_pretrained_round_trip(tokenizer, tmp_path):
                       "skip_instruction": True}
     # The plain model is written (not our patch's settings), and the encoder stays patched.
     assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("is_causal") in (None, True)
-    from llm2vec_fast.patch import is_patched
+    from llm2vec_fast import is_patched
 
     assert is_patched(encoder.model)
     loaded = LLM2Vec.from_pretrained(str(tmp_path / "saved"), attention_impl="torch")

@@ -14,9 +14,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from llm2vec_fast import patch, unpatch
-
-patch_module = importlib.import_module("llm2vec_fast.patch")  # the module: `llm2vec_fast.patch` is the function
+from llm2vec_fast import is_patched, patch, unpatch
 
 IMPLS = ("auto", "torch")
 ATOL, RTOL = 2e-5, 1e-4  # fp32, two layers: summation-order differences only
@@ -68,7 +66,7 @@ def model_state(model):
         "config_dropout": getattr(config, "attention_dropout", "<absent>"),
         "module_dropout": [m.attention_dropout for m in modules],
         "module_causal": [m.is_causal for m in modules],
-        "patched": patch_module.is_patched(model),
+        "patched": is_patched(model),
     }
 
 
@@ -211,6 +209,23 @@ def test_patch_is_idempotent_and_repatching_replaces_options():
     assert model_state(model) == original
     with pytest.raises(ValueError, match="not patched"):
         unpatch(model)
+
+
+def test_unpatched_gives_the_plain_model_for_a_block_and_patches_back_with_the_same_options():
+    from llm2vec_fast import unpatched
+
+    model = build_tiny_model("llama")
+    original = model_state(model)
+    with unpatched(model):  # not patched: left as it is
+        assert model_state(model) == original
+    patch(model, attention_impl="torch", attention_dropout=0.2)
+    patched = model_state(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with unpatched(model):
+            assert model_state(model) == original
+            raise RuntimeError("inside")
+    assert model_state(model) == patched  # patched again after the exception, dropout and impl included
+    assert model.config._attn_implementation == "llm2vec_fast_torch"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

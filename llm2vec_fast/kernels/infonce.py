@@ -32,12 +32,8 @@ import torch
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs without triton use the PyTorch path
-    triton = None
-    tl = None
+import triton
+import triton.language as tl
 
 # The norm clamp of torch.nn.functional.normalize, which sentence-transformers' cos_sim uses.
 NORM_EPS = 1e-12

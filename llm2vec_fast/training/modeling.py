@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..builtin_models import resolve_model
-from ..patch import patch
+from ..bidirectional import patch
 
 logger = logging.getLogger(__name__)
 

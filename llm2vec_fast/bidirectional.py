@@ -1,0 +1,232 @@
+"""How a Hugging Face decoder becomes bidirectional and runs our attention kernel: ``patch`` and ``unpatch``.
+
+``patch(model)`` works through transformers' own registries (no class reassignment, no copied forward
+methods): it registers our attention function and its padding-mask builder
+(``llm2vec_fast.attention_adapter``), sets ``config.is_causal = False`` (so that transformers builds a
+padding-only mask and passes ``is_causal=False`` to every attention call) and selects the function with
+``model.set_attn_implementation``. ``unpatch(model)`` puts back exactly what ``patch`` changed, and
+``with unpatched(model):`` does so for the length of a block (saving the plain model, for instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch.nn as nn
+
+from . import transformers_compat as compat
+from .attention_adapter import ATTENTION_NAMES, register
+from .kernels._dispatch import IMPLEMENTATIONS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["patch", "unpatch", "unpatched", "is_patched", "ATTENTION_NAMES"]
+
+_STATE_ATTRIBUTE = "_llm2vec_fast_patch_state"
+
+_MISSING = object()
+
+
+def _base_model(model: nn.Module):
+    """The outermost transformers ``PreTrainedModel`` in ``model`` (itself, or the one inside a PEFT wrapper)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"llm2vec_fast.patch expects a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise TypeError(
+        f"llm2vec_fast.patch: no transformers PreTrainedModel found inside {type(model).__name__}; "
+        "patch works on Hugging Face models (bare, ...ForCausalLM, or PEFT-wrapped)"
+    )
+
+
+def _all_configs(base) -> list:
+    """The configs of every sub-model and their nested sub-configs, each once."""
+    from transformers import PreTrainedModel
+
+    found: dict[int, Any] = {}
+    pending = [m.config for m in base.modules() if isinstance(m, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if config is None or id(config) in found:
+            continue
+        found[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            pending.append(getattr(config, key, None))
+    return list(found.values())
+
+
+def _attention_modules(base) -> list[nn.Module]:
+    """Self-attention modules in transformers' layout: an ``*Attention*`` class with an ``is_causal`` flag."""
+    return [m for m in base.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
+
+
+def _check_can_patch(base) -> None:
+    name = type(base).__name__
+    configs = _all_configs(base)
+    if any(getattr(c, "is_encoder_decoder", False) for c in configs):
+        raise ValueError(
+            f"llm2vec_fast.patch: {name} is an encoder-decoder model; patch makes decoder-only LLMs bidirectional"
+        )
+    if not compat.routes_attention_through_interface(base):
+        raise ValueError(
+            f"llm2vec_fast.patch: {name} does not call attention through transformers' AttentionInterface "
+            "(ALL_ATTENTION_FUNCTIONS), so its attention cannot be replaced"
+        )
+    modules = _attention_modules(base)
+    if not modules:
+        raise ValueError(f"llm2vec_fast.patch: no self-attention modules with an is_causal flag found in {name}")
+    if not any(bool(m.is_causal) for m in modules):
+        raise ValueError(
+            f"llm2vec_fast.patch: {name} has no causal attention (an encoder-only model?): it is bidirectional already"
+        )
+    for config in configs:
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise NotImplementedError(
+                f"llm2vec_fast.patch: {name} soft-caps its attention logits (attn_logit_softcapping={softcap}), which "
+                "the llm2vec_fast kernel does not implement. Set config.attn_logit_softcapping = None before patching "
+                "if you accept that change to the model."
+            )
+    windows = {getattr(c, "sliding_window", None) for c in configs} - {None}
+    if windows:
+        logger.info(
+            "llm2vec_fast.patch: %s has sliding attention windows %s: inputs longer than window + 1 tokens raise at "
+            "call time (the kernel computes full attention only)", name, sorted(windows)
+        )
+
+
+def _set_attribute(record: list, obj: Any, attribute: str, value: Any) -> None:
+    record.append((obj, attribute, getattr(obj, attribute, _MISSING)))
+    setattr(obj, attribute, value)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` (or the PreTrainedModel inside it) is currently patched by llm2vec_fast."""
+    return getattr(_base_model(model), _STATE_ATTRIBUTE, None) is not None
+
+
+def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: float | None = None) -> nn.Module:
+    """Make a Hugging Face decoder bidirectional, running ``llm2vec_fast.kernels.bidirectional_attention``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (``LlamaModel``, ``...ForCausalLM``...) or a module wrapping one
+            (a PEFT ``PeftModel``); the outermost PreTrainedModel inside it is patched, with all its sub-models.
+        attention_impl: the kernel's ``impl``: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, PyTorch
+            SDPA elsewhere), ``"triton"`` or ``"torch"``.
+        attention_dropout: if given, the attention dropout probability the model's attention modules use in training
+            (llm2vec's SimCSE stage uses 0.3); None keeps the model's own value.
+
+    Returns:
+        ``model``, patched in place. Patching again replaces the earlier patch (same result as patching once);
+        ``unpatch(model)`` restores exactly the state before the first patch.
+
+    Changes made (all undone by ``unpatch``): ``config.is_causal = False`` and ``config.use_cache = False`` on every
+    (sub-)config, the attention implementation (``model.set_attn_implementation``), and with ``attention_dropout``
+    the ``attention_dropout`` of the configs and of every attention module.
+
+    Packed input: the patched model accepts sequences packed into one row with no padding, either as
+    ``position_ids`` of shape ``(1, total)`` restarting at 0 for each sequence (no attention mask, or an all-ones
+    one), or with transformers' FlashAttention kwargs ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, ``(n + 1,)``)
+    and ``max_length_q``/``max_length_k`` passed to ``forward``. Each sequence attends only within itself.
+
+    Errors: encoder-decoder or encoder-only models, models whose attention does not go through transformers'
+    ``AttentionInterface``, attention logit soft-capping (Gemma-2) raise here. At call time: a key/value cache or
+    ``use_cache=True`` (a bidirectional model cannot decode incrementally), ``is_causal=True``, an input longer
+    than an active sliding window + 1, custom mask functions.
+    """
+    if attention_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"llm2vec_fast.patch: attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")
+    if attention_dropout is not None:
+        if isinstance(attention_dropout, bool) or not isinstance(attention_dropout, (int, float)):
+            raise TypeError(f"llm2vec_fast.patch: attention_dropout must be a float, got {attention_dropout!r}")
+        if not 0.0 <= float(attention_dropout) < 1.0:
+            raise ValueError(f"llm2vec_fast.patch: attention_dropout must be in [0, 1), got {attention_dropout}")
+
+    base = _base_model(model)
+    if getattr(base, _STATE_ATTRIBUTE, None) is not None:
+        unpatch(model)  # re-patching == patching once with the new arguments
+    _check_can_patch(base)
+    register()
+
+    from transformers import PreTrainedModel
+
+    record: list = []
+    implementations = [
+        (m.config, compat.own_attn_implementation(m.config))
+        for m in base.modules()
+        if isinstance(m, PreTrainedModel)
+    ]
+    name = ATTENTION_NAMES[attention_impl]
+    base.set_attn_implementation(name)
+    unset = [
+        type(m).__name__
+        for m in base.modules()
+        if isinstance(m, PreTrainedModel) and compat.attn_implementation(m.config) != name
+    ]
+    if unset:
+        _restore_implementations(base, implementations)
+        raise ValueError(f"llm2vec_fast.patch: could not set the attention implementation of {sorted(set(unset))}")
+
+    for config in _all_configs(base):
+        _set_attribute(record, config, "is_causal", False)
+        if hasattr(config, "use_cache"):
+            _set_attribute(record, config, "use_cache", False)
+        if attention_dropout is not None and hasattr(config, "attention_dropout"):
+            _set_attribute(record, config, "attention_dropout", float(attention_dropout))
+    if attention_dropout is not None:
+        for module in _attention_modules(base):
+            if hasattr(module, "attention_dropout"):
+                _set_attribute(record, module, "attention_dropout", float(attention_dropout))
+
+    setattr(base, _STATE_ATTRIBUTE, {"record": record, "implementations": implementations, "impl": attention_impl,
+                                     "attention_dropout": attention_dropout})
+    logger.info("llm2vec_fast: patched %s to bidirectional attention (%s)", type(base).__name__, name)
+    return model
+
+
+def _restore_implementations(base, implementations: list) -> None:
+    base.set_attn_implementation(implementations[0][1])
+    for config, value in implementations:  # sub-models that had their own implementation
+        if compat.own_attn_implementation(config) != value:
+            compat.set_own_attn_implementation(config, value)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the attention implementation, ``is_causal``, ``use_cache`` and attention dropout as they were.
+
+    Raises ValueError if ``model`` is not patched. Returns ``model``.
+    """
+    base = _base_model(model)
+    state = getattr(base, _STATE_ATTRIBUTE, None)
+    if state is None:
+        raise ValueError(f"llm2vec_fast.unpatch: {type(base).__name__} is not patched")
+    for obj, attribute, previous in reversed(state["record"]):
+        if previous is _MISSING:
+            delattr(obj, attribute)
+        else:
+            setattr(obj, attribute, previous)
+    _restore_implementations(base, state["implementations"])
+    delattr(base, _STATE_ATTRIBUTE)
+    logger.info("llm2vec_fast: unpatched %s", type(base).__name__)
+    return model
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """``with unpatched(model):`` the model as it was before ``patch`` (causal, its own attention), patched again
+    with the same settings afterwards, even on an exception. A model that is not patched is left as it is."""
+    state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
+    if state is None:
+        yield model
+        return
+    unpatch(model)
+    try:
+        yield model
+    finally:
+        patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"])
