@@ -360,6 +360,155 @@ def test_torch_impl_fully_padded_rows_and_varlen():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Soft-capping, sliding window, causal mode
+# ---------------------------------------------------------------------------------------------------------
+
+# small windows leave whole key tiles outside (the interpreter's tiles are 16 and 32 wide), 20 spans tiles; the
+# soft-caps are small enough that tanh bends the scores of random inputs
+FLAGS = [
+    pytest.param(dict(causal=True), id="causal"),
+    pytest.param(dict(window=5), id="window5"),
+    pytest.param(dict(logit_softcap=1.5), id="softcap"),
+    pytest.param(dict(causal=True, window=20), id="causal-window20"),
+    pytest.param(dict(window=20, logit_softcap=2.0), id="window20-softcap"),
+    pytest.param(dict(causal=True, window=5, logit_softcap=1.5), id="causal-window5-softcap"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("flags", FLAGS)
+def test_flags_padded_matches_reference(flags, dtype):
+    """Rows unpadded, left+right padded and fully padded, GQA, seq 37, forward and dq/dk/dv."""
+    q, k, v = _inputs((3, 37, 6, 64), (3, 37, 2, 64), dtype)
+    mask = _padding_mask(3, 37)
+    out, dq, dk, dv = _compare(q, k, v, dtype, key_padding_mask=mask, **flags)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.all(t[~mask] == 0), f"{name} of padded tokens must be zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("flags", FLAGS)
+def test_flags_varlen_matches_reference(flags, dtype):
+    lengths = [1, 37, 20, 2, 33]
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((sum(lengths), 4, 64), (sum(lengths), 1, 64), dtype)
+    _compare(q, k, v, dtype, cu_seqlens=cu, max_seqlen=max(lengths), **flags)
+
+
+@pytest.mark.parametrize("flags", [FLAGS[3], FLAGS[4]])
+def test_flags_odd_head_dim_and_other_tiles(flags):
+    """head_dim 40 (padded to 64 in registers) and the interpreter's M/N tiles swapped: the band's tile bounds
+    must not assume square tiles."""
+    import triton
+
+    q, k, v = _inputs((2, 37, 4, 40), (2, 37, 2, 40), torch.float32)
+    configs = dict(
+        fwd=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+        dq=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+        dkdv=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    )
+    _compare(q, k, v, torch.float32, key_padding_mask=_padding_mask(2, 37), **flags)
+    with forced_configs(**configs):
+        _compare(q, k, v, torch.float32, key_padding_mask=_padding_mask(2, 37), **flags)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("flags", [FLAGS[1], FLAGS[3]])
+def test_flags_padded_row_equals_unpadded_sequence(flags, side, impl):
+    """The window and causal distances are row indices: a left- or right-padded sequence gives what it gives
+    alone, unpadded."""
+    seq, real = 37, 26
+    q, k, v = _inputs((1, real, 4, 64), (1, real, 2, 64), torch.float32)
+    lo = seq - real if side == "left" else 0
+    padded = [torch.randn(1, seq, t.shape[2], 64, device=DEVICE) for t in (q, k, v)]
+    for p, t in zip(padded, (q, k, v)):
+        p[:, lo : lo + real] = t.detach()
+    mask = torch.zeros(1, seq, dtype=torch.bool, device=DEVICE)
+    mask[:, lo : lo + real] = True
+    with torch.no_grad():
+        alone = bidirectional_attention(q, k, v, impl=impl, **flags)
+        out = bidirectional_attention(*padded, key_padding_mask=mask, impl=impl, **flags)
+    torch.testing.assert_close(out[:, lo : lo + real], alone, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_torch_impl_flags_match_reference(flags):
+    """The CPU path (SDPA with a band mask; the explicit computation for soft-capping), padded with a fully
+    padded row (finite gradients) and packed."""
+    q, k, v = _inputs((3, 37, 6, 64), (3, 37, 2, 64), torch.float32, device="cpu")
+    mask = _padding_mask(3, 37).cpu()
+    out = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="torch", **flags)
+    ref = bidirectional_attention_reference(q, k, v, key_padding_mask=mask, **flags)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(_grads(out, (q, k, v), grad_out), _grads(ref, (q, k, v), grad_out)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    lengths = [1, 37, 20]
+    cu = _cu_seqlens(lengths).cpu()
+    q, k, v = _inputs((58, 6, 64), (58, 2, 64), torch.float32, device="cpu")
+    with torch.no_grad():
+        out = bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=37, impl="torch", **flags)
+        ref = bidirectional_attention_reference(q, k, v, cu_seqlens=cu, max_seqlen=37, **flags)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_softcap_matches_gemma2_order():
+    """Gemma-2's eager attention: scores * scaling, then softcap * tanh(scores / softcap), then the mask."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 9, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * 0.25
+    scores = torch.tanh(scores / 3.0) * 3.0
+    scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    want = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
+    got = bidirectional_attention_reference(q, k, v, softmax_scale=0.25, logit_softcap=3.0, causal=True)
+    torch.testing.assert_close(got, want)
+
+
+def _poisoned(tensors, rows):
+    """Copies with NaN at ``rows`` of the token dimension."""
+    out = []
+    for t in tensors:
+        t = t.detach().clone()
+        t[:, rows] = float("nan")
+        out.append(t.requires_grad_())
+    return out
+
+
+@pytest.mark.parametrize("flags", [dict(window=5), dict(causal=True), dict(causal=True, window=5)],
+                         ids=["window5", "causal", "causal-window5"])
+def test_tiles_outside_the_band_are_not_visited(flags):
+    """NaN in q, k, v and dO at tokens that no output row below depends on: a kernel that visited their tiles
+    and only masked them would turn those rows into NaN (0 * NaN), one that skips them gives exactly the clean
+    result. 16 x 16 tiles, seq 64: with window 5 (or causal) query rows 0-31 never reach tokens 48-63, nor
+    (window 5) keys 0-15 queries 32-63; in causal mode keys 48-63 never see queries 0-15."""
+    import triton
+
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    q, k, v = _inputs((1, 64, 2, 64), (1, 64, 1, 64), torch.float32)
+    do = torch.randn(1, 64, 2, 64, device=DEVICE)
+    with forced_configs(fwd=config, dq=config, dkdv=config):
+        clean_out = bidirectional_attention(q, k, v, impl="triton", **flags)
+        clean = (clean_out,) + _grads(clean_out, (q, k, v), do)
+        *pq, pdo = _poisoned((q, k, v, do), slice(48, 64))
+        out = bidirectional_attention(*pq, impl="triton", **flags)
+        got = (out,) + _grads(out, pq, pdo)
+        for i in range(2):  # out, dq
+            torch.testing.assert_close(got[i][:, :32], clean[i][:, :32], atol=0, rtol=0)
+        if flags.get("window"):  # dk, dv; (without a window keys 0-15 are seen by queries 48-63)
+            for i in (2, 3):
+                torch.testing.assert_close(got[i][:, :16], clean[i][:, :16], atol=0, rtol=0)
+        if flags.get("causal"):  # key tiles 48-63 never visit query tile 0-15; K/V stay clean so O rows 16+ do
+            pq, pdo = _poisoned((q, do), slice(0, 16))
+            inputs = (pq, k, v)
+            out = bidirectional_attention(*inputs, impl="triton", **flags)
+            got = (out,) + _grads(out, inputs, pdo)
+            for i in (2, 3):
+                torch.testing.assert_close(got[i][:, 48:], clean[i][:, 48:], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------------------------------------
 
@@ -394,6 +543,17 @@ def _bad_cases():
         ("cu length", dict(q=qp, k=kp, v=kp, cu_seqlens=cu[:1], max_seqlen=3), r"batch \+ 1"),
         ("packed 4-D", dict(q=q, k=k, v=k, cu_seqlens=cu, max_seqlen=4), r"total_tokens, heads, head_dim"),
         ("impl", dict(q=q, k=k, v=k, impl="cuda"), r"impl must be one of"),
+        ("window 0", dict(q=q, k=k, v=k, window=0), r"window must be an int >= 1"),
+        ("window float", dict(q=q, k=k, v=k, window=2.5), r"window must be an int >= 1"),
+        ("window bool", dict(q=q, k=k, v=k, window=True), r"window must be an int >= 1"),
+        ("softcap 0", dict(q=q, k=k, v=k, logit_softcap=0.0), r"logit_softcap must be a positive"),
+        ("softcap<0", dict(q=q, k=k, v=k, logit_softcap=-30.0), r"logit_softcap must be a positive"),
+        ("softcap inf", dict(q=q, k=k, v=k, logit_softcap=float("inf")), r"logit_softcap must be a positive"),
+        ("causal str", dict(q=q, k=k, v=k, causal="yes"), r"causal must be a bool"),
+        ("causal empty seq", dict(q=qp, k=kp, v=kp, cu_seqlens=torch.tensor([0, 3, 3, 7], dtype=torch.int32),
+                                  max_seqlen=4, causal=True), r"strictly increasing"),
+        ("causal short cu", dict(q=qp, k=kp, v=kp, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32),
+                                 max_seqlen=4, causal=True), r"ending at total_tokens"),
     ]
 
 

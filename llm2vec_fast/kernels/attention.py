@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -182,6 +183,8 @@ def _launch(kernel, kind: str, grid, *args, **kwargs):
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "IS_VARLEN", "HAS_PADDING", "HAS_DROPOUT", "GROUP", "DOT_PRECISION"]
+# The band and soft-cap specializations change the work per tile: tuned apart (the window itself is not a key).
+_AUTOTUNE_KEY_BAND = _AUTOTUNE_KEY + ["CAUSAL", "WINDOWED", "SOFTCAP"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,11 +203,82 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through exp2 of a non-positive argument (no overflow; every backend and the interpreter have exp2);
+    absolute error ~1e-7, which is what the soft-capped logits need."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * 1.4426950408889634))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(qk, cap_in, cap_out):
+    """Soft-capped unscaled scores and the tanh (for the backward): ``cap_out * tanh(qk * cap_in)`` with
+    ``cap_in = scale / softcap`` and ``cap_out = softcap / scale``, so that multiplying by the softmax scale
+    afterwards gives ``softcap * tanh(qk * scale / softcap)``, as Gemma-2 does."""
+    t = _tanh(qk * cap_in)
+    return t * cap_out, t
+
+
+@triton.jit
+def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """Band mask of a tile (broadcastable int32 index tiles): causal ``k <= q``, window ``|q - k| < window``
+    (causal and window: ``q - window < k <= q``)."""
+    diff = q_idx - k_idx
+    if CAUSAL:
+        ok = diff >= 0
+        if WINDOWED:
+            ok = ok & (diff < window)
+    else:
+        ok = (diff < window) & (diff > -window)
+    return ok
+
+
+@triton.jit
+def _band_tiles(
+    start, seqlen, window,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    KEYS_OUTER: tl.constexpr,
+):
+    """Loop bounds of the inner tiles for the outer tile ``[start, start + BLOCK_OUT)`` (queries, or keys when
+    ``KEYS_OUTER``): masked inner tiles ``[a, b)``, full tiles ``[b, c)`` that need no mask at all, masked tiles
+    ``[c, d)``. Tiles outside ``[a, d)`` see nothing (above the diagonal, outside the window) and are never
+    visited. Without causal/window: ``[0, 0)``, every full tile, then the tail tile past the last full one."""
+    lo = 0  # visible inner range [lo, hi)
+    hi = seqlen
+    full_lo = 0  # inner positions visible from every outer position of the tile: [full_lo, full_hi)
+    full_hi = seqlen
+    if WINDOWED:
+        lo = tl.maximum(start - window + 1, 0)
+        hi = tl.minimum(start + BLOCK_OUT + window - 1, seqlen)
+        full_lo = tl.maximum(start + BLOCK_OUT - window, 0)
+        full_hi = tl.minimum(start + window, seqlen)
+    if CAUSAL:
+        if KEYS_OUTER:  # inner = queries i >= key j
+            lo = tl.maximum(lo, start)
+            full_lo = tl.maximum(full_lo, start + BLOCK_OUT - 1)
+        else:  # inner = keys j <= query i
+            hi = tl.minimum(hi, start + BLOCK_OUT)
+            full_hi = tl.minimum(full_hi, start + 1)
+    d = tl.cdiv(hi, BLOCK_IN) * BLOCK_IN
+    c = (full_hi // BLOCK_IN) * BLOCK_IN
+    if CAUSAL or WINDOWED:
+        a = (lo // BLOCK_IN) * BLOCK_IN
+        b = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_IN) * BLOCK_IN, a), d)
+        c = tl.minimum(tl.maximum(c, b), d)
+    else:
+        a = 0
+        b = 0
+    return a, b, c, d
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p,
+    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -213,7 +287,7 @@ def _attn_fwd_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             kv_mask = (offs_n[:, None] < seqlen) & d_mask
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         elif HEAD_DIM != BLOCK_D:
@@ -221,15 +295,21 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
+        if SOFTCAP:
+            qk, _ = _softcap(qk, cap_in, cap_out)
         if HAS_PADDING:
-            if BOUNDARY:
+            if MASKED:
                 key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
             else:
                 key_ok = tl.load(kpm_base + offs_n * stride_ms)
             # finite, so that a tile whose keys are all padding keeps the running max finite
             qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-        if BOUNDARY:
-            qk = tl.where(offs_n[None, :] < seqlen, qk, float("-inf"))
+        if MASKED:
+            ok = offs_n[None, :] < seqlen
+            if CAUSAL or WINDOWED:
+                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+            # finite too: a row may see no key of a band tile; its own key (always visible) clears that later
+            qk = tl.where(ok, qk, -1.0e30)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max and scale commute
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -239,7 +319,7 @@ def _attn_fwd_inner(
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
             k_idx = offs_n[None, :] + offs_m[:, None] * 0
             p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
-        if BOUNDARY:
+        if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif HEAD_DIM != BLOCK_D:
             v = tl.load(v_ptrs, mask=d_mask, other=0.0)
@@ -250,7 +330,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KPM, CU_SEQLENS, SEED,
@@ -260,11 +340,11 @@ def _attn_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_heads, max_seqlen, qk_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, dropout_p, inv_keep, window, cap_in, cap_out, SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
@@ -300,18 +380,23 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
-    )
-    if n_full < seqlen:
+    a, b_full, c_full, d = _band_tiles(start_m, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False)
+    if CAUSAL or WINDOWED:  # the band's leading masked tiles (without a band there are none)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+            offs_m, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
         )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+    )
     # l_i >= 1: the running maximum always contributes exp2(0)
     acc = acc * (1.0 / l_i)[:, None]
     if HAS_DROPOUT:
@@ -331,9 +416,10 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -342,7 +428,7 @@ def _attn_bwd_dq_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             kv_mask = (offs_n[:, None] < seqlen) & d_mask
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -353,26 +439,33 @@ def _attn_bwd_dq_inner(
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            qk, t = _softcap(qk, cap_in, cap_out)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
         if HAS_PADDING:
-            if BOUNDARY:
+            if MASKED:
                 key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
             else:
                 key_ok = tl.load(kpm_base + offs_n * stride_ms)
             p = tl.where(key_ok[None, :] != 0, p, 0.0)
-        if BOUNDARY:
-            p = tl.where(offs_n[None, :] < seqlen, p, 0.0)
+        if MASKED:
+            ok = offs_n[None, :] < seqlen
+            if CAUSAL or WINDOWED:
+                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
             k_idx = offs_n[None, :] + offs_m[:, None] * 0
             dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d softcap*tanh(x / softcap) / dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, SEED,
@@ -383,11 +476,12 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, window, cap_in, cap_out,
+    SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
     pid = tl.program_id(0)
@@ -430,18 +524,23 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + lse_off + offs_m, mask=row_mask, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, 0, n_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION,
-    )
-    if n_full < seqlen:
+    a, b_full, c_full, d = _band_tiles(start_m, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False)
+    if CAUSAL or WINDOWED:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, n_full, n_full + BLOCK_N, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION,
+            offs_m, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
         )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
+        offs_m, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+    )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -449,9 +548,10 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_os,
-    offs_n, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
+    offs_n, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -460,7 +560,7 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_os + offs_d[None, :]
-        if BOUNDARY:
+        if MASKED:
             row_in = offs_m < seqlen
             io_mask = row_in[:, None] & d_mask
             q = tl.load(q_ptrs, mask=io_mask, other=0.0)
@@ -478,7 +578,12 @@ def _attn_bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         # transposed tiles (keys x queries): rows of dK/dV stay in registers
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            qk_t, t_t = _softcap(qk_t, cap_in, cap_out)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASKED:
+            if CAUSAL or WINDOWED:  # rows beyond seqlen already have lse = +inf, so p = 0
+                p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], window, CAUSAL, WINDOWED), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[None, :] + offs_n[:, None] * 0
@@ -489,11 +594,13 @@ def _attn_bwd_dkdv_inner(
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, SEED,
@@ -505,11 +612,12 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    seqlen_padded, num_kv_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, SEQ_BUCKET,
+    seqlen_padded, num_kv_heads, max_seqlen, qk_scale, sm_scale, dropout_p, inv_keep, window, cap_in, cap_out,
+    SEQ_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
     pid = tl.program_id(0)
@@ -540,24 +648,29 @@ def _attn_bwd_dkdv_kernel(
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=io_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_full = (seqlen // BLOCK_M) * BLOCK_M
+    a, b_full, c_full, d = _band_tiles(start_n, seqlen, window, BLOCK_N, BLOCK_M, CAUSAL, WINDOWED, True)
     for g in range(GROUP):
         h = kvh * GROUP + g
         bh = b * (num_kv_heads * GROUP) + h
         q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_ob + row0 * stride_os + h * stride_oh
         lse_off = b64 * stride_lb + h * stride_lh + row0
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-            offs_n, offs_d, 0, m_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION,
-        )
-        if m_full < seqlen:
+        if CAUSAL or WINDOWED:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-                offs_n, offs_d, m_full, m_full + BLOCK_M, seqlen, qk_scale, seed, bh, dropout_p, inv_keep,
-                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION,
+                offs_n, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
             )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+            offs_n, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        )
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
+            offs_n, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        )
     dk = dk * sm_scale
     if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
         key_ok = tl.load(KPM + b64 * stride_mb + offs_n * stride_ms, mask=key_in, other=0) != 0
@@ -597,7 +710,10 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
 class _Problem:
     """Validated shapes and the host-side arguments shared by the three kernels."""
 
-    def __init__(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+    def __init__(
+        self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+        logit_softcap=None, window=None, causal=False,
+    ):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             self.total, self.heads, self.head_dim = q.shape
@@ -617,6 +733,16 @@ class _Problem:
         self.mask = key_padding_mask
         self.cu_seqlens = cu_seqlens
         self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.causal = bool(causal)
+        self.window = int(window) if window is not None else 0
+        self.softcap = float(logit_softcap) if logit_softcap is not None else None
+        # the kernels cap the unscaled scores: cap_out * tanh(qk * cap_in), then scale (see _softcap)
+        self.cap_in = self.sm_scale / self.softcap if self.softcap else 1.0
+        self.cap_out = self.softcap / self.sm_scale if self.softcap else 1.0
+
+    def band_args(self) -> tuple[int, float, float]:
+        """The runtime window and soft-cap arguments every kernel takes after ``inv_keep``."""
+        return self.window, self.cap_in, self.cap_out
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
         """(batch, token, head) strides; the batch stride is 0 for packed tensors."""
@@ -651,6 +777,9 @@ class _Problem:
             HAS_PADDING=self.mask is not None,
             HAS_DROPOUT=self.dropout_p > 0.0,
             DOT_PRECISION=self.dot_precision,
+            CAUSAL=self.causal,
+            WINDOWED=self.window > 0,
+            SOFTCAP=self.softcap is not None,
         )
 
 
@@ -673,7 +802,7 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *lse_strides, stride_mb, stride_ms,
             problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, problem.dropout_p, problem.inv_keep,
-            _seq_bucket(max_seqlen),
+            *problem.band_args(), _seq_bucket(max_seqlen),
             STORE_LSE=store_lse, **problem.constexprs(),
         )
     return o, lse
@@ -688,7 +817,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     cu = problem.cu_arg(q.device)
     heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
     qk_scale = problem.sm_scale * LOG2E
-    common_tail = (problem.dropout_p, problem.inv_keep, _seq_bucket(max_seqlen))
+    common_tail = (problem.dropout_p, problem.inv_keep, *problem.band_args(), _seq_bucket(max_seqlen))
     with launch_device(q):
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _launch(
@@ -713,11 +842,17 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
 
 class BidirectionalAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels. Inputs: ``q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
-    softmax_scale, dropout_p``; ``backward`` returns one gradient per input (None for the non-tensors)."""
+    softmax_scale, dropout_p, logit_softcap, window, causal``; ``backward`` returns one gradient per input (None
+    for the non-tensors)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
-        problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    def forward(
+        ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+        logit_softcap=None, window=None, causal=False,
+    ):
+        problem = _Problem(
+            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window, causal
+        )
         seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
         o, lse = _attention_forward(q, k, v, problem, seed, store_lse=True)
         # The mask and cu_seqlens go through save_for_backward too, so that autograd catches an in-place change
@@ -731,7 +866,7 @@ class BidirectionalAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, seed, key_padding_mask, cu_seqlens = ctx.saved_tensors
         ctx.problem.mask, ctx.problem.cu_seqlens = key_padding_mask, cu_seqlens
         dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.problem, seed)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -750,16 +885,21 @@ def bidirectional_attention_reference(
     softmax_scale: float | None = None,
     dropout_keep_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    logit_softcap: float | None = None,
+    window: int | None = None,
+    causal: bool = False,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch attention, for tests: explicit ``softmax(q k^T * scale) v`` with K/V repeated per group.
+    """Plain PyTorch attention: explicit ``softmax(mask(softcap(q k^T * scale))) v`` with K/V repeated per
+    group; the tests' reference and the CPU path for soft-capping (which SDPA cannot do).
 
-    Same shapes as :func:`bidirectional_attention`. ``upcast=True`` computes in fp32 (fp64 stays fp64) and
-    returns the input dtype; ``upcast=False`` computes in the input dtype (the low-precision error that the
+    Same shapes and flags as :func:`bidirectional_attention`. ``upcast=True`` computes in fp32 (fp64 stays fp64)
+    and returns the input dtype; ``upcast=False`` computes in the input dtype (the low-precision error that the
     kernel's tolerance is measured against). ``dropout_keep_mask`` ``(batch, heads, max_seqlen, max_seqlen)``
     bool, with ``dropout_p``, applies that exact dropout (kept values scaled by ``1 / (1 - dropout_p)``).
     Padded query rows give zeros.
     """
+    flags = dict(logit_softcap=logit_softcap, window=window, causal=causal)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outs = []
@@ -769,7 +909,7 @@ def bidirectional_attention_reference(
             outs.append(
                 bidirectional_attention_reference(
                     q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], softmax_scale=softmax_scale,
-                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast,
+                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast, **flags,
                 )[0]
             )
         out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
@@ -784,6 +924,11 @@ def bidirectional_attention_reference(
     kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
     vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    if logit_softcap is not None:  # Gemma-2's order: scale, cap, then mask
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    band = _band_mask(q.shape[1], window, causal, q.device)
+    if band is not None:
+        scores = scores.masked_fill(~band, float("-inf"))
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
         # padded query rows attend to everything, then are zeroed: no NaN, no gradient
@@ -797,13 +942,43 @@ def bidirectional_attention_reference(
     return out.to(dtype)
 
 
-def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p):
-    """The CPU path: PyTorch SDPA with ``is_causal=False`` (one call per sequence when packed)."""
+def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tensor | None:
+    """``(seq, seq)`` bool, True where key ``j`` is visible to query ``i`` (positions in the row); None when
+    every key is."""
+    if window is None and not causal:
+        return None
+    i = torch.arange(seq, device=device)[:, None]
+    j = torch.arange(seq, device=device)[None, :]
+    visible = torch.ones(seq, seq, dtype=torch.bool, device=device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= (i - j).abs() < window
+    return visible
+
+
+def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal):
+    """The CPU path: PyTorch SDPA (one call per sequence when packed); soft-capping, which SDPA cannot express,
+    goes through the explicit reference computation in the input dtype."""
+    flags = (logit_softcap, window, causal)
+    if logit_softcap is not None:
+        keep = None
+        if dropout_p > 0:
+            batch = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+            seq = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
+            keep = torch.rand(batch, q.shape[-2], seq, seq, device=q.device) >= dropout_p
+        return bidirectional_attention_reference(
+            q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
+            dropout_keep_mask=keep, dropout_p=dropout_p, logit_softcap=logit_softcap, window=window,
+            causal=causal, upcast=False,
+        )
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         out = q.new_zeros(q.shape)
         pieces = [
-            _torch_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p)[0]
+            _torch_attention(
+                q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p, *flags
+            )[0]
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
         if pieces:
@@ -812,13 +987,23 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
         return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     mask = None
+    band = None if (causal and window is None) else _band_mask(q.shape[1], window, causal, q.device)
     if key_padding_mask is not None:
-        # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a fully
-        # masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
-        keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
-        mask = keys[:, None, None, :]
+        if band is None and not causal:
+            # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a
+            # fully masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
+            keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
+            mask = keys[:, None, None, :]
+        else:
+            # Padded query rows attend to everything (then are zeroed): a real row always sees itself, a padded
+            # one might see no real key in its band, and a fully masked row is NaN in SDPA, forward and backward.
+            band = band if band is not None else _band_mask(q.shape[1], None, True, q.device)
+            mask = (band & key_padding_mask[:, None, :]) | ~key_padding_mask[:, :, None]
+            mask = mask[:, None]
+    elif band is not None:
+        mask = band
     out = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=softmax_scale,
+        qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=softmax_scale,
         enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)
     if key_padding_mask is not None:
@@ -831,7 +1016,20 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+def _validate_flags(logit_softcap, window, causal) -> None:
+    if logit_softcap is not None and (
+        isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
+        or not math.isfinite(logit_softcap) or not logit_softcap > 0
+    ):
+        raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an int >= 1 (key j visible to query i when |i - j| < window) or None, "
+                         f"got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -871,6 +1069,10 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
                 "cu_seqlens must start at 0, never decrease, end at most at total_tokens, and no sequence may be "
                 "longer than max_seqlen",
             )
+            if causal:
+                torch._assert_async(
+                    (lengths > 0).all() & (cu_seqlens[-1] == q.shape[0]), _CAUSAL_PACKING_MESSAGE
+                )
         else:  # CPU values are free to check with a clear message
             lengths = cu_seqlens.diff()
             if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > q.shape[0]:
@@ -880,6 +1082,8 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
                 )
             if int(lengths.max()) > max_seqlen:
                 raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence, {int(lengths.max())}")
+            if causal and (bool((lengths <= 0).any()) or int(cu_seqlens[-1]) != q.shape[0]):
+                raise ValueError(f"{_CAUSAL_PACKING_MESSAGE}; got {cu_seqlens.tolist()} for {q.shape[0]} tokens")
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
     else:
@@ -918,6 +1122,10 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+_CAUSAL_PACKING_MESSAGE = (
+    "causal=True with cu_seqlens needs contiguous packed sequences: cu_seqlens strictly increasing (no empty "
+    "sequence) and ending at total_tokens, so that every token belongs to exactly one sequence, in order"
+)
 _warned_fallback: set = set()
 
 
@@ -931,9 +1139,12 @@ def bidirectional_attention(
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    logit_softcap: float | None = None,
+    window: int | None = None,
+    causal: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Non-causal scaled dot-product attention.
+    """Scaled dot-product attention: bidirectional by default, optionally soft-capped, windowed or causal.
 
     Args:
         q: ``(batch, seq, heads, head_dim)``, or ``(total_tokens, heads, head_dim)`` with ``cu_seqlens``.
@@ -946,30 +1157,43 @@ def bidirectional_attention(
             host sync).
         softmax_scale: defaults to ``head_dim ** -0.5``.
         dropout_p: attention dropout probability (apply it in training only: it is applied whenever > 0).
+        logit_softcap: ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` after the softmax scale
+            and before any mask, as Gemma-2's attention does.
+        window: ``w >= 1``: key ``j`` is visible to query ``i`` only when ``|i - j| < w`` (Gemma-3's bidirectional
+            sliding window). ``i`` and ``j`` are positions within the sequence when packed, and indices along
+            the ``seq`` dimension of the padded row otherwise (padding is still masked). Real tokens of a
+            left- or right-padded row are contiguous, so their index distance is their distance in the unpadded
+            sequence and a padded batch gives, row by row, the unpadded result; a mask with holes counts the
+            holes in the distance.
+        causal: key ``j`` visible only when ``j <= i`` (same indices as ``window``; within each sequence when
+            packed, which then must be contiguous: ``cu_seqlens`` strictly increasing and ending at
+            ``total_tokens``). With ``window``: ``i - w < j <= i``.
         impl: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch SDPA), ``"triton"``,
             ``"torch"``.
 
     Returns:
         Same shape and dtype as ``q``.
     """
-    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    _validate_flags(logit_softcap, window, causal)
+    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal)
+    flags = (logit_softcap, window, causal)
     triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
     if impl == "triton" and not triton_ok:
         raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
     if not use_triton(impl, q, k, v, key_padding_mask, cu_seqlens):
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
     if not triton_ok:
         if q.shape[-1] not in _warned_fallback:
             _warned_fallback.add(q.shape[-1])
             logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p)
+        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return BidirectionalAttentionFunction.apply(
-            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p)
+            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p), *flags
         )
     # Inference: no autograd node, no saved tensors, no log-sum-exp written.
-    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p)
+    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, *flags)
     seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
     out, _ = _attention_forward(q, k, v, problem, seed, store_lse=False)
     return out
