@@ -71,8 +71,21 @@ def matrix_model_type(family: str) -> str:
 
 
 def tiny_config(family: str, **overrides):
-    """A 2-layer random config of ``family`` (a key of :data:`MATRIX_FAMILIES`), hidden 64, with GQA (4 heads,
-    2 kv heads; Gemma multi-query). Raises KeyError for a family this transformers release does not ship."""
+    """A 2-layer random config of ``family`` (one of :data:`TINY_FAMILIES`), with GQA (4 heads, 2 kv heads) and
+    head_dim 16; the family's own defaults otherwise (Mistral keeps its 4096-token window)."""
+    if family not in TINY_FAMILIES:
+        raise KeyError(f"tiny_config knows {TINY_FAMILIES}; matrix families are built by matrix_config")
+    settings = {"gemma": {"head_dim": 16, "num_key_value_heads": 1},  # Gemma-2B uses multi-query attention
+                "qwen3": {"head_dim": 16}}.get(family, {})
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**_TINY_COMMON, **settings, **overrides})
+
+
+def matrix_config(family: str, **overrides):
+    """The support matrix's 2-layer random config of ``family`` (a key of :data:`MATRIX_FAMILIES`), hidden 64, GQA
+    (4 heads, 2 kv heads; Gemma multi-query). Raises KeyError or ValueError for a model type this transformers
+    release does not ship."""
     from transformers import AutoConfig
 
     settings = {**_TINY_COMMON, **MATRIX_FAMILIES[family], **overrides}

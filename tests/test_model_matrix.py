@@ -23,20 +23,17 @@ file). Most cells run the PyTorch path of the kernel; :data:`TRITON_CELLS` run t
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import re
 
 import pytest
 import torch
-from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_model_type, tiny_config
+from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_config, matrix_model_type
 from helpers.model_table import CHECKS, render_models_doc
 
-import llm2vec_fast
+from llm2vec_fast import is_patched, patch, unpatch
 from llm2vec_fast.kernels import info_nce_loss, masked_next_token_loss
-
-_is_patched = importlib.import_module("llm2vec_fast.patch").is_patched  # the package's `patch` is the function
 
 ATOL, RTOL = 3e-5, 1e-4  # fp32, two layers: summation-order differences only
 LENGTHS = (11, 4, 1, 7)  # longer and shorter than the configs' window of 5, one single token
@@ -49,7 +46,7 @@ EXPECTED_REFUSALS: dict[str, str] = {
 }
 
 #: (family, check) cells that run the Triton kernel (interpreter here) instead of its PyTorch path.
-TRITON_CELLS = {("llama", "reference"), ("qwen3_moe", "packed"), ("gemma3_text_bidirectional", "reference")}
+TRITON_CELLS = {("gemma2", "reference"), ("gemma3_text_bidirectional", "packed")}
 
 _OUTCOMES: dict[str, dict] = {}
 
@@ -69,7 +66,7 @@ def _model(family: str):
         from transformers import AutoModelForCausalLM
 
         try:
-            config = tiny_config(family)
+            config = matrix_config(family)
         except (KeyError, ValueError) as error:  # a family newer than this transformers release
             pytest.skip(f"transformers {_transformers_version()} has no {matrix_model_type(family)}: {error}")
         torch.manual_seed(0)
@@ -114,13 +111,16 @@ def _assert_rows_close(actual, expected, what):
         torch.testing.assert_close(a, e, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}, sequence {index}: {m}")
 
 
-def _bidirectional_reference(model, family):
-    """A copy with the same weights in the family's own bidirectional mode, under eager attention."""
+def _bidirectional_reference(model):
+    """The outputs of a copy of the (unpatched) model with the same weights in the family's own bidirectional mode,
+    under eager attention, on the padded test batch."""
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("eager")
     if not getattr(reference.config, "use_bidirectional_attention", False):
         reference.config.is_causal = False  # transformers' rule for bidirectional decoders, windows included
-    return reference
+    input_ids, attention_mask = _padded(_sequences())
+    with torch.no_grad():
+        return _hidden(reference, input_ids=input_ids, attention_mask=attention_mask)
 
 
 def _mean_pool(hidden, attention_mask):
@@ -141,10 +141,9 @@ def _assert_gradients_finite(model, what):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_reference(model, family):
+def _check_reference(model, family, expected):
     input_ids, attention_mask = _padded(_sequences())
     with torch.no_grad():
-        expected = _hidden(_bidirectional_reference(model, family), input_ids=input_ids, attention_mask=attention_mask)
         actual = _hidden(model, input_ids=input_ids, attention_mask=attention_mask)
     _assert_rows_close(_rows(actual, attention_mask), _rows(expected, attention_mask), f"{family} vs its reference")
     # Bidirectional for real: the first token's output changes when only the last token changes.
@@ -155,7 +154,7 @@ def _check_reference(model, family):
     assert not torch.allclose(after[0, 0], actual[0, 0]), f"{family}: the first token does not see the last one"
 
 
-def _check_padding(model, family):
+def _check_padding(model, family, expected=None):
     sequences = _sequences()
     with torch.no_grad():
         right_ids, right_mask = _padded(sequences, "right")
@@ -170,7 +169,7 @@ def _check_padding(model, family):
     _assert_rows_close(reordered, right, f"{family}: batch order")
 
 
-def _check_packed(model, family):
+def _check_packed(model, family, expected=None):
     sequences = _sequences()
     input_ids, attention_mask = _padded(sequences)
     packed_ids = torch.cat(sequences)[None]
@@ -181,7 +180,7 @@ def _check_packed(model, family):
     _assert_rows_close(packed, padded, f"{family}: packed vs padded")
 
 
-def _check_mntp(model, family):
+def _check_mntp(model, family, expected=None):
     input_ids, attention_mask = _padded(_sequences())
     labels = torch.full_like(input_ids, -100)
     labels[:, 1::2] = input_ids[:, 1::2]
@@ -198,7 +197,7 @@ def _check_mntp(model, family):
     _assert_gradients_finite(model, f"{family} MNTP step")
 
 
-def _check_contrastive(model, family):
+def _check_contrastive(model, family, expected=None):
     sequences = _sequences()
     queries_ids, queries_mask = _padded(sequences)
     positives_ids, positives_mask = _padded(_sequences(seed=2))
@@ -229,7 +228,7 @@ def _state(model):
         "is_causal": [getattr(c, "is_causal", "<absent>") for c in configs],
         "use_cache": [getattr(c, "use_cache", "<absent>") for c in configs],
         "modules": [(m.is_causal, getattr(m, "attention_dropout", None)) for m in model.modules() if hasattr(m, "is_causal")],
-        "patched": _is_patched(model),
+        "patched": is_patched(model),
     }
 
 
@@ -254,10 +253,11 @@ def test_family(family, check):
         input_ids, attention_mask = _padded(_sequences())
         causal_before = _hidden(model, input_ids=input_ids, attention_mask=attention_mask)
     state_before = _state(model)
+    expected = _bidirectional_reference(model) if check == "reference" else None
     try:
-        llm2vec_fast.patch(model, attention_impl=impl)
+        patch(model, attention_impl=impl)
         if check != "unpatch":
-            CHECK_FUNCTIONS[check](model, family)
+            CHECK_FUNCTIONS[check](model, family, expected)
     except (NotImplementedError, ValueError) as error:
         reason = _refusal(error)
         expected = EXPECTED_REFUSALS.get(family)
@@ -267,8 +267,8 @@ def test_family(family, check):
     else:
         _record(family, check, "ok")
     finally:
-        if _is_patched(model):
-            llm2vec_fast.unpatch(model)
+        if is_patched(model):
+            unpatch(model)
         model.zero_grad(set_to_none=True)
     assert _state(model) == state_before, f"{family}: unpatch did not restore the model's state"
     with torch.no_grad():
@@ -323,3 +323,80 @@ def test_models_doc_is_current():
         "docs/models.md is out of date with the support matrix; regenerate it with "
         "LLM2VEC_FAST_WRITE_MODELS_DOC=1 python -m pytest tests/test_model_matrix.py"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Causal embedders (enable_bidirectional=False): our kernel in causal mode, packed or padded, last-token pooling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_embedder(smollm2_path, tmp_path_factory):
+    """A 2-layer random Qwen3 (the family of Qwen3-Embedding) with SmolLM2's tokenizer, saved as a HF directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = matrix_config("qwen3", vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_causal_embedder")
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# Qwen3-Embedding's query format: the instruction is the prompt, "Instruct: <task>\nQuery:", the text follows it.
+TASK = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+CAUSAL_INPUTS = [[TASK, "What is rotary position embedding?"], "Rotary embeddings rotate queries and keys.",
+                 [TASK, "capital of France"], "Paris is the capital and largest city of France, on the Seine."]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_causal_embedder_matches_plain_transformers_last_token(tiny_causal_embedder, packed, impl):
+    from transformers import AutoModel, AutoTokenizer
+
+    from llm2vec_fast import LLM2Vec
+
+    encoder = LLM2Vec.from_pretrained(tiny_causal_embedder, enable_bidirectional=False, pooling_mode="last_token",
+                                      attention_impl=impl)
+    # Patched (our kernel) but still causal: transformers builds causal masks, the kernel runs with causal=True.
+    assert is_patched(encoder.model) and getattr(encoder.model.config, "is_causal", True) is not False
+    ours = encoder.encode(CAUSAL_INPUTS, batch_size=4, packed=packed, convert_to_tensor=True)
+
+    plain = AutoModel.from_pretrained(tiny_causal_embedder, dtype=torch.float32).eval()
+    assert plain.config._attn_implementation != encoder.model.config._attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_embedder)
+    expected = []
+    for item in CAUSAL_INPUTS:
+        text = f"{item[0].strip()} {item[1]}" if isinstance(item, list) else item  # llm2vec's join
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected.append(plain(input_ids=ids).last_hidden_state[0, -1])
+    cosine = torch.nn.functional.cosine_similarity(ours, torch.stack(expected), dim=-1)
+    assert bool((cosine >= 0.99999).all()), f"cosine to transformers' causal last-token embeddings: {cosine.tolist()}"
+
+
+def test_causal_patch_refuses_a_bidirectional_request_and_stays_causal():
+    model = _model("mistral")
+    ids, mask = _padded(_sequences())
+    with torch.no_grad():
+        causal = _hidden(model, input_ids=ids, attention_mask=mask)
+    patch(model, bidirectional=False, attention_impl="torch")
+    try:
+        with torch.no_grad():
+            ours = _hidden(model, input_ids=ids, attention_mask=mask)
+            packed_ids = torch.cat(_sequences())[None]
+            positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+            packed = _hidden(model, input_ids=packed_ids, position_ids=positions)[0].split(list(LENGTHS))
+        # Mistral's causal window (j > i - 5) is applied by the kernel, padded and packed.
+        _assert_rows_close(_rows(ours, mask), _rows(causal, mask), "causal patch vs the causal model")
+        _assert_rows_close(packed, _rows(causal, mask), "packed causal patch vs the causal model")
+        with pytest.raises(ValueError, match="bidirectional attention was requested"):
+            model.model.layers[0].self_attn.config.is_causal = False
+            try:
+                _hidden(model, input_ids=ids)
+            finally:
+                del model.model.layers[0].self_attn.config.is_causal
+    finally:
+        unpatch(model)

@@ -8,7 +8,11 @@ when the committed docs/models.md differs.
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
+
+_SETUP = Path(__file__).resolve().parents[2] / "setup.py"
 
 CHECKS = ("reference", "padding", "packed", "mntp", "contrastive", "unpatch")
 _HEADINGS = {
@@ -23,6 +27,13 @@ _HEADINGS = {
 
 def _cell(outcome: str) -> str:
     return "yes" if outcome == "ok" else "refused"
+
+
+def _transformers_floor() -> str:
+    match = re.search(r"transformers>=([0-9.]+)", _SETUP.read_text(encoding="utf-8"))
+    if match is None:
+        raise ValueError(f"no transformers>= floor found in {_SETUP}")
+    return match.group(1)
 
 
 def render_models_doc(results: dict) -> str:
@@ -41,7 +52,8 @@ def render_models_doc(results: dict) -> str:
         "",
         "The reference is the same weights under transformers' eager attention with `config.is_causal = False` "
         "(transformers then builds its bidirectional masks: sliding layers get "
-        "`create_bidirectional_sliding_window_mask`, key visible when |i - j| <= sliding_window) and the family's "
+        "`create_bidirectional_sliding_window_mask`, key visible when |i - j| <= sliding_window, which `patch` gives "
+        "the kernel as `window = sliding_window + 1`) and the family's "
         "own soft-cap; Gemma-3 built with `use_bidirectional_attention=True` (EmbeddingGemma) is compared with "
         "that mode itself, whose sliding layers see |i - j| < sliding_window. `patch` gives each family the rule "
         "transformers gives it.",
@@ -54,8 +66,9 @@ def render_models_doc(results: dict) -> str:
     for name, facts in families.items():
         checks = facts["checks"]
         softcap = facts.get("attn_logit_softcapping")
+        window_rule = facts["window_rule"].replace("|", "\\|")  # a bare | would end the table cell
         lines.append(
-            f"| {name} (`{facts['model_type']}`) | `{facts['model_class']}` | {facts['window_rule']} | "
+            f"| {name} (`{facts['model_type']}`) | `{facts['model_class']}` | {window_rule} | "
             f"{softcap if softcap is not None else '-'} | " + " | ".join(_cell(checks[c]) for c in CHECKS) + " |"
         )
         reasons = sorted({outcome.split(": ", 1)[1] for outcome in checks.values() if outcome != "ok"})
@@ -64,10 +77,23 @@ def render_models_doc(results: dict) -> str:
     lines += refusals or ["Nothing is refused."]
     lines += [
         "",
+        "## Causal embedders",
+        "",
+        "Causal embedding models with last-token pooling (Qwen3-Embedding, e5-mistral, gte-Qwen2) stay causal and "
+        "still run our kernel, in causal mode, padded or packed: `LLM2Vec.from_pretrained(name, "
+        "enable_bidirectional=False, pooling_mode=\"last_token\")` (`patch(model, bidirectional=False)` for a bare "
+        "model). Their instruction formats are given as the instruction of an `[instruction, text]` pair, e.g. "
+        "Qwen3-Embedding's `[\"Instruct: <task>\\nQuery:\", query]`; documents go without one. "
+        "`test_causal_embedder_matches_plain_transformers_last_token` checks `encode` against the plain "
+        "transformers model's last-token states (cosine >= 0.99999), packed and padded. Sliding windows keep "
+        "transformers' causal rule (key j visible from i when i - sliding_window < j <= i).",
+        "",
         "## transformers releases",
         "",
-        "CI (`.ci/run`) runs the matrix and the patch tests on the newest transformers and on the oldest 5.x "
-        "release `setup.py` allows; the table above is rendered on the newest.",
+        f"CI (`.ci/run`) runs the matrix and the patch tests on the newest transformers and on the oldest release "
+        f"`setup.py` allows, transformers {_transformers_floor()}; the table above is rendered on the newest. "
+        "Older 5.x releases lack what `patch` is built on (transformers 5.0 and 5.1 ignore `config.is_causal`; "
+        "before 5.4 mask builders get `cache_position` instead of `q_length`).",
         "",
     ]
     return "\n".join(lines)
