@@ -68,12 +68,12 @@ _UNSUPPORTED_ATTENTION_KWARGS = {
 
 
 def _probe_positions(length: int, window: int | None) -> torch.Tensor:
-    """The positions a mask function is evaluated at: the first and the last ``span`` of the sequence, where ``span``
-    covers a window on both sides of a query (so that a band is seen whole) -- a bounded cost at any length."""
-    span = max(64, 2 * (window or 0) + 2)
-    if length <= 2 * span:
-        return torch.arange(length)
-    return torch.cat([torch.arange(span), torch.arange(length - span, length)])
+    """The positions a mask function is evaluated at, a bounded set at any length: the first and the last 64 (where
+    prompts put instructions and image tokens) and, for a window, the distances around its edge seen from
+    position 0 (which tell |i - j| <= w from |i - j| < w)."""
+    edge = [] if window is None else [window - 1, window, window + 1, window + 2]
+    candidates = [*range(min(length, 64)), *range(max(0, length - 64), length), *edge]
+    return torch.tensor(sorted({p for p in candidates if 0 <= p < length}), dtype=torch.long)
 
 
 def _check_bidirectional_mask_function(mask_function, length: int, sliding_window: int | None) -> None:

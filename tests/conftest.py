@@ -92,6 +92,18 @@ def matrix_config(family: str, **overrides):
     return AutoConfig.for_model(matrix_model_type(family), **settings)
 
 
+def padded_batch(sequences, side="right", pad_id=0):
+    """``(input_ids, attention_mask)`` of token id tensors padded on ``side`` to the longest."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **overrides):
     from transformers import AutoModel, AutoModelForCausalLM
 

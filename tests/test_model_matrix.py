@@ -14,7 +14,7 @@ For each family of ``conftest.MATRIX_FAMILIES`` (2 layers, hidden 64, fp32, CPU)
 
 A family whose attention the kernel cannot express must be refused with a clear llm2vec_fast error, never run
 differently: such a cell passes only if the refusal happens and names the reason :data:`EXPECTED_REFUSALS` gives.
-Every outcome is recorded, and ``test_models_doc_is_current`` (last in this file) renders docs/models.md from the
+Every outcome is recorded, and ``test_models_doc_is_current`` (after the cells) renders docs/models.md from the
 outcomes and fails when the committed table differs; ``LLM2VEC_FAST_WRITE_MODELS_DOC=1`` rewrites it instead, and
 ``LLM2VEC_FAST_MATRIX_JSON=path`` also writes the outcomes as JSON (``tests/helpers/model_table.py`` renders such a
 file). Most cells run the PyTorch path of the kernel; :data:`TRITON_CELLS` run the Triton kernel in the interpreter.
@@ -29,7 +29,7 @@ import re
 
 import pytest
 import torch
-from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_config, matrix_model_type
+from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_config, matrix_model_type, padded_batch
 from helpers.model_table import CHECKS, render_models_doc
 
 from llm2vec_fast import is_patched, patch, unpatch
@@ -39,8 +39,8 @@ ATOL, RTOL = 3e-5, 1e-4  # fp32, two layers: summation-order differences only
 LENGTHS = (11, 4, 1, 7)  # longer and shorter than the configs' window of 5, one single token
 MODELS_DOC = REPO_ROOT / "docs" / "models.md"
 
-#: family -> (the check a refusal happens at, a regex its message must match). Only what the kernel truly cannot
-#: express belongs here; a refusal anywhere else fails the test.
+#: family -> a regex its refusal message must match. Only what the kernel truly cannot express belongs here; a
+#: refusal of any other family, or with another reason, fails the test.
 EXPECTED_REFUSALS: dict[str, str] = {
     "gpt_oss": r"attention sinks",
 }
@@ -86,17 +86,6 @@ def _sequences(vocab=123, seed=1):
     return [torch.randint(3, vocab, (n,), generator=generator) for n in LENGTHS]
 
 
-def _padded(sequences, side="right"):
-    width = max(len(s) for s in sequences)
-    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        input_ids[row, span] = seq
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
-
-
 def _hidden(model, **inputs):
     return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
@@ -118,7 +107,7 @@ def _bidirectional_reference(model):
     reference.set_attn_implementation("eager")
     if not getattr(reference.config, "use_bidirectional_attention", False):
         reference.config.is_causal = False  # transformers' rule for bidirectional decoders, windows included
-    input_ids, attention_mask = _padded(_sequences())
+    input_ids, attention_mask = padded_batch(_sequences())
     with torch.no_grad():
         return _hidden(reference, input_ids=input_ids, attention_mask=attention_mask)
 
@@ -142,7 +131,7 @@ def _assert_gradients_finite(model, what):
 
 
 def _check_reference(model, family, expected):
-    input_ids, attention_mask = _padded(_sequences())
+    input_ids, attention_mask = padded_batch(_sequences())
     with torch.no_grad():
         actual = _hidden(model, input_ids=input_ids, attention_mask=attention_mask)
     _assert_rows_close(_rows(actual, attention_mask), _rows(expected, attention_mask), f"{family} vs its reference")
@@ -157,12 +146,12 @@ def _check_reference(model, family, expected):
 def _check_padding(model, family, expected=None):
     sequences = _sequences()
     with torch.no_grad():
-        right_ids, right_mask = _padded(sequences, "right")
-        left_ids, left_mask = _padded(sequences, "left")
+        right_ids, right_mask = padded_batch(sequences, "right")
+        left_ids, left_mask = padded_batch(sequences, "left")
         right = _rows(_hidden(model, input_ids=right_ids, attention_mask=right_mask), right_mask)
         left = _rows(_hidden(model, input_ids=left_ids, attention_mask=left_mask), left_mask)
         alone = [_hidden(model, input_ids=s[None])[0] for s in sequences]
-        reordered_ids, reordered_mask = _padded(sequences[::-1], "right")
+        reordered_ids, reordered_mask = padded_batch(sequences[::-1], "right")
         reordered = _rows(_hidden(model, input_ids=reordered_ids, attention_mask=reordered_mask), reordered_mask)[::-1]
     _assert_rows_close(left, right, f"{family}: left vs right padding")
     _assert_rows_close(alone, right, f"{family}: alone vs in a padded batch")
@@ -171,7 +160,7 @@ def _check_padding(model, family, expected=None):
 
 def _check_packed(model, family, expected=None):
     sequences = _sequences()
-    input_ids, attention_mask = _padded(sequences)
+    input_ids, attention_mask = padded_batch(sequences)
     packed_ids = torch.cat(sequences)[None]
     position_ids = torch.cat([torch.arange(len(s)) for s in sequences])[None]
     with torch.no_grad():
@@ -181,7 +170,7 @@ def _check_packed(model, family, expected=None):
 
 
 def _check_mntp(model, family, expected=None):
-    input_ids, attention_mask = _padded(_sequences())
+    input_ids, attention_mask = padded_batch(_sequences())
     labels = torch.full_like(input_ids, -100)
     labels[:, 1::2] = input_ids[:, 1::2]
     labels[attention_mask == 0] = -100
@@ -199,8 +188,8 @@ def _check_mntp(model, family, expected=None):
 
 def _check_contrastive(model, family, expected=None):
     sequences = _sequences()
-    queries_ids, queries_mask = _padded(sequences)
-    positives_ids, positives_mask = _padded(_sequences(seed=2))
+    queries_ids, queries_mask = padded_batch(sequences)
+    positives_ids, positives_mask = padded_batch(_sequences(seed=2))
     model.zero_grad(set_to_none=True)
     queries = _mean_pool(_hidden(model, input_ids=queries_ids, attention_mask=queries_mask), queries_mask)
     positives = _mean_pool(_hidden(model, input_ids=positives_ids, attention_mask=positives_mask), positives_mask)
@@ -250,7 +239,7 @@ def test_family(family, check):
     model = _model(family)
     impl = "auto" if (family, check) in TRITON_CELLS else "torch"
     with torch.no_grad():
-        input_ids, attention_mask = _padded(_sequences())
+        input_ids, attention_mask = padded_batch(_sequences())
         causal_before = _hidden(model, input_ids=input_ids, attention_mask=attention_mask)
     state_before = _state(model)
     expected = _bidirectional_reference(model) if check == "reference" else None
@@ -259,9 +248,8 @@ def test_family(family, check):
         if check != "unpatch":
             CHECK_FUNCTIONS[check](model, family, expected)
     except (NotImplementedError, ValueError) as error:
-        reason = _refusal(error)
-        expected = EXPECTED_REFUSALS.get(family)
-        if reason is None or expected is None or not re.search(expected, str(error)):
+        reason, pattern = _refusal(error), EXPECTED_REFUSALS.get(family)
+        if reason is None or pattern is None or not re.search(pattern, str(error)):
             raise
         _record(family, check, f"refused: {reason}")
     else:
@@ -298,7 +286,7 @@ def _family_facts(family: str) -> dict:
 
 
 def test_models_doc_is_current():
-    """docs/models.md is the table these outcomes render to (runs last: pytest keeps the order of the file)."""
+    """docs/models.md is the table these outcomes render to (runs after every cell: pytest keeps the file's order)."""
     missing = [(f, c) for f in MATRIX_FAMILIES for c in CHECKS if c not in _OUTCOMES.get(f, {})]
     if missing:
         pytest.skip(f"the matrix did not run entirely in this session ({len(missing)} cells missing, e.g. "
@@ -379,7 +367,7 @@ def test_causal_embedder_matches_plain_transformers_last_token(tiny_causal_embed
 
 def test_causal_patch_refuses_a_bidirectional_request_and_stays_causal():
     model = _model("mistral")
-    ids, mask = _padded(_sequences())
+    ids, mask = padded_batch(_sequences())
     with torch.no_grad():
         causal = _hidden(model, input_ids=ids, attention_mask=mask)
     patch(model, bidirectional=False, attention_impl="torch")

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, padded_batch
 
 from llm2vec_fast import is_patched, patch, unpatch
 
@@ -24,17 +24,6 @@ LENGTHS = (9, 4, 1, 6)
 def random_sequences(lengths=LENGTHS, vocab=123, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
-
-
-def padded_batch(sequences, side="right", pad_id=0):
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        input_ids[row, span] = seq
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
 
 
 def real_rows(hidden, attention_mask, row):
@@ -463,3 +452,35 @@ def test_gpu_patched_low_precision_error_within_twice_sdpa(tiny_family, dtype):
     packed = hidden_states(model, input_ids=packed_ids, position_ids=position_ids)[0].float()
     expected = torch.cat([real_rows(reference, attention_mask, row) for row in range(len(sequences))])
     assert (packed - expected).abs().max().item() <= 2 * sdpa_error + floor
+
+
+def test_mask_functions_beyond_a_window_are_refused():
+    """The mask builder evaluates the mask function transformers hands it: full attention and the inclusive window
+    pass, anything else (an image-token overlay, another window rule) is refused, never dropped."""
+    from transformers.masking_utils import (and_masks, bidirectional_mask_function, or_masks,
+                                            sliding_window_bidirectional_mask_function)
+
+    adapter = importlib.import_module("llm2vec_fast.attention_adapter")
+    check = adapter._check_bidirectional_mask_function
+    check(bidirectional_mask_function, 300, None)
+    check(sliding_window_bidirectional_mask_function(5), 300, 5)
+    check(sliding_window_bidirectional_mask_function(100), 300, 100)
+
+    def image_block(batch_idx, head_idx, q_idx, kv_idx):  # tokens 250..259 see each other, as image tokens do
+        return (q_idx >= 250) & (q_idx < 260) & (kv_idx >= 250) & (kv_idx < 260)
+
+    def exclusive(window):
+        return lambda batch_idx, head_idx, q_idx, kv_idx: (q_idx - kv_idx).abs() < window
+
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(or_masks(sliding_window_bidirectional_mask_function(5), image_block), 300, 5)
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(and_masks(bidirectional_mask_function, exclusive(5)), 300, 5)
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(and_masks(bidirectional_mask_function, exclusive(200)), 300, 200)
+
+    def vmap_only(batch_idx, head_idx, q_idx, kv_idx):
+        return bool(q_idx >= 0)  # a Python bool of a tensor: works per element under vmap only
+
+    with pytest.raises(NotImplementedError, match="cannot evaluate"):
+        check(or_masks(bidirectional_mask_function, vmap_only), 300, None)

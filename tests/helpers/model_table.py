@@ -92,8 +92,8 @@ def render_models_doc(results: dict) -> str:
         "",
         f"CI (`.ci/run`) runs the matrix and the patch tests on the newest transformers and on the oldest release "
         f"`setup.py` allows, transformers {_transformers_floor()}; the table above is rendered on the newest. "
-        "Older 5.x releases lack what `patch` is built on (transformers 5.0 and 5.1 ignore `config.is_causal`; "
-        "before 5.4 mask builders get `cache_position` instead of `q_length`).",
+        "Older 5.x releases fail: 5.0 and 5.1 ignore `config.is_causal`, 5.2 and 5.3 hand mask builders "
+        "`cache_position` instead of `q_length`, 5.4 cannot build an OLMo-2 config (`tie_word_embeddings: int`).",
         "",
     ]
     return "\n".join(lines)
