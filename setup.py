@@ -37,6 +37,7 @@ setup(
         ],
         "eval": ["mteb>=2.0,<3", "matplotlib"],
         "parquet": ["pyarrow"],
+        "sentence-transformers": ["sentence-transformers>=6"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
 )

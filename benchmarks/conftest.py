@@ -3,7 +3,8 @@
 Any benchmark may call ``record(benchmark, suite=..., case=..., mode=..., provider=..., seconds=..., flops=...,
 bytes=...)`` (or set the same keys in ``benchmark.extra_info``); rows that share suite/case/mode are printed side
 by side, with each provider's time relative to the provider named ``ours`` (``speedup`` > 1: ours is faster).
-Rows skipped are listed with their reason by pytest itself (``-ra``).
+Rows skipped are listed with their reason by pytest itself (``-ra``). With ``LLM2VEC_FAST_RESULTS`` set, each row
+is also appended to that JSON-lines file as it is measured (see perf_table.py).
 
 Benchmarks never run the Triton interpreter: without CUDA they time the CPU paths.
 """
@@ -15,6 +16,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import pytest  # noqa: E402
+from perf_table import append_row, format_table  # noqa: E402
 
 _ROWS: list[dict] = []
 
@@ -29,6 +31,7 @@ def record(benchmark, *, suite, case, mode, provider, seconds, flops=None, bytes
     if benchmark is not None:
         benchmark.extra_info.update(row)
     _ROWS.append(row)
+    append_row({"kind": "bench", **row})
     return row
 
 
@@ -40,30 +43,11 @@ def median_seconds(benchmark, calls_per_round: int = 1) -> float:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _ROWS:
         return
-    write = terminalreporter.write_line
-    write("")
-    write("=" * 30 + " benchmark table (median per call) " + "=" * 30)
-    groups: dict[tuple, list[dict]] = {}
-    for row in _ROWS:
-        groups.setdefault((row["suite"], row["case"], row["mode"]), []).append(row)
-    current_suite = None
-    for (suite, case, mode), rows in groups.items():
-        if suite != current_suite:
-            write(f"-- {suite}")
-            current_suite = suite
-        ours = next((r for r in rows if r["provider"] == "ours"), None)
-        for row in rows:
-            rate = ""
-            if "tflops" in row:
-                rate = f"{row['tflops']:8.1f} TFLOP/s"
-            elif "gbps" in row:
-                rate = f"{row['gbps']:8.1f} GB/s"
-            speedup = ""
-            if ours is not None and row is not ours:
-                speedup = f"  ours is {row['ms'] / ours['ms']:.2f}x faster" if ours["ms"] > 0 else ""
-            note = f"  [{row['note']}]" if row.get("note") else ""
-            write(f"   {case:<28} {mode:<8} {row['provider']:<18} {row['ms']:10.3f} ms {rate}{speedup}{note}")
-    write("")
+    terminalreporter.write_line("")
+    terminalreporter.write_line("=" * 30 + " benchmark table (median per call) " + "=" * 30)
+    for line in format_table(_ROWS):
+        terminalreporter.write_line(line)
+    terminalreporter.write_line("")
 
 
 def pytest_configure(config):

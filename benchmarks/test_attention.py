@@ -1,7 +1,7 @@
 """Bidirectional attention: ours vs FlashAttention-2, non-causal.
 
 CUDA rows (bf16, 16K tokens per batch, hidden 2048 = 32 heads of 64 or 16 heads of 128, MHA):
-- padded batches, seq 512, 1K, 2K, 4K, 8K (batch = 16K / seq), head_dim 64 and 128, forward and forward+backward;
+- padded batches, seq 1K, 2K, 4K, 8K (batch = 16K / seq), head_dim 64 and 128, forward and forward+backward;
 - packed (varlen) batches of 16K tokens, sequence lengths drawn in [64, 1024];
 - one attention-dropout row (p = 0.1, SimCSE trains with attention dropout) and one GQA row (4:1).
 Baseline "fa2": the ``flash_attn`` package if importable, else PyTorch SDPA forced to its FLASH_ATTENTION backend
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llm2vec_fast.kernels.attention import bidirectional_attention
+from perf_table import skip_if_compile_warmup
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "GPU comparisons did not run: no CUDA device (only the CPU rows ran)"
@@ -30,7 +31,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 
 TOKENS = 16 * 1024
 HIDDEN = 2048
-SEQS = [512, 1024, 2048, 4096, 8192]
+SEQS = [1024, 2048, 4096, 8192]  # the targets' range
 HEAD_DIMS = [64, 128]
 MODES = ["fwd", "fwd_bwd"]
 PROVIDERS = ["ours", "fa2"]
@@ -61,11 +62,10 @@ def _fa2_varlen(q, k, v, cu, max_seqlen):
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=False)
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def __median_seconds(benchmark, calls_per_round=1):
-    return benchmark.stats.stats.median / calls_per_round
+    # varlen_attn takes no GQA argument (torch 2.11); the varlen rows are MHA
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError("torch's varlen_attn has no grouped-query attention")
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
 def _median_seconds(benchmark, calls_per_round=1):
@@ -95,7 +95,7 @@ def _time_baseline(benchmark, step):
     try:
         step()
         torch.cuda.synchronize()
-    except (RuntimeError, NotImplementedError, ImportError) as error:
+    except (RuntimeError, NotImplementedError, ImportError, TypeError) as error:
         pytest.skip(f"FlashAttention-2 baseline unavailable here: {type(error).__name__}: {str(error)[:200]}")
     return _time_cuda(benchmark, step)
 
@@ -106,6 +106,7 @@ def _time_cuda(benchmark, step):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    skip_if_compile_warmup(benchmark)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     step()
@@ -213,6 +214,92 @@ def test_attention_dropout_and_gqa_cuda(benchmark, perf_record, case, provider):
     perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"{case} seq {seq} d{head_dim}", mode="fwd_bwd",
            provider=provider if provider == "ours" else FA2_NAME, seconds=seconds,
            flops=_flops("fwd_bwd", (TOKENS // seq) * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernel variants side by side (#10) and the band flags (#12)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _padded_lengths(batch, seq, seed=0):
+    """Real lengths of a padded encoding batch: drawn in [seq / 8, seq], the longest = seq."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(seq // 8, seq + 1, (batch,), generator=gen)
+    lengths[0] = seq
+    return lengths
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["mask", "skip"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["left-padded", "varlen"])
+def test_attention_padding_variants_cuda(benchmark, perf_record, layout, mode, variant):
+    """padding="mask" (default: every key tile, mask in each) vs "skip" (only the real tokens' tiles, mask on
+    boundary tiles; packed outputs allocated empty). Padded: seq 1024, lengths in [128, 1024], left padding."""
+    from llm2vec_fast.kernels.attention import attention_variants
+
+    seq, head_dim, heads = 1024, 64, 32
+    batch = TOKENS // seq
+    lengths = _padded_lengths(batch, seq)
+    if layout == "varlen":
+        cu = torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        total = int(lengths.sum())
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        tensors = [torch.randn(total, heads, head_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3)]
+        kwargs = dict(cu_seqlens=cu, max_seqlen=seq)
+    else:
+        tensors = _padded_inputs(batch, seq, heads, heads, head_dim)
+        mask = torch.arange(seq)[None, :] >= (seq - lengths)[:, None]
+        kwargs = dict(key_padding_mask=mask.cuda())
+
+    def fn(q, k, v):
+        with attention_variants(padding=variant):
+            return bidirectional_attention(q, k, v, **kwargs)
+
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, mode))
+    perf_record(benchmark, suite="attention variants (bf16, H200/H100)",
+                case=f"padding {layout} seq {seq} d{head_dim} b{batch}", mode=mode, provider=f"padding={variant}",
+                seconds=seconds, flops=_flops(mode, int((lengths ** 2).sum()) * heads * head_dim),
+                peak_mib=round(peak, 1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", ["causal", "window512", "softcap50"])
+def test_attention_band_flags_cuda(benchmark, perf_record, case, provider):
+    """Causal, a 512 window and Gemma-2's soft-cap at seq 4096, forward+backward; FA2 baseline with the same
+    rule (flash_attn's window_size is inclusive: |i - j| <= w, so w = 511; SDPA's flash backend does only causal).
+    FLOPs count the visible pairs only."""
+    seq, head_dim, heads = 4096, 128, 16
+    batch = TOKENS // seq
+    flags = {"causal": dict(causal=True), "window512": dict(window=512), "softcap50": dict(logit_softcap=50.0)}[case]
+    tensors = _padded_inputs(batch, seq, heads, heads, head_dim)
+    if provider == "ours":
+        def fn(q, k, v):
+            return bidirectional_attention(q, k, v, **flags)
+    elif flash_attn_func is not None:
+        fa_kwargs = {"causal": dict(causal=True), "window512": dict(window_size=(511, 511)),
+                     "softcap50": dict(softcap=50.0)}[case]
+
+        def fn(q, k, v):
+            return flash_attn_func(q, k, v, **fa_kwargs)
+    elif case == "causal":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+                ).transpose(1, 2)
+    else:
+        pytest.skip(f"no FlashAttention-2 baseline for {case} without the flash_attn package")
+    timer = _time_cuda if provider == "ours" else _time_baseline
+    seconds, peak = timer(benchmark, _make_step(fn, tensors, "fwd_bwd"))
+    pairs = {"causal": seq * (seq + 1) // 2, "window512": seq * 1023 - 512 * 511, "softcap50": seq * seq}[case]
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"{case} seq {seq} d{head_dim}",
+                mode="fwd_bwd", provider=provider if provider == "ours" else FA2_NAME, seconds=seconds,
+                flops=_flops("fwd_bwd", batch * heads * pairs * head_dim), peak_mib=round(peak, 1))
 
 
 # --------------------------------------------------------------------------------------------------------

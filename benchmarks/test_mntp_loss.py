@@ -1,6 +1,7 @@
 """Masked next-token loss, forward+backward: ours (``masked_next_token_loss``) vs the full-logits PyTorch path
 (``masked_next_token_loss_reference``: ``hidden @ weight.T`` for every position, then cross-entropy), and
-Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA).
+Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA). On CUDA ours runs in
+both variants side by side: ``ours`` (``variant="fused"``, the default) and ``ours_gemm`` (``variant="gemm"``).
 
 Rows (20% of the positions labelled, as MNTP's default mask rate):
 - CUDA: 16,384 tokens (8 x 2,048), vocab 128,256, hidden 4,096, bf16 (Llama-3-8B's head). Skipped without a GPU.
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
+from perf_table import skip_if_compile_warmup
 
 LABELLED = 0.2
 CPU_SHAPE = dict(batch=2, seq=2048, hidden=576, vocab=49152)
@@ -50,7 +52,9 @@ def _inputs(batch, seq, hidden, vocab, dtype, device, seed=0):
 
 def _loss(provider, h, w, labels, impl="auto"):
     if provider == "ours":
-        return masked_next_token_loss(h, w, labels, impl=impl)
+        return masked_next_token_loss(h, w, labels, impl=impl, variant="fused")
+    if provider == "ours_gemm":
+        return masked_next_token_loss(h, w, labels, impl=impl, variant="gemm")
     if provider == "full_logits":
         return masked_next_token_loss_reference(h, w, labels)
     if provider == "cut_cross_entropy":
@@ -148,6 +152,7 @@ def test_mntp_loss_cpu_peak_memory_ratio(benchmark):
 
 CUDA_PROVIDERS = [
     "ours",
+    "ours_gemm",
     "full_logits",
     pytest.param("cut_cross_entropy", marks=pytest.mark.skipif(not HAS_CCE, reason="cut-cross-entropy not installed")),
     pytest.param("liger", marks=pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel not installed")),
@@ -173,6 +178,7 @@ def test_mntp_loss_cuda(benchmark, perf_record, provider, head):
     except torch.cuda.OutOfMemoryError:
         pytest.skip(f"{provider} runs out of GPU memory at {shape}")
     peak = torch.cuda.max_memory_allocated() - base
+    skip_if_compile_warmup()
 
     def run():
         _step(provider, h, w, labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,4 +87,50 @@ def resolve_model(name_or_path: str) -> str:
     """Map a built-in name (``smollm2-135m``) to its local directory; anything else is returned as is."""
     if name_or_path in BUILTIN_MODELS:
         return smollm2_135m_path()
+    return name_or_path
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither a built-in, a local path nor a hub id that can be used."""
+
+
+# A hub id is "name" or "owner/name" of letters, digits, '-', '_' and '.'; anything else can only be a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def locate_model(name_or_path: str, *, timeout: float = 10.0) -> str:
+    """``resolve_model``, checked: the local directory of a built-in, a local path, or a hub id that is in the
+    local hub cache or on a reachable hub. Anything else raises ``ModelNotFoundError`` in one line, quickly: the
+    built-ins and local paths are looked at first, and the hub is asked once (``timeout`` seconds), not retried,
+    and not at all under ``HF_HUB_OFFLINE=1``."""
+    if name_or_path in BUILTIN_MODELS:
+        return resolve_model(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ModelNotFoundError(f"model folder {path} holds neither config.json nor adapter_config.json")
+        return str(path)
+    what = (f"model {name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing "
+            f"local path")
+    if path.exists():
+        raise ModelNotFoundError(f"{what}: {path} is a file, and a model is a folder (or a hub id)")
+    if not _HUB_ID.fullmatch(name_or_path):
+        raise ModelNotFoundError(f"{what}, and it cannot be a hub id (those read 'owner/name')")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{what}, nor a hub id in the local hub cache ({constants.HF_HUB_CACHE}); "
+                                 f"HF_HUB_OFFLINE=1 forbids looking it up on the hub")
+    try:
+        HfApi().model_info(name_or_path, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{what}, nor a model on the hub ({constants.ENDPOINT})") from None
+    except HfHubHTTPError:
+        return name_or_path  # it exists but needs a login or is gated: from_pretrained says which
+    except Exception as error:  # noqa: BLE001 - any transport failure means the same thing here
+        raise ModelNotFoundError(f"{what}, and the hub ({constants.ENDPOINT}) could not be reached to look it up "
+                                 f"as a hub id ({type(error).__name__}: {error})") from None
     return name_or_path

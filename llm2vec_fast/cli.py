@@ -3,6 +3,10 @@
 Each subcommand lives in the module that does the work; that module provides
 ``add_arguments(parser)`` and ``main(args) -> int | None``. Modules are imported only when their
 subcommand runs, so ``llm2vec-fast --help`` stays fast.
+
+``main`` is the program: a library error (a bad input, a missing file, an unknown model) becomes one line on
+stderr and exit code 1 (the traceback too with ``--log-level DEBUG``). ``run`` is the same without that
+conversion, for callers that want the exception.
 """
 
 from __future__ import annotations
@@ -19,14 +23,50 @@ TRAIN_STAGES = {
 }
 COMMANDS = {
     "encode": ("llm2vec_fast.corpus", "Encode a large corpus into embedding shards (resumable)."),
+    "export": ("llm2vec_fast.export", "Export an encoder as a sentence-transformers model directory (TEI, vLLM)."),
     "eval": ("llm2vec_fast.mteb", "Evaluate an encoder on MTEB tasks, or offline on local files."),
     "recipe": ("llm2vec_fast.recipe", "Run the whole LLM2Vec recipe on a model and report the scores."),
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What a user can cause: a bad input or option, a missing or unwritable path, a model that does not resolve, a
+# failed stage. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default INFO)")
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):  # leave the report to the full parser
+        raise ValueError(message)
+
+
+def _chosen_words(argv: list[str]) -> list[str]:
+    """The subcommand words (``encode``, or ``train mntp``) after the global options, however those are spelt
+    (``--log-level DEBUG``, ``--log-level=DEBUG``, ``--log DEBUG``): the global options are parsed by argparse
+    itself, and the first words that follow them name the subcommand."""
+    globals_only = _QuietParser(add_help=False)
+    _add_global_options(globals_only)
+    globals_only.add_argument("words", nargs=argparse.REMAINDER)
+    try:
+        known, _ = globals_only.parse_known_args(argv)
+    except ValueError:  # a bad global option: the full parser reports it
+        return []
+    words = []
+    for word in known.words[:2]:
+        if word.startswith("-"):
+            break
+        words.append(word)
+    return words
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The full parser; only the subcommand that ``argv`` chooses has its module imported for its arguments."""
+    words = _chosen_words(argv)
     parser = argparse.ArgumentParser(prog="llm2vec-fast", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="Train one LLM2Vec stage from a config file.")
@@ -34,26 +74,35 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for stage, module in TRAIN_STAGES.items():
         sub = stages.add_parser(stage, help=f"the {stage} stage")
         sub.set_defaults(module=module)
-        # Only the chosen stage's module is imported to add its arguments.
-        if len(argv) >= 2 and argv[0] == "train" and argv[1] == stage:
+        if words == ["train", stage]:
             importlib.import_module(module).add_arguments(sub)
 
     for name, (module, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(module=module)
-        if argv and argv[0] == name:
+        if words[:1] == [name]:
             importlib.import_module(module).add_arguments(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; library exceptions propagate."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Global options come first, so the subcommand is the first word that is not one of them.
-    command_argv = argv[2:] if argv[:1] == ["--log-level"] else argv
-    args = build_parser(command_argv).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = importlib.import_module(args.module).main(args)
     return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The program: ``run``, with a user's error as one line on stderr and exit code 1."""
+    try:
+        return run(argv)
+    except USER_ERRORS as error:
+        logging.getLogger(__name__).debug("Traceback of the error below", exc_info=True)
+        message = str(error) or type(error).__name__
+        print(f"llm2vec-fast: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

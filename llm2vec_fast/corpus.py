@@ -1,17 +1,22 @@
-"""``llm2vec-fast encode``: a large corpus into embedding shards, resumable, one process or many (torchrun).
+"""Corpus encoding: a large corpus into embedding shards, resumable, one process or many (torchrun).
+
+``encode_corpus(source, output, CorpusSettings(model=...))`` is the library function (it returns the manifest);
+``llm2vec-fast encode`` is a thin command line over it (``add_arguments``/``main``).
 
 Input (streamed, memory constant in the corpus size): ``.txt`` (one text per line; an empty line is an empty
-text), ``.jsonl`` (one object per line, text in ``--text-field``, id in ``--id-field``), ``.parquet`` (columns
-``--text-field``/``--id-field``); ``.txt.gz``/``.jsonl.gz`` too. Rows are numbered from 0 in file order; a row
+text), ``.jsonl`` (one object per line, text in ``text_field``, id in ``id_field``), ``.parquet`` (columns
+``text_field``/``id_field``); ``.txt.gz``/``.jsonl.gz`` too. Rows are numbered from 0 in file order; a row
 without an id gets its row number as id.
 
-Output in ``--output``:
+Output in ``output``:
 
-- ``run.json``: the settings, written first; a later run with other settings refuses to continue.
+- ``run.json``: the resolved settings (defaults as their values) and the input's size and SHA-256, written
+  before the first shard. A later run with other settings refuses to continue once a shard is complete; while
+  no shard is complete (a run that failed at once) a new run simply replaces it.
 - per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``): ``embeddings-0000k.npy``
-  ``(rows, dim)`` float16/float32 and ``ids-0000k.json`` (ids in order, row range, bad rows, truncated count).
-  Each file is written to a temporary name, fsynced and renamed; the ids file is renamed last and is what marks
-  the shard complete, so a shard is never taken as complete while half written.
+  ``(rows, dim)`` float16/float32 and ``ids-0000k.json`` (ids in order, row range, bad rows, truncated count),
+  written by a ``ShardWriter``. Each file is written to a temporary name, fsynced and renamed; the ids file is
+  renamed last and is what marks the shard complete, so a shard is never taken as complete while half written.
 - ``manifest.json``, written when every shard is complete: counts (rows, encoded, bad, empty, truncated),
   model, settings and the shard list.
 
@@ -19,9 +24,10 @@ Killed at any moment and started again with the same command, the run redoes onl
 complete; the result equals an uninterrupted run, byte for byte, since each shard is always encoded in the
 same batches. Under torchrun, rank ``r`` of ``W`` encodes the shards ``k`` with ``k % W == r``: the files are
 the same as a one-process run's. Bad rows (undecodable line, invalid JSON, missing or non-string text field)
-stop the run with the file and line, or with ``--on-bad-row skip`` are listed in the shard's ids file and
-counted in the manifest; nothing is dropped silently. Texts longer than ``--max-length`` tokens are cut there
-(after llm2vec's ``doc_max_length`` word trimming) and counted as truncated.
+stop the run with the file and line, or with ``on_bad_row="skip"`` are listed in the shard's ids file and
+counted in the manifest; nothing is dropped silently, and a run where every row is bad (or more than
+``max_bad_rows``) is an error. Texts longer than ``max_length`` tokens are cut there (after llm2vec's
+``doc_max_length`` word trimming) and counted as truncated.
 """
 
 from __future__ import annotations
@@ -40,19 +46,32 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_write
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .training.modeling import MODEL_DTYPES
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: run.json holds resolved settings and the input's SHA-256; bad rows keep their ids
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
-_CRASH_AFTER_ENV = "LLM2VEC_FAST_TEST_CRASH_AFTER_SHARDS"  # test hook: die mid-write after this many shards
+BAD_ROW_POLICIES = ("error", "skip")
 
 
-class BadRowError(ValueError):
+class CorpusError(ValueError):
+    """A corpus run that cannot go on as asked; the message says what to change."""
+
+
+class BadRowError(CorpusError):
     """A row of the input that cannot be encoded (undecodable, invalid JSON, no text field)."""
+
+
+class TooManyBadRowsError(CorpusError):
+    """More bad rows than allowed, or no good row at all."""
+
+
+class SettingsConflictError(CorpusError):
+    """The output folder holds complete shards of a run with other settings or another input."""
 
 
 @dataclasses.dataclass
@@ -69,7 +88,7 @@ def input_kind(path: str | Path) -> str:
     for suffix in SUFFIXES:
         if name.endswith(suffix):
             return suffix.replace(".gz", "")
-    raise ValueError(f"unsupported input {path}: use one of {', '.join(SUFFIXES)}")
+    raise ValueError(f"unsupported input {path}: the input must be one of {', '.join(SUFFIXES)}")
 
 
 def _open_lines(path: Path) -> Iterator[bytes]:
@@ -77,13 +96,6 @@ def _open_lines(path: Path) -> Iterator[bytes]:
     with opener(path, "rb") as handle:
         for line in handle:
             yield line
-
-
-def _line_text(raw: bytes, path: Path, number: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise BadRowError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
@@ -109,29 +121,34 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
             index += 1
             continue
         try:
-            line = _line_text(raw, path, number)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield Row(index, index, None, f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})")
+        else:
             if kind == ".txt":
                 yield Row(index, index, line.rstrip("\r\n"))
             else:
                 yield _json_row(line, path, number, index, text_field, id_field)
-        except BadRowError as error:
-            yield Row(index, index, None, str(error))
         index += 1
 
 
 def _json_row(line: str, path: Path, number: int, index: int, text_field: str, id_field: str | None) -> Row:
+    """One .jsonl row; a bad one keeps its own id when the line parsed and has one."""
+    where = f"{path}:{number}"
     try:
-        record = json.loads(line)
+        # Without the line end, json's "line 1 column c" points into this row, not at a line 2 after it.
+        record = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as error:
-        raise BadRowError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        # str(error) is the whole message, with line and column: error.msg alone stops mid-phrase.
+        return Row(index, index, None, f"{where}: invalid JSON ({error})")
     if not isinstance(record, dict):
-        raise BadRowError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        return Row(index, index, None, f"{where}: expected a JSON object, got {type(record).__name__}")
+    row_id = record.get(id_field, index) if id_field else index
     if text_field not in record:
-        raise BadRowError(f"{path}:{number}: no field {text_field!r} (fields: {sorted(record)[:10]})")
+        return Row(index, row_id, None, f"{where}: no field {text_field!r} (fields: {sorted(record)[:10]})")
     text = record[text_field]
     if not isinstance(text, str):
-        raise BadRowError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
-    row_id = record.get(id_field, index) if id_field else index
+        return Row(index, row_id, None, f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     return Row(index, row_id, text)
 
 
@@ -167,39 +184,8 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(handle)`` into ``path.tmp``, fsync, rename onto ``path``."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _maybe_crash(path)
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
-
-
-_shards_written = 0
-
-
-def _maybe_crash(path: Path) -> None:
-    # Test hook: die like a killed process (no clean-up) with an embeddings file written but not renamed.
-    limit = os.environ.get(_CRASH_AFTER_ENV)
-    if limit is not None and path.name.startswith("embeddings-") and _shards_written >= int(limit):
-        os._exit(17)
+def _write_json(path: Path, value: Any, **dump_options) -> None:
+    atomic_write(path, lambda h: h.write(json.dumps(value, **dump_options).encode("utf-8")))
 
 
 def shard_names(k: int) -> tuple[str, str]:
@@ -209,6 +195,30 @@ def shard_names(k: int) -> tuple[str, str]:
 def shard_complete(output: Path, k: int) -> bool:
     embeddings, ids = shard_names(k)
     return (output / ids).is_file() and (output / embeddings).is_file()
+
+
+def _complete_shards(output: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in output.glob("ids-*.json") if p.stem.split("-")[1].isdigit())
+
+
+class ShardWriter:
+    """Writes one shard's files into ``output``: the embeddings, then the ids record, which marks it complete.
+
+    The one place shard files are written, so that other formats (or a test that dies half way) replace
+    only this."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+
+    def write_embeddings(self, k: int, array: np.ndarray) -> None:
+        atomic_write(self.output / shard_names(k)[0], lambda h: np.save(h, array))
+
+    def write_record(self, k: int, record: dict[str, Any]) -> None:
+        _write_json(self.output / shard_names(k)[1], record)
+
+    def write_shard(self, k: int, array: np.ndarray, record: dict[str, Any]) -> None:
+        self.write_embeddings(k, array)
+        self.write_record(k, record)
 
 
 def load_output(output: str | Path) -> tuple[np.ndarray, list]:
@@ -222,75 +232,119 @@ def load_output(output: str | Path) -> tuple[np.ndarray, list]:
     return np.concatenate(arrays) if arrays else np.zeros((0, manifest["dim"]), np.float32), ids
 
 
-# ---------------------------------------------------------------------------------------------------------- run
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model: built-in name (smollm2-135m), hub id or path")
-    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
-                        help="LoRA adapter to merge, in order (repeatable)")
-    parser.add_argument("--input", required=True, help="input file: " + ", ".join(SUFFIXES))
-    parser.add_argument("--output", required=True, help="output folder (created; resumed if it holds a run)")
-    parser.add_argument("--text-field", default="text", help="text field/column of .jsonl/.parquet (default text)")
-    parser.add_argument("--id-field", default="id", help="id field/column (default id; row number when absent)")
-    parser.add_argument("--instruction", default="", help="instruction put before every text (llm2vec's pairs)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
-    parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
-    parser.add_argument("--doc-max-length", type=int, default=None, help="llm2vec's word trimming (default 400)")
-    parser.add_argument("--pooling-mode", default=None, choices=POOLING_MODES)
-    parser.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="stored embeddings")
-    parser.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
-                        help="compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
-    parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
-    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
-    parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
-                        help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
-    parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
-                        help="stop at a bad row (default), or skip it and list it in the shard and manifest")
+# ---------------------------------------------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class CorpusSettings:
+    """What to encode with and how. ``None`` means the encoder's own value (its ``llm2vec_config.json``, else
+    llm2vec's defaults); run.json records the resolved values, so an explicit default equals an omitted one."""
+
+    model: str  # built-in name (smollm2-135m), hub id or local path
+    adapters: list[str] = dataclasses.field(default_factory=list)  # LoRA adapters merged in order
+    text_field: str = "text"
+    id_field: str | None = "id"  # None or absent: the row number
+    instruction: str = ""
+    batch_size: int = 32
+    max_batch_tokens: int | None = None
+    max_length: int | None = None
+    doc_max_length: int | None = None
+    pooling_mode: str | None = None
+    dtype: str = "float32"  # of the stored embeddings: float16 or float32
+    model_dtype: str = "auto"  # compute dtype: bf16 on CUDA, fp32 on the CPU
+    shard_size: int = 10000
+    normalize: bool = False
+    device: str | None = None  # default cuda:LOCAL_RANK when CUDA is there, else cpu
+    attention_impl: str = "auto"
+    on_bad_row: str = "error"  # "error" stops at the first bad row; "skip" lists it and goes on
+    max_bad_rows: int | None = None  # with "skip": more bad rows than this is an error (None: any, unless all)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "shard_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {self.max_batch_tokens!r}")
+        if self.max_bad_rows is not None and self.max_bad_rows < 0:
+            raise ValueError(f"max_bad_rows must be 0 or more, got {self.max_bad_rows!r}")
+        choices = {"dtype": ("float16", "float32"), "model_dtype": MODEL_DTYPES, "attention_impl": IMPLEMENTATIONS,
+                   "on_bad_row": BAD_ROW_POLICIES, "pooling_mode": (None, *POOLING_MODES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
+                                 f"got {getattr(self, name)!r}")
 
 
-def _input_fingerprint(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """The input by content: size and SHA-256, streamed (a ``touch`` or a copy elsewhere changes nothing)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _settings(args, device_type: str) -> dict:
+def _resolved_name(name_or_path: str) -> str:
+    """A local path as an absolute path (``runs/mntp`` and ``/abs/runs/mntp`` are one adapter); names as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path) -> dict[str, Any]:
+    """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
+    The bad-row policy is not here: it decides whether the run may finish, not what a shard holds."""
+    budget = next((b for b in (settings.max_batch_tokens, encoder.max_batch_tokens) if b is not None),
+                  settings.batch_size * encoder.max_length)
+    parameter = next(encoder.model.parameters(), None)
     return {
         "format_version": FORMAT_VERSION,
-        "model": args.model,
-        "adapters": [str(a) for a in args.adapter],
-        "input": _input_fingerprint(Path(args.input)),
-        "text_field": args.text_field,
-        "id_field": args.id_field,
-        "instruction": args.instruction,
-        "batch_size": args.batch_size,
-        "max_batch_tokens": args.max_batch_tokens,
-        "max_length": args.max_length,
-        "doc_max_length": args.doc_max_length,
-        "pooling_mode": args.pooling_mode,
-        "dtype": args.dtype,
-        "model_dtype": args.model_dtype,
-        "shard_size": args.shard_size,
-        "normalize": bool(args.normalize),
-        "device_type": device_type,
-        "on_bad_row": args.on_bad_row,
-        "attention_impl": args.attention_impl,
+        "model": _resolved_name(settings.model),
+        "adapters": [_resolved_name(str(a)) for a in settings.adapters],
+        "input": input_fingerprint(source),
+        "text_field": settings.text_field,
+        "id_field": settings.id_field or None,
+        "instruction": settings.instruction,
+        "batch_size": settings.batch_size,
+        "max_batch_tokens": budget,
+        "max_length": encoder.max_length,
+        "doc_max_length": encoder.doc_max_length,
+        "pooling_mode": encoder.pooling_mode,
+        "skip_instruction": encoder.skip_instruction,
+        "max_padding": encoder.max_padding,
+        "dtype": settings.dtype,
+        "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
+        "shard_size": settings.shard_size,
+        "normalize": bool(settings.normalize),
+        "device_type": device.type,
+        "attention_impl": settings.attention_impl,
     }
 
 
-def _check_run_file(output: Path, settings: dict, rank: int) -> None:
+def _read_run_file(run_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(run_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # unreadable: differs from any settings, and is replaced while no shard is complete
+
+
+def _claim_output(output: Path, pinned: dict[str, Any]) -> None:
+    """Make ``output`` hold a run with exactly ``pinned`` settings, or refuse (rank 0 only)."""
+    output.mkdir(parents=True, exist_ok=True)
     run_file = output / "run.json"
-    if run_file.is_file():
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
-        if stored != settings:
-            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-            details = "; ".join(f"{k}: was {stored.get(k)!r}, now {settings.get(k)!r}" for k in changed)
-            raise SystemExit(f"{output} holds a run with other settings ({details}). Resume with the same "
-                             f"command, or choose another --output.")
+    stored = _read_run_file(run_file)
+    if stored == pinned:
         return
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_file, lambda h: h.write(json.dumps(settings, indent=2).encode("utf-8")))
+    if stored is not None:
+        done = _complete_shards(output)
+        if done or (output / "manifest.json").is_file():
+            changed = sorted(k for k in set(stored) | set(pinned) if stored.get(k) != pinned.get(k))
+            details = "; ".join(f"{k}: was {stored.get(k)!r}, now {pinned.get(k)!r}" for k in changed)
+            raise SettingsConflictError(
+                f"{output} holds {len(done)} complete shard(s) of a run with other settings ({details}). Resume "
+                f"with the same settings and input, or start over: delete {output} or choose another output folder.")
+        logger.info("%s holds an earlier run that completed no shard; starting it again with these settings", output)
+    _write_json(run_file, pinned, indent=2)
 
 
 def _distributed():
@@ -316,135 +370,207 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def main(args) -> int:
-    global _shards_written
-    import torch
-    from tqdm.auto import tqdm
+def _check_source_and_output(source: Path, output: Path) -> None:
+    """The mistakes that need no model to find, found before one loads."""
+    if not source.is_file():
+        raise FileNotFoundError(f"input file {source} does not exist" if not source.exists()
+                                else f"input {source} is not a file")
+    input_kind(source)
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"output {output} is a file; the output must be a folder (it is created)")
 
+
+def _load_encoder(settings: CorpusSettings, device):
+    from .builtin_models import locate_model
     from .encoder import LLM2Vec
     from .training.modeling import resolve_dtype
 
-    if args.shard_size < 1 or args.batch_size < 1:
-        raise SystemExit("--shard-size and --batch-size must be positive")
-    input_path = Path(args.input)
-    if not input_path.is_file():
-        raise SystemExit(f"input file {input_path} does not exist")
-    input_kind(input_path)
-    rank, world, local_rank, initialized = _distributed()
-    if args.device:
-        device = torch.device(args.device)
+    locate_model(settings.model)  # a name that resolves nowhere fails here, in one line, without hub retries
+    for adapter in settings.adapters:
+        if not Path(adapter).expanduser().exists():
+            locate_model(adapter)
+    model_dtype = settings.model_dtype if settings.model_dtype != "auto" or device.type == "cuda" else "float32"
+    encoder = LLM2Vec.from_pretrained(
+        settings.model, peft_model_name_or_path=list(settings.adapters) or None, merge_peft=True,
+        dtype=resolve_dtype(model_dtype), pooling_mode=settings.pooling_mode, max_length=settings.max_length,
+        doc_max_length=settings.doc_max_length, attention_impl=settings.attention_impl,
+    )
+    encoder.model.to(device)
+    return encoder
+
+
+class _BatchProgress:
+    """The ``progress`` that ``LLM2Vec.encode_tokenized`` updates once per batch: texts on the bar (tqdm shows
+    texts/s) and tokens/s beside it. Batches take a shard's texts longest first, so the next ``n`` texts done
+    are the next ``n`` of its lengths sorted that way."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.tokens = 0
+        self.bad = 0
+        self.started = time.perf_counter()
+        self._lengths: list[int] = []
+
+    def start_shard(self, lengths: list[int]) -> None:
+        self._lengths = sorted(lengths, reverse=True)
+
+    def update(self, n: int) -> None:
+        self.tokens += sum(self._lengths[:n])
+        del self._lengths[:n]
+        self.bar.update(n)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        postfix = {"tokens/s": f"{self.tokens / elapsed:.0f}"}
+        if self.bad:
+            postfix["bad"] = self.bad
+        self.bar.set_postfix(postfix, refresh=False)
+
+
+def _encode_shard(encoder, settings: CorpusSettings, rows: list[Row], device, progress: _BatchProgress):
+    """One shard's rows -> (embeddings array, ids record without its row range)."""
+    import torch
+
+    np_dtype = np.float16 if settings.dtype == "float16" else np.float32
+    good = [r for r in rows if r.text is not None]
+    bad = [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem} for r in rows if r.text is None]
+    stats = {"rows": len(rows), "encoded": len(good), "bad": len(bad), "truncated": 0, "empty": 0, "tokens": 0}
+    if good:
+        encoded = encoder.tokenize_texts([(settings.instruction, r.text) for r in good])
+        stats["truncated"] = sum(e.truncated for e in encoded)
+        stats["empty"] = sum(1 for r in good if not r.text.strip())
+        stats["tokens"] = sum(len(e.input_ids) for e in encoded)
+        progress.start_shard([len(e.input_ids) for e in encoded])
+        vectors = encoder.encode_tokenized(encoded, batch_size=settings.batch_size, device=device,
+                                           max_batch_tokens=settings.max_batch_tokens, progress=progress)
+        if settings.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        array = vectors.numpy().astype(np_dtype)
     else:
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    output = Path(args.output)
-    settings = _settings(args, device.type)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        _check_run_file(output, settings, rank)
-    _barrier(world)
-    if rank != 0:
-        _check_run_file(output, settings, rank)
+        array = np.zeros((0, encoder.model.config.hidden_size), dtype=np_dtype)
+    record = {"ids": [_json_safe(r.id) for r in good], "bad_rows": bad, "dim": int(array.shape[1]), **stats}
+    return array, record
+
+
+def _check_bad_rows(settings: CorpusSettings, bad: int, rows: int, encoded: int, first_problem: str | None) -> None:
+    """The bad-row policy on counts so far (one rank's while streaming, the whole run's at the end)."""
+    if not bad:
+        return
+    if settings.on_bad_row == "error":
+        raise BadRowError(f"bad input row: {first_problem}. Fix the input, or skip such rows (--on-bad-row skip) "
+                          f"to list them in the manifest and go on.")
+    if settings.max_bad_rows is not None and bad > settings.max_bad_rows:
+        raise TooManyBadRowsError(f"{bad} bad rows, more than the {settings.max_bad_rows} allowed (max_bad_rows; "
+                                  f"first: {first_problem}). Fix the input, or allow more.")
+    if rows and not encoded and bad == rows:
+        raise TooManyBadRowsError(f"every one of the {rows} rows is bad (first: {first_problem}): check the text "
+                                  f"field ({settings.text_field!r}) and the input's format.")
+
+
+def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettings, *, encoder=None,
+                  writer: ShardWriter | None = None, show_progress_bar: bool | None = None) -> dict[str, Any]:
+    """Encode ``source`` into shards in ``output`` (resuming what is there) and return the manifest.
+
+    ``encoder`` (an ``LLM2Vec``) is used as given when passed (``settings.model``/``adapters`` then only say
+    what it is, for run.json); otherwise it is loaded from ``settings``. ``writer`` writes the shard files
+    (default ``ShardWriter(output)``). Under torchrun each rank encodes its share; rank 0 returns the manifest,
+    the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many
+    bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that
+    resolves nowhere.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    source, output = Path(source), Path(output)
+    _check_source_and_output(source, output)
+    rank, world, local_rank, initialized = _distributed()
     try:
+        if settings.device:
+            device = torch.device(settings.device)
+        else:
+            device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if encoder is None:
+            encoder = _load_encoder(settings, device)
+        else:
+            encoder.model.to(device)
+        pinned = _pinned_settings(settings, encoder, device, source)
+        if rank == 0:
+            _claim_output(output, pinned)
+        _barrier(world)
+        if rank != 0 and _read_run_file(output / "run.json") != pinned:
+            raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 (see {output / 'run.json'})")
         if (output / "manifest.json").is_file():
             logger.info("%s is already complete (manifest.json present); nothing to do", output)
-            return 0
-        dtype = resolve_dtype(args.model_dtype if args.model_dtype != "auto" or device.type == "cuda" else "float32")
-        encoder = LLM2Vec.from_pretrained(
-            args.model, peft_model_name_or_path=args.adapter or None, merge_peft=True, dtype=dtype,
-            pooling_mode=args.pooling_mode, max_length=args.max_length, doc_max_length=args.doc_max_length,
-            attention_impl=args.attention_impl,
-        )
-        encoder.model.to(device)
-        np_dtype = np.float16 if args.dtype == "float16" else np.float32
-
-        def mine(k: int) -> bool:
-            return k % world == rank
-
-        for stale in output.glob("*.tmp"):
-            shard = stale.name.split("-")[-1].split(".")[0]
-            if shard.isdigit() and mine(int(shard)):
-                stale.unlink()
-
-        done_before = sum(1 for p in output.glob("ids-*.json") if mine(int(p.stem.split("-")[1])))
-        if done_before:
-            logger.info("Resuming: %d shard(s) of this rank are already complete", done_before)
-
-        def wanted(index: int) -> bool:
-            k = index // args.shard_size
-            return mine(k) and not shard_complete(output, k)
-
-        # shard_complete is asked once per row; cache it per shard.
-        complete_cache: dict[int, bool] = {}
-
-        def wanted_cached(index: int) -> bool:
-            k = index // args.shard_size
-            if k not in complete_cache:
-                complete_cache[k] = wanted(index)
-            return complete_cache[k]
-
-        bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text",
-                   disable=not logger.isEnabledFor(logging.INFO), position=rank if world > 1 else None)
-        tokens_seen, started = 0, time.perf_counter()
-        current: list[Row] = []
-        current_shard = None
-
-        def flush(k: int, rows: list[Row]) -> None:
-            nonlocal tokens_seen
-            global _shards_written
-            good = [r for r in rows if r.text is not None]
-            bad = [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem} for r in rows if r.text is None]
-            dim = encoder.model.config.hidden_size
-            stats = {"rows": len(rows), "encoded": len(good), "bad": len(bad), "truncated": 0, "empty": 0,
-                     "tokens": 0}
-            if good:
-                pairs = [(args.instruction, r.text) for r in good]
-                encoded = encoder.tokenize_texts(pairs)
-                stats["truncated"] = sum(e.truncated for e in encoded)
-                stats["empty"] = sum(1 for r in good if not r.text.strip())
-                stats["tokens"] = sum(len(e.input_ids) for e in encoded)
-                vectors = encoder.encode_tokenized(encoded, batch_size=args.batch_size, device=device,
-                                                   max_batch_tokens=args.max_batch_tokens)
-                if args.normalize:
-                    vectors = torch.nn.functional.normalize(vectors, dim=-1)
-                array = vectors.numpy().astype(np_dtype)
-            else:
-                array = np.zeros((0, dim), dtype=np_dtype)
-            embeddings_name, ids_name = shard_names(k)
-            atomic_write(output / embeddings_name, lambda h: np.save(h, array))
-            record = {"shard": k, "first_row": rows[0].index, "last_row": rows[-1].index,
-                      "ids": [_json_safe(r.id) for r in good], "bad_rows": bad, "dim": int(array.shape[1]), **stats}
-            atomic_write(output / ids_name, lambda h: h.write(json.dumps(record).encode("utf-8")))
-            _shards_written += 1
-            tokens_seen += stats["tokens"]
-            bar.update(len(rows))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(tokens_per_s=f"{tokens_seen / elapsed:.0f}", shard=k)
-
-        for row in read_rows(input_path, text_field=args.text_field, id_field=args.id_field or None,
-                             wanted=wanted_cached):
-            if row.text is None and args.on_bad_row == "error":
-                raise SystemExit(f"bad input row: {row.problem}. Fix the input, or pass --on-bad-row skip to list "
-                                 f"such rows in the manifest and go on.")
-            k = row.index // args.shard_size
-            if current_shard is not None and k != current_shard:
-                flush(current_shard, current)
-                current = []
-            current_shard = k
-            current.append(row)
-        if current:
-            flush(current_shard, current)
-        bar.close()
+            return json.loads((output / "manifest.json").read_text(encoding="utf-8")) if rank == 0 else {}
+        writer = ShardWriter(output) if writer is None else writer
+        _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm, show_progress_bar)
         _barrier(world)
         if rank == 0:
-            _write_manifest(output, settings, encoder)
+            return _write_manifest(output, settings, pinned, encoder, source)
+        return {}
     finally:
         if initialized:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return 0
 
 
-def _write_manifest(output: Path, settings: dict, encoder) -> None:
+def _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm, show_progress_bar) -> None:
+    def mine(k: int) -> bool:
+        return k % world == rank
+
+    for stale in output.glob("*.tmp"):
+        shard = stale.name.split("-")[-1].split(".")[0]
+        if shard.isdigit() and mine(int(shard)):
+            stale.unlink()
+    done_before = [k for k in _complete_shards(output) if mine(k)]
+    if done_before:
+        logger.info("Resuming: %d shard(s) of this rank are already complete", len(done_before))
+
+    wanted_by_shard: dict[int, bool] = {}
+
+    def wanted(index: int) -> bool:  # asked once per row, answered once per shard
+        k = index // settings.shard_size
+        if k not in wanted_by_shard:
+            wanted_by_shard[k] = mine(k) and not shard_complete(output, k)
+        return wanted_by_shard[k]
+
+    disable = not logger.isEnabledFor(logging.INFO) if show_progress_bar is None else not show_progress_bar
+    bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text", disable=disable,
+               position=rank if world > 1 else None)
+    progress = _BatchProgress(bar)
+    counts = {"rows": 0, "encoded": 0, "bad": 0}
+    first_problem = None
+    current: list[Row] = []
+
+    def flush(rows: list[Row]) -> None:
+        k = rows[0].index // settings.shard_size
+        array, record = _encode_shard(encoder, settings, rows, device, progress)
+        writer.write_shard(k, array, {"shard": k, "first_row": rows[0].index, "last_row": rows[-1].index,
+                                      **record})
+
+    try:
+        for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None,
+                             wanted=wanted):
+            counts["rows"] += 1
+            if row.text is None:
+                counts["bad"] += 1
+                progress.bad += 1
+                first_problem = first_problem or row.problem
+                # A lower bound of the run's count: stop as soon as the policy is broken, not at the end.
+                _check_bad_rows(settings, counts["bad"], 0, 0, first_problem)
+            else:
+                counts["encoded"] += 1
+            if current and row.index // settings.shard_size != current[0].index // settings.shard_size:
+                flush(current)
+                current = []
+            current.append(row)
+        if current:
+            flush(current)
+    finally:
+        bar.close()
+
+
+def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path) -> dict:
     shards = []
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
     bad_rows = []
@@ -467,6 +593,9 @@ def _write_manifest(output: Path, settings: dict, encoder) -> None:
             raise RuntimeError(f"shard {shard['shard']} starts at row {shard['first_row']}, expected {expected}: "
                                f"a shard is missing in {output}")
         expected = shard["last_row"] + 1
+    # The whole run's counts (a resumed run's shards may come from an earlier, more lenient run).
+    _check_bad_rows(settings, totals["bad"], totals["rows"], totals["encoded"],
+                    bad_rows[0]["problem"] if bad_rows else None)
     if totals["bad"]:
         logger.warning("%d bad row(s) were skipped; they are listed in manifest.json", totals["bad"])
     if totals["truncated"]:
@@ -474,17 +603,64 @@ def _write_manifest(output: Path, settings: dict, encoder) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "complete": True,
-        "model": settings["model"],
-        "adapters": settings["adapters"],
+        "model": pinned["model"],
+        "adapters": pinned["adapters"],
+        "input_path": str(source.resolve()),
         "encoder": {k: getattr(encoder, k) for k in ("pooling_mode", "max_length", "doc_max_length",
                                                       "skip_instruction")},
-        "settings": settings,
+        "settings": pinned,
+        "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
         "dim": dim,
-        "dtype": settings["dtype"],
+        "dtype": pinned["dtype"],
         "counts": totals,
         "bad_rows": bad_rows,
         "shards": shards,
-        "settings_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "settings_sha256": hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest(),
     }
-    atomic_write(output / "manifest.json", lambda h: h.write(json.dumps(manifest, indent=2).encode("utf-8")))
+    _write_json(output / "manifest.json", manifest, indent=2)
     logger.info("Wrote %d embeddings in %d shard(s) to %s", totals["encoded"], len(shards), output)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model: built-in name (smollm2-135m), hub id or path")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                        help="LoRA adapter to merge, in order (repeatable)")
+    parser.add_argument("--input", required=True, help="input file: " + ", ".join(SUFFIXES))
+    parser.add_argument("--output", required=True, help="output folder (created; resumed if it holds a run)")
+    parser.add_argument("--text-field", default="text", help="text field/column of .jsonl/.parquet (default text)")
+    parser.add_argument("--id-field", default="id", help="id field/column (default id; row number when absent)")
+    parser.add_argument("--instruction", default="", help="instruction put before every text (llm2vec's pairs)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
+    parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
+    parser.add_argument("--doc-max-length", type=int, default=None, help="llm2vec's word trimming (default 400)")
+    parser.add_argument("--pooling-mode", default=None, choices=POOLING_MODES,
+                        help="default: the adapter's llm2vec_config.json, else mean")
+    parser.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="stored embeddings")
+    parser.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
+                        help="compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
+                        help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
+    parser.add_argument("--on-bad-row", default="error", choices=BAD_ROW_POLICIES,
+                        help="stop at a bad row (default), or skip it and list it in the shard and manifest")
+    parser.add_argument("--max-bad-rows", type=int, default=None, metavar="N",
+                        help="with --on-bad-row skip: fail when more than N rows are bad (default: fail only when "
+                             "every row is bad)")
+
+
+def main(args) -> int:
+    settings = CorpusSettings(
+        model=args.model, adapters=list(args.adapter), text_field=args.text_field, id_field=args.id_field or None,
+        instruction=args.instruction, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        max_length=args.max_length, doc_max_length=args.doc_max_length, pooling_mode=args.pooling_mode,
+        dtype=args.dtype, model_dtype=args.model_dtype, shard_size=args.shard_size, normalize=args.normalize,
+        device=args.device, attention_impl=args.attention_impl, on_bad_row=args.on_bad_row,
+        max_bad_rows=args.max_bad_rows,
+    )
+    encode_corpus(args.input, args.output, settings)
+    return 0

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from .batching import length_sorted_batches, pack_batch, pad_batch
 from .builtin_models import resolve_model
 from .pooling import check_pooling_mode, pool, pool_packed
+from .prompts import DOCUMENT_PROMPT_NAME, QUERY_PROMPT_NAME, default_prompts, resolve_prompt
+from .quantization import check_precision, quantize_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,8 @@ class LLM2Vec(torch.nn.Module):
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
+        # sentence-transformers' prompts: name -> instruction, for encode(prompt_name=...), encode_query/_document.
+        self.prompts = default_prompts()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -394,6 +398,12 @@ class LLM2Vec(torch.nn.Module):
         normalize_embeddings: bool = False,
         output_value: str = "sentence_embedding",
         *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        pool: dict[str, Any] | None = None,
+        chunk_size: int | None = None,
         max_batch_tokens: int | None = None,
         packed: bool | None = None,
     ):
@@ -404,36 +414,99 @@ class LLM2Vec(torch.nn.Module):
         its text tokens (those that ``mean`` pools), as a list. Batches hold at most ``batch_size`` texts and
         ``max_batch_tokens`` tokens (default ``batch_size * max_length``); ``packed`` (default: on CUDA when the
         model is patched; padded on CPU) concatenates each batch's texts instead of padding them.
+
+        As sentence-transformers' ``encode``: ``prompt`` (an instruction) or ``prompt_name`` (a key of
+        ``self.prompts``: LLM2Vec's MTEB task names, ``query``, ``document``) is the instruction of every plain
+        string (pairs keep their own), left out of pooling; ``truncate_dim`` keeps the leading dimensions
+        (Matryoshka) before ``normalize_embeddings``; ``precision`` (``float32``, ``int8``, ``uint8``,
+        ``binary``, ``ubinary``) quantizes the result as ``sentence_transformers.quantize_embeddings`` does (int8
+        ranges calibrated over these embeddings; binary packs 8 dimensions per byte); ``device=["cuda:0",
+        "cuda:1"]`` or ``pool=start_multi_process_pool(...)`` encodes in several processes, ``chunk_size`` texts
+        at a time.
         """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        instruction = resolve_prompt(self.prompts, prompt, prompt_name)
+        check_precision(precision)
+        dimension = int(self.config.hidden_size)
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 1 <= truncate_dim <= dimension):
+            raise ValueError(f"truncate_dim must be an integer in [1, {dimension}] (the embedding size), "
+                             f"got {truncate_dim!r}")
+        if output_value == "token_embeddings" and (truncate_dim is not None or precision != "float32"):
+            raise ValueError("truncate_dim and precision apply to sentence embeddings, not to token_embeddings")
         pairs, single = self._as_pairs(sentences)
-        encoded = self.tokenize_texts(pairs)
-        cut = sum(e.truncated for e in encoded)
-        if cut:  # said, not silent: an adapter's llm2vec_config.json may carry a short training max_length
-            logger.warning("%d of %d texts were cut to fit max_length=%d tokens or doc_max_length=%d", cut,
-                           len(encoded), self.max_length, self.doc_max_length)
-        embeddings = self.encode_tokenized(
-            encoded, batch_size=batch_size, device=device, output_value=output_value,
-            max_batch_tokens=max_batch_tokens, packed=packed,
-            show_progress_bar=(logger.getEffectiveLevel() <= logging.INFO and len(pairs) > batch_size)
-            if show_progress_bar is None else show_progress_bar,
-        )
+        if instruction:
+            pairs = [(given or instruction, text) for given, text in pairs]
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO and len(pairs) > batch_size
+        if pool is not None or isinstance(device, (list, tuple)):
+            embeddings = self._encode_in_processes(pairs, pool, device, chunk_size=chunk_size, batch_size=batch_size,
+                                                   output_value=output_value, max_batch_tokens=max_batch_tokens,
+                                                   packed=packed)
+        else:
+            encoded = self.tokenize_texts(pairs)
+            cut = sum(e.truncated for e in encoded)
+            if cut:  # said, not silent: an adapter's llm2vec_config.json may carry a short training max_length
+                logger.warning("%d of %d texts were cut to fit max_length=%d tokens or doc_max_length=%d", cut,
+                               len(encoded), self.max_length, self.doc_max_length)
+            embeddings = self.encode_tokenized(
+                encoded, batch_size=batch_size, device=device, output_value=output_value,
+                max_batch_tokens=max_batch_tokens, packed=packed, show_progress_bar=show_progress_bar)
         if output_value == "token_embeddings":
             if normalize_embeddings:
                 embeddings = [torch.nn.functional.normalize(e, dim=-1) for e in embeddings]
             if convert_to_numpy and not convert_to_tensor:
                 embeddings = [e.numpy() for e in embeddings]
             return embeddings[0] if single else embeddings
+        if truncate_dim is not None:
+            embeddings = embeddings[:, :truncate_dim]
         if normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        if precision != "float32":
+            embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision))
         if single:
             embeddings = embeddings[0]
         if convert_to_tensor or not convert_to_numpy:
             return embeddings
         return embeddings.numpy()
+
+    def encode_query(self, sentences, **kwargs):
+        """:meth:`encode` with the ``query`` prompt (LLM2Vec gives queries an instruction) unless one is given."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            kwargs["prompt_name"] = QUERY_PROMPT_NAME
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences, **kwargs):
+        """:meth:`encode` with the ``document`` prompt (none: LLM2Vec encodes retrieval documents without one)."""
+        if kwargs.get("prompt") is None and kwargs.get("prompt_name") is None:
+            kwargs["prompt_name"] = DOCUMENT_PROMPT_NAME
+        return self.encode(sentences, **kwargs)
+
+    def start_multi_process_pool(self, devices: Sequence[str] | None = None) -> dict[str, Any]:
+        """One encoding process per device (default: every GPU, else 2 CPU processes); see ``multiprocess``."""
+        from .multiprocess import start_multi_process_pool
+
+        return start_multi_process_pool(self, devices)
+
+    @staticmethod
+    def stop_multi_process_pool(pool: dict[str, Any]) -> None:
+        from .multiprocess import stop_multi_process_pool
+
+        stop_multi_process_pool(pool)
+
+    def _encode_in_processes(self, pairs, pool, devices, **kwargs):
+        from .multiprocess import encode_multi_process, start_multi_process_pool, stop_multi_process_pool
+
+        if pool is not None:
+            return encode_multi_process(pairs, pool, **kwargs)
+        pool = start_multi_process_pool(self, devices)
+        try:
+            return encode_multi_process(pairs, pool, **kwargs)
+        finally:
+            stop_multi_process_pool(pool)
 
     @torch.no_grad()
     def encode_tokenized(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from llm2vec_fast.kernels import attention as attn_module
 from llm2vec_fast.kernels.attention import (
     attention_dropout_keep_mask,
+    attention_variants,
     bidirectional_attention,
     bidirectional_attention_reference,
     draw_dropout_seed,
@@ -506,6 +507,84 @@ def test_tiles_outside_the_band_are_not_visited(flags):
             got = (out,) + _grads(out, inputs, pdo)
             for i in (2, 3):
                 torch.testing.assert_close(got[i][:, 48:], clean[i][:, 48:], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel variants (#10): each against the reference, selectable by name
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ragged_padding_mask(seq):
+    """Unpadded; left+right padded; fully padded; padding inside (holes); mostly left padding."""
+    mask = torch.ones(5, seq, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[1, seq - 5 :] = False
+    mask[2] = False
+    mask[3, 10:20] = False
+    mask[3, :2] = False
+    mask[4, : seq - 4] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("flags", [pytest.param({}, id="plain"), FLAGS[5]])
+def test_padding_skip_variant_matches_reference(flags, dtype):
+    q, k, v = _inputs((5, 37, 4, 64), (5, 37, 2, 64), dtype)
+    mask = _ragged_padding_mask(37)
+    with attention_variants(padding="skip"):
+        out, dq, dk, dv = _compare(q, k, v, dtype, key_padding_mask=mask, **flags)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.all(t[~mask] == 0), f"{name} of padded tokens must be zero"
+
+
+def test_padding_skip_variant_does_not_visit_padding_tiles():
+    """NaN in every input at padding tokens 0-31 of a row whose real tokens are 40-63 (16 x 16 tiles): only
+    tiles 32-47 on hold both, so a kernel that read the all-padding tiles would give NaN (0 * NaN). The default
+    variant does read them (and does give NaN); the skip variant gives exactly the clean result."""
+    import triton
+
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    q, k, v = _inputs((1, 64, 2, 64), (1, 64, 1, 64), torch.float32)
+    do = torch.randn(1, 64, 2, 64, device=DEVICE)
+    mask = torch.zeros(1, 64, dtype=torch.bool, device=DEVICE)
+    mask[:, 40:] = True
+    with forced_configs(fwd=config, dq=config, dkdv=config), attention_variants(padding="skip"):
+        clean_out = bidirectional_attention(q, k, v, key_padding_mask=mask, impl="triton")
+        clean = (clean_out,) + _grads(clean_out, (q, k, v), do)
+        *pq, pdo = _poisoned((q, k, v, do), slice(0, 32))
+        out = bidirectional_attention(*pq, key_padding_mask=mask, impl="triton")
+        got = (out,) + _grads(out, pq, pdo)
+        for g, c in zip(got, clean):
+            torch.testing.assert_close(g, c, atol=0, rtol=0)
+    with forced_configs(fwd=config), torch.no_grad():
+        assert torch.isnan(bidirectional_attention(*pq, key_padding_mask=mask, impl="triton")[:, 40:]).any()
+
+
+@pytest.mark.parametrize("flags", [pytest.param({}, id="plain"), FLAGS[4]])  # causal forbids trailing tokens
+def test_padding_skip_variant_varlen_zeroes_only_the_tail(flags):
+    """Packed outputs are allocated empty: tokens past cu_seqlens[-1] must still come out exactly zero."""
+    lengths = [1, 37, 20, 2]
+    total = sum(lengths) + 5
+    cu = _cu_seqlens(lengths)
+    q, k, v = _inputs((total, 4, 64), (total, 2, 64), torch.float32)
+    with attention_variants(padding="skip"):
+        out, dq, dk, dv = _compare(q, k, v, torch.float32, cu_seqlens=cu, max_seqlen=37, **flags)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.all(t[sum(lengths):] == 0), f"{name} past cu_seqlens[-1] must be zero"
+
+
+def test_variant_names_are_checked_and_restored():
+    from llm2vec_fast.kernels.attention import _VARIANT
+
+    with pytest.raises(ValueError, match="unknown attention variant"):
+        with attention_variants(pading="skip"):
+            pass
+    with pytest.raises(ValueError, match="choose from"):
+        with attention_variants(padding="fast"):
+            pass
+    with attention_variants(padding="skip"):
+        assert _VARIANT["padding"] == "skip"
+    assert _VARIANT["padding"] == "mask"
 
 
 # ---------------------------------------------------------------------------------------------------------

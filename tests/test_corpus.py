@@ -1,9 +1,11 @@
-"""``llm2vec-fast encode`` on a tiny model: formats, bad rows, kill-and-resume, torchrun ranks."""
+"""Corpus encoding (``encode_corpus`` and ``llm2vec-fast encode``) on a tiny model: formats, bad rows,
+kill-and-resume, torchrun ranks, resolved settings, and the errors a user meets."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, build_tiny_model
+
+from llm2vec_fast.corpus import BadRowError, CorpusSettings, SettingsConflictError, TooManyBadRowsError
 
 TEXTS = [f"Sentence number {i} says {'something ' * (i % 7)}about the world." for i in range(41)]
 TEXTS[5] = ""
@@ -51,16 +55,28 @@ def encode_args(model, source, output, *extra):
 
 
 def run_in_process(*args):
+    """The command line, with library exceptions left to the test."""
+    from llm2vec_fast.cli import run
+
+    return run(list(args))
+
+
+def run_program(*args) -> int:
+    """The command line as a program: errors become one line on stderr and an exit code."""
     from llm2vec_fast.cli import main
 
     return main(list(args))
 
 
-def run_subprocess(args, *, env_extra=None, torchrun=False, wait=True):
+def run_subprocess(args, *, env_extra=None, torchrun=False, wait=True, stop=None):
+    """``llm2vec-fast args`` in a new process; ``stop=(mode, shards, ready_file)`` runs it through
+    tests/helpers/corpus_stop.py, which stops it at a chosen point of a shard's write."""
     env = dict(os.environ, TRITON_INTERPRET="0", **(env_extra or {}))
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
         else [sys.executable]
-    command = head + ["-m", "llm2vec_fast.cli", "--log-level", "WARNING"] + args
+    entry = ["-m", "llm2vec_fast.cli"] if stop is None else \
+        [str(REPO_ROOT / "tests" / "helpers" / "corpus_stop.py"), *map(str, stop)]
+    command = head + entry + ["--log-level", "WARNING"] + args
     if not wait:
         return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -113,10 +129,11 @@ def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected
 def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, uninterrupted, tmp_path):
     source, reference = uninterrupted
     args = encode_args(tiny_model_dir, source, tmp_path / "out")
-    crashed = run_subprocess(args, env_extra={"LLM2VEC_FAST_TEST_CRASH_AFTER_SHARDS": "2"})
+    crashed = run_subprocess(args, stop=("exit", 2, tmp_path / "unused"))
     assert crashed.returncode == 17, crashed.stdout + crashed.stderr
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"ids-00000.json", "ids-00001.json", "embeddings-00002.npy.tmp"} <= names
+    # Shard 2's embeddings were renamed into place, its ids file (the completion mark) never written.
+    assert {"ids-00000.json", "ids-00001.json", "embeddings-00002.npy"} <= names
     assert "ids-00002.json" not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0  # the same command again, here in this process to save a start-up
     assert folder_bytes(tmp_path / "out") == folder_bytes(reference)
@@ -129,14 +146,19 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     source = write_jsonl(tmp_path / "input.jsonl", texts)
     args = encode_args(tiny_model_dir, source, tmp_path / "killed")
     args[args.index("--shard-size") + 1] = "3"
-    process = run_subprocess(args, wait=False)
+    # The process pauses with 3 shards complete and shard 3 half written to its temporary file, and is killed
+    # there: where the kill lands does not depend on how fast this machine is.
+    ready = tmp_path / "ready"
+    process = run_subprocess(args, wait=False, stop=("pause", 3, ready))
     deadline = time.time() + 300
-    while len(list((tmp_path / "killed").glob("ids-*.json"))) < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
+    while not ready.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), process.communicate()[0]
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = len(list((tmp_path / "killed").glob("ids-*.json")))
-    assert 3 <= done < 30 and not (tmp_path / "killed" / "manifest.json").exists(), "the kill came too late"
+    names = {p.name for p in (tmp_path / "killed").iterdir()}
+    assert {f"ids-0000{k}.json" for k in range(3)} <= names and "embeddings-00003.npy.tmp" in names
+    assert "ids-00003.json" not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0
     straight = list(args)
     straight[straight.index("--output") + 1] = str(tmp_path / "straight")
@@ -152,10 +174,149 @@ def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp
     assert folder_bytes(tmp_path / "ranks") == folder_bytes(reference)
 
 
-def test_refuses_to_resume_with_other_settings(tiny_model_dir, uninterrupted):
+def test_the_library_function_with_an_encoder_equals_the_command_line(tiny_model_dir, uninterrupted, tmp_path):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.corpus import encode_corpus
+
+    source, reference = uninterrupted
+    encoder = LLM2Vec.from_pretrained(tiny_model_dir, attention_impl="torch")
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=10, attention_impl="torch")
+    manifest = encode_corpus(source, tmp_path / "lib", settings, encoder=encoder)
+    assert manifest["counts"]["encoded"] == len(TEXTS)
+    assert folder_bytes(tmp_path / "lib") == folder_bytes(reference)
+
+
+def test_refuses_to_resume_with_other_settings_and_says_how_to_start_over(tiny_model_dir, uninterrupted):
     source, output = uninterrupted
-    with pytest.raises(SystemExit, match="batch_size: was 4, now 8"):
+    with pytest.raises(SettingsConflictError, match=r"batch_size: was 4, now 8.*start over: delete"):
         run_in_process(*encode_args(tiny_model_dir, source, output, "--batch-size", "8"))
+
+
+def test_settings_are_compared_resolved(tiny_model_dir, uninterrupted):
+    source, output = uninterrupted
+    run = json.loads((output / "run.json").read_text())
+    assert (run["pooling_mode"], run["max_length"], run["doc_max_length"]) == ("mean", 512, 400)
+    # The defaults given explicitly, and the model as another spelling of the same path: the same run.
+    same = Path(os.path.relpath(tiny_model_dir))
+    assert run_in_process(*encode_args(str(same), source, output, "--pooling-mode", "mean", "--max-length", "512",
+                                       "--doc-max-length", "400", "--max-batch-tokens", str(4 * 512))) == 0
+    with pytest.raises(SettingsConflictError, match="pooling_mode: was 'mean', now 'weighted_mean'"):
+        run_in_process(*encode_args(tiny_model_dir, source, output, "--pooling-mode", "weighted_mean"))
+
+
+def test_the_input_is_known_by_its_content_not_its_time(tiny_model_dir, uninterrupted, tmp_path):
+    source, output = uninterrupted
+    copy = tmp_path / "input.jsonl"
+    shutil.copy(source, copy)
+    shutil.copytree(output, tmp_path / "out")
+    os.utime(copy, (time.time() + 100, time.time() + 100))  # touch, and a copy in another folder
+    assert run_in_process(*encode_args(tiny_model_dir, copy, tmp_path / "out")) == 0
+    with open(copy, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "new", "text": "one more row"}) + "\n")
+    with pytest.raises(SettingsConflictError, match="input: was"):
+        run_in_process(*encode_args(tiny_model_dir, copy, tmp_path / "out"))
+
+
+def test_a_failed_run_with_no_complete_shard_does_not_pin_its_settings(tiny_model_dir, tmp_path):
+    source = tmp_path / "input.jsonl"
+    source.write_text(json.dumps({"id": "a", "text": "fine"}) + "\n{broken\n", encoding="utf-8")
+    output = tmp_path / "out"
+    with pytest.raises(BadRowError, match="--on-bad-row skip"):
+        run_in_process(*encode_args(tiny_model_dir, source, output))
+    assert (output / "run.json").is_file()
+    # What the message suggests works, here together with another batch size (no shard was complete).
+    assert run_in_process(*encode_args(tiny_model_dir, source, output, "--on-bad-row", "skip",
+                                       "--batch-size", "8")) == 0
+    assert json.loads((output / "manifest.json").read_text())["counts"]["bad"] == 1
+
+    # A wrong model name fails before anything is written; the corrected command then runs.
+    with pytest.raises(ValueError, match="neither a built-in"):
+        run_in_process(*encode_args(str(tmp_path / "no-such-model"), source, tmp_path / "second"))
+    assert not (tmp_path / "second" / "run.json").exists()
+    assert run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "second", "--on-bad-row", "skip")) == 0
+
+
+def test_progress_moves_per_batch_with_texts_and_tokens_per_second(tiny_model_dir, uninterrupted, tmp_path,
+                                                                   monkeypatch):
+    import tqdm.auto
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.corpus import encode_corpus
+
+    encoder = LLM2Vec.from_pretrained(tiny_model_dir, attention_impl="torch")  # before tqdm is replaced
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs):
+            self.updates, self.postfixes, self.kwargs = [], [], kwargs
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_postfix(self, postfix, refresh=True):
+            self.postfixes.append(dict(postfix))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    source, _ = uninterrupted
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=20, attention_impl="torch")
+    encode_corpus(source, tmp_path / "out", settings, encoder=encoder, show_progress_bar=True)
+    (bar,) = [b for b in bars if b.kwargs.get("unit") == "text" and b.updates]
+    assert sum(bar.updates) == len(TEXTS) and max(bar.updates) <= 4 and len(bar.updates) >= len(TEXTS) / 4
+    assert bar.kwargs["disable"] is False
+    assert all(float(p["tokens/s"]) > 0 for p in bar.postfixes) and len(bar.postfixes) == len(bar.updates)
+
+
+def test_a_run_where_every_row_or_too_many_rows_are_bad_is_an_error(tiny_model_dir, uninterrupted, tmp_path):
+    source, _ = uninterrupted
+    with pytest.raises(TooManyBadRowsError, match="every one of the 41 rows is bad"):
+        run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "a", "--on-bad-row", "skip",
+                                    "--text-field", "body"))
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    lines = [json.dumps({"id": i, "text": "ok"}) for i in range(5)] + ["{", "{", "{"]
+    (tmp_path / "some.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(TooManyBadRowsError, match="3 bad rows, more than the 2 allowed"):
+        run_in_process(*encode_args(tiny_model_dir, tmp_path / "some.jsonl", tmp_path / "b", "--on-bad-row", "skip",
+                                    "--max-bad-rows", "2"))
+    # The limit is a policy, not a setting of the output: raising it finishes the same folder.
+    assert run_in_process(*encode_args(tiny_model_dir, tmp_path / "some.jsonl", tmp_path / "b", "--on-bad-row",
+                                       "skip", "--max-bad-rows", "3")) == 0
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm2vec-fast: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_an_unknown_model_is_one_line_and_fast(tiny_model_dir, uninterrupted, tmp_path, capsys):
+    source, _ = uninterrupted
+    started = time.perf_counter()
+    assert run_program(*encode_args("no-such-model", source, tmp_path / "a")) == 1
+    assert time.perf_counter() - started < 20  # no hub retries (conftest sets HF_HUB_OFFLINE=1)
+    err = _one_error_line(capsys)
+    assert "neither a built-in model (smollm2-135m) nor an existing local path" in err and "HF_HUB_OFFLINE" in err
+    # With the hub allowed but unreachable: one attempt, and the message says the hub could not be reached.
+    result = run_subprocess(encode_args("no-such-model", source, tmp_path / "b"),
+                            env_extra={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    err = result.stderr.strip()
+    assert result.returncode == 1 and "\n" not in err and "could not be reached" in err, err
+
+
+def test_a_file_as_output_and_an_unsupported_input_are_one_line_each(tiny_model_dir, uninterrupted, tmp_path,
+                                                                      capsys):
+    source, _ = uninterrupted
+    (tmp_path / "taken").write_text("a file")
+    assert run_program(*encode_args(tiny_model_dir, source, tmp_path / "taken")) == 1
+    assert "is a file; the output must be a folder" in _one_error_line(capsys)
+    (tmp_path / "corpus.csv").write_text("id,text\n1,hello\n")
+    assert run_program(*encode_args(tiny_model_dir, tmp_path / "corpus.csv", tmp_path / "out")) == 1
+    assert "unsupported input" in _one_error_line(capsys)
+    assert run_program(*encode_args(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "out")) == 1
+    assert "does not exist" in _one_error_line(capsys)
 
 
 def test_bad_rows_stop_the_run_or_are_listed(tiny_model_dir, tmp_path):
@@ -170,24 +331,31 @@ def test_bad_rows_stop_the_run_or_are_listed(tiny_model_dir, tmp_path):
         json.dumps({"id": "f", "text": ""}).encode(),
         json.dumps({"id": "g", "text": "long " * 40}).encode(),
         b"",
+        b'{"id": "tab", "text": "a\tb"}',
         json.dumps({"id": "h", "text": "also fine"}).encode(),
     ]
     source = tmp_path / "input.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     args = encode_args(tiny_model_dir, source, tmp_path / "strict", "--max-length", "16")
-    with pytest.raises(SystemExit, match=r"input.jsonl:2: invalid JSON"):
+    with pytest.raises(BadRowError, match=r"input.jsonl:2: invalid JSON"):
         run_in_process(*args)
     args = encode_args(tiny_model_dir, source, tmp_path / "skip", "--max-length", "16", "--on-bad-row", "skip")
     assert run_in_process(*args) == 0
     manifest = json.loads((tmp_path / "skip" / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert (counts["rows"], counts["encoded"], counts["bad"], counts["empty"], counts["truncated"]) == (8, 4, 4, 1, 1)
+    assert (counts["rows"], counts["encoded"], counts["bad"], counts["empty"], counts["truncated"]) == (9, 4, 5, 1, 1)
     problems = {row["id"]: row["problem"] for row in manifest["bad_rows"]}
-    assert set(problems) == {1, 2, 3, 4}  # rows without a readable id are named by row number
-    assert "invalid JSON" in problems[1] and "no field 'text'" in problems[2]
-    assert "int, not a string" in problems[3] and "not valid UTF-8" in problems[4]
+    # A row keeps its own id where it had a readable one; the others are named by row number.
+    assert set(problems) == {1, "c", "d", 4, 7}
+    assert problems[1].endswith("input.jsonl:2: invalid JSON (Expecting ',' delimiter: line 1 column 34 (char 33))")
+    assert "no field 'text'" in problems["c"] and "int, not a string" in problems["d"]
+    assert "not valid UTF-8" in problems[4]
+    # The whole of json's message, with where in the line: not cut at "Invalid control character at".
+    assert problems[7].endswith("input.jsonl:9: invalid JSON (Invalid control character at: line 1 column 25 "
+                                "(char 24))")
     vectors, ids = load_output(tmp_path / "skip")
     assert ids == ["a", "f", "g", "h"] and np.isfinite(vectors).all()
+    assert [row["row"] for row in manifest["bad_rows"]] == [1, 2, 3, 4, 7]
 
 
 @pytest.mark.parametrize("argv,bad", [

@@ -15,7 +15,7 @@ import torch
 from llm2vec_fast.kernels import info_nce_loss
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from infonce_distributed_worker import global_batch  # noqa: E402
+from infonce_distributed_worker import RUNS, global_batch, global_ids  # noqa: E402
 
 WORKER = Path(__file__).parent / "helpers" / "infonce_distributed_worker.py"
 WORLD, PER_RANK, NEG_PER_RANK, DIM = 2, 5, 3, 64
@@ -39,18 +39,28 @@ def rank_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _single_process():
+def _single_process(masked):
     queries, positives, negatives = (t.clone().requires_grad_() for t in global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM))
-    loss = info_nce_loss(queries, positives, negatives, scale=50.0, impl="torch")
+    positive_ids, negative_ids = global_ids(WORLD, PER_RANK, NEG_PER_RANK)
+    ids = dict(positive_ids=positive_ids, negative_ids=negative_ids) if masked else {}
+    loss = info_nce_loss(queries, positives, negatives, scale=50.0, impl="torch", **ids)
     loss.backward()
     return loss.detach(), queries.grad, positives.grad, negatives.grad
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl):
-    loss, grad_q, grad_p, grad_n = _single_process()
+def test_the_masked_run_has_false_negatives_to_mask():
+    positive_ids, negative_ids = global_ids(WORLD, PER_RANK, NEG_PER_RANK)
+    # Query 0 of rank 0 has duplicates among rank 1's columns: only the gathered ids can mask them.
+    other_rank = torch.cat([positive_ids[PER_RANK:], negative_ids[NEG_PER_RANK:]])
+    assert (other_rank == positive_ids[0]).any()
+    assert _single_process(True)[0] != _single_process(False)[0]
+
+
+@pytest.mark.parametrize("impl,variant,masked", RUNS, ids=["-".join(map(str, run)) for run in RUNS])
+def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl, variant, masked):
+    loss, grad_q, grad_p, grad_n = _single_process(masked)
     for rank, result in enumerate(rank_results):
-        got = result[impl]
+        got = result[(impl, variant, masked)]
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         neg_rows = slice(rank * NEG_PER_RANK, (rank + 1) * NEG_PER_RANK)
         torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)

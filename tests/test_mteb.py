@@ -133,7 +133,7 @@ def test_eval_command_offline_and_fallback(monkeypatch, shared_data, tmp_path):
     assert loaded["adapters"] == ["a1", "a2"] and loaded["enable_bidirectional"] is True
 
     with pytest.raises(ValueError, match="no offline version"):
-        cli.main(["eval", "--model", "m", "--tasks", "STS12", "--output", str(tmp_path / "x"), "--offline",
+        cli.run(["eval", "--model", "m", "--tasks", "STS12", "--output", str(tmp_path / "x"), "--offline",
                   "--data-dir", str(shared_data)])
 
 

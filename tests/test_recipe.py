@@ -5,7 +5,6 @@ tokenizer (the stages need real text), so that every step is the real code path 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,12 @@ def available_stages() -> list[str]:
 
 
 def run_cli(model: str, output: Path, report: Path, data: Path, stages: list[str], *extra: str) -> int:
-    return cli.main(["recipe", str(RECIPE), "--quick", "--output", str(output), "--report-dir", str(report),
+    return cli.run(["recipe", str(RECIPE), "--quick", "--output", str(output), "--report-dir", str(report),
                      "--data-dir", str(data), "--stages", ",".join(stages), "--set", f"model={model}", *extra])
 
 
 def test_recipe_file_and_overrides():
-    assert find_recipe("smollm2-135m").resolve() == RECIPE.resolve()
+    assert find_recipe("smollm2-135m", RECIPE.parent.parent).resolve() == RECIPE.resolve()
     recipe = load_recipe(RECIPE, quick=True, overrides={"stages.mntp.set.training.max_steps": 7, "eval.batch_size": 4})
     assert recipe["stages"]["mntp"]["set"]["training.max_steps"] == 7  # the stage's own dotted key, kept flat
     assert recipe["stages"]["mntp"]["set"]["data.block_size"] == 32  # from the quick section
@@ -76,12 +75,14 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     output, report = tmp_path / "run", tmp_path / "report"
 
     # A crash in the first training stage: the baselines are evaluated and reported, the stage is not marked.
-    real_run = subprocess.run
+    # Only the recipe's own stage launcher is replaced: subprocess.run stays real for everything else in this
+    # process (matplotlib's first import runs fc-list through it on a machine without a font cache).
+    real_run = recipe_module.run_stage_process
 
-    def crash(command, **kwargs):
-        return subprocess.CompletedProcess(command, 3)
+    def crash(command):
+        return 3
 
-    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    monkeypatch.setattr(recipe_module, "run_stage_process", crash)
     with pytest.raises(RuntimeError, match="stage mntp failed"):
         run_cli(tiny_smol, output, report, shared_data, stages)
     partial = (report / "RESULTS.md").read_text()
@@ -91,11 +92,11 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
     # The rerun trains the stages for real (in order, each on top of the earlier ones) and reuses the baselines.
     launched = []
 
-    def record(command, **kwargs):
+    def record(command):
         launched.append(command)
-        return real_run(command, **kwargs)
+        return real_run(command)
 
-    monkeypatch.setattr(recipe_module.subprocess, "run", record)
+    monkeypatch.setattr(recipe_module, "run_stage_process", record)
     evaluated = []
     real_load = l2v_mteb.load_encoder
 
@@ -128,7 +129,7 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
 
     # A third run does nothing but rewrite the report; the text outside the markers is kept.
     (report / "RESULTS.md").write_text("# Results\n\nnotes kept\n\n" + text[text.index(RESULTS_BEGIN):] + "\nmore\n")
-    monkeypatch.setattr(recipe_module.subprocess, "run", crash)
+    monkeypatch.setattr(recipe_module, "run_stage_process", crash)
     monkeypatch.setattr(l2v_mteb, "load_encoder", lambda *a, **k: pytest.fail("nothing should be re-evaluated"))
     assert run_cli(tiny_smol, output, report, shared_data, stages) == 0
     again = (report / "RESULTS.md").read_text()
@@ -157,15 +158,31 @@ def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, mo
 def test_committed_adapters_are_those_of_the_recipe_as_it_stands():
     """The adapters in training/recipes/smollm2_135m/adapters (docs/RESULTS.md's run) were trained by this
     recipe and these config files, each on top of the committed adapters of its inputs: editing either without
-    rerunning the recipe fails here."""
+    rerunning the recipe fails here. They were trained in float32 and are stored cast to float16
+    (scripts/cast_adapters_fp16.py): each marker's ``stored_as`` holds the digest of the file as trained and as
+    stored, so the chain runs from the committed files back to the digests training recorded."""
     import hashlib
+
+    from safetensors import safe_open
 
     adapters = RECIPE.parent / "adapters"
     recipe = load_recipe(RECIPE)
+    markers = {s: json.loads((adapters / s / "recipe_stage.json").read_text()) for s in stage_order(recipe)}
+
+    def as_trained(stage: str) -> str:
+        stored = markers[stage].get("stored_as")
+        current = adapter_fingerprint(adapters / stage)
+        if stored is None:
+            return current
+        assert current == stored["sha256"], f"{stage}: the committed adapter is not the one its marker records"
+        with safe_open(str(adapters / stage / "adapter_model.safetensors"), "pt") as weights:
+            assert {str(weights.get_slice(k).get_dtype()) for k in weights.keys()} == {"F16"}, stage
+        return stored["trained_sha256"]
+
     for stage in stage_order(recipe):
-        made_from = json.loads((adapters / stage / "recipe_stage.json").read_text())["settings"]
-        assert made_from["made_from"]["merged_adapters"] == {
-            s: adapter_fingerprint(adapters / s) for s in stage_inputs(recipe, stage)}
+        made_from = markers[stage]["settings"]
+        assert made_from["made_from"]["merged_adapters"] == {s: as_trained(s) for s in stage_inputs(recipe, stage)}
+        as_trained(stage)
         config = (RECIPE.parent / recipe["stages"][stage]["config"]).resolve()
         assert made_from["made_from"]["config_file"] == hashlib.sha256(config.read_bytes()).hexdigest(), config
         for key, value in recipe["stages"][stage]["set"].items():
@@ -187,3 +204,64 @@ def test_committed_supervised_adapters_encode_meaningfully(smollm2_path):
                               normalize_embeddings=True)
     similar, unrelated = float(embeddings[0] @ embeddings[1]), float(embeddings[0] @ embeddings[2])
     assert similar > unrelated + 0.2, (similar, unrelated)
+
+
+def test_the_recipe_needs_no_source_checkout(tmp_path, monkeypatch):
+    """From an installed package (here: a working directory without training/), a recipe is a path or a name
+    under --recipes-dir / $LLM2VEC_FAST_RECIPES, and the report goes under the output folder, never into docs/."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(recipe_module.RECIPES_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="--recipes-dir"):
+        find_recipe("smollm2-135m")
+    assert find_recipe("smollm2-135m", RECIPE.parent.parent) == RECIPE
+    monkeypatch.setenv(recipe_module.RECIPES_DIR_ENV, str(RECIPE.parent.parent))
+    assert find_recipe("smollm2-135m") == RECIPE
+
+    called = {}
+    monkeypatch.setattr(recipe_module, "run_recipe",
+                        lambda recipe, output, data_dir, report_dir, **kw: called.update(report_dir=report_dir))
+    assert cli.run(["recipe", "smollm2-135m", "--output", "run", "--data-dir", str(tmp_path)]) == 0
+    assert called["report_dir"] == Path("run") / "report"
+
+
+def _fake_training(command):
+    """A stage 'trained' instantly: the adapter files the recipe checks for."""
+    out = Path(json.loads(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"weights")
+    return 0
+
+
+def test_a_truncated_or_interrupted_stage_marker_means_not_done(tmp_path, monkeypatch):
+    import llm2vec_fast.files as files
+
+    recipe = load_recipe(RECIPE)
+    stage = stage_order(recipe)[0]
+    context = {"data_dir": str(tmp_path), "output": str(tmp_path), "recipe_dir": str(RECIPE.parent)}
+    launched = []
+    monkeypatch.setattr(recipe_module, "run_stage_process", lambda c: launched.append(c) or _fake_training(c))
+
+    # A marker cut short (as the old non-atomic write could leave it): the stage is trained again, not a crash.
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "recipe_stage.json").write_text('{"stage": "mn')
+    marker = recipe_module.run_stage(recipe, stage, tmp_path, context)
+    assert len(launched) == 1 and json.loads((tmp_path / stage / "recipe_stage.json").read_text()) == marker
+    assert not list((tmp_path / stage).glob("*.tmp"))
+    recipe_module.run_stage(recipe, stage, tmp_path, context)
+    assert len(launched) == 1  # now done
+
+    # A crash between writing the marker and renaming it into place leaves no marker at all, never half of one.
+    other = tmp_path / "other"
+
+    def crash(*args):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(OSError, match="killed before the rename"):
+        recipe_module.run_stage(recipe, stage, other, {**context, "output": str(other)})
+    assert not (other / stage / "recipe_stage.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe_module, "run_stage_process", lambda c: launched.append(c) or _fake_training(c))
+    recipe_module.run_stage(recipe, stage, other, {**context, "output": str(other)})
+    assert len(launched) == 3 and (other / stage / "recipe_stage.json").is_file()

@@ -47,6 +47,8 @@ __all__ = [
     "BidirectionalAttentionFunction",
     "attention_dropout_keep_mask",
     "draw_dropout_seed",
+    "attention_variants",
+    "VARIANTS",
     "SUPPORTED_HEAD_DIMS",
 ]
 
@@ -106,6 +108,9 @@ def _make_configs(kind: str, candidates) -> list:
     ]
 
 
+_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES}
+
+
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
     """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
     on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit). dK/dV is
@@ -121,34 +126,50 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
     return (resident + scores) / threads_words
 
 
-def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str) -> list:
-    """The configs of ``kind`` that fit ``block_d``: shared memory for one resident tile plus ``num_stages``
-    streamed pairs of tiles under 200 KB, and a register estimate under the spill line; at most ``_MAX_TUNED``,
-    never none (else the smallest register footprint)."""
+def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
+                      has_padding: bool = False, is_varlen: bool = False) -> list[tuple[int, int, int, int]]:
+    """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
+    resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
+    spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
+    none (else the smallest register footprint). The sm_90 compile gate (tests/test_sm90_compile.py) compiles
+    every config this returns."""
     elem = 4 if dot_precision == "ieee" else 2
     limit = 210 if kind == "dkdv" else 224
+    candidates = _CANDIDATES[kind]
+
+    def regs(config):
+        block_m, block_n, warps, _ = config
+        return _register_estimate(kind, block_m, block_n, block_d, warps) * elem / 2
 
     def fits(config):
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        block_m, block_n, _, stages = config
         resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-        smem = (resident * block_d + max(config.num_stages, 1) * 2 * streamed * block_d) * elem
-        regs = _register_estimate(kind, block_m, block_n, block_d, config.num_warps) * elem / 2
-        return smem <= 200 * 1024 and regs <= limit
+        smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * elem
+        return smem <= 200 * 1024 and regs(config) <= limit
 
-    kept = [config for config in configs if fits(config)]
-    if not kept:
-        kept = [min(configs, key=lambda c: _register_estimate(
-            kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_warps))]
-    return kept[:_MAX_TUNED]
+    kept = [config for config in candidates if fits(config)]
+    return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]
+
+
+def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **flags) -> list:
+    """The autotuner's ``configs`` that :func:`candidate_configs` keeps (``flags``: its keyword arguments)."""
+    if _INTERPRET:  # one interpreter config, whatever fits on a GPU
+        return list(configs)[:1]
+    by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+    kept = candidate_configs(kind, block_d, dot_precision, **flags)
+    return [by_shape[shape] for shape in kept if shape in by_shape]
 
 
 def _prune(kind: str):
     """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-        dot_precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION", "tf32"))
-        kept = _fitting_configs(kind, configs, block_d, dot_precision)
+        named = {**named_args, **kwargs}
+        kept = _fitting_configs(
+            kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
+            group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
+            has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
+        )
         return kept if _AUTOTUNE else kept[:1]
 
     return prune
@@ -174,9 +195,15 @@ def forced_configs(**configs):
 
 
 def _launch(kernel, kind: str, grid, *args, **kwargs):
+    """Launch ``kernel`` (an autotuner) with the forced config of ``kind`` if any, else with the only config the
+    pruning keeps (Triton before 3.8 benchmarks even a single pruned config), else autotuned. Every constexpr
+    the pruning reads is passed by keyword."""
     config = _FORCED_CONFIGS.get(kind)
     if config is None:
-        return kernel[grid](*args, **kwargs)
+        kept = _prune(kind)(kernel.configs, {}, **kwargs)
+        if len(kept) != 1:
+            return kernel[grid](*args, **kwargs)
+        config = kept[0]
     return kernel.fn[grid](
         *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
     )
@@ -235,24 +262,41 @@ def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr)
 
 
 @triton.jit
+def _real_range(RANGES, b, seqlen, PAD_SKIP: tl.constexpr):
+    """Row ``b``'s real tokens ``[first, end)`` and whether padding lies between them (``PAD_SKIP``: from the
+    host's ``_real_token_ranges``); otherwise the whole sequence and no holes."""
+    if PAD_SKIP:
+        first = tl.load(RANGES + 3 * b)
+        end = tl.load(RANGES + 3 * b + 1)
+        holes = tl.load(RANGES + 3 * b + 2) != 0
+    else:
+        first = seqlen * 0
+        end = seqlen
+        holes = seqlen < 0
+    return first, end, holes
+
+
+@triton.jit
 def _band_tiles(
-    start, seqlen, window,
+    start, first, end, window,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    KEYS_OUTER: tl.constexpr,
+    KEYS_OUTER: tl.constexpr, PAD_SKIP: tl.constexpr,
 ):
     """Loop bounds of the inner tiles for the outer tile ``[start, start + BLOCK_OUT)`` (queries, or keys when
     ``KEYS_OUTER``): masked inner tiles ``[a, b)``, full tiles ``[b, c)`` that need no mask at all, masked tiles
     ``[c, d)``. Tiles outside ``[a, d)`` see nothing (above the diagonal, outside the window) and are never
-    visited. Without causal/window: ``[0, 0)``, every full tile, then the tail tile past the last full one."""
-    lo = 0  # visible inner range [lo, hi)
-    hi = seqlen
-    full_lo = 0  # inner positions visible from every outer position of the tile: [full_lo, full_hi)
-    full_hi = seqlen
+    visited. ``[first, end)`` are the inner positions that exist: the sequence, or with ``PAD_SKIP`` the real
+    tokens of the row (padding before and after them is never visited). Without causal/window/skip: ``[0, 0)``,
+    every full tile, then the tail tile past the last full one."""
+    lo = first  # visible inner range [lo, hi)
+    hi = end
+    full_lo = first  # inner positions visible from every outer position of the tile: [full_lo, full_hi)
+    full_hi = end
     if WINDOWED:
-        lo = tl.maximum(start - window + 1, 0)
-        hi = tl.minimum(start + BLOCK_OUT + window - 1, seqlen)
-        full_lo = tl.maximum(start + BLOCK_OUT - window, 0)
-        full_hi = tl.minimum(start + window, seqlen)
+        lo = tl.maximum(start - window + 1, first)
+        hi = tl.minimum(start + BLOCK_OUT + window - 1, end)
+        full_lo = tl.maximum(start + BLOCK_OUT - window, first)
+        full_hi = tl.minimum(start + window, end)
     if CAUSAL:
         if KEYS_OUTER:  # inner = queries i >= key j
             lo = tl.maximum(lo, start)
@@ -262,7 +306,7 @@ def _band_tiles(
             full_hi = tl.minimum(full_hi, start + 1)
     d = tl.cdiv(hi, BLOCK_IN) * BLOCK_IN
     c = (full_hi // BLOCK_IN) * BLOCK_IN
-    if CAUSAL or WINDOWED:
+    if (CAUSAL or WINDOWED) or PAD_SKIP:
         a = (lo // BLOCK_IN) * BLOCK_IN
         b = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_IN) * BLOCK_IN, a), d)
         c = tl.minimum(tl.maximum(c, b), d)
@@ -275,10 +319,11 @@ def _band_tiles(
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+    offs_m, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -298,14 +343,21 @@ def _attn_fwd_inner(
         if SOFTCAP:
             qk, _ = _softcap(qk, cap_in, cap_out)
         if HAS_PADDING:
-            if MASKED:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-            else:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms)
             # finite, so that a tile whose keys are all padding keeps the running max finite
-            qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
+            if PAD_SKIP:  # the range check below masks the padding around the real tokens; holes need the mask
+                if holes:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                    qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
+            else:
+                if MASKED:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                else:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
+                qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
         if MASKED:
-            ok = offs_n[None, :] < seqlen
+            ok = offs_n[None, :] < end
+            if PAD_SKIP:
+                ok = ok & (offs_n[None, :] >= first)
             if CAUSAL or WINDOWED:
                 ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
             # finite too: a row may see no key of a band tile; its own key (always visible) clears that later
@@ -333,7 +385,7 @@ def _attn_fwd_inner(
 @triton.autotune(configs=_make_configs("fwd", _FWD_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KPM, CU_SEQLENS, SEED,
+    Q, K, V, O, LSE, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -345,6 +397,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
@@ -361,6 +414,7 @@ def _attn_fwd_kernel(
         seqlen = seqlen_padded
     if start_m >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
     k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
@@ -375,27 +429,35 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < seqlen
     io_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if PAD_SKIP:
+        if (start_m + BLOCK_M <= first) | (start_m >= end):  # a tile of padded rows: zeros, nothing computed
+            tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=io_mask)
+            if STORE_LSE:
+                tl.store(LSE + b64 * stride_lb + h * stride_lh + row0 + offs_m,
+                         tl.full([BLOCK_M], float("inf"), dtype=tl.float32), mask=row_mask)
+            return
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    a, b_full, c_full, d = _band_tiles(start_m, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False)
-    if CAUSAL or WINDOWED:  # the band's leading masked tiles (without a band there are none)
+    a, b_full, c_full, d = _band_tiles(start_m, first, end, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False, PAD_SKIP)
+    if (CAUSAL or WINDOWED) or PAD_SKIP:  # the leading masked tiles (without a band or a skip there are none)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+            offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
     )
     # l_i >= 1: the running maximum always contributes exp2(0)
     acc = acc * (1.0 / l_i)[:, None]
@@ -416,10 +478,11 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
-    offs_m, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+    offs_m, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -443,13 +506,20 @@ def _attn_bwd_dq_inner(
             qk, t = _softcap(qk, cap_in, cap_out)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
         if HAS_PADDING:
-            if MASKED:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            if PAD_SKIP:
+                if holes:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                    p = tl.where(key_ok[None, :] != 0, p, 0.0)
             else:
-                key_ok = tl.load(kpm_base + offs_n * stride_ms)
-            p = tl.where(key_ok[None, :] != 0, p, 0.0)
+                if MASKED:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                else:
+                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
+                p = tl.where(key_ok[None, :] != 0, p, 0.0)
         if MASKED:
-            ok = offs_n[None, :] < seqlen
+            ok = offs_n[None, :] < end
+            if PAD_SKIP:
+                ok = ok & (offs_n[None, :] >= first)
             if CAUSAL or WINDOWED:
                 ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
             p = tl.where(ok, p, 0.0)
@@ -468,7 +538,7 @@ def _attn_bwd_dq_inner(
 @triton.autotune(configs=_make_configs("dq", _DQ_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    Q, K, V, O, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -482,6 +552,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
     pid = tl.program_id(0)
@@ -499,6 +570,7 @@ def _attn_bwd_dq_kernel(
         seqlen = seqlen_padded
     if start_m >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
     k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
@@ -516,6 +588,11 @@ def _attn_bwd_dq_kernel(
     row_mask = offs_m < seqlen
     d_mask = offs_d[None, :] < HEAD_DIM
     io_mask = row_mask[:, None] & d_mask
+    if PAD_SKIP:
+        if (start_m + BLOCK_M <= first) | (start_m >= end):  # padded rows: dQ = 0 (delta is never read there)
+            tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=io_mask)
+            return
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
     o = tl.load(O + o_off + offs_m[:, None] * stride_os + offs_d[None, :], mask=io_mask, other=0.0)
@@ -524,22 +601,22 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + lse_off + offs_m, mask=row_mask, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    a, b_full, c_full, d = _band_tiles(start_m, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False)
-    if CAUSAL or WINDOWED:
+    a, b_full, c_full, d = _band_tiles(start_m, first, end, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED, False, PAD_SKIP)
+    if (CAUSAL or WINDOWED) or PAD_SKIP:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-            offs_m, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+            offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
-        offs_m, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+        offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
     )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -548,10 +625,11 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_os,
-    offs_n, offs_d, lo, hi, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+    offs_n, offs_d, lo, hi, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -603,7 +681,7 @@ def _attn_bwd_dkdv_inner(
 @triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, SEED,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, RANGES, SEED,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -618,6 +696,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
     pid = tl.program_id(0)
@@ -634,6 +713,7 @@ def _attn_bwd_dkdv_kernel(
         seqlen = seqlen_padded
     if start_n >= seqlen:
         return
+    first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
     seed = 0
     if HAS_DROPOUT:
@@ -642,34 +722,42 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     key_in = offs_n < seqlen
     io_mask = key_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if PAD_SKIP:
+        if (start_n + BLOCK_N <= first) | (start_n >= end):  # padded keys: no query attends them
+            zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
+            tl.store(DK + b64 * stride_dkb + row0 * stride_dks + kvh * stride_dkh
+                     + offs_n[:, None] * stride_dks + offs_d[None, :], zeros, mask=io_mask)
+            tl.store(DV + b64 * stride_dvb + row0 * stride_dvs + kvh * stride_dvh
+                     + offs_n[:, None] * stride_dvs + offs_d[None, :], zeros, mask=io_mask)
+            return
     k = tl.load(K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
                 + offs_n[:, None] * stride_ks + offs_d[None, :], mask=io_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=io_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    a, b_full, c_full, d = _band_tiles(start_n, seqlen, window, BLOCK_N, BLOCK_M, CAUSAL, WINDOWED, True)
+    a, b_full, c_full, d = _band_tiles(start_n, first, end, window, BLOCK_N, BLOCK_M, CAUSAL, WINDOWED, True, PAD_SKIP)
     for g in range(GROUP):
         h = kvh * GROUP + g
         bh = b * (num_kv_heads * GROUP) + h
         q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
         do_base = DO + b64 * stride_ob + row0 * stride_os + h * stride_oh
         lse_off = b64 * stride_lb + h * stride_lh + row0
-        if CAUSAL or WINDOWED:
+        if (CAUSAL or WINDOWED) or PAD_SKIP:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-                offs_n, offs_d, a, b_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+                offs_n, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-            offs_n, offs_d, b_full, c_full, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+            offs_n, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
-            offs_n, offs_d, c_full, d, seqlen, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP,
+            offs_n, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
         )
     dk = dk * sm_scale
     if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
@@ -696,9 +784,65 @@ def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexp
         tl.store(base + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8), mask=in_bounds)
 
 
+@triton.jit
+def _zero_tail_kernel(X, CU_SEQLENS, batch, total, row_elems, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Zeros rows ``cu_seqlens[batch]..total`` of a contiguous ``(total, row_elems)`` tensor: the packed tokens
+    past the last sequence, which no attention program writes. Programs below that row return at once."""
+    row = tl.program_id(0) * BLOCK_T
+    end = tl.load(CU_SEQLENS + batch)
+    if row + BLOCK_T <= end:
+        return
+    rows = row + tl.arange(0, BLOCK_T)
+    in_tail = (rows >= end) & (rows < total)
+    base = X + rows.to(tl.int64)[:, None] * row_elems
+    for start in range(0, row_elems, BLOCK_E):
+        cols = start + tl.arange(0, BLOCK_E)
+        tl.store(base + cols[None, :], tl.zeros([BLOCK_T, BLOCK_E], dtype=X.dtype.element_ty),
+                 mask=in_tail[:, None] & (cols[None, :] < row_elems))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
+
+#: Kernel design variants, by name; the first of each is the default (defaults change only on a GPU measurement).
+#: padding: ``"mask"`` loads the key mask in every tile; ``"skip"`` visits only the tiles of each row's real tokens
+#: (from ``first`` to ``last`` real token: tiles of only padding are skipped, query tiles of only padding just store
+#: zeros) and masks only boundary tiles, unless the row has padding between real tokens; packed outputs are
+#: allocated empty and only the tokens past ``cu_seqlens[-1]`` are zeroed.
+VARIANTS = {"padding": ("mask", "skip")}
+_VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
+
+
+@contextlib.contextmanager
+def attention_variants(**choices):
+    """Use the named kernel variants (see ``VARIANTS``) inside the block, e.g.
+    ``with attention_variants(padding="skip"): ...``. The backward of a call uses the variants of its forward."""
+    for name, choice in choices.items():
+        if name not in VARIANTS:
+            raise ValueError(f"unknown attention variant {name!r}; known: {sorted(VARIANTS)}")
+        if choice not in VARIANTS[name]:
+            raise ValueError(f"unknown {name} variant {choice!r}; choose from {list(VARIANTS[name])}")
+    previous = dict(_VARIANT)
+    _VARIANT.update(choices)
+    try:
+        yield
+    finally:
+        _VARIANT.clear()
+        _VARIANT.update(previous)
+
+
+def _real_token_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, 3)`` int32 on the mask's device, without a host sync: first real token, one past the last, and
+    whether padding lies between them (then the kernels still read the mask inside that range). A row without
+    real tokens gets ``[0, 0)``."""
+    seq = mask.shape[1]
+    any_real = mask.any(dim=1)
+    as_int = mask.to(torch.int32)
+    first = torch.where(any_real, as_int.argmax(dim=1), 0)
+    end = torch.where(any_real, seq - as_int.flip(1).argmax(dim=1), 0)
+    holes = as_int.sum(dim=1) != end - first
+    return torch.stack([first, end, holes.to(end.dtype)], dim=1).to(torch.int32).contiguous()
 
 
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:
@@ -739,6 +883,30 @@ class _Problem:
         # the kernels cap the unscaled scores: cap_out * tanh(qk * cap_in), then scale (see _softcap)
         self.cap_in = self.sm_scale / self.softcap if self.softcap else 1.0
         self.cap_out = self.softcap / self.sm_scale if self.softcap else 1.0
+        self.skip_padding = _VARIANT["padding"] == "skip"
+        self.ranges = (
+            _real_token_ranges(key_padding_mask) if self.skip_padding and key_padding_mask is not None else None
+        )
+
+    def ranges_arg(self, device) -> torch.Tensor:
+        return self.ranges if self.ranges is not None else torch.empty(1, device=device, dtype=torch.int32)
+
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor shaped as ``like`` for an output or gradient: empty where the kernels write every
+        element; packed outputs are zeroed past ``cu_seqlens[-1]`` (by default the whole tensor, with the skip
+        variant only that tail)."""
+        if self.varlen and not self.skip_padding:
+            return torch.zeros_like(like, memory_format=torch.contiguous_format)
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if self.varlen and out.numel():
+            row_elems = out[0].numel()
+            block_t = 16
+            with launch_device(out):
+                _zero_tail_kernel[(triton.cdiv(out.shape[0], block_t),)](
+                    out, self.cu_seqlens, self.batch, out.shape[0], row_elems,
+                    BLOCK_T=block_t, BLOCK_E=min(1024, triton.next_power_of_2(row_elems)),
+                )
+        return out
 
     def band_args(self) -> tuple[int, float, float]:
         """The runtime window and soft-cap arguments every kernel takes after ``inv_keep``."""
@@ -780,6 +948,7 @@ class _Problem:
             CAUSAL=self.causal,
             WINDOWED=self.window > 0,
             SOFTCAP=self.softcap is not None,
+            PAD_SKIP=self.ranges is not None,
         )
 
 
@@ -788,8 +957,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
-    new = torch.zeros_like if problem.varlen else torch.empty_like  # packed: tokens past cu_seqlens[-1] stay 0
-    o = new(q, memory_format=torch.contiguous_format)
+    o = problem.new_output(q)
     lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
     lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
@@ -798,7 +966,7 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     with launch_device(q):
         _launch(
             _attn_fwd_kernel, "fwd", grid,
-            q, k, v, o, lse, mask, problem.cu_arg(q.device), seed,
+            q, k, v, o, lse, mask, problem.cu_arg(q.device), problem.ranges_arg(q.device), seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *lse_strides, stride_mb, stride_ms,
             problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, problem.dropout_p, problem.inv_keep,
@@ -810,11 +978,10 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
 
 def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tensor):
     do = do.contiguous()  # shares o's (contiguous) strides
-    new = torch.zeros_like if problem.varlen else torch.empty_like
-    dq, dk, dv = new(q), new(k), new(v)
+    dq, dk, dv = problem.new_output(q), problem.new_output(k), problem.new_output(v)
     delta = torch.empty_like(lse)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
-    cu = problem.cu_arg(q.device)
+    cu, ranges = problem.cu_arg(q.device), problem.ranges_arg(q.device)
     heads, kv_heads, batch, max_seqlen = problem.heads, problem.kv_heads, problem.batch, problem.max_seqlen
     qk_scale = problem.sm_scale * LOG2E
     common_tail = (problem.dropout_p, problem.inv_keep, *problem.band_args(), _seq_bucket(max_seqlen))
@@ -822,7 +989,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
         dq_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _launch(
             _attn_bwd_dq_kernel, "dq", dq_grid,
-            q, k, v, o, do, dq, lse, delta, mask, cu, seed,
+            q, k, v, o, do, dq, lse, delta, mask, cu, ranges, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(o),
             *problem.strides(dq), *problem.lse_strides(lse), stride_mb, stride_ms,
             problem.seqlen, heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
@@ -831,7 +998,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
         dkdv_grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
         _launch(
             _attn_bwd_dkdv_kernel, "dkdv", dkdv_grid,
-            q, k, v, do, dk, dv, lse, delta, mask, cu, seed,
+            q, k, v, do, dk, dv, lse, delta, mask, cu, ranges, seed,
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(do),
             *problem.strides(dk), *problem.strides(dv), *problem.lse_strides(lse), stride_mb, stride_ms,
             problem.seqlen, kv_heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,

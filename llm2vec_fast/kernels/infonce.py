@@ -20,17 +20,29 @@ The normalisation is folded into the kernels: with ``q^ = q / |q|`` and ``A = dL
 ``dL/dq = (A - (A . q^) q^) / |q|`` is applied per row after the GEMMs.
 
 ``impl="torch"`` (the CPU fallback) walks the same slabs with PyTorch matmuls; since each slab holds complete
-rows, it takes the gradients in the forward (three GEMMs in all) and only scales them in the backward;
-``info_nce_loss_reference`` is the plain PyTorch formula that holds the whole matrix, used to test both.
+rows, it takes the gradients in the forward (three GEMMs in all) and only scales them in the backward.
+``variant="gemm"`` is that scheme on the Triton path: per slab, cuBLAS computes the scores (fp32 results from
+16-bit operands), one Triton program per row takes the log-sum-exp and writes ``softmax - onehot``, and two
+more cuBLAS GEMMs give the gradients. ``info_nce_loss_reference`` is the plain PyTorch formula that holds the
+whole matrix, used to test all of them.
+
+False negatives: with ``positive_ids`` (and ``negative_ids``), int64 identities of the texts (``text_hashes``),
+every column whose id equals that of query i's own positive, other than that positive, gets score -inf in
+query i's row in every path, forward and backward. The target column is never masked, so each row's
+log-sum-exp stays finite; a row whose every other column is masked has loss 0.
+
+Every pointer offset is computed in int64: ``row * stride`` passes 2^31 once (B + N) x D does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._matmul import matmul_fp32
 
 import triton
 import triton.language as tl
@@ -40,7 +52,7 @@ NORM_EPS = 1e-12
 # Query rows whose scores are recomputed together in the backward (and in the PyTorch forward).
 ROWS_PER_SLAB = 1024
 
-__all__ = ["info_nce_loss", "info_nce_loss_reference", "InfoNCEFunction"]
+__all__ = ["info_nce_loss", "info_nce_loss_reference", "InfoNCEFunction", "text_hashes"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -54,10 +66,13 @@ if triton is not None:
         """RN[r] = 1 / max(|X[r]|, EPS), in fp32."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
+        # row * stride in int64: it passes 2^31 once (B + N) x D does (8 ranks x 128K docs at D 4096). Indices
+        # themselves stay int32 (fewer registers in the tiles' compares).
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_x
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k in range(0, dim, BLOCK_D):
             mask = (rows[:, None] < n_rows) & ((k + cols)[None, :] < dim)
-            x = tl.load(X + rows[:, None] * stride_x + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(x * x, axis=1)
         inv = 1.0 / tl.maximum(tl.sqrt(acc), EPS)
         tl.store(RN + rows, inv, mask=rows < n_rows)
@@ -65,29 +80,41 @@ if triton is not None:
     @triton.jit
     def _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """scale * cos(Q[rows], DOCS[cols]) as a (BLOCK_M, BLOCK_N) fp32 tile; D is walked in BLOCK_K steps."""
+        """scale * cos(Q[rows], DOCS[cols]) as a (BLOCK_M, BLOCK_N) fp32 tile; D is walked in BLOCK_K steps.
+        ``row * stride`` is taken in int64, so that it cannot wrap."""
         ks = tl.arange(0, BLOCK_K)
+        q_rows = Q + rows.to(tl.int64)[:, None] * stride_q
+        d_cols = DOCS + cols.to(tl.int64)[None, :] * stride_d
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, dim, BLOCK_K):
             kk = k + ks
-            q = tl.load(Q + rows[:, None] * stride_q + kk[None, :],
-                        mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
-            d = tl.load(DOCS + cols[None, :] * stride_d + kk[:, None],
-                        mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
+            q = tl.load(q_rows + kk[None, :], mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
+            d = tl.load(d_cols + kk[:, None], mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
             acc = tl.dot(q, d, acc, input_precision=DOT_PRECISION)
         rq = tl.load(RQ + rows, mask=rows < n_rows, other=0.0)
         rd = tl.load(RD + cols, mask=cols < n_cols, other=0.0)
         return acc * (rq[:, None] * scale) * rd[None, :]
 
     @triton.jit
-    def _infonce_fwd_kernel(Q, DOCS, RQ, RD, MAX_OUT, SUM_OUT, TARGET_OUT, n_rows, n_cols, dim, stride_q, stride_d,
-                            label_offset, scale, tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids):
+        """(BLOCK_M, BLOCK_N) mask of the columns that are the same text as the row's own positive, the positive
+        itself excepted: false negatives, left out of the row's softmax."""
+        col_ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
+        return (col_ids[None, :] == target_ids[:, None]) & (cols[None, :] != targets[:, None])
+
+    @triton.jit
+    def _infonce_fwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, MAX_OUT, SUM_OUT, TARGET_OUT, n_rows, n_cols, dim, stride_q,
+                            stride_d, label_offset, scale, tiles_per_split, HAS_IDS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
         """Partial (running max, sum of exp, target score) of one row block over one range of column tiles."""
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         targets = rows + label_offset
+        target_ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
+        if HAS_IDS:
+            target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
         running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         target = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -97,6 +124,8 @@ if triton is not None:
             s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
             s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
+            if HAS_IDS:
+                s = tl.where(_duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids), float("-inf"), s)
             target += tl.sum(tl.where(cols[None, :] == targets[:, None], s, 0.0), axis=1)
             new_max = tl.maximum(running_max, tl.max(s, axis=1))
             # A row whose tiles so far are all padding keeps max -inf; shift by 0 there to avoid inf - inf.
@@ -109,18 +138,64 @@ if triton is not None:
         tl.store(TARGET_OUT + out, target, mask=rows < n_rows)
 
     @triton.jit
-    def _infonce_bwd_kernel(Q, DOCS, RQ, RD, LSE, SLAB, n_rows, n_cols, dim, stride_q, stride_d, stride_slab,
-                            label_offset, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
+    def _infonce_bwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, LSE, SLAB, n_rows, n_cols, dim, stride_q, stride_d, stride_slab,
+                            label_offset, scale, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """SLAB[i, j] = softmax(s)[i, j] - [j == i + label_offset] for the slab's rows, recomputing s."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        targets = rows + label_offset
         s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        if HAS_IDS:
+            target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
+            s = tl.where(_duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids), float("-inf"), s)
         lse = tl.load(LSE + rows, mask=rows < n_rows, other=0.0)
-        h = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == (rows + label_offset)[:, None], 1.0, 0.0)
+        h = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        tl.store(SLAB + rows[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty), mask=mask)
+        tl.store(SLAB + rows.to(tl.int64)[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS: tl.constexpr):
+        """One block of a score row, -inf past the end and at the target's duplicates."""
+        s = tl.load(s_row + cols, mask=cols < n_cols, other=float("-inf"))
+        if HAS_IDS:
+            ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
+            s = tl.where((ids == target_id) & (cols != target), float("-inf"), s)
+        return s
+
+    @triton.jit
+    def _infonce_row_softmax_kernel(S, OUT, DOC_IDS, LSE, TARGET, n_cols, stride_s, stride_out, label_offset,
+                                    HAS_IDS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The GEMM variant's epilogue, one program per query row of a slab of fp32 scores S ``(rows, n_cols)``
+        that cuBLAS computed: the row's log-sum-exp and target score, and with ``WRITE_GRAD``
+        ``OUT[i, j] = softmax(s)[i, j] - [j == target]`` (OUT may be S itself)."""
+        row = tl.program_id(0).to(tl.int64)
+        target = row + label_offset
+        s_row = S + row * stride_s
+        target_id = tl.load(DOC_IDS + target) if HAS_IDS else 0
+        running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Lane-wise running (max, sum): one pass over the row, merged across lanes at the end.
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            s = _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS)
+            new_max = tl.maximum(running_max, s)
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(s - safe_max)
+            running_max = new_max
+        row_max = tl.max(running_max, axis=0)  # finite: the target column is never masked
+        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+        tl.store(LSE + row, lse)
+        tl.store(TARGET + row, tl.load(s_row + target))
+        if WRITE_GRAD:
+            out_row = OUT + row * stride_out
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+                s = _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS)
+                h = tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)
+                tl.store(out_row + cols, h.to(OUT.dtype.element_ty), mask=cols < n_cols)
 
 
 def _block_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -159,7 +234,7 @@ def _column_splits(n_row_blocks: int, n_col_tiles: int, device: torch.device) ->
     return max(1, min(wanted, n_col_tiles))
 
 
-def _forward_triton(q, docs, rq, rd, scale, label_offset):
+def _forward_triton(q, docs, rq, rd, doc_ids, scale, label_offset):
     """Per-row (logsumexp, target score) in fp32, ``(B,)`` each."""
     n_rows, dim = q.shape
     n_cols = docs.shape[0]
@@ -172,15 +247,16 @@ def _forward_triton(q, docs, rq, rd, scale, label_offset):
     partial = torch.empty(3, splits, n_rows, device=q.device, dtype=torch.float32)
     with launch_device(q):
         _infonce_fwd_kernel[(row_blocks, splits)](
-            q, docs, rq, rd, partial[0], partial[1], partial[2], n_rows, n_cols, dim, q.stride(0), docs.stride(0),
-            label_offset, float(scale), tiles_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            q, docs, rq, rd, doc_ids if doc_ids is not None else rq, partial[0], partial[1], partial[2], n_rows,
+            n_cols, dim, q.stride(0), docs.stride(0), label_offset, float(scale), tiles_per_split,
+            HAS_IDS=doc_ids is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     maxima, sums, targets = partial
     lse = torch.logsumexp(maxima + sums.log(), dim=0)
     return lse, targets.sum(dim=0)
 
 
-def _slab_triton(q, docs, rq, rd, lse, scale, label_offset, slab_dtype):
+def _slab_triton(q, docs, rq, rd, doc_ids, lse, scale, label_offset, slab_dtype):
     n_rows, dim = q.shape
     n_cols = docs.shape[0]
     block_m, block_n, block_k, warps, stages = _block_sizes(q.dtype)
@@ -188,14 +264,15 @@ def _slab_triton(q, docs, rq, rd, lse, scale, label_offset, slab_dtype):
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     with launch_device(q):
         _infonce_bwd_kernel[grid](
-            q, docs, rq, rd, lse, slab, n_rows, n_cols, dim, q.stride(0), docs.stride(0), slab.stride(0),
-            label_offset, float(scale), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+            q, docs, rq, rd, doc_ids if doc_ids is not None else rq, lse, slab, n_rows, n_cols, dim, q.stride(0),
+            docs.stride(0), slab.stride(0), label_offset, float(scale), HAS_IDS=doc_ids is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
     return slab
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The PyTorch slab path (CPU fallback)
+# The slab paths that take the gradients in the forward: PyTorch (CPU fallback) and the GEMM variant
 # --------------------------------------------------------------------------------------------------------------------
 def _project_out_radial(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
     """d/dx of a loss given its gradient w.r.t. x / max(|x|, eps): ``(g - (g . x^) x^) / |x|``, fp32."""
@@ -206,30 +283,58 @@ def _project_out_radial(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torc
     return (grad_unit - radial * unit) * inv_norm[:, None]
 
 
-def _loss_and_grads_torch(q, docs, rq, rd, scale, label_offset, total_rows, want_grad):
+def _softmax_torch(s, doc_ids, label_offset, want_grad, grad_dtype):
+    """(lse, target, softmax - onehot or None) of a slab of fp32 scores, with the targets' duplicates masked."""
+    rows = torch.arange(s.shape[0], device=s.device)
+    cols = rows + label_offset
+    if doc_ids is not None:
+        s.masked_fill_(_duplicate_mask(doc_ids, cols), float("-inf"))
+    lse = torch.logsumexp(s, dim=1)
+    target = s[rows, cols]
+    if not want_grad:
+        return lse, target, None
+    h = s.sub_(lse[:, None]).exp_()  # softmax, in place of the scores
+    h[rows, cols] -= 1.0
+    return lse, target, h.to(grad_dtype)
+
+
+def _softmax_triton(s, doc_ids, label_offset, want_grad, grad_dtype):
+    """The same in one Triton program per row; ``softmax - onehot`` is written over the scores when fp32."""
+    n_rows, n_cols = s.shape
+    lse = torch.empty(n_rows, device=s.device, dtype=torch.float32)
+    target = torch.empty_like(lse)
+    h = (s if grad_dtype == torch.float32 else torch.empty(s.shape, device=s.device, dtype=grad_dtype)) \
+        if want_grad else s
+    block_n = 128 if triton_interpreter_enabled() else min(2048, triton.next_power_of_2(n_cols))
+    with launch_device(s):
+        _infonce_row_softmax_kernel[(n_rows,)](
+            s, h, doc_ids if doc_ids is not None else lse, lse, target, n_cols, s.stride(0), h.stride(0),
+            label_offset, HAS_IDS=doc_ids is not None, WRITE_GRAD=want_grad, BLOCK_N=block_n,
+            num_warps=4 if block_n >= 1024 else 2)
+    return lse, target, (h if want_grad else None)
+
+
+def _loss_and_grads_in_slabs(q, docs, rq, rd, doc_ids, scale, label_offset, total_rows, want_grad, softmax,
+                             compute_dtype):
     """Per-row (logsumexp, target score), and with ``want_grad`` the gradients of ``sum(lse - target) /
     total_rows``, fp32. One slab of query rows at a time: every slab holds complete rows of the score matrix,
     so its softmax is final and the gradients are taken there and then (three GEMMs, like the plain formula,
-    instead of recomputing the scores in the backward)."""
-    unit_docs = docs.float() * rd[:, None]
+    instead of recomputing the scores in the backward). ``softmax`` is ``_softmax_torch`` or
+    ``_softmax_triton``; the GEMMs take ``compute_dtype`` operands and give fp32 results."""
+    unit_docs = (docs.float() * rd[:, None]).to(compute_dtype)
     lse = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
     target = torch.empty_like(lse)
     grad_q = torch.empty(q.shape, device=q.device, dtype=torch.float32) if want_grad else None
     grad_unit_docs = torch.zeros(docs.shape, device=docs.device, dtype=torch.float32) if want_grad else None
     for start in range(0, q.shape[0], ROWS_PER_SLAB):
         stop = min(start + ROWS_PER_SLAB, q.shape[0])
-        unit_q = q[start:stop].float() * rq[start:stop, None]
-        s = (unit_q * scale) @ unit_docs.T
-        rows = torch.arange(stop - start, device=q.device)
-        cols = rows + label_offset + start
-        lse[start:stop] = torch.logsumexp(s, dim=1)
-        target[start:stop] = s[rows, cols]
+        unit_q = (q[start:stop].float() * rq[start:stop, None]).to(compute_dtype)
+        s = matmul_fp32(unit_q, unit_docs.T).mul_(scale)
+        lse[start:stop], target[start:stop], h = softmax(s, doc_ids, label_offset + start, want_grad, compute_dtype)
         if want_grad:
-            h = s.sub_(lse[start:stop, None]).exp_()  # softmax, in place of the scores
-            h[rows, cols] -= 1.0
-            grad_q[start:stop] = _project_out_radial(h @ unit_docs, q[start:stop], rq[start:stop])
-            grad_unit_docs.addmm_(h.T, unit_q)
-        del s
+            grad_q[start:stop] = _project_out_radial(matmul_fp32(h, unit_docs), q[start:stop], rq[start:stop])
+            grad_unit_docs += matmul_fp32(h.T, unit_q)
+        del s, h
     if not want_grad:
         return lse, target, None, None
     factor = scale / total_rows
@@ -238,38 +343,51 @@ def _loss_and_grads_torch(q, docs, rq, rd, scale, label_offset, total_rows, want
     return lse, target, grad_q, grad_docs
 
 
+def _duplicate_mask(doc_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols)``: True where column j is the same text as the row's target column, the target excepted."""
+    cols = torch.arange(doc_ids.shape[0], device=doc_ids.device)
+    return (doc_ids[None, :] == doc_ids[targets][:, None]) & (cols[None, :] != targets[:, None])
+
+
+VARIANTS = ("auto", "fused", "gemm")
+
+
 class InfoNCEFunction(torch.autograd.Function):
     """Sum over this process's query rows of ``logsumexp_j s[i, j] - s[i, i + label_offset]``, divided by
-    ``total_rows``. Inputs: queries ``(B, D)``, docs ``(M, D)`` of one dtype; returns a 0-dim fp32 tensor.
-
-    Triton path: streaming forward, backward recomputing the scores slab by slab. PyTorch path: gradients
-    computed in the forward (``want_grad``) and scaled by the incoming gradient in the backward."""
+    ``total_rows``. Inputs: queries ``(B, D)``, docs ``(M, D)`` of one dtype, ``doc_ids`` ``(M,)`` int64 or None;
+    returns a 0-dim fp32 tensor. ``path``: ``"fused"`` (Triton: streaming forward, backward recomputing the
+    scores slab by slab), ``"gemm"`` (cuBLAS GEMMs, row softmax in Triton, gradients in the forward) or
+    ``"torch"`` (the same scheme in PyTorch, fp32)."""
 
     @staticmethod
-    def forward(ctx, queries, docs, scale, label_offset, total_rows, triton_path, want_grad):
+    def forward(ctx, queries, docs, doc_ids, scale, label_offset, total_rows, path, want_grad):
+        triton_path = path != "torch"
         rq = _inverse_norms(queries, triton_path)
         rd = _inverse_norms(docs, triton_path)
-        ctx.scale, ctx.label_offset, ctx.total_rows, ctx.triton_path = scale, label_offset, total_rows, triton_path
+        ctx.scale, ctx.label_offset, ctx.total_rows, ctx.path = scale, label_offset, total_rows, path
         ctx.dtypes = (queries.dtype, docs.dtype)
-        if triton_path:
-            lse, target = _forward_triton(queries, docs, rq, rd, scale, label_offset)
+        if path == "fused":
+            lse, target = _forward_triton(queries, docs, rq, rd, doc_ids, scale, label_offset)
             if want_grad:
-                ctx.save_for_backward(queries, docs, rq, rd, lse)
+                ctx.save_for_backward(queries, docs, rq, rd, lse, doc_ids)
         else:
-            lse, target, grad_q, grad_docs = _loss_and_grads_torch(queries, docs, rq, rd, scale, label_offset,
-                                                                   total_rows, want_grad)
+            softmax = _softmax_triton if path == "gemm" else _softmax_torch
+            # The GEMM variant keeps 16-bit operands on CUDA (tensor cores, fp32 results); elsewhere fp32.
+            compute_dtype = queries.dtype if (path == "gemm" and queries.is_cuda) else torch.float32
+            lse, target, grad_q, grad_docs = _loss_and_grads_in_slabs(
+                queries, docs, rq, rd, doc_ids, scale, label_offset, total_rows, want_grad, softmax, compute_dtype)
             if want_grad:
                 ctx.save_for_backward(grad_q, grad_docs)
         return (lse - target).sum() / total_rows
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if not ctx.triton_path:
+        if ctx.path != "fused":
             grad_q, grad_docs = ctx.saved_tensors
             grad_loss = grad_loss.float()
             return ((grad_q * grad_loss).to(ctx.dtypes[0]), (grad_docs * grad_loss).to(ctx.dtypes[1]),
-                    None, None, None, None, None)
-        queries, docs, rq, rd, lse = ctx.saved_tensors
+                    None, None, None, None, None, None)
+        queries, docs, rq, rd, lse, doc_ids = ctx.saved_tensors
         scale, offset = ctx.scale, ctx.label_offset
         compute_dtype = queries.dtype
         # softmax - onehot lies in [-1, 1]; 16-bit inputs keep 16-bit slabs so that the GEMMs use tensor cores.
@@ -280,14 +398,15 @@ class InfoNCEFunction(torch.autograd.Function):
         for start in range(0, queries.shape[0], ROWS_PER_SLAB):
             stop = min(start + ROWS_PER_SLAB, queries.shape[0])
             q = queries[start:stop]
-            slab = _slab_triton(q, docs, rq[start:stop], rd, lse[start:stop], scale, offset + start, compute_dtype)
+            slab = _slab_triton(q, docs, rq[start:stop], rd, doc_ids, lse[start:stop], scale, offset + start,
+                                compute_dtype)
             grad_unit_q = (slab @ unit_docs).float() * factor
             grad_queries[start:stop] = _project_out_radial(grad_unit_q, q, rq[start:stop])
             unit_q = (q.float() * rq[start:stop, None]).to(compute_dtype)
             grad_unit_docs += (slab.T @ unit_q).float()
             del slab
         grad_docs = _project_out_radial(grad_unit_docs * factor, docs, rd)
-        return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype), None, None, None, None, None
+        return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype), None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,8 +453,9 @@ def _check_equal_shards(sizes: list[int], device: torch.device) -> None:
     table = torch.stack(gathered).cpu()
     if not bool((table == table[0]).all()):
         raise ValueError(
-            "gather_across_ranks needs the same number of queries and of negatives on every rank; got "
-            f"(queries, negatives) per rank = {[tuple(row.tolist()) for row in table]}")
+            "gather_across_ranks needs the same number of queries and of negatives on every rank, and ids on all "
+            "ranks or none; got (queries, negatives, has ids) per rank = "
+            f"{[tuple(row.tolist()) for row in table]}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -370,6 +490,57 @@ def _validate(queries, positives, negatives, scale):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
 
 
+def _validate_ids(ids, name, rows, device):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 text hashes (see text_hashes), got "
+                        f"{type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (see text_hashes), got {ids.dtype}")
+    if ids.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), one id per row, got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} must be on the embeddings' device {device}, got {ids.device}")
+
+
+def _document_ids(queries, negatives, positive_ids, negative_ids):
+    """The ids of the document columns ``[positives; negatives]`` ``(B + N,)`` int64, or None."""
+    n_neg = 0 if negatives is None else negatives.shape[0]
+    if positive_ids is None:
+        if negative_ids is not None:
+            raise ValueError("negative_ids needs positive_ids: a false negative is a duplicate of a query's positive")
+        return None
+    _validate_ids(positive_ids, "positive_ids", queries.shape[0], queries.device)
+    if negative_ids is None:
+        if n_neg:
+            raise ValueError(f"positive_ids was given with {n_neg} negatives but negative_ids was not: every "
+                             "document column needs its id")
+        return positive_ids
+    _validate_ids(negative_ids, "negative_ids", n_neg, queries.device)
+    return torch.cat([positive_ids, negative_ids])
+
+
+def text_hashes(texts) -> torch.Tensor:
+    """Stable int64 ids of texts for ``info_nce_loss``'s ``positive_ids`` / ``negative_ids``: the first 8 bytes
+    of BLAKE2b of the UTF-8 text (the same in every process and run, unlike Python's salted ``hash``). Equal
+    texts get equal ids; two different texts collide with probability about ``n^2 / 2^65``.
+
+    Args:
+        texts: a sequence of ``str``.
+
+    Returns:
+        ``(len(texts),)`` int64 CPU tensor.
+    """
+    if isinstance(texts, str):
+        raise TypeError("text_hashes takes a sequence of texts, got a single str")
+    values = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text_hashes: item {i} is {type(text).__name__}, not str")
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        values.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def info_nce_loss(
     queries: torch.Tensor,
     positives: torch.Tensor,
@@ -378,6 +549,9 @@ def info_nce_loss(
     scale: float = 20.0,
     gather_across_ranks: bool = False,
     impl: str = "auto",
+    positive_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
+    variant: str = "auto",
 ) -> torch.Tensor:
     """Cosine-similarity InfoNCE: query i's target is column i of ``[positives; negatives]``.
 
@@ -394,14 +568,29 @@ def info_nce_loss(
             this is llm2vec's ``HardNegativeNLLLoss`` gradient; multiply the loss by the world size for
             sentence-transformers' ``gather_across_devices`` convention (the sum over ranks).
         impl: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch), ``"triton"``, ``"torch"``.
+        positive_ids: optional ``(B,)`` int64 identity of each positive's text (``text_hashes``), on the
+            embeddings' device. With it, a document column with the same id as query i's positive (another
+            row's positive or a hard negative that is the same text: a false negative) is left out of query
+            i's softmax; query i's own positive stays. Gathered across ranks with the embeddings.
+        negative_ids: ``(N,)`` int64 ids of the negatives; required with ``positive_ids`` when there are
+            negatives.
+        variant: the Triton path's algorithm: ``"fused"`` (a Triton GEMM with a streaming log-sum-exp forward;
+            the backward recomputes the scores slab by slab), ``"gemm"`` (per slab of rows three cuBLAS GEMMs,
+            the row softmax in Triton, gradients taken in the forward), or ``"auto"`` (today ``"fused"``; to
+            change only on a GPU measurement). The PyTorch path has one algorithm and ignores it.
 
     Returns:
-        a 0-dim float32 tensor, the mean over queries of the cross-entropy.
+        a 0-dim float32 tensor, the mean over queries of the cross-entropy. Rows whose every document but the
+        positive is masked contribute 0 (finite).
     """
     _validate(queries, positives, negatives, scale)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    doc_ids = _document_ids(queries, negatives, positive_ids, negative_ids)
     triton_path = use_triton(impl, queries, positives, negatives)
     if triton_path and triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
+    path = ("gemm" if variant == "gemm" else "fused") if triton_path else "torch"
     label_offset, total_rows = 0, queries.shape[0]
     if gather_across_ranks:
         import torch.distributed as dist
@@ -410,15 +599,23 @@ def info_nce_loss(
             raise RuntimeError("gather_across_ranks=True needs an initialised torch.distributed process group")
         world, rank = dist.get_world_size(), dist.get_rank()
         if world > 1:
-            _check_equal_shards([queries.shape[0], 0 if negatives is None else negatives.shape[0]], queries.device)
+            _check_equal_shards([queries.shape[0], 0 if negatives is None else negatives.shape[0],
+                                 int(doc_ids is not None)], queries.device)
+            n_pos = queries.shape[0]
             positives = _GatherWithGrad.apply(positives)
             if negatives is not None:
                 negatives = _GatherWithGrad.apply(negatives)
+            if doc_ids is not None:
+                # Columns are [all ranks' positives; all ranks' negatives]: the ids go through the same gathers.
+                gathered_pos = _GatherWithGrad.apply(doc_ids[:n_pos])
+                gathered_neg = _GatherWithGrad.apply(doc_ids[n_pos:]) if negatives is not None else None
+                doc_ids = gathered_pos if gathered_neg is None else torch.cat([gathered_pos, gathered_neg])
             label_offset, total_rows = rank * queries.shape[0], world * queries.shape[0]
     docs = positives if negatives is None or negatives.shape[0] == 0 else torch.cat([positives, negatives], dim=0)
     want_grad = torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad)
-    loss = InfoNCEFunction.apply(queries.contiguous(), docs.contiguous(), float(scale), label_offset, total_rows,
-                                 triton_path, want_grad)
+    loss = InfoNCEFunction.apply(queries.contiguous(), docs.contiguous(),
+                                 None if doc_ids is None else doc_ids.contiguous(), float(scale), label_offset,
+                                 total_rows, path, want_grad)
     if total_rows != queries.shape[0]:
         import torch.distributed as dist
 
@@ -429,10 +626,16 @@ def info_nce_loss(
     return loss
 
 
-def info_nce_loss_reference(queries, positives, negatives=None, *, scale=20.0):
+def info_nce_loss_reference(queries, positives, negatives=None, *, scale=20.0, positive_ids=None,
+                            negative_ids=None):
     """The plain formula (sentence-transformers' cos_sim + cross_entropy), holding the whole ``(B, B + N)``
-    matrix; computed in the inputs' dtype, or in float64 for float64 inputs."""
+    matrix; computed in the inputs' dtype, or in float64 for float64 inputs. With ids, the targets'
+    duplicates are set to -inf before the cross-entropy."""
     docs = positives if negatives is None else torch.cat([positives, negatives], dim=0)
     scores = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(docs, dim=1).T * scale
     labels = torch.arange(queries.shape[0], device=queries.device)
-    return torch.nn.functional.cross_entropy(scores.float() if scores.dtype != torch.float64 else scores, labels)
+    scores = scores.float() if scores.dtype != torch.float64 else scores
+    if positive_ids is not None:
+        doc_ids = positive_ids if negative_ids is None else torch.cat([positive_ids, negative_ids])
+        scores = scores.masked_fill(_duplicate_mask(doc_ids, labels), float("-inf"))
+    return torch.nn.functional.cross_entropy(scores, labels)

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._matmul import matmul_fp32
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -139,7 +140,7 @@ def _mntp_loss_bwd_kernel(
         dz = dz * (1.0 - tanh_x * tanh_x)
     dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
     if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + cols, tl.sum(dz * grad[:, None], axis=0), mask=col_mask)
+        tl.atomic_add(DB_ptr + cols, tl.sum(dz * grad[:, None], axis=0), mask=col_mask, sem="relaxed")
     # The upstream gradient (1 / labelled rows for "mean") is applied after the cast, not before: scaled first,
     # the small softmax entries of a large vocabulary would underflow to zero in fp16.
     dz_in = dz.to(W_ptr.dtype.element_ty)
@@ -150,13 +151,69 @@ def _mntp_loss_bwd_kernel(
             w = tl.load(W_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
                         other=0.0)
             dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION) * grad[:, None]
-            tl.atomic_add(DH_ptr + src[:, None] * HIDDEN + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(DH_ptr + src[:, None] * HIDDEN + ks[None, :], dh, mask=row_mask[:, None] & k_mask[None, :],
+                          sem="relaxed")
         if COMPUTE_DW:
             h = tl.load(H_ptr + src[:, None] * stride_h + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                         other=0.0)
             h = (h.to(tl.float32) * grad[:, None]).to(H_ptr.dtype.element_ty)
             dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(DW_ptr + cols[:, None] * HIDDEN + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
+            tl.atomic_add(DW_ptr + cols[:, None] * HIDDEN + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :],
+                          sem="relaxed")
+
+
+@triton.jit
+def _softcapped_logits(Z_row, B_ptr, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One block of a row of raw logits (from cuBLAS), with the bias and the soft-cap applied, fp32; -inf past
+    the vocabulary. Also returns ``tanh(x / cap)`` for the soft-cap's derivative."""
+    z = tl.load(Z_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tanh_x = z  # unused unless HAS_SOFTCAP
+    if HAS_SOFTCAP:
+        tanh_x = _tanh(z / softcap)
+        z = softcap * tanh_x
+    return tl.where(col_mask, z, float("-inf")), tanh_x
+
+
+@triton.jit
+def _mntp_row_softmax_kernel(
+    Z_ptr, OUT_ptr, B_ptr, Y_ptr, LSE_ptr, TARGET_ptr, VOCAB, stride_z, stride_out, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The GEMM variant's middle step, one program per labelled row of a chunk: Z holds the row's raw logits
+    ``h @ W.T`` (fp32, from cuBLAS). Writes the row's log-sum-exp and target logit, and with ``WRITE_GRAD``
+    ``OUT = d loss / d (h @ W.T) = (softmax - one_hot) * (1 - tanh^2)`` (OUT may be Z: written in place)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z_ptr + row * stride_z
+    target = tl.load(Y_ptr + row)
+    running_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    # Lane-wise running (max, sum) over the vocabulary in one pass; lanes merged at the end.
+    for start in range(0, VOCAB, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < VOCAB
+        z, _ = _softcapped_logits(z_row, B_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        target_logit += tl.where(cols == target, z, 0.0)
+        new_max = tl.maximum(running_max, z)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # lanes past the vocabulary so far
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(z - safe_max)
+        running_max = new_max
+    row_max = tl.max(running_max, axis=0)
+    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    tl.store(LSE_ptr + row, lse)
+    tl.store(TARGET_ptr + row, tl.sum(target_logit, axis=0))
+    if WRITE_GRAD:
+        out_row = OUT_ptr + row * stride_out
+        for start in range(0, VOCAB, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_mask = cols < VOCAB
+            z, tanh_x = _softcapped_logits(z_row, B_ptr, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+            dz = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
+            if HAS_SOFTCAP:
+                dz = dz * (1.0 - tanh_x * tanh_x)
+            tl.store(out_row + cols, dz.to(OUT_ptr.dtype.element_ty), mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,6 +472,128 @@ class ChunkedMaskedNextTokenLossFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The GEMM variant: compacted rows, cuBLAS logits, Triton softmax in place, cuBLAS gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+GEMM_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per row chunk of the GEMM variant: 128 MiB (256 rows at 128K vocab)
+VARIANTS = ("auto", "fused", "gemm")
+
+
+def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row_scale, compute_dtype):
+    """Per labelled row (lse, target logit) fp32, and the gradients named in ``grads`` (a subset of
+    ``{"hidden", "weight", "bias"}``) of ``sum_r row_scale_r * loss_r``.
+
+    Per chunk of rows: the logits by one GEMM (fp32 result), the Triton kernel writes the log-sum-exp and,
+    in place, ``d loss / d logits``; then d hidden by one GEMM and d weight by one GEMM accumulated into its
+    buffer (``addmm_``, no atomics). ``row_scale`` (fp32 ``(rows,)``, or a float) is applied after the 16-bit
+    cast of ``d logits``: scaled first, small softmax entries would underflow in fp16."""
+    n_valid = h_valid.shape[0]
+    vocab = weight.shape[0]
+    device = h_valid.device
+    w = weight.to(compute_dtype)
+    h_all = h_valid.to(compute_dtype)
+    lse = torch.empty(n_valid, device=device, dtype=torch.float32)
+    target_logit = torch.empty_like(lse)
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    dh = torch.empty(n_valid, weight.shape[1], device=device, dtype=acc_dtype) if "hidden" in grads else None
+    # d weight accumulates in place in bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM,
+    # and bf16 has fp32's range), in fp32 otherwise: in fp16, (1 / rows) x small softmax entries would underflow.
+    dw_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
+    dw = torch.zeros(w.shape, device=device, dtype=dw_dtype) if "weight" in grads else None
+    db = torch.zeros(vocab, device=device, dtype=acc_dtype) if "bias" in grads else None
+    per_row = isinstance(row_scale, torch.Tensor)
+    has_softcap = softcap is not None
+    block_v = 128 if triton_interpreter_enabled() else 2048
+    for start in range(0, n_valid, chunk_rows):
+        stop = min(start + chunk_rows, n_valid)
+        h = h_all[start:stop]
+        z = matmul_fp32(h, w.t())
+        d_logits = (z if compute_dtype == torch.float32 else torch.empty(z.shape, device=device, dtype=compute_dtype)) \
+            if grads else z
+        with launch_device(z):
+            _mntp_row_softmax_kernel[(stop - start,)](
+                z, d_logits, bias if bias is not None else z, targets[start:stop], lse[start:stop],
+                target_logit[start:stop], vocab, z.stride(0), d_logits.stride(0),
+                float(softcap) if has_softcap else 1.0, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+                WRITE_GRAD=bool(grads), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+            )
+        if grads:
+            scale = row_scale[start:stop, None] if per_row else row_scale
+            if dh is not None:
+                dh[start:stop] = matmul_fp32(d_logits, w) * scale
+            if dw is not None:
+                rhs = (h.to(acc_dtype) * scale).to(compute_dtype) if per_row else h
+                alpha = 1.0 if per_row else float(scale)
+                if dw.dtype == compute_dtype:
+                    dw.addmm_(d_logits.t(), rhs, alpha=alpha)
+                else:  # fp16 operands into the fp32 buffer: one (vocab, hidden) fp32 product per chunk
+                    dw.add_(matmul_fp32(d_logits.t(), rhs), alpha=alpha)
+            if db is not None:
+                db += (d_logits.to(acc_dtype) * scale).sum(0)
+        del z, d_logits
+    return lse, target_logit, dh, dw, db
+
+
+class GemmMaskedNextTokenLossFunction(torch.autograd.Function):
+    """The GEMM variant (Liger's fused linear cross-entropy on the labelled rows only): the labelled rows are
+    compacted and counted first (one host sync per call, ``count.item()``, as Cut Cross-Entropy does; none in the
+    backward), then :func:`_gemm_chunks`. For ``"mean"``/``"sum"`` the gradients are taken in the forward (three
+    GEMMs per chunk) and scaled by the incoming gradient in the backward; for ``"none"`` the per-position
+    gradients are known only in the backward, which then recomputes the logits (four GEMMs per chunk)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softcap, chunk_rows):
+        batch, seq_len, hidden_size = hidden.shape
+        hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+        order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
+        n_valid = int(count.item())  # the variant's one host sync: the chunks are sized on the host
+        src, targets = src[:n_valid], targets[:n_valid]
+        compute_dtype = weight.dtype if hidden.is_cuda else _compute_dtype(weight.dtype)
+        grads = {name for name, needed in zip(("hidden", "weight", "bias"), ctx.needs_input_grad[:3]) if needed}
+        early = grads and reduction != "none"
+        h_valid = hidden2d[src]
+        row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        lse, target_logit, dh, dw, db = _gemm_chunks(h_valid, weight, bias, targets, logit_softcap, chunk_rows,
+                                                     grads if early else set(), row_scale, compute_dtype)
+        per_row = torch.zeros(batch * (seq_len - shift), device=hidden.device, dtype=torch.float32)
+        per_row[:n_valid] = lse - target_logit
+        ctx.config = (batch, seq_len, shift, reduction, logit_softcap, chunk_rows, compute_dtype, early, grads)
+        ctx.saved_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if early:
+            ctx.save_for_backward(src, dh, dw, db)
+        elif grads:
+            ctx.save_for_backward(h_valid, weight, bias, order, src, targets, count)
+        per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
+        return _reduce(per_position, reduction, count)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        batch, seq_len, shift, reduction, softcap, chunk_rows, compute_dtype, early, grads = ctx.config
+        if early:
+            src, dh, dw, db = ctx.saved_tensors
+            factor = grad_output.float()
+        else:
+            h_valid, weight, bias, order, src, targets, count = ctx.saved_tensors
+            n_rows = batch * (seq_len - shift)
+            row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[: src.shape[0]]
+            _, _, dh, dw, db = _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row_scale,
+                                            compute_dtype)
+            factor = None
+        dtypes = ctx.saved_dtypes
+        grad_hidden = grad_weight = grad_bias = None
+        if dh is not None:
+            grad_hidden = torch.zeros(batch * seq_len, dh.shape[1], device=dh.device, dtype=dtypes[0])
+            grad_hidden[src] = (dh if factor is None else dh * factor).to(dtypes[0])
+            grad_hidden = grad_hidden.view(batch, seq_len, -1)
+        if dw is not None:
+            # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
+            grad_weight = (dw if factor is None else dw * factor.to(dw.dtype)).to(dtypes[1])
+        if db is not None:
+            grad_bias = (db if factor is None else db * factor).to(dtypes[2])
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
 def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift=1, ignore_index=-100,
                                      reduction="mean", logit_softcap=None):
     """Plain PyTorch: full ``(batch, seq, vocab)`` logits, then cross-entropy. Same semantics as the fused op."""
@@ -457,6 +636,7 @@ def masked_next_token_loss(
     logit_softcap: float | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    variant: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, on labelled rows only, no full logits.
 
@@ -472,7 +652,14 @@ def masked_next_token_loss(
         logit_softcap: Gemma-2 style final soft-capping ``cap * tanh(logits / cap)``, or None.
         impl: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, chunked PyTorch elsewhere),
             ``"triton"`` or ``"torch"``.
-        chunk_rows: rows per logits chunk on the PyTorch path (default: 8M logits elements per chunk).
+        chunk_rows: rows per logits chunk on the PyTorch path (default: 8M logits elements per chunk) and in the
+            GEMM variant (default: 32M fp32 logits, 128 MiB, per chunk).
+        variant: the Triton path's algorithm. ``"fused"``: Triton kernels that never hold more than a tile of
+            logits (atomics for the gradients) and never synchronise with the host. ``"gemm"``: the labelled
+            rows compacted and counted (one host sync per call), then per row chunk a cuBLAS GEMM for the
+            logits, a Triton kernel for the log-sum-exp and ``softmax - one_hot`` written in place, and cuBLAS
+            GEMMs for d hidden and d weight (gradients taken in the forward for "mean"/"sum"). ``"auto"``: today
+            ``"fused"``, to change only on a GPU measurement. The PyTorch path has one algorithm and ignores it.
 
     The loss is fp32 (float64 for float64 inputs); gradients come back in the inputs' dtypes.
     Labels outside ``[0, vocab)`` other than ``ignore_index`` raise ``ValueError`` (CPU) or trip a device-side
@@ -480,6 +667,8 @@ def masked_next_token_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (batch, seq, hidden_size), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
@@ -513,16 +702,21 @@ def masked_next_token_loss(
             return zero.expand(batch, seq_len).clone()
         return zero
 
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if use_triton(impl, hidden, weight, labels, bias):
         if not hidden.is_cuda and not triton_interpreter_enabled():  # pragma: no cover - guarded by use_triton
             raise RuntimeError("Triton path needs CUDA or TRITON_INTERPRET=1")
+        if variant == "gemm":
+            return GemmMaskedNextTokenLossFunction.apply(
+                hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), shift, ignore_index, reduction,
+                logit_softcap, chunk_rows or max(1, GEMM_CHUNK_ELEMENTS // weight.shape[0]),
+            )
         return MaskedNextTokenLossFunction.apply(
             hidden.contiguous(), weight, bias, labels.contiguous(), shift, ignore_index, reduction, logit_softcap
         )
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     return ChunkedMaskedNextTokenLossFunction.apply(
         hidden.contiguous(), weight, bias, labels.contiguous(), shift, ignore_index, reduction, logit_softcap,
         chunk_rows,
@@ -534,4 +728,5 @@ __all__ = [
     "masked_next_token_loss_reference",
     "MaskedNextTokenLossFunction",
     "ChunkedMaskedNextTokenLossFunction",
+    "GemmMaskedNextTokenLossFunction",
 ]

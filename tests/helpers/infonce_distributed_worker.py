@@ -1,5 +1,5 @@
 """Launched by tests/test_infonce_distributed.py under torchrun (gloo, CPU): every rank takes its shard of one
-global batch, runs ``info_nce_loss(..., gather_across_ranks=True)``, and saves its loss and gradients, plus the
+global batch, runs ``info_nce_loss(..., gather_across_ranks=True)`` (with and without text ids), and saves its loss and gradients, plus the
 parameter gradient of a small DDP-wrapped encoder, to ``OUT_DIR/rank{r}.pt``."""
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ def global_batch(world: int, per_rank: int, negatives_per_rank: int, dim: int):
             torch.randn(world * negatives_per_rank, dim, generator=generator))
 
 
+def global_ids(world: int, per_rank: int, negatives_per_rank: int):
+    """Text ids with duplicates across ranks: few distinct values, so that a rank's query has false negatives
+    among other ranks' positives and negatives."""
+    generator = torch.Generator().manual_seed(99)
+    return (torch.randint(0, 4, (world * per_rank,), generator=generator),
+            torch.randint(0, 4, (world * negatives_per_rank,), generator=generator))
+
+
+RUNS = [("torch", "auto", False), ("triton", "fused", False), ("torch", "auto", True), ("triton", "fused", True),
+        ("triton", "gemm", True)]
+
+
 def main() -> None:
     out_dir, per_rank, negatives_per_rank, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     dist.init_process_group("gloo")
@@ -29,14 +41,17 @@ def main() -> None:
     queries, positives, negatives = global_batch(world, per_rank, negatives_per_rank, dim)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     neg_rows = slice(rank * negatives_per_rank, (rank + 1) * negatives_per_rank)
+    positive_ids, negative_ids = global_ids(world, per_rank, negatives_per_rank)
     result = {}
-    for impl in ("torch", "triton"):
+    for impl, variant, masked in RUNS:
         q = queries[rows].clone().requires_grad_()
         p = positives[rows].clone().requires_grad_()
         n = negatives[neg_rows].clone().requires_grad_()
-        loss = info_nce_loss(q, p, n, scale=50.0, gather_across_ranks=True, impl=impl)
+        ids = dict(positive_ids=positive_ids[rows], negative_ids=negative_ids[neg_rows]) if masked else {}
+        loss = info_nce_loss(q, p, n, scale=50.0, gather_across_ranks=True, impl=impl, variant=variant, **ids)
         loss.backward()
-        result[impl] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad, "negatives": n.grad}
+        result[(impl, variant, masked)] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad,
+                                           "negatives": n.grad}
 
     # A linear encoder under DDP: the averaged parameter gradient is that of the global loss / world size.
     torch.manual_seed(0)

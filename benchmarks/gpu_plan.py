@@ -1,0 +1,59 @@
+"""What ``gpu_check.sh`` will compile, and about how long that takes: printed before anything runs.
+
+Benchmarks: counted from the attention kernels' pruned config lists (every config autotuning benchmarks is one
+compile) plus one compile per loss kernel and flag set. GPU tests: they run with one config per kernel
+(``LLM2VEC_FAST_AUTOTUNE=0``); their count is the one measured by the issue #10 dry run (the specializations
+their shapes produce), so the script also prints the number of kernels Triton actually compiled after each
+phase (``.cubin`` files in its fresh cache), for the next plan.
+
+    python benchmarks/gpu_plan.py [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention)
+TEST_COMPILES = 210
+#: seconds per compile on one core of the GPU machine: bf16 attention ~1.3 s, fp32 up to ~5x that
+SECONDS_PER_COMPILE = 1.6
+#: the attention benchmark's rows: (head_dim, kernels it launches, constexpr flags)
+_TRAIN = ("fwd", "dq", "dkdv")
+ATTENTION_ROWS = [
+    *[(d, ("fwd",), dict()) for d in (64, 128)],  # forward (inference: no log-sum-exp)
+    *[(d, _TRAIN, dict()) for d in (64, 128)],  # forward+backward
+    *[(d, ("fwd",), dict(is_varlen=True)) for d in (64, 128)],
+    *[(d, _TRAIN, dict(is_varlen=True)) for d in (64, 128)],
+    (64, _TRAIN, dict(has_dropout=True)),
+    (64, _TRAIN, dict(group=4)),
+]
+#: MNTP: forward, backward frozen head, backward trained head; InfoNCE: norms, forward, backward
+LOSS_COMPILES = 3 + 3
+
+
+def benchmark_compiles() -> int:
+    from llm2vec_fast.kernels.attention import candidate_configs
+
+    seen = set()
+    for head_dim, kinds, flags in ATTENTION_ROWS:
+        for kind in kinds:
+            for config in candidate_configs(kind, head_dim, "tf32", **flags):
+                # the forward of a training step stores the log-sum-exp: a different compile from inference
+                train = kind == "fwd" and len(kinds) > 1
+                seen.add((kind, head_dim, tuple(sorted(flags.items())), train, config))
+    return len(seen) + LOSS_COMPILES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, default=8, help="parallel compile processes (pytest-xdist)")
+    args = parser.parse_args()
+    bench = benchmark_compiles()
+    total = TEST_COMPILES + bench
+    seconds = total * SECONDS_PER_COMPILE / args.workers
+    print(f"== plan: {total} Triton compiles ({TEST_COMPILES} GPU tests, {bench} benchmarks), about "
+          f"{seconds:.0f} s of compiling on {args.workers} workers (at {SECONDS_PER_COMPILE} s per compile)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Every kernel variant the sm_90 gate compiles: one dict per compile, built from short tables.
+
+To add a case:
+* a new flag combination of the attention kernels: one line in ``ATTENTION_VARIANTS`` (constexpr values);
+* a new attention kernel (e.g. a TMA forward): one line in ``ATTENTION_KERNELS`` naming the kernel, the kind
+  whose launch configs it uses, and its pointer/float parameters;
+* a new MNTP / InfoNCE kernel or flag set: one line in ``LOSS_CASES``.
+
+A case names the kernel as ``module:attribute``, the dtype of each pointer parameter, the fp32 scalars, the
+constexpr values, ``ones`` (integers that a real launch passes as 1, which Triton specializes) and ``odd``
+(integers that need not be multiples of 16, e.g. sizes); every other parameter is an i32 that is a multiple of
+16 (strides), as real launches specialize them. Keys of each case:
+``name, kernel, pointers, floats, constexprs, ones, odd, num_warps, num_stages, default, check_wgmma``:
+``default`` marks a config the kernels choose by default (it must not spill); ``check_wgmma`` says that the
+16-bit matmuls have 64-row or larger tiles, so they must compile to ``wgmma``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm2vec_fast.kernels import attention, infonce, mntp_loss
+
+_ATTN = "llm2vec_fast.kernels.attention"
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+HEAD_DIMS = (64, 96, 128, 256)
+
+#: name -> constexprs of one flag combination. "heavy" variants compile every config autotuning may pick;
+#: the others compile only the default config (their registers are bounded by a heavy variant's).
+ATTENTION_VARIANTS = {
+    "plain": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False, STORE_LSE=False),
+    "gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False),
+    "varlen-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=False),
+    "dropout": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=True),
+    "varlen-dropout-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=True),
+}
+#: the variants in which every config the pruning keeps is compiled: the most registers without and with
+#: dropout (the pruning keeps different lists for the two)
+ATTENTION_HEAVY = {
+    "padding-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=False),
+    "padding-dropout-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=True),
+}
+
+_FWD_FLOATS = ("qk_scale", "dropout_p", "inv_keep")
+_BWD_FLOATS = ("qk_scale", "sm_scale", "dropout_p", "inv_keep")
+_META = dict(KPM="u8", CU_SEQLENS="i32", SEED="i64")
+#: kernel name -> (kind of launch configs, pointer parameters holding q/k/v-dtype data, fp32 pointers, floats, odd)
+ATTENTION_KERNELS = {
+    "_attn_fwd_kernel": ("fwd", ("Q", "K", "V", "O"), ("LSE",), _FWD_FLOATS,
+                         ("seqlen_padded", "num_heads", "max_seqlen")),
+    "_attn_bwd_dq_kernel": ("dq", ("Q", "K", "V", "O", "DO", "DQ"), ("LSE", "DELTA"), _BWD_FLOATS,
+                            ("seqlen_padded", "num_heads", "max_seqlen")),
+    "_attn_bwd_dkdv_kernel": ("dkdv", ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"), _BWD_FLOATS,
+                              ("seqlen_padded", "num_kv_heads", "max_seqlen")),
+}
+
+#: dtypes per coverage level: fp16 compiles like bf16 (same tiles, same instructions), so it gets the default
+#: configs only
+_FULL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant, flags, config, default):
+    block_m, block_n, warps, stages = config
+    constexprs = dict(STORE_LSE=True) if kind == "fwd" else {}
+    constexprs.update(flags)
+    if kind != "fwd":
+        constexprs.pop("STORE_LSE", None)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    constexprs.update(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+                      BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision)
+    pointers = {name: _DTYPES[dtype] for name in data}
+    pointers.update({name: "fp32" for name in fp32}, **_META)
+    tiles = (block_m, block_n)
+    return dict(
+        name=f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-{block_m}x{block_n}w{warps}s{stages}",
+        kernel=f"{_ATTN}:{kernel}", pointers=pointers, floats=list(floats), constexprs=constexprs,
+        ones=["stride_ms"] if flags["HAS_PADDING"] else [], odd=list(odd), num_warps=warps, num_stages=stages,
+        default=default, check_wgmma=dtype != torch.float32 and min(tiles) >= 64,
+    )
+
+
+def attention_cases() -> list[dict]:
+    cases = {}
+    for kernel, (kind, data, fp32, floats, odd) in ATTENTION_KERNELS.items():
+        for dtype in _DTYPES:
+            for head_dim in HEAD_DIMS:
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                precision = "ieee" if dtype == torch.float32 else "tf32"
+                variants = list(ATTENTION_VARIANTS.items()) + list(ATTENTION_HEAVY.items())
+                for variant, flags in variants:
+                    configs = attention.candidate_configs(kind, block_d, precision, **_prune_flags(flags))
+                    every = variant in ATTENTION_HEAVY and dtype in _FULL_DTYPES
+                    for i, config in enumerate(configs if every else configs[:1]):
+                        case = _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant,
+                                               flags, config, default=i == 0)
+                        cases[case["name"]] = case
+    return list(cases.values())
+
+
+def _prune_flags(flags: dict) -> dict:
+    return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
+                is_varlen=flags["IS_VARLEN"])
+
+
+def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
+    """A loss-kernel case at its launch config ``(BLOCK_M, BLOCK_N or BLOCK_V, BLOCK_K, warps, stages)``."""
+    block_m, block_n, block_k, warps, stages = config
+    dtype = next(iter(pointers.values()))
+    return dict(name=name, kernel=kernel, pointers=pointers, floats=list(floats), constexprs=constexprs, ones=[],
+                odd=list(odd), num_warps=warps, num_stages=stages, default=True,
+                check_wgmma=dtype != "fp32" and min(block_m, block_n) >= 64)
+
+
+def _mntp(kernel, dtype, **flags):
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    block_m, block_v, block_k, warps, stages = config = mntp_loss._block_sizes(cuda, dtype)
+    d = _DTYPES[dtype]
+    constexprs = dict(HAS_BIAS=False, HAS_SOFTCAP=False, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+                      DOT_PRECISION=mntp_loss._dot_precision(dtype))
+    constexprs.update(flags)
+    pointers = dict(H_ptr=d, W_ptr=d, B_ptr=d, IDX_ptr="i64", Y_ptr="i64", COUNT_ptr="i32")
+    if kernel == "fwd":
+        pointers.update(MAX_ptr="fp32", SUMEXP_ptr="fp32", TARGET_ptr="fp32")
+        odd = ("n_rows", "VOCAB", "HIDDEN", "tiles_per_split")
+    else:
+        pointers.update(LSE_ptr="fp32", GRAD_ptr="fp32", DH_ptr="fp32", DW_ptr="fp32", DB_ptr="fp32")
+        constexprs = dict(dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False), **constexprs)
+        odd = ("VOCAB", "HIDDEN")
+    flag_names = "-".join(f"{k.lower()}" for k, v in flags.items() if v is True) or "plain"
+    return _config_case(f"_mntp_loss_{kernel}_kernel-{d}-{flag_names}",
+                        f"llm2vec_fast.kernels.mntp_loss:_mntp_loss_{kernel}_kernel", pointers, ["softcap"],
+                        constexprs, config, odd)
+
+
+def _infonce(kernel, dtype):
+    block_m, block_n, block_k, warps, stages = config = infonce._block_sizes(dtype)
+    d = _DTYPES[dtype]
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=infonce._dot_precision(dtype))
+    pointers = dict(Q=d, DOCS=d, RQ="fp32", RD="fp32")
+    if kernel == "fwd":
+        pointers.update(MAX_OUT="fp32", SUM_OUT="fp32", TARGET_OUT="fp32")
+        odd = ("n_rows", "n_cols", "dim", "label_offset", "tiles_per_split")
+    else:
+        pointers.update(LSE="fp32", SLAB=d)
+        odd = ("n_rows", "n_cols", "dim", "label_offset")
+    return _config_case(f"_infonce_{kernel}_kernel-{d}", f"llm2vec_fast.kernels.infonce:_infonce_{kernel}_kernel",
+                        pointers, ["scale"], constexprs, config, odd)
+
+
+def loss_cases() -> list[dict]:
+    """The MNTP loss and InfoNCE kernels at the launch configs they use on CUDA."""
+    LOSS_CASES = []
+    for dtype in _DTYPES:
+        LOSS_CASES += [
+            _mntp("fwd", dtype),
+            _mntp("fwd", dtype, HAS_BIAS=True, HAS_SOFTCAP=True),
+            _mntp("bwd", dtype),  # frozen head: d hidden only
+            _mntp("bwd", dtype, COMPUTE_DW=True),  # trained head
+            _mntp("bwd", dtype, HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DW=True, COMPUTE_DB=True),
+            _infonce("fwd", dtype),
+            _infonce("bwd", dtype),
+        ]
+    return LOSS_CASES
+
+
+def all_cases() -> list[dict]:
+    return attention_cases() + loss_cases()
