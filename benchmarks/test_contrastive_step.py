@@ -33,39 +33,38 @@ GROUPS = ("query", "positive", "negative")
 
 
 def _examples(n: int):
-    from llm2vec_fast.training.contrastive import ContrastiveExample
-
     path = SHARED_DATA / "snli" / "nli_triplets.csv"
     if not path.is_file():
         pytest.skip(f"real text data not found at {path}")
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     rows = random.Random(0).sample(rows, n)
-    return [ContrastiveExample(r["sent0"], r["sent1"], r["hard_neg"], instruction=INSTRUCTION) for r in rows]
+    return [{"query": r["sent0"], "positive": r["sent1"], "negative": r["hard_neg"], "instruction": INSTRUCTION}
+            for r in rows]
 
 
 def _model(device: str, dtype: torch.dtype, attention_impl: str):
     from llm2vec_fast.builtin_models import smollm2_135m_path
-    from llm2vec_fast.training.modeling import LoraSettings, add_lora, load_base_model
+    from llm2vec_fast.training.modeling import add_lora, load_base_model
 
     try:
         path = smollm2_135m_path()
     except Exception as error:  # noqa: BLE001 - the package or gguf is missing: say so
         pytest.skip(f"SmolLM2-135M not available: {error}")
     model = load_base_model(path, dtype=dtype, attention_impl=attention_impl).to(device)
-    return add_lora(model, LoraSettings(dropout=0.0)).train(), path
+    return add_lora(model, dropout=0.0).train(), path
 
 
 def _batches(path: str, examples, device: str):
-    from llm2vec_fast.training.contrastive import ContrastiveCollator
+    from llm2vec_fast.training.collators import ContrastiveCollator
     from llm2vec_fast.training.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     out = {}
     for provider, packed in (("ours", True), ("padded", False)):
-        batch = ContrastiveCollator(tokenizer, max_length=48, packed=packed)([examples])
-        out[provider] = {group: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-                         for group, inputs in batch.items()}
+        batch = ContrastiveCollator(tokenizer, max_length=48, packed=packed)(examples)
+        out[provider] = {group: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in chunk.items()}
+                         for group, (chunk,) in batch.items()}
     real_tokens = sum(int(g["attention_mask"].sum()) for g in out["padded"].values())
     padded_tokens = sum(g["input_ids"].numel() for g in out["padded"].values())
     return out, real_tokens, padded_tokens
@@ -73,7 +72,7 @@ def _batches(path: str, examples, device: str):
 
 def _step(model, batch):
     from llm2vec_fast.kernels import info_nce_loss
-    from llm2vec_fast.training.contrastive import embed
+    from llm2vec_fast.pipeline import embed
 
     reps = [embed(model, batch[group], "mean") for group in GROUPS]
     info_nce_loss(*reps, scale=50.0).backward()

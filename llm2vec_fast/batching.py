@@ -143,9 +143,13 @@ def pad_batch(sequences: Sequence[Sequence[int]], embed_masks: Sequence[Sequence
             input_ids[row, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids):] = 1
             embed_mask[row, width - len(ids):] = torch.as_tensor(mask, dtype=torch.long)
-    # Each text's positions start at 0 on its first real token, whatever the padding in front of it.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-    return PaddedBatch(input_ids, attention_mask, position_ids, embed_mask)
+    return PaddedBatch(input_ids, attention_mask, positions_from_mask(attention_mask), embed_mask)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` position ids that start at 0 on each row's first real token, whatever the padding in
+    front of it (so that an embedding does not depend on how much its batch pads it)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
 
 
 def pack_batch(sequences: Sequence[Sequence[int]], embed_masks: Sequence[Sequence[int]]) -> PackedBatch:

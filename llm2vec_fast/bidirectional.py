@@ -23,7 +23,7 @@ from .kernels._dispatch import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "unpatched", "is_patched", "ATTENTION_NAMES"]
+__all__ = ["patch", "unpatch", "unpatched", "is_patched", "patch_settings", "ATTENTION_NAMES"]
 
 _STATE_ATTRIBUTE = "_llm2vec_fast_patch_state"
 
@@ -127,6 +127,16 @@ def _set_attribute(record: list, obj: Any, attribute: str, value: Any) -> None:
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (or the PreTrainedModel inside it) is currently patched by llm2vec_fast."""
     return getattr(_base_model(model), _STATE_ATTRIBUTE, None) is not None
+
+
+def patch_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The keyword arguments ``patch`` was given for ``model`` (``patch(other, **patch_settings(model))`` patches
+    another copy alike), or None when ``model`` is not patched."""
+    state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
+    if state is None:
+        return None
+    return {"attention_impl": state["impl"], "attention_dropout": state["attention_dropout"],
+            "bidirectional": state["bidirectional"]}
 
 
 def patch(
@@ -254,16 +264,17 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def unpatched(model: nn.Module) -> Iterator[nn.Module]:
-    """``with unpatched(model):`` the model as it was before ``patch`` (causal, its own attention), patched again
-    with the same settings afterwards, even on an exception. A model that is not patched is left as it is."""
+def unpatched(model: nn.Module) -> Iterator[str | None]:
+    """``with unpatched(model) as impl:`` the model as it was before ``patch`` (causal, its own attention; a copy
+    or a pickle of it then carries no patch state), patched again with the same settings afterwards, even on an
+    exception. Yields the patch's ``attention_impl``, or None when ``model`` is not patched (left as it is)."""
     state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
     if state is None:
-        yield model
+        yield None
         return
     unpatch(model)
     try:
-        yield model
+        yield state["impl"]
     finally:
         patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"],
               bidirectional=state["bidirectional"])

@@ -1,91 +1,41 @@
 """The LLM2Vec-compatible encoder: ``from_pretrained``, ``encode``, ``save``.
 
-It reads and writes what llm2vec 0.2.3 reads and writes, and gives its embeddings (same joined text with the
-separator ``!@#$%^&*()``, same ``doc_max_length`` word trimming, same per-family ``prepare_for_tokenization``,
-same pooling over the non-instruction tokens). Where it differs, it is on purpose:
-
-- the instruction/text boundary comes from ONE tokenization of the joined text and its character offsets, so
-  a text that tokenizes differently alone and after the instruction (llm2vec issue #80) is handled exactly;
-- batches are cut by a token budget over length-sorted inputs; on CUDA they are packed (no padding computed)
-  through our varlen attention, on CPU left-padded; each text's positions start at 0, so that an embedding
-  does not depend on the batch size or on the other texts of the batch (llm2vec issues #68, #74);
-- a text with no token of its own (empty, or only an instruction) gets a defined embedding: the pooling over
-  all the input's tokens; an input with no token at all is encoded as the single token EOS.
+It reads and writes what llm2vec 0.2.3 reads and writes, and gives its embeddings: text preparation,
+tokenization, batching and pooling are the shared pipeline's (``llm2vec_fast.pipeline``, where the differences
+from llm2vec are listed). Batches are cut by a token budget over length-sorted inputs; on CUDA they are packed
+(no padding computed) through our varlen attention, on CPU left-padded; each text's positions start at 0, so
+that an embedding does not depend on the batch size or on the other texts of the batch (llm2vec issues #68, #74).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import length_sorted_batches, pack_batch, pad_batch
+from .batching import length_sorted_batches
 from .builtin_models import resolve_model
-from .pooling import check_pooling_mode, pool, pool_packed
+from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
+                       wrap_for_model)
+from .pooling import check_pooling_mode
 from .prompts import DOCUMENT_PROMPT_NAME, QUERY_PROMPT_NAME, default_prompts, resolve_prompt
 from .quantization import check_precision, quantize_embeddings
 
+# EncodedText, SEPARATOR and split_at_separator lived here before the pipeline: still importable from here.
+__all__ = ["LLM2Vec", "EncodedText", "SEPARATOR", "split_at_separator", "wrap_for_model"]
+
 logger = logging.getLogger(__name__)
 
-SEPARATOR = "!@#$%^&*()"
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# llm2vec's prepare_for_tokenization: chat wrappers keyed by the model's name on the hub...
-_CHAT_WRAPPERS = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
-    "mistralai/Mistral-7B-Instruct-v0.2": ("[INST] ", " [/INST]"),
-    "meta-llama/Llama-2-7b-chat-hf": ("[INST] ", " [/INST]"),
-    "google/gemma-2-9b-it": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
-    "Qwen/Qwen2-1.5B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
-    "Qwen/Qwen2-7B-Instruct": ("<|im_start|>user\n", "<|im_end|>"),
-}
-# ...and, for eos_token pooling, the end marker appended per family (by model_type).
-_EOS_SUFFIX = {"llama": " </s>", "mistral": " </s>", "gemma": "<eos>", "qwen2": "<|endoftext|>"}
-
-
-def wrap_for_model(text: str, *, name_or_path: str, model_type: str | None, pooling_mode: str) -> str:
-    """llm2vec's ``prepare_for_tokenization``: the chat wrapper of a known instruct model (by its hub name) and,
-    for ``eos_token`` pooling, the family's end marker. Training and encoding both go through it, so that a
-    text is wrapped the same way in both."""
-    wrapper = _CHAT_WRAPPERS.get(name_or_path)
-    if wrapper is not None:
-        text = wrapper[0] + text.strip() + wrapper[1]
-        if name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct":
-            return text
-    if pooling_mode == "eos_token":
-        if name_or_path == "meta-llama/Meta-Llama-3-8B":
-            text = text.strip() + "<|end_of_text|>"
-        elif model_type in _EOS_SUFFIX:
-            text = text.strip() + _EOS_SUFFIX[model_type]
-    return text
-
-
-def split_at_separator(marked: str, wrap: Callable[[str], str]) -> tuple[str, int]:
-    """``marked`` holds :data:`SEPARATOR` where the pooled text starts: wrap it, then return the full text
-    without the separator and the character where the pooled text starts."""
-    parts = wrap(marked).split(SEPARATOR)
-    full = "".join(parts)
-    return full, (len(parts[0]) if len(parts) > 1 else len(full))
-
-
-@dataclasses.dataclass
-class EncodedText:
-    """One input after tokenization: ``input_ids`` and ``embed_mask`` (1 on the tokens that are pooled);
-    ``truncated`` when doc_max_length word trimming or max_length cut it."""
-
-    input_ids: list[int]
-    embed_mask: list[int]
-    truncated: bool
 
 
 def _is_pair(item: Any) -> bool:
@@ -114,12 +64,7 @@ class LLM2Vec(torch.nn.Module):
         max_padding: float | None = 0.25,
     ):
         super().__init__()
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("LLM2Vec needs a fast (Rust) tokenizer: the instruction/text boundary is taken from "
-                             "character offsets, which slow tokenizers do not give")
         check_pooling_mode(pooling_mode)
-        if max_length < 1 or doc_max_length < 1:
-            raise ValueError(f"max_length and doc_max_length must be positive, got {max_length}, {doc_max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.pooling_mode = pooling_mode
@@ -132,6 +77,7 @@ class LLM2Vec(torch.nn.Module):
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
+        self.text_tokenizer  # noqa: B018  (a slow tokenizer or a bad length is refused here, not at encode)
         # sentence-transformers' prompts: name -> instruction, for encode(prompt_name=...), encode_query/_document.
         self.prompts = default_prompts()
         if tokenizer.pad_token is None:
@@ -268,87 +214,19 @@ class LLM2Vec(torch.nn.Module):
     # ------------------------------------------------------------------ text preparation
     def prepare_for_tokenization(self, text: str) -> str:
         """llm2vec's per-family wrapping of the joined text (chat wrappers, eos marker for eos_token pooling)."""
-        model_type = getattr(self.config, "model_type", None)
-        return wrap_for_model(text, name_or_path=self.name_or_path, model_type=model_type,
+        return wrap_for_model(text, name_or_path=self.name_or_path, model_type=getattr(self.config, "model_type", None),
                               pooling_mode=self.pooling_mode)
 
-    def _trim_documents(self, texts: list[str]) -> tuple[list[str], list[bool]]:
-        """llm2vec's doc_max_length rule: cut whole words until the text alone has at most doc_max_length tokens.
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """The pipeline's tokenizer with this encoder's current settings (llm2vec's ``encode`` joins an
+        instruction and its text with a space and trims documents to ``doc_max_length`` words)."""
+        return TextTokenizer(self.tokenizer, max_length=self.max_length, wrap=self.prepare_for_tokenization,
+                             skip_instruction=self.skip_instruction, doc_max_length=self.doc_max_length)
 
-        Returns the texts and, per text, whether it was cut."""
-        counts = self._token_counts(texts)
-        out, trimmed = list(texts), [False] * len(texts)
-        for i, count in enumerate(counts):
-            text = out[i]
-            while count > self.doc_max_length:
-                words = text.split()
-                reduced = int(len(words) * self.doc_max_length / count)
-                trimmed[i] = True
-                if reduced == 0:
-                    # Not even one whole word fits (a long URL, unspaced script): llm2vec empties the text here,
-                    # which would give the document the instruction's embedding. Keep its first tokens instead.
-                    text = self._first_tokens(text, self.doc_max_length)
-                    break
-                text = " ".join(words[:reduced])
-                count = self._token_counts([text])[0]
-            out[i] = text
-        return out, trimmed
-
-    def _first_tokens(self, text: str, n: int) -> str:
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return text[: offsets[min(n, len(offsets)) - 1][1]] if offsets else text
-
-    def _token_counts(self, texts: list[str]) -> list[int]:
-        # As llm2vec counts them: no special tokens, truncated at max_length.
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in encoded["input_ids"]]
-
-    def _joined_texts(self, pairs: list[tuple[str, str]]) -> list[tuple[str, int, bool]]:
-        """Each [instruction, text] as llm2vec joins it, wrapped: (full text, character where the text starts,
-        whether doc_max_length cut the text)."""
-        docs, trimmed = self._trim_documents([text for _, text in pairs])
-        joined = []
-        for (instruction, _), text, cut in zip(pairs, docs, trimmed):
-            marked = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
-            full, boundary = split_at_separator(marked, self.prepare_for_tokenization)
-            joined.append((full, boundary, cut))
-        return joined
-
-    def tokenize_texts(self, pairs: list[tuple[str, str]]) -> list[EncodedText]:
-        """Tokenize [instruction, text] pairs once each; ``embed_mask`` marks the text's tokens.
-
-        A token belongs to the text when its characters reach past the boundary (a token such as " word" that
-        starts on the joining space counts as the text's); special tokens added by the tokenizer do not.
-        """
-        joined = self._joined_texts(pairs)
-        texts = [full for full, _, _ in joined]
-        # One tokenization, without truncation: rows over max_length (rare) are tokenized again truncated, as
-        # the tokenizer truncates (its special tokens kept), and counted as truncated.
-        encoded = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-        rows = [(list(encoded["input_ids"][i]), encoded["offset_mapping"][i], encoded.sequence_ids(i), False)
-                for i in range(len(texts))]
-        long_rows = [i for i, row in enumerate(rows) if len(row[0]) > self.max_length]
-        if long_rows:
-            cut = self.tokenizer([texts[i] for i in long_rows], add_special_tokens=True, truncation=True,
-                                 max_length=self.max_length, return_offsets_mapping=True)
-            for j, i in enumerate(long_rows):
-                rows[i] = (list(cut["input_ids"][j]), cut["offset_mapping"][j], cut.sequence_ids(j), True)
-        out = []
-        for (ids, offsets, sequence_ids, truncated), (_, boundary, cut) in zip(rows, joined):
-            if self.skip_instruction:
-                mask = [int(seq is not None and (end > boundary or (start == end and start >= boundary)))
-                        for (start, end), seq in zip(offsets, sequence_ids)]
-            else:
-                mask = [1] * len(ids)
-            if not ids:
-                # Nothing to encode at all (empty text, no instruction, no BOS): one EOS token stands for it.
-                ids = [self.tokenizer.eos_token_id]
-                mask = [1]
-            elif not any(mask):
-                # No token of the text's own: pool over everything the input has.
-                mask = [1] * len(ids)
-            out.append(EncodedText(ids, mask, truncated or cut))
-        return out
+    def tokenize_texts(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedText]:
+        """Tokenize [instruction, text] pairs once each; ``embed_mask`` marks the text's tokens."""
+        return self.text_tokenizer(pairs)
 
     # ------------------------------------------------------------------ encoding
     @staticmethod
@@ -522,7 +400,8 @@ class LLM2Vec(torch.nn.Module):
         progress: Any = None,
     ):
         """Run already tokenized inputs through the model: ``(n, dim)`` float32 CPU tensor in input order
-        (a list of per-text tensors for ``token_embeddings``). ``progress`` is an optional tqdm to update."""
+        (a list of per-text tensors for ``token_embeddings``). ``progress``: anything with ``update(n)`` (a
+        tqdm), told after each batch how many texts it held."""
         device = torch.device(device) if device is not None else self._model_device()
         if self._model_device() != device:
             self.model.to(device)
@@ -537,18 +416,20 @@ class LLM2Vec(torch.nn.Module):
         results: list[Any] = [None] * len(encoded)
         bar = tqdm(total=len(encoded), desc="Encoding", unit="text", disable=not show_progress_bar)
         self.model.eval()
+        pad_id = self.tokenizer.pad_token_id
         for batch in batches:
-            items = [encoded[i] for i in batch]
-            outputs = self._forward(items, device, packed, output_value)
+            inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id).to(device)
+            if output_value == "token_embeddings":
+                outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
+            else:
+                outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
             for index, output in zip(batch, outputs):
                 results[index] = output
             bar.update(len(batch))
             if progress is not None:
                 progress.update(len(batch))
         bar.close()
-        if output_value == "token_embeddings":
-            return results
-        return torch.stack(results)
+        return results if output_value == "token_embeddings" else torch.stack(results)
 
     def _model_device(self) -> torch.device:
         try:
@@ -556,34 +437,11 @@ class LLM2Vec(torch.nn.Module):
         except StopIteration:
             return torch.device("cpu")
 
-    def _hidden(self, **inputs) -> torch.Tensor:
-        out = self.model(**inputs, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden
-
-    def _forward(self, items: list[EncodedText], device: torch.device, packed: bool, output_value: str):
-        ids = [e.input_ids for e in items]
-        masks = [e.embed_mask for e in items]
-        if packed:
-            batch = pack_batch(ids, masks).to(device)
-            hidden = self._hidden(**batch.model_inputs())[0]
-            if output_value == "token_embeddings":
-                cu = batch.cu_seqlens.tolist()
-                flags = batch.embed_mask.bool()
-                return [hidden[a:b][flags[a:b]].float().cpu() for a, b in zip(cu[:-1], cu[1:])]
-            return list(pool_packed(hidden, batch.cu_seqlens, self.pooling_mode, embed_mask=batch.embed_mask).cpu())
-        batch = pad_batch(ids, masks, pad_id=self.tokenizer.pad_token_id).to(device)
-        hidden = self._hidden(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids)
-        if output_value == "token_embeddings":
-            flags = batch.embed_mask.bool() & batch.attention_mask.bool()
-            return [hidden[row][flags[row]].float().cpu() for row in range(hidden.shape[0])]
-        return list(pool(hidden, batch.attention_mask, self.pooling_mode, embed_mask=batch.embed_mask).cpu())
-
     def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
-        """llm2vec's forward: padded features with ``embed_mask`` -> pooled ``(batch, dim)`` (used in training)."""
+        """llm2vec's forward: padded features (``input_ids``, ``attention_mask``, ``embed_mask``; optional
+        ``position_ids``, else counted from each row's first real token) -> pooled ``(batch, dim)`` fp32, as
+        ``encode`` pools them, left padding included."""
         features = dict(sentence_feature)
-        embed_mask = features.pop("embed_mask", None)
-        hidden = self._hidden(**features)
-        mask = features["attention_mask"]
-        return pool(hidden, mask, self.pooling_mode, embed_mask=embed_mask if self.skip_instruction else None)
+        if not self.skip_instruction:
+            features.pop("embed_mask", None)
+        return embed(self.model, features, self.pooling_mode)

@@ -24,7 +24,6 @@ and the servers read the flags in config.json (see docs/integrations.md for who 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -35,6 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .bidirectional import unpatched
 from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def check_output_dir(output: str | os.PathLike) -> Path:
 
 def check_can_be_bidirectional(model) -> None:
     """Raise ValueError when ``model``'s architecture cannot run our bidirectional attention."""
-    from .patch import is_patched, patch, unpatch
+    from .bidirectional import is_patched, patch, unpatch
 
     try:
         if not is_patched(model):
@@ -101,31 +101,17 @@ def bidirectional_flags(model_type: str | None) -> dict[str, bool]:
     return flags
 
 
-@contextlib.contextmanager
-def unpatched(model):
-    """Inside the block ``model`` is unpatched (a deep copy or a pickle of it carries no patch state, which holds
-    sentinels and references that do not survive copying); yields the patch's ``attention_impl``, or None when
-    ``model`` was not patched. The patch is put back on leaving."""
-    from .patch import _base_model, _STATE_ATTRIBUTE, patch, unpatch
-
-    state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
-    if state is None:
-        yield None
-        return
-    unpatch(model)
-    try:
-        yield state.get("impl", "auto")
-    finally:
-        patch(model, attention_impl=state.get("impl", "auto"))
-
-
 def write_model_files(encoder, output: str | os.PathLike) -> None:
     """The model (merged, unpatched, with the bidirectional flags in config.json), the tokenizer,
     ``llm2vec_config.json`` and ``sentence_bert_config.json`` into ``output`` (which may exist)."""
+    from . import transformers_compat as compat
+
     if hasattr(encoder.model, "merge_and_unload"):  # PEFT-wrapped: merge a copy, the caller's encoder stays as it is
+        # Copied unpatched: the patch's record of what it changed does not survive a deep copy.
         with unpatched(encoder.model):
             encoder = copy.deepcopy(encoder)
         encoder.model = encoder.model.merge_and_unload()
+        compat.forget_loaded_adapter(encoder.model)
     encoder.save(str(output))
     config_path = Path(output) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

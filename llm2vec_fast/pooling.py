@@ -2,7 +2,8 @@
 
 ``embed_mask`` marks the tokens that count: the text's real tokens, without the instruction and without
 padding. For ``eos_token``/``last_token`` and ``bos_token`` the last and first real tokens of the whole input
-are taken, as llm2vec does with left padding.
+are taken, as llm2vec does with left padding. Padded batches are pooled by gathering their real tokens into the
+packed layout, so that both layouts go through one computation (:func:`pool_segments`).
 """
 
 from __future__ import annotations
@@ -18,88 +19,61 @@ def check_pooling_mode(mode: str) -> str:
     return mode
 
 
-def pool(
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mode: str = "mean",
-    *,
-    embed_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """hidden ``(batch, seq, dim)``, masks ``(batch, seq)`` -> ``(batch, dim)``, computed in fp32.
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean", *,
+         embed_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Padded batch: hidden ``(batch, seq, dim)``, masks ``(batch, seq)`` -> ``(batch, dim)``, in fp32.
 
     ``attention_mask`` marks real tokens; ``embed_mask`` (default: ``attention_mask``) marks the tokens
-    that are pooled by ``mean`` and ``weighted_mean``. A text whose embed mask is empty pools to zeros.
+    that are pooled by ``mean`` and ``weighted_mean``. A text whose embed mask is empty pools to zeros, and so
+    does a row without a real token.
     """
     check_pooling_mode(mode)
     if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be (batch, seq, dim) and masks (batch, seq); got {tuple(hidden.shape)} "
                          f"and {tuple(attention_mask.shape)}")
     real = attention_mask.bool()
-    counted = real if embed_mask is None else (embed_mask.bool() & real)
-    states = hidden.float()
-    if mode == "mean":
-        weights = counted.float()
-    elif mode == "weighted_mean":
-        # Weights 1, 2, ..., n over the counted tokens in order (llm2vec's position weighting).
-        weights = torch.cumsum(counted.float(), dim=1) * counted.float()
-    else:
-        positions = torch.arange(real.shape[1], device=real.device).expand_as(real)
-        if mode == "bos_token":
-            index = torch.where(real, positions, real.shape[1]).amin(dim=1)
-        else:
-            index = torch.where(real, positions, -1).amax(dim=1)
-        index = index.clamp(0, real.shape[1] - 1)
-        picked = states[torch.arange(states.shape[0], device=states.device), index]
-        return picked * real.any(dim=1, keepdim=True).float()
-    total = weights.sum(dim=1, keepdim=True).clamp_min(1e-9)
-    return torch.einsum("bs,bsd->bd", weights / total, states)
+    counted = None if embed_mask is None else embed_mask.bool()[real]
+    return pool_segments(hidden[real], real.sum(dim=1), mode, embed_mask=counted)
 
 
-def pool_packed(
-    hidden: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    mode: str = "mean",
-    *,
-    embed_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pooling for packed texts: hidden ``(total, dim)`` (or ``(1, total, dim)``), ``cu_seqlens`` ``(n + 1,)``
-    offsets of the texts, ``embed_mask`` ``(total,)`` -> ``(n, dim)`` in fp32, with :func:`pool`'s meaning.
-
-    Every packed text has at least one token, so ``bos_token``/``eos_token``/``last_token`` take each text's
-    first/last token. A text whose embed mask is empty pools to zeros, as in :func:`pool`.
+def pool_segments(states: torch.Tensor, lengths: torch.Tensor, mode: str = "mean", *,
+                  embed_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed texts: states ``(total, dim)`` (or ``(1, total, dim)``) of the texts back to back, ``lengths``
+    ``(n,)`` their token counts (``cu_seqlens.diff()``), ``embed_mask`` ``(total,)`` -> ``(n, dim)`` in fp32,
+    with :func:`pool`'s meaning. A text without a token, or whose embed mask is empty, pools to zeros.
     """
     check_pooling_mode(mode)
-    if hidden.dim() == 3:
-        if hidden.shape[0] != 1:
-            raise ValueError(f"packed hidden states must be (total, dim) or (1, total, dim), got {tuple(hidden.shape)}")
-        hidden = hidden[0]
-    if hidden.dim() != 2 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"hidden must be (total, dim) and cu_seqlens (n + 1,); got {tuple(hidden.shape)} "
-                         f"and {tuple(cu_seqlens.shape)}")
-    total = hidden.shape[0]
-    cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
-    if int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but there are {total} packed tokens")
-    lengths = cu[1:] - cu[:-1]
-    if bool((lengths <= 0).any()):
-        raise ValueError("every packed text needs at least one token")
-    states = hidden.float()
-    if mode == "bos_token":
-        return states[cu[:-1]]
-    if mode in ("eos_token", "last_token"):
-        return states[cu[1:] - 1]
-    n = lengths.numel()
-    segment = torch.repeat_interleave(torch.arange(n, device=hidden.device), lengths)
-    counted = torch.ones(total, device=hidden.device) if embed_mask is None else embed_mask.reshape(-1).float()
+    if states.dim() == 3 and states.shape[0] == 1:
+        states = states[0]
+    if states.dim() != 2 or lengths.dim() != 1:
+        raise ValueError(f"states must be (total, dim) and lengths (n,); got {tuple(states.shape)} and "
+                         f"{tuple(lengths.shape)}")
+    total, n = states.shape[0], lengths.numel()
+    lengths = lengths.to(device=states.device, dtype=torch.long)
+    if int(lengths.sum()) != total:  # the one host sync of pooling
+        raise ValueError(f"the texts' lengths add up to {int(lengths.sum())} but there are {total} tokens")
+    states = states.float()
+    ends = torch.cumsum(lengths, dim=0)
+    if mode in ("bos_token", "eos_token", "last_token"):
+        index = ends - lengths if mode == "bos_token" else ends - 1
+        present = (lengths > 0).unsqueeze(1)
+        return states[index.clamp(0, max(total - 1, 0))] * present if total else states.new_zeros(n, states.shape[1])
+    segment = torch.repeat_interleave(torch.arange(n, device=states.device), lengths)
+    counted = torch.ones(total, device=states.device) if embed_mask is None else embed_mask.reshape(-1).float()
     if counted.numel() != total:
-        raise ValueError(f"embed_mask has {counted.numel()} entries for {total} packed tokens")
-    if mode == "mean":
-        weights = counted
-    else:
+        raise ValueError(f"embed_mask has {counted.numel()} entries for {total} tokens")
+    weights = counted
+    if mode == "weighted_mean":
         # Weights 1, 2, ..., n over each text's counted tokens: a running count that restarts per text.
         running = torch.cumsum(counted, dim=0)
-        before = torch.cat([running.new_zeros(1), running])[cu[:-1]]
+        before = torch.cat([running.new_zeros(1), running])[ends - lengths]
         weights = (running - before[segment]) * counted
-    sums = torch.zeros(n, device=hidden.device).index_add_(0, segment, weights).clamp_min(1e-9)
-    out = torch.zeros(n, states.shape[1], device=hidden.device, dtype=states.dtype)
+    sums = torch.zeros(n, device=states.device).index_add_(0, segment, weights).clamp_min(1e-9)
+    out = torch.zeros(n, states.shape[1], device=states.device, dtype=states.dtype)
     return out.index_add_(0, segment, states * (weights / sums[segment]).unsqueeze(1))
+
+
+def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "mean", **kwargs) -> torch.Tensor:
+    """:func:`pool_segments` over ``cu_seqlens`` offsets; for training/contrastive.py until it calls
+    ``llm2vec_fast.pipeline.embed`` (then this goes)."""
+    return pool_segments(hidden, cu_seqlens.diff(), mode, **kwargs)

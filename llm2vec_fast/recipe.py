@@ -8,11 +8,11 @@
 4. supervised contrastive training on NLI triples on top of the merged earlier adapters (``train supervised``).
 
 Each training stage runs as a ``llm2vec-fast train <stage>`` subprocess with the stage's own config file and
-``--set`` overrides from the recipe file (``training/recipes/<name>/recipe.json``). A finished stage leaves
-``<output>/<stage>/recipe_stage.json`` and a finished evaluation ``<output>/eval/<variant>.json`` (each written
-atomically; an unreadable marker means "not done"): a rerun after a crash skips what is done and picks up where
-it stopped. The scores go into a table in ``<report dir>/RESULTS.md`` (between markers, the rest of the file is
-kept) and a PNG plot beside it.
+``--name value`` overrides from the recipe file's ``set`` (``training/recipes/<name>/recipe.json``). A finished
+stage leaves ``<output>/<stage>/recipe_stage.json`` and a finished evaluation ``<output>/eval/<variant>.json``
+(each written atomically; an unreadable marker means "not done"): a rerun after a crash skips what is done and
+picks up where it stopped. The scores go into a table in ``<report dir>/RESULTS.md`` (between markers, the rest
+of the file is kept) and a PNG plot beside it.
 
 An application, not a part of the source checkout: every path is an argument (the recipe file or a name looked up
 under ``--recipes-dir``, the output, the data folder, the report folder), with defaults that need no checkout.
@@ -146,7 +146,9 @@ def stage_inputs(recipe: dict[str, Any], stage: str) -> list[str]:
 
 
 def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dict[str, str]) -> tuple[list[str], dict]:
-    """The ``llm2vec-fast train <stage>`` command line and the overrides it sets."""
+    """The ``llm2vec-fast train <stage>`` command line and the settings it runs with."""
+    from .training.arguments import resolved_settings, to_argv
+
     spec = recipe["stages"][stage]
     config = Path(_fill(spec["config"], context))
     if not config.is_absolute():  # relative to the recipe file
@@ -157,18 +159,15 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
         "model_name_or_path": recipe["model"],
         "output_dir": str(output / stage),
         "merge_adapters": [str(output / s) for s in stage_inputs(recipe, stage)],
+        "seed": recipe.get("seed", 42),
     }
-    # MNTP keeps the seed in its TrainingArguments section, the contrastive stages at the top level.
-    settings[spec.get("seed_key", "seed")] = recipe.get("seed", 42)
     settings.update(_fill(spec.get("set", {}), context))
-    # What the stage was made from, by content: an edited config file or a retrained earlier stage makes
-    # this stage's marker disagree, so stale work is never taken for done.
-    fingerprint = {"config_file": _file_digest(config),
+    # What the stage was made from: its settings as the stage reads them (the config file's and these, typed;
+    # a reformatted file gives the same, an edited value does not) and the earlier stages' adapters by content,
+    # so that stale work is never taken for done.
+    fingerprint = {"settings": resolved_settings(stage, config, settings),
                    "merged_adapters": {s: adapter_fingerprint(output / s) for s in stage_inputs(recipe, stage)}}
-    command = [sys.executable, "-m", "llm2vec_fast.cli", "train", stage, "--config", str(config)]
-    for key, value in settings.items():
-        # Always JSON: a string such as "null", "true" or "1e-4" must not change type in the subprocess.
-        command += ["--set", f"{key}={json.dumps(value)}"]
+    command = [sys.executable, "-m", "llm2vec_fast.cli", "train", stage, "--config", str(config), *to_argv(settings)]
     return command, {"config": str(config), **settings, "made_from": fingerprint}
 
 
@@ -228,7 +227,7 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
     checkpoints = sorted(directory.glob("checkpoint-*")) if directory.is_dir() else []
     if checkpoints and recipe["stages"][stage].get("resumable", False):
         logger.info("Stage %s: resuming from %s", stage, checkpoints[-1])
-        command += ["--set", "resume_from_checkpoint=true"]
+        command += ["--resume_from_checkpoint", "true"]
     logger.info("Stage %s: %s", stage, " ".join(command))
     started = time.monotonic()
     returncode = run_stage_process(command)
@@ -445,6 +444,21 @@ def run_recipe(recipe: dict[str, Any], output: Path, data_dir: Path, report_dir:
     return {variant["name"]: results for variant, results in rows}
 
 
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["eval.limit=200", "model=abc"]`` -> ``{"eval.limit": 200, "model": "abc"}``: values read as JSON where
+    they parse as JSON, otherwise kept as strings."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="path of a recipe.json, or a recipe name (smollm2-135m) looked up under "
                                        "--recipes-dir")
@@ -466,12 +480,10 @@ def add_arguments(parser) -> None:
                         help="comma-separated subset of the recipe's stages to run (default all), e.g. mntp,simcse")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value (dotted keys, JSON values), e.g. "
-                             "stages.mntp.set.training.max_steps=50 or eval.limit=200")
+                             "stages.mntp.set.max_steps=50 or eval.limit=200")
 
 
 def main(args) -> int:
-    from .training.config import parse_overrides
-
     recipe = load_recipe(find_recipe(args.recipe, args.recipes_dir), quick=args.quick,
                          overrides=parse_overrides(args.overrides))
     if args.threads is not None:

@@ -25,9 +25,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("llm2vec_fast.sentence_transformers needs sentence-transformers>=6: "
                       "pip install 'llm2vec-fast[sentence-transformers]'") from error
 
-from .batching import pad_batch
 from .encoder import LLM2VEC_CONFIG, LLM2Vec
 from .export import pooling_config, write_model_files
+from .pipeline import collate, hidden_states
 from .pooling import check_pooling_mode, pool
 
 
@@ -78,15 +78,12 @@ class LLM2VecTransformer(InputModule):
         if prompt:
             pairs = [(instruction or prompt, text) for instruction, text in pairs]
         encoded = self.encoder.tokenize_texts(pairs)
-        batch = pad_batch([e.input_ids for e in encoded], [e.embed_mask for e in encoded],
-                          pad_id=self.encoder.tokenizer.pad_token_id)
+        batch = collate(encoded, packed=False, pad_id=self.encoder.tokenizer.pad_token_id)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "position_ids": batch.position_ids, "embed_mask": batch.embed_mask}
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
-        features["token_embeddings"] = self.encoder._hidden(
-            input_ids=features["input_ids"], attention_mask=features["attention_mask"],
-            position_ids=features["position_ids"])
+        features["token_embeddings"] = hidden_states(self.encoder.model, features)
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:

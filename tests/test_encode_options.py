@@ -124,7 +124,7 @@ def test_two_cpu_processes_give_the_one_process_embeddings(encoder):
     finally:
         encoder.stop_multi_process_pool(pool)
     assert not any(p.is_alive() for p in pool["processes"])
-    from llm2vec_fast.patch import is_patched
+    from llm2vec_fast import is_patched
 
     assert is_patched(encoder.model)  # sent unpatched to the processes, patched again here
     np.testing.assert_allclose(encoder.encode(texts[:5], device=["cpu"]), encoder.encode(texts[:5]),

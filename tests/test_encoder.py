@@ -93,6 +93,23 @@ def test_embeddings_follow_the_model_not_the_padding(tokenizer):
         np.testing.assert_allclose(ours[row], hidden.mean(0).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("skip_instruction", [True, False])
+def test_forward_on_left_padded_features_equals_encode(tokenizer, skip_instruction):
+    # llm2vec's forward(features): a left-padded batch without position ids; positions must still start at 0 on
+    # each text's first token, as encode gives them, or the padded rows would embed differently.
+    from llm2vec_fast.pipeline import collate
+
+    encoder = make_encoder(tokenizer, skip_instruction=skip_instruction)
+    inputs = [TEXTS[0], TEXTS[2], ["Retrieve relevant passages", TEXTS[5]], "x"]
+    batch = collate(encoder.tokenize_texts([("", t) if isinstance(t, str) else tuple(t) for t in inputs]),
+                    packed=False, pad_id=tokenizer.pad_token_id)
+    assert not bool(batch.attention_mask.all())  # some rows are left padded
+    features = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "embed_mask": batch.embed_mask}
+    with torch.no_grad():
+        ours = encoder(features)
+    np.testing.assert_allclose(ours.numpy(), encoder.encode(inputs, batch_size=1), rtol=1e-4, atol=1e-5)
+
+
 def test_instruction_tokens_are_left_out(tokenizer):
     encoder = make_encoder(tokenizer)
     instruction, text = "Retrieve relevant passages", "Buddhism (religion/philosophy)"
@@ -248,7 +265,7 @@ def test_adapters_load_as_llm2vec_loads_them(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
 def test_pool_packed_equals_pool(mode):
-    from llm2vec_fast.pooling import pool, pool_packed
+    from llm2vec_fast.pooling import pool, pool_segments
 
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]
@@ -262,8 +279,7 @@ def test_pool_packed_equals_pool(mode):
         padded[i, width - len(h):] = h
         attention[i, width - len(h):] = 1
         embed[i, width - len(h):] = m
-    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
-    packed = pool_packed(torch.cat(hidden), cu, mode, embed_mask=torch.cat(masks))
+    packed = pool_segments(torch.cat(hidden), torch.tensor(lengths), mode, embed_mask=torch.cat(masks))
     torch.testing.assert_close(packed, pool(padded, attention, mode, embed_mask=embed))
 
 

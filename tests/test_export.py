@@ -16,6 +16,7 @@ import torch
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.export import export_sentence_transformers
+from llm2vec_fast.pipeline import hidden_states
 from llm2vec_fast.pooling import POOLING_MODES
 from llm2vec_fast.prompts import default_prompts
 
@@ -89,7 +90,7 @@ def test_directory_is_complete(exported_mean):
     assert pooling["word_embedding_dimension"] == encoder.config.hidden_size
     st_config = json.loads(open(os.path.join(path, "config_sentence_transformers.json")).read())
     assert st_config["prompts"]["SciFact"] == default_prompts()["SciFact"]
-    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(":")
+    assert st_config["prompts"]["document"] == "" and st_config["prompts"]["query"].endswith(": ")
     assert "llm2vec-fast" in st_config["requirements"]
     config = json.loads(open(os.path.join(path, "config.json")).read())
     assert config["is_causal"] is False and config["use_bidirectional_attention"] is True
@@ -115,7 +116,7 @@ def test_plain_transformers_loads_it_bidirectional(exported_mean):
     with torch.no_grad():
         states = plain(input_ids=ids).last_hidden_state
         assert not torch.allclose(states[0, 0], plain(input_ids=changed).last_hidden_state[0, 0])
-        ours = encoder._hidden(input_ids=ids)
+        ours = hidden_states(encoder.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     torch.testing.assert_close(states, ours, rtol=1e-5, atol=1e-5)
 
 
@@ -165,7 +166,7 @@ def test_sentence_transformers_trainer_fine_tunes_it(exported_mean, tmp_path, mo
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    patching = importlib.import_module("llm2vec_fast.patch")  # the module, not the function llm2vec_fast.patch
+    patching = importlib.import_module("llm2vec_fast.attention_adapter")  # where patched models call the kernel
 
     _, path = exported_mean
     model = SentenceTransformer(path, trust_remote_code=True, device="cpu")
@@ -232,15 +233,17 @@ def test_export_refuses_an_architecture_without_bidirectional_attention(tmp_path
     assert not (tmp_path / "bert").exists()
 
 
-def test_export_cli(tiny_smol, tmp_path):
+def test_export_cli(tiny_smol, tmp_path, capsys):
     from llm2vec_fast.cli import main
 
     assert main(["export", "--model", tiny_smol, "--pooling-mode", "last_token", "--max-length", "32",
                  "--output", str(tmp_path / "cli")]) == 0
     pooling = json.loads((tmp_path / "cli" / "1_Pooling" / "config.json").read_text())
     assert pooling["llm2vec_pooling_mode"] == "last_token" and pooling["pooling_mode_lasttoken"] is True
-    with pytest.raises(FileExistsError):
-        main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")])
+    capsys.readouterr()
+    # The program turns the library's FileExistsError into one line and exit code 1; nothing is overwritten.
+    assert main(["export", "--model", tiny_smol, "--output", str(tmp_path / "cli")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tmp_path):
@@ -248,7 +251,7 @@ def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tm
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from llm2vec_fast.patch import is_patched
+    from llm2vec_fast import is_patched
 
     torch.manual_seed(1)
     lora = get_peft_model(AutoModel.from_pretrained(tiny_smol),

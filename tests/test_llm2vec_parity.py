@@ -68,5 +68,5 @@ def test_embeddings_match_llm2vec(smollm2_encoder, reference, name):
         first = encoded.embed_mask.index(1)
         assert all(encoded.embed_mask[first:])
         decoded = smollm2_encoder.tokenizer.decode(encoded.input_ids[first:])
-        assert decoded.strip() == smollm2_encoder._trim_documents([text])[0][0].strip()
+        assert decoded.strip() == smollm2_encoder.text_tokenizer.trim_documents([text])[0][0].strip()
         assert smollm2_encoder.tokenizer.decode(encoded.input_ids[:first]).strip() == instruction.strip()

@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import torch
 
-from ..builtin_models import resolve_model
 from ..bidirectional import patch
+from ..builtin_models import resolve_model
+from ..dtypes import DTYPES, MODEL_DTYPES, default_dtype, resolve_dtype  # noqa: F401  (re-exported: old imports)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-
-def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """bf16 where the device computes it natively (CUDA with bf16 support), fp32 elsewhere."""
-    device = torch.device(device) if device is not None else None
-    if (device is None or device.type == "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-MODEL_DTYPES = ("auto", *DTYPES)  # the names a config or a command line may give
-
-
-def resolve_dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return default_dtype()
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[name]
 
 
 def load_tokenizer(model_name_or_path: str):
@@ -91,18 +62,23 @@ def load_base_model(
     return model
 
 
-def add_lora(model, settings: LoraSettings, *, gradient_checkpointing: bool = False):
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+             target_modules: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS):
     """Wrap ``model`` with a new trainable LoRA adapter (peft)."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
     return get_peft_model(model, config)
+
+
+def lora_for(model, model_args):
+    """``add_lora`` with the LoRA settings of :class:`~llm2vec_fast.training.arguments.ModelArguments`."""
+    return add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                    target_modules=model_args.lora_target_modules)
+
+
+def kernel_impl(setting: str) -> str:
+    """A stage's ``"auto"``: our Triton kernels on CUDA, PyTorch elsewhere (never the slow Triton interpreter)."""
+    if setting != "auto":
+        return setting
+    return "auto" if torch.cuda.is_available() else "torch"

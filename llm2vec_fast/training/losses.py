@@ -1,0 +1,134 @@
+"""One loss module per objective, wrapping our kernels (sentence-transformers' ``losses/``):
+
+- :class:`MNTPLoss`: the masked next-token loss of a frozen LM head on hidden states, and :class:`MNTPModel`,
+  the module the Trainer wraps for MNTP (the PEFT body with the head and loss inside, so that FSDP and DDP
+  wrap all of it and the head is gathered where it is used);
+- :class:`InfoNCELoss`: InfoNCE on pooled embeddings of queries, positives and optional hard negatives;
+- :class:`CachedInfoNCELoss`: the same with GradCache inside the loss, as sentence-transformers'
+  ``CachedMultipleNegativesRankingLoss``: the forward embeds without a graph, the loss's backward re-encodes
+  chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import info_nce_loss
+from ..kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
+from ..pipeline import embed, last_hidden_state
+from .collators import GROUPS, IGNORE_INDEX
+from .gradcache import backward_chunks, embed_without_graph, embedding_grads
+
+
+class MNTPLoss(nn.Module):
+    """LM head ``(vocab, hidden)`` (optional bias, Gemma's logit softcap) applied to the labelled rows only,
+    hidden state at ``i - 1`` predicting the token at ``i``; ``full_logits`` uses the plain head + cross-entropy
+    (for comparison). The head stays frozen, as in llm2vec."""
+
+    def __init__(self, head: nn.Module, *, logit_softcap: float | None = None, full_logits: bool = False,
+                 impl: str = "auto"):
+        super().__init__()
+        if not hasattr(head, "weight"):
+            raise ValueError(f"{type(head).__name__} has no weight to use as the LM head")
+        self.head = head.requires_grad_(False)
+        self.logit_softcap = logit_softcap
+        self.full_logits = full_logits
+        self.impl = impl
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm, **kwargs) -> "MNTPLoss":
+        head = causal_lm.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(causal_lm).__name__} has no output embeddings (LM head) to train MNTP with")
+        config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") \
+            else causal_lm.config
+        return cls(head, logit_softcap=getattr(config, "final_logit_softcapping", None), **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.weight.shape[0]
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(bias=getattr(self.head, "bias", None), shift=1, ignore_index=IGNORE_INDEX,
+                      logit_softcap=self.logit_softcap)
+        if self.full_logits:
+            return masked_next_token_loss_reference(hidden, self.head.weight, labels, **kwargs)
+        return masked_next_token_loss(hidden, self.head.weight, labels, impl=self.impl, **kwargs)
+
+
+class MNTPModel(nn.Module):
+    """The PEFT body and the MNTP loss in one module: ``forward(input_ids, attention_mask, labels)`` returns
+    ``{"loss"}``. ``save_pretrained`` saves the body's adapter, keyed like llm2vec's ``-mntp`` adapters."""
+
+    def __init__(self, body: nn.Module, loss: MNTPLoss):
+        super().__init__()
+        self.body = body
+        self.loss = loss
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        hidden = last_hidden_state(self.body(input_ids=input_ids, attention_mask=attention_mask))
+        if labels is None:
+            return {"last_hidden_state": hidden}
+        return {"loss": self.loss(hidden, labels)}
+
+    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None, **kwargs):
+        if state_dict is not None:
+            state_dict = {k.removeprefix("body."): v for k, v in state_dict.items() if k.startswith("body.")}
+        self.body.save_pretrained(output_dir, state_dict=state_dict, **kwargs)
+
+    def activation_checkpointing_enable(self, **kwargs):
+        self.body.activation_checkpointing_enable(**kwargs)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE (sentence-transformers' ``MultipleNegativesRankingLoss``) on pooled embeddings: ``forward(model,
+    inputs)`` with the collator's groups, each a list of chunks, encoded in one graph. With several processes
+    and ``gather_across_ranks``, every query is scored against the global batch."""
+
+    def __init__(self, pooling_mode: str = "mean", *, scale: float = 20.0, gather_across_ranks: bool = True,
+                 impl: str = "auto"):
+        super().__init__()
+        self.pooling_mode = pooling_mode
+        self.scale = scale
+        self.gather_across_ranks = gather_across_ranks
+        self.impl = impl
+
+    def score(self, *reps: torch.Tensor | None) -> torch.Tensor:
+        gather = self.gather_across_ranks and torch.distributed.is_available() and \
+            torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl)
+
+    def forward(self, model, inputs: dict[str, list[dict[str, Any]]]) -> torch.Tensor:
+        return self.score(*(torch.cat([embed(model, chunk, self.pooling_mode) for chunk in inputs[group]])
+                            for group in GROUPS if group in inputs))
+
+
+class CachedInfoNCELoss(InfoNCELoss):
+    """:class:`InfoNCELoss` through GradCache: the forward encodes every chunk without a graph and returns the
+    loss as a leaf whose backward re-encodes each chunk with its replayed RNG state and back-propagates its
+    slice of the embedding gradient (scaled by what reaches the loss: gradient accumulation, loss scaling).
+    Activation memory is that of one chunk, the gradients those of the whole batch."""
+
+    def forward(self, model, inputs: dict[str, list[dict[str, Any]]]) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(model, inputs)
+        encode = functools.partial(embed, model, pooling_mode=self.pooling_mode)
+        groups = [inputs[group] for group in GROUPS if group in inputs]
+        cached, states = embed_without_graph(encode, groups)
+        loss = self.score(*cached)
+        grads = embedding_grads(loss, cached)
+        loss = loss.detach().requires_grad_()
+        no_sync = getattr(model, "no_sync", None)
+
+        def backward_hook(grad_output: torch.Tensor) -> None:
+            with torch.enable_grad():  # autograd runs hooks without grad mode
+                backward_chunks(encode, groups, states, [None if g is None else g * grad_output for g in grads],
+                                no_sync=no_sync)
+
+        loss.register_hook(backward_hook)
+        return loss

@@ -1,0 +1,69 @@
+"""Batch composition (sentence-transformers' ``BatchSamplers``): every global batch from one dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Row indices in batches of ``batch_size`` (per process); every ``world_size`` consecutive batches are the
+    per-process slices of one global batch drawn from one dataset.
+
+    Accelerate deals batch ``i`` of a batch sampler to process ``i % world_size``, so at every step the
+    processes train on the slices of one global batch, and the loss gathered across them never scores a
+    query against another dataset's documents. Each dataset's rows are shuffled and cut into full global
+    batches (the remainder left out of the epoch, and logged); then the global batches are shuffled.
+    ``set_epoch`` reshuffles, as the Trainer calls it.
+    """
+
+    def __init__(self, datasets: Sequence[str], batch_size: int, *, world_size: int = 1, seed: int = 0):
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+        self.batch_size, self.world_size, self.seed, self.epoch = batch_size, world_size, seed, 0
+        self.rows: dict[str, list[int]] = defaultdict(list)
+        for index, name in enumerate(datasets):
+            self.rows[name].append(index)
+        global_size = batch_size * world_size
+        full = {name: len(rows) // global_size for name, rows in self.rows.items()}
+        for name, rows in sorted(self.rows.items()):
+            if not full[name]:
+                logger.warning("dataset %r has %d rows, fewer than one global batch of %d: none of its rows are "
+                               "used", name, len(rows), global_size)
+            elif len(rows) % global_size:
+                logger.info("dataset %r: %d batches of %d; the %d remaining rows are left out", name, full[name],
+                            global_size, len(rows) % global_size)
+        self.global_batches = sum(full.values())
+        if not self.global_batches:
+            sizes = {name: len(rows) for name, rows in self.rows.items()}
+            raise ValueError(f"no dataset fills one batch of {global_size} rows (rows per dataset: {sizes}); "
+                             "lower the batch size or add data")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batch_list(self) -> list[list[int]]:
+        """This epoch's global batches, in order."""
+        rng = random.Random(self.seed + self.epoch)
+        size = self.batch_size * self.world_size
+        batches = []
+        for name in sorted(self.rows):
+            rows = list(self.rows[name])
+            rng.shuffle(rows)
+            batches += [rows[start:start + size] for start in range(0, len(rows) - size + 1, size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batch_list():
+            for rank in range(self.world_size):
+                yield batch[rank * self.batch_size:(rank + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.global_batches * self.world_size

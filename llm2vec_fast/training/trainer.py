@@ -1,0 +1,100 @@
+"""One ``Trainer`` subclass for every stage, importable and subclassable (sentence-transformers'
+``SentenceTransformerTrainer`` is the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer
+
+from .losses import MNTPModel
+
+logger = logging.getLogger(__name__)
+
+
+class LLM2VecTrainer(Trainer):
+    """``Trainer`` with a loss module and a batch sampler.
+
+    - ``loss``: a module called as ``loss(model, inputs)`` (e.g. :class:`~llm2vec_fast.training.losses.InfoNCELoss`,
+      :class:`~llm2vec_fast.training.losses.CachedInfoNCELoss`); without one, the model computes its own loss
+      (:class:`~llm2vec_fast.training.losses.MNTPModel`).
+    - ``batch_sampler``: makes the training batches (e.g.
+      :class:`~llm2vec_fast.training.samplers.OneDatasetBatchSampler`); accelerate then deals them to the
+      processes in turn.
+
+    An :class:`~llm2vec_fast.training.losses.MNTPModel` is saved and resumed as its PEFT body's adapter.
+    """
+
+    def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss = loss
+        self.batch_sampler = batch_sampler
+        # The losses are per-batch means; without this the Trainer would count labelled tokens (and all-gather
+        # the count under DDP) on every step for nothing.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss is None:
+            outputs = model(**inputs)
+            loss = outputs["loss"]
+        else:
+            loss = self.loss(model, inputs)
+            outputs = {"loss": loss}
+        return (loss, outputs) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, MNTPModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(unwrapped, MNTPModel):
+            model = unwrapped.body
+        return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+
+@dataclass
+class TrainingRun:
+    output_dir: str
+    log_history: list[dict[str, Any]]
+    trainer: LLM2VecTrainer
+
+
+def run_training(trainer: LLM2VecTrainer, stage: str, arguments: Sequence[Any]) -> TrainingRun:
+    """Train (resuming when ``resume_from_checkpoint`` is a checkpoint, or ``true`` for the latest in
+    output_dir), save the adapter, the tokenizer, ``trainer_state.json`` and ``<stage>_settings.json`` (every
+    setting the run used, flat as the config takes them)."""
+    args = trainer.args
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json, with the loss history
+    if args.should_save:
+        settings = {}
+        for part in arguments:
+            settings.update(part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part))
+        with open(os.path.join(args.output_dir, f"{stage}_settings.json"), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2, default=str)
+    logger.info("Saved the %s adapter and tokenizer to %s", stage, args.output_dir)
+    return TrainingRun(output_dir=args.output_dir, log_history=list(trainer.state.log_history), trainer=trainer)
