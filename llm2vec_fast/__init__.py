@@ -13,7 +13,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_MINIMUM_VERSIONS = {"torch": "2.5", "triton": "3.2", "transformers": "5.0"}
+_MINIMUM_VERSIONS = {"torch": "2.5", "triton": "3.2", "transformers": "5.5"}
 
 
 def _older_than(installed: str, minimum: str) -> bool:

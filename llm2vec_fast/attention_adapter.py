@@ -41,7 +41,7 @@ from .kernels.attention import bidirectional_attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_NAMES", "register"]
+__all__ = ["ATTENTION_NAMES", "CAUSAL_ATTENTION_NAMES", "register"]
 
 # One registered name per kernel implementation, so that the choice lives in the model's config rather than in
 # global state: two models patched with different implementations do not interfere.
@@ -50,11 +50,12 @@ ATTENTION_NAMES = {
     "triton": "llm2vec_fast_triton",
     "torch": "llm2vec_fast_torch",
 }
+# The same kernels in causal mode, for causal embedding models kept causal (``patch(model, bidirectional=False)``).
+CAUSAL_ATTENTION_NAMES = {impl: f"{name}_causal" for impl, name in ATTENTION_NAMES.items()}
 
 # Keyword arguments some architectures pass to the attention function that change its mathematics and that our
 # kernel does not implement: refusing them beats returning a silently different model.
 _UNSUPPORTED_ATTENTION_KWARGS = {
-    "softcap": "attention logit soft-capping (Gemma-2 style attn_logit_softcapping)",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
     "position_bias": "an additive position bias",
@@ -66,50 +67,102 @@ _UNSUPPORTED_ATTENTION_KWARGS = {
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _padding_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function=None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """Mask builder registered with ``AttentionMaskInterface``: the key padding mask, no 4D tensor.
+def _probe_positions(length: int, window: int | None) -> torch.Tensor:
+    """The positions a mask function is evaluated at, a bounded set at any length: the first and the last 64 (where
+    prompts put instructions and image tokens) and, for a window, the distances around its edge seen from
+    position 0 (which tell |i - j| <= w from |i - j| < w)."""
+    edge = [] if window is None else [window - 1, window, window + 1, window + 2]
+    candidates = [*range(min(length, 64)), *range(max(0, length - 64), length), *edge]
+    return torch.tensor(sorted({p for p in candidates if 0 <= p < length}), dtype=torch.long)
 
-    Returns the ``(batch, seq)`` bool mask (True = real token) when some token is padded, else None.
-    Called once per forward by ``create_bidirectional_mask`` (and ``create_bidirectional_sliding_window_mask``).
-    """
-    if compat.is_causal_mask_function(mask_function):
-        raise ValueError(
-            "llm2vec_fast: a causal mask was requested from a model patched to be bidirectional (was `is_causal=True` "
-            "passed to forward?). Call llm2vec_fast.unpatch(model) to get the causal model back."
-        )
-    sliding_window = kwargs.get(compat.MASK_SLIDING_WINDOW_KWARG)
-    if not compat.is_bidirectional_mask_function(mask_function) and sliding_window is None:
+
+def _check_bidirectional_mask_function(mask_function, length: int, sliding_window: int | None) -> None:
+    """Refuse a mask function that is not what the kernel computes for a bidirectional model: every key visible,
+    or, for a sliding layer, the keys with |i - j| <= sliding_window (transformers' rule once ``is_causal`` is False;
+    a family's own narrower overlay, Gemma-3's |i - j| < sliding_window, is OR-ed into it and disappears).
+
+    The function is evaluated, not recognised by name, so that any overlay transformers adds (image tokens,
+    blocks of a multimodal prompt) is caught whatever it is called."""
+    if compat.is_bidirectional_mask_function(mask_function) and sliding_window is None:
+        return  # the plain bidirectional mask, nothing to evaluate
+    positions = _probe_positions(length, sliding_window)
+    q_idx, kv_idx = positions[:, None], positions[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        visible = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx), dtype=torch.bool).expand(q_idx.shape[0],
+                                                                                                    kv_idx.shape[1])
+    except Exception as error:  # a vmap-only mask function: it cannot be read, so it cannot be trusted
+        raise NotImplementedError(
+            "llm2vec_fast: this model builds its attention mask from a custom mask function that llm2vec_fast cannot "
+            f"evaluate ({type(error).__name__}: {error}); the llm2vec_fast attention only applies padding, a sliding "
+            "window and soft-capping. Unpatch the model or use an implementation that supports it."
+        ) from error
+    expected = torch.ones_like(visible)
+    if sliding_window is not None:
+        expected = (q_idx - kv_idx).abs() <= sliding_window
+    if not torch.equal(visible, expected):
         raise NotImplementedError(
             "llm2vec_fast: this model combines the attention mask with a custom mask function "
-            "(or_mask_function/and_mask_function, e.g. for image tokens); the llm2vec_fast attention only applies "
-            "a padding mask. Unpatch the model or use an implementation that supports it."
+            "(or_mask_function/and_mask_function, e.g. for image tokens) that is neither full attention nor a sliding "
+            "window; the llm2vec_fast attention only applies padding, a sliding window and soft-capping. Unpatch the "
+            "model or use an implementation that supports it."
         )
-    if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
-        raise ValueError(
-            "llm2vec_fast: a patched (bidirectional) model cannot use a key/value cache: it recomputes every token "
-            f"from all others, so it cannot decode incrementally (query length {q_length}, key length {kv_length}). "
-            "Call with use_cache=False and no cache, or unpatch the model to generate."
-        )
-    if attention_mask is None:
-        return None
-    if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, kv_length):
-        raise ValueError(
-            f"llm2vec_fast: expected a 2D attention mask of shape (batch, seq) = {(batch_size, kv_length)}, "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    attention_mask = attention_mask.to(torch.bool)
-    if bool(attention_mask.all()):  # one host sync per forward, not per layer
-        return None
-    return attention_mask
+
+
+def _make_mask_builder(causal: bool):
+    def mask_builder(
+        batch_size: int,
+        q_length: int,
+        kv_length: int,
+        q_offset: int = 0,
+        kv_offset: int = 0,
+        mask_function=None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
+        """Mask builder registered with ``AttentionMaskInterface``: the key padding mask, no 4D tensor.
+
+        Returns the ``(batch, seq)`` bool mask (True = real token) when some token is padded, else None. Called
+        once per forward and mask kind (full, sliding) by transformers' ``create_*_mask`` functions. The window and
+        causality themselves are applied by the attention function, from the layer's ``sliding_window``.
+        """
+        sliding_window = kwargs.get(compat.MASK_SLIDING_WINDOW_KWARG)
+        if causal:
+            # As transformers' FlashAttention integration: causality and the window come from the attention call,
+            # the mask function (which packing detection wraps around causal_mask_function) is not evaluated.
+            if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
+                raise ValueError(_cache_message(q_length, kv_length))
+        else:
+            if compat.is_causal_mask_function(mask_function):
+                raise ValueError(
+                    "llm2vec_fast: a causal mask was requested from a model patched to be bidirectional (was "
+                    "`is_causal=True` passed to forward?). Call llm2vec_fast.unpatch(model) to get the causal model back."
+                )
+            if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
+                raise ValueError(_cache_message(q_length, kv_length))
+            _check_bidirectional_mask_function(mask_function, kv_length, sliding_window)
+        if attention_mask is None:
+            return None
+        if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, kv_length):
+            raise ValueError(
+                f"llm2vec_fast: expected a 2D attention mask of shape (batch, seq) = {(batch_size, kv_length)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        attention_mask = attention_mask.to(torch.bool)
+        if bool(attention_mask.all()):  # one host sync per forward, not per layer
+            return None
+        return attention_mask
+
+    mask_builder.__name__ = f"llm2vec_fast_{'causal' if causal else 'bidirectional'}_mask"
+    return mask_builder
+
+
+def _cache_message(q_length: int, kv_length: int) -> str:
+    return (
+        "llm2vec_fast: a model patched by llm2vec_fast cannot use a key/value cache: it encodes whole sequences, it "
+        f"does not decode incrementally (query length {q_length}, key length {kv_length}). Call with "
+        "use_cache=False and no cache, or unpatch the model to generate."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,18 +282,29 @@ def _warn_output_attentions() -> None:
     logger.warning("llm2vec_fast attention does not return attention weights: output_attentions=True gives None")
 
 
-def _check_sliding_window(sliding_window: int | None, longest: int) -> None:
-    # transformers' bidirectional sliding window lets tokens at distance <= sliding_window see each other: it is
-    # inactive (full attention, what our kernel computes) when the longest sequence fits in sliding_window + 1.
-    if sliding_window is not None and longest - 1 > sliding_window:
+def kernel_window(module: nn.Module, sliding_window: int | None, *, causal: bool) -> int | None:
+    """The kernel's ``window`` (key j visible from query i when |i - j| < window) for a layer whose attention call
+    got ``sliding_window``, by the rule transformers applies to the model:
+
+    * causal: ``sliding_window_overlay``, j > i - sliding_window, so ``window = sliding_window``;
+    * bidirectional through ``config.is_causal = False``: ``create_bidirectional_sliding_window_mask``,
+      |i - j| <= sliding_window, so ``window = sliding_window + 1``;
+    * Gemma-3 in its own bidirectional mode (``config.use_bidirectional_attention = True``, EmbeddingGemma): its
+      overlay |i - j| < sliding_window, so ``window = sliding_window``.
+    """
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
         raise ValueError(
-            f"llm2vec_fast: this layer uses a sliding attention window of {sliding_window} tokens but the input is "
-            f"{longest} tokens long; the llm2vec_fast attention computes full attention only. Use inputs of at most "
-            f"{sliding_window + 1} tokens or unpatch the model."
+            f"llm2vec_fast: {type(module).__name__} passed sliding_window={sliding_window!r}; a sliding window must be "
+            "a positive number of tokens"
         )
+    if causal or compat.uses_own_bidirectional_overlay(getattr(module, "config", None)):
+        return sliding_window
+    return sliding_window + 1
 
 
-def _bidirectional_attention_forward(
+def _attention_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -251,10 +315,20 @@ def _bidirectional_attention_forward(
     is_causal: bool | None = None,
     *,
     impl: str = "auto",
+    causal: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention signature: query ``(B, H, S, D)``, key/value ``(B, Hkv, S, D)`` -> ``(B, S, H, D)``."""
-    if _requested_causal(module, is_causal):
+    """transformers attention signature: query ``(B, H, S, D)``, key/value ``(B, Hkv, S, D)`` -> ``(B, S, H, D)``.
+
+    ``causal`` is the mode the model was patched in (each mode has its own registered name); a call asking for the
+    other one is refused rather than computed differently.
+    """
+    if _requested_causal(module, is_causal) != causal:
+        if causal:
+            raise ValueError(
+                "llm2vec_fast: bidirectional attention was requested from a model patched to stay causal "
+                "(patch(model, bidirectional=False)). Patch it with bidirectional=True for a bidirectional model."
+            )
         raise ValueError(
             "llm2vec_fast: causal attention was requested from a model patched to be bidirectional (is_causal=True). "
             "Call llm2vec_fast.unpatch(model) for the causal model."
@@ -264,32 +338,40 @@ def _bidirectional_attention_forward(
             raise NotImplementedError(f"llm2vec_fast: our attention kernel does not implement {what} ({name}=...)")
     if kwargs.get("use_cache"):
         raise ValueError(
-            "llm2vec_fast: use_cache=True on a patched (bidirectional) model: it cannot decode incrementally, so a "
-            "key/value cache is meaningless. Pass use_cache=False, or unpatch the model to generate."
+            "llm2vec_fast: use_cache=True on a model patched by llm2vec_fast: it encodes whole sequences and cannot "
+            "decode incrementally, so a key/value cache is meaningless. Pass use_cache=False, or unpatch the model "
+            "to generate."
         )
     batch, heads, seq, head_dim = query.shape
     if key.shape[2] != seq:
         raise ValueError(
-            f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a patched (bidirectional) "
-            "model cannot use a key/value cache. Pass use_cache=False, or unpatch the model to generate."
+            f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a model patched by "
+            "llm2vec_fast cannot use a key/value cache. Pass use_cache=False, or unpatch the model to generate."
         )
     if kwargs.get("output_attentions") and not _warned_output_attentions:
         _warn_output_attentions()
 
-    sliding_window = kwargs.get("sliding_window")
+    window = kernel_window(module, kwargs.get("sliding_window"), causal=causal)
+    softcap = kwargs.get("softcap")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views, no copy
 
     if attention_mask is not None and attention_mask.ndim == 4:
-        # A prepared 4D mask given by the caller reaches us untouched (transformers passes 4D masks through): honour
-        # it exactly with PyTorch SDPA rather than dropping it.
+        # A prepared 4D mask given by the caller reaches us untouched (transformers passes 4D masks through, and
+        # then applies neither causality nor a window of its own): honour it exactly with PyTorch SDPA.
+        if softcap is not None:
+            raise NotImplementedError(
+                "llm2vec_fast: a prepared 4D attention mask on a model that soft-caps its attention logits; the "
+                "SDPA path used for 4D masks cannot soft-cap. Pass a 2D (batch, seq) padding mask instead."
+            )
         logger.debug("llm2vec_fast: 4D attention mask given; using PyTorch SDPA with that mask for this call")
-        _check_sliding_window(sliding_window, seq)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=key.shape[1] != heads,
         )
         return out.transpose(1, 2), None
 
+    options = dict(softmax_scale=scaling, dropout_p=dropout, logit_softcap=softcap, window=window, causal=causal,
+                   impl=impl)
     packed = None
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         if attention_mask is not None:
@@ -302,16 +384,13 @@ def _bidirectional_attention_forward(
 
     if packed is not None:
         cu_seqlens, max_seqlen = packed
-        _check_sliding_window(sliding_window, max_seqlen)
         out = bidirectional_attention(
             q.reshape(batch * seq, heads, head_dim),
             k.reshape(batch * seq, k.shape[2], head_dim),
             v.reshape(batch * seq, v.shape[2], v.shape[3]),
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
-            softmax_scale=scaling,
-            dropout_p=dropout,
-            impl=impl,
+            **options,
         )
         return out.reshape(batch, seq, heads, -1), None
 
@@ -321,21 +400,18 @@ def _bidirectional_attention_forward(
                 f"llm2vec_fast: the key padding mask has shape {tuple(attention_mask.shape)}, expected {(batch, seq)}"
             )
         attention_mask = attention_mask.to(torch.bool)
-    _check_sliding_window(sliding_window, seq)
-    out = bidirectional_attention(
-        q, k, v, key_padding_mask=attention_mask, softmax_scale=scaling, dropout_p=dropout, impl=impl
-    )
+    out = bidirectional_attention(q, k, v, key_padding_mask=attention_mask, **options)
     return out, None
 
 
-def _make_attention_function(impl: str):
+def _make_attention_function(impl: str, causal: bool):
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        return _bidirectional_attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, is_causal, impl=impl, **kw
+        return _attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, impl=impl, causal=causal, **kw
         )
 
-    attention_forward.__name__ = f"llm2vec_fast_attention_{impl}"
-    attention_forward.__doc__ = _bidirectional_attention_forward.__doc__
+    attention_forward.__name__ = f"llm2vec_fast_{'causal_' if causal else ''}attention_{impl}"
+    attention_forward.__doc__ = _attention_forward.__doc__
     return attention_forward
 
 
@@ -347,6 +423,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for impl, name in ATTENTION_NAMES.items():
-        compat.register_attention(name, _make_attention_function(impl), _padding_mask)
+    for causal, names in ((False, ATTENTION_NAMES), (True, CAUSAL_ATTENTION_NAMES)):
+        mask_builder = _make_mask_builder(causal)
+        for impl, name in names.items():
+            compat.register_attention(name, _make_attention_function(impl, causal), mask_builder)
     _registered = True

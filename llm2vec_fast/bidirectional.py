@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import transformers_compat as compat
-from .attention_adapter import ATTENTION_NAMES, register
+from .attention_adapter import ATTENTION_NAMES, CAUSAL_ATTENTION_NAMES, register
 from .kernels._dispatch import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,11 @@ def _attention_modules(base) -> list[nn.Module]:
     return [m for m in base.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
 
 
-def _check_can_patch(base) -> None:
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
+def _check_can_patch(base, bidirectional: bool) -> None:
     name = type(base).__name__
     configs = _all_configs(base)
     if any(getattr(c, "is_encoder_decoder", False) for c in configs):
@@ -81,24 +85,38 @@ def _check_can_patch(base) -> None:
     modules = _attention_modules(base)
     if not modules:
         raise ValueError(f"llm2vec_fast.patch: no self-attention modules with an is_causal flag found in {name}")
-    if not any(bool(m.is_causal) for m in modules):
+    # A decoder in its own bidirectional mode (Gemma-3's use_bidirectional_attention, EmbeddingGemma) is patched to
+    # get our kernel with its own rule; without such a flag, no causal module means an encoder.
+    own_bidirectional_mode = any(getattr(c, "use_bidirectional_attention", False) is True for c in configs)
+    if not any(bool(m.is_causal) for m in modules) and (not bidirectional or not own_bidirectional_mode):
         raise ValueError(
             f"llm2vec_fast.patch: {name} has no causal attention (an encoder-only model?): it is bidirectional already"
         )
+    if not bidirectional and not all(compat.supports_flash_attention_masks(m) for m in base.modules()
+                                     if hasattr(m, "_supports_flash_attn")):
+        raise NotImplementedError(
+            f"llm2vec_fast.patch: {name} needs attention masks beyond causality and a sliding window (bidirectional "
+            "image-token masks; transformers refuses FlashAttention for it too), which the llm2vec_fast causal mode "
+            "does not apply"
+        )
+    if any(getattr(m, "sinks", None) is not None for m in modules):
+        raise NotImplementedError(
+            f"llm2vec_fast.patch: {name} adds learned attention sinks to the softmax (GPT-OSS `sinks`), which the "
+            "llm2vec_fast kernel does not implement"
+        )
     for config in configs:
         softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap is not None:
-            raise NotImplementedError(
-                f"llm2vec_fast.patch: {name} soft-caps its attention logits (attn_logit_softcapping={softcap}), which "
-                "the llm2vec_fast kernel does not implement. Set config.attn_logit_softcapping = None before patching "
-                "if you accept that change to the model."
+        if softcap is not None and not _positive_number(softcap):
+            raise ValueError(
+                f"llm2vec_fast.patch: {name} has attn_logit_softcapping={softcap!r}; a soft-cap must be a positive "
+                "number (or None for none)"
             )
-    windows = {getattr(c, "sliding_window", None) for c in configs} - {None}
-    if windows:
-        logger.info(
-            "llm2vec_fast.patch: %s has sliding attention windows %s: inputs longer than window + 1 tokens raise at "
-            "call time (the kernel computes full attention only)", name, sorted(windows)
-        )
+        window = getattr(config, "sliding_window", None)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ValueError(
+                f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive number of "
+                "tokens (or None for none)"
+            )
 
 
 def _set_attribute(record: list, obj: Any, attribute: str, value: Any) -> None:
@@ -117,10 +135,17 @@ def patch_settings(model: nn.Module) -> dict[str, Any] | None:
     state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
     if state is None:
         return None
-    return {"attention_impl": state["impl"], "attention_dropout": state["attention_dropout"]}
+    return {"attention_impl": state["impl"], "attention_dropout": state["attention_dropout"],
+            "bidirectional": state["bidirectional"]}
 
 
-def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: float | None = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    *,
+    attention_impl: str = "auto",
+    attention_dropout: float | None = None,
+    bidirectional: bool = True,
+) -> nn.Module:
     """Make a Hugging Face decoder bidirectional, running ``llm2vec_fast.kernels.bidirectional_attention``.
 
     Args:
@@ -130,6 +155,9 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
             SDPA elsewhere), ``"triton"`` or ``"torch"``.
         attention_dropout: if given, the attention dropout probability the model's attention modules use in training
             (llm2vec's SimCSE stage uses 0.3); None keeps the model's own value.
+        bidirectional: False keeps the model causal (llm2vec's ``enable_bidirectional=False``) and runs it through
+            the same kernel in causal mode, with padded or packed batches: causal embedding models with last-token
+            pooling (Qwen3-Embedding, e5-mistral, gte-Qwen2) encode padding-free.
 
     Returns:
         ``model``, patched in place. Patching again replaces the earlier patch (same result as patching once);
@@ -144,10 +172,15 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
     one), or with transformers' FlashAttention kwargs ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, ``(n + 1,)``)
     and ``max_length_q``/``max_length_k`` passed to ``forward``. Each sequence attends only within itself.
 
+    Attention logit soft-capping (Gemma-2) and sliding windows go to the kernel, with the rule transformers gives
+    the model (``attention_adapter.kernel_window``): |i - j| <= sliding_window once ``config.is_causal`` is False,
+    Gemma-3's own |i - j| < sliding_window for a Gemma-3 built with ``use_bidirectional_attention=True``, and
+    j > i - sliding_window in causal mode. docs/models.md lists what each family gets.
+
     Errors: encoder-decoder or encoder-only models, models whose attention does not go through transformers'
-    ``AttentionInterface``, attention logit soft-capping (Gemma-2) raise here. At call time: a key/value cache or
-    ``use_cache=True`` (a bidirectional model cannot decode incrementally), ``is_causal=True``, an input longer
-    than an active sliding window + 1, custom mask functions.
+    ``AttentionInterface``, attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here. At
+    call time: a key/value cache or ``use_cache=True`` (a patched model cannot decode incrementally), a causal
+    request to a bidirectional patch (or the reverse), mask functions beyond padding and windows (image tokens).
     """
     if attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"llm2vec_fast.patch: attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")
@@ -158,9 +191,11 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
             raise ValueError(f"llm2vec_fast.patch: attention_dropout must be in [0, 1), got {attention_dropout}")
 
     base = _base_model(model)
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"llm2vec_fast.patch: bidirectional must be True or False, got {bidirectional!r}")
     if getattr(base, _STATE_ATTRIBUTE, None) is not None:
         unpatch(model)  # re-patching == patching once with the new arguments
-    _check_can_patch(base)
+    _check_can_patch(base, bidirectional)
     register()
 
     from transformers import PreTrainedModel
@@ -171,7 +206,7 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
         for m in base.modules()
         if isinstance(m, PreTrainedModel)
     ]
-    name = ATTENTION_NAMES[attention_impl]
+    name = (ATTENTION_NAMES if bidirectional else CAUSAL_ATTENTION_NAMES)[attention_impl]
     base.set_attn_implementation(name)
     unset = [
         type(m).__name__
@@ -183,7 +218,8 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
         raise ValueError(f"llm2vec_fast.patch: could not set the attention implementation of {sorted(set(unset))}")
 
     for config in _all_configs(base):
-        _set_attribute(record, config, "is_causal", False)
+        if bidirectional:
+            _set_attribute(record, config, "is_causal", False)
         if hasattr(config, "use_cache"):
             _set_attribute(record, config, "use_cache", False)
         if attention_dropout is not None and hasattr(config, "attention_dropout"):
@@ -194,8 +230,9 @@ def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: 
                 _set_attribute(record, module, "attention_dropout", float(attention_dropout))
 
     setattr(base, _STATE_ATTRIBUTE, {"record": record, "implementations": implementations, "impl": attention_impl,
-                                     "attention_dropout": attention_dropout})
-    logger.info("llm2vec_fast: patched %s to bidirectional attention (%s)", type(base).__name__, name)
+                                     "attention_dropout": attention_dropout, "bidirectional": bidirectional})
+    logger.info("llm2vec_fast: patched %s to %s attention (%s)", type(base).__name__,
+                "bidirectional" if bidirectional else "causal", name)
     return model
 
 
@@ -239,4 +276,5 @@ def unpatched(model: nn.Module) -> Iterator[str | None]:
     try:
         yield state["impl"]
     finally:
-        patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"])
+        patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"],
+              bidirectional=state["bidirectional"])

@@ -108,7 +108,8 @@ class LLM2Vec(torch.nn.Module):
         - Encoder settings (``pooling_mode`` "mean", ``max_length`` 512, ``doc_max_length`` 400,
           ``skip_instruction`` True) come from ``llm2vec_config.json`` in the adapter directory (else the base
           directory); an explicit argument that is not None wins.
-        - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``).
+        - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``);
+          False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``).
         - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
         """
         from transformers import AutoModel, AutoTokenizer
@@ -179,10 +180,11 @@ class LLM2Vec(torch.nn.Module):
                         skip_instruction=skip_instruction)
         settings.update({k: v for k, v in explicit.items() if v is not None})
 
-        if enable_bidirectional:
-            from .bidirectional import patch
+        from .bidirectional import patch
 
-            patch(model, attention_impl=attention_impl)
+        # enable_bidirectional=False keeps a causal embedding model causal (Qwen3-Embedding, e5-mistral with
+        # last_token pooling) but still runs our kernel, in causal mode, so that its batches can be packed too.
+        patch(model, attention_impl=attention_impl, bidirectional=bool(enable_bidirectional))
         model.eval()
         return cls(model, tokenizer, name_or_path=name, **settings)
 

@@ -58,3 +58,24 @@ def register_attention(name: str, attention_function: Callable[..., Any], mask_b
 
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, mask_builder)
+
+
+# Model types whose own bidirectional mode (``config.use_bidirectional_attention = True``) gives sliding layers an
+# exclusive window, |i - j| < sliding_window (Gemma-3's ``_bidirectional_window_overlay``), rather than the
+# inclusive |i - j| <= sliding_window of ``create_bidirectional_sliding_window_mask``.
+_OWN_BIDIRECTIONAL_OVERLAY_MODEL_TYPES = frozenset({"gemma3_text"})
+
+
+def uses_own_bidirectional_overlay(config) -> bool:
+    """Whether ``config`` is a model in its own bidirectional mode with the exclusive sliding-window rule."""
+    return (
+        getattr(config, "model_type", None) in _OWN_BIDIRECTIONAL_OVERLAY_MODEL_TYPES
+        and getattr(config, "use_bidirectional_attention", False) is True
+    )
+
+
+def supports_flash_attention_masks(model) -> bool:
+    """Whether transformers lets ``model`` run FlashAttention, which (like our causal mode) applies causality and
+    the window from the attention call and ignores mask overlays; multimodal models with bidirectional image-token
+    masks set ``_supports_flash_attn = False``."""
+    return bool(getattr(model, "_supports_flash_attn", True))

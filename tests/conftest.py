@@ -23,37 +23,85 @@ SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent /
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
+#: Every decoder family of the support matrix (tests/test_model_matrix.py, docs/models.md): transformers'
+#: ``model_type`` -> what its tiny config sets beyond :data:`_TINY_COMMON`. Windowed families get a window shorter
+#: than the test sequences (so that the window is active), MoE families few small experts. The matrix row name is
+#: the key; ``gemma3_text_bidirectional`` is Gemma-3 in transformers' own bidirectional mode (EmbeddingGemma).
+MATRIX_FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 5},
+    "mixtral": {"sliding_window": 5, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "qwen3": {"head_dim": 16},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gemma": {"head_dim": 16, "num_key_value_heads": 1},
+    "gemma2": {"head_dim": 16, "sliding_window": 5, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 8.0},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 5, "sliding_window_pattern": 2},
+    "gemma3_text_bidirectional": {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2,
+                                  "use_bidirectional_attention": True},
+    "phi3": {"sliding_window": 5},
+    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2},
+    "granitemoe": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+                   "num_local_experts": 4, "num_experts_per_tok": 2},
+    "olmo2": {},
+    "cohere2": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
+    "smollm3": {"no_rope_layer_interval": 2},
+    "gpt_oss": {"head_dim": 16, "sliding_window": 5, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+_TINY_COMMON = dict(
+    vocab_size=123,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def matrix_model_type(family: str) -> str:
+    """transformers' ``model_type`` of a matrix row (rows may be variants of one model type)."""
+    return "gemma3_text" if family == "gemma3_text_bidirectional" else family
+
 
 def tiny_config(family: str, **overrides):
-    """A 2-layer random config of ``family``, with GQA (4 heads, 2 kv heads) and head_dim 16."""
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A 2-layer random config of ``family`` (one of :data:`TINY_FAMILIES`), with GQA (4 heads, 2 kv heads) and
+    head_dim 16; the family's own defaults otherwise (Mistral keeps its 4096-token window)."""
+    if family not in TINY_FAMILIES:
+        raise KeyError(f"tiny_config knows {TINY_FAMILIES}; matrix families are built by matrix_config")
+    settings = {"gemma": {"head_dim": 16, "num_key_value_heads": 1},  # Gemma-2B uses multi-query attention
+                "qwen3": {"head_dim": 16}}.get(family, {})
+    from transformers import AutoConfig
 
-    common = dict(
-        vocab_size=123,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config_class = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "qwen2": Qwen2Config,
-        "qwen3": Qwen3Config,
-        "gemma": GemmaConfig,
-    }[family]
-    if family == "gemma":
-        common["head_dim"] = 16
-        common["num_key_value_heads"] = 1  # Gemma-2B uses multi-query attention
-    if family == "qwen3":
-        common["head_dim"] = 16
-    common.update(overrides)
-    return config_class(**common)
+    return AutoConfig.for_model(family, **{**_TINY_COMMON, **settings, **overrides})
+
+
+def matrix_config(family: str, **overrides):
+    """The support matrix's 2-layer random config of ``family`` (a key of :data:`MATRIX_FAMILIES`), hidden 64, GQA
+    (4 heads, 2 kv heads; Gemma multi-query). Raises KeyError or ValueError for a model type this transformers
+    release does not ship."""
+    from transformers import AutoConfig
+
+    settings = {**_TINY_COMMON, **MATRIX_FAMILIES[family], **overrides}
+    return AutoConfig.for_model(matrix_model_type(family), **settings)
+
+
+def padded_batch(sequences, side="right", pad_id=0):
+    """``(input_ids, attention_mask)`` of token id tensors padded on ``side`` to the longest."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
 
 
 def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **overrides):

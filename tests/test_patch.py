@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, padded_batch
 
 from llm2vec_fast import is_patched, patch, unpatch
 
@@ -24,17 +24,6 @@ LENGTHS = (9, 4, 1, 6)
 def random_sequences(lengths=LENGTHS, vocab=123, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
-
-
-def padded_batch(sequences, side="right", pad_id=0):
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        input_ids[row, span] = seq
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
 
 
 def real_rows(hidden, attention_mask, row):
@@ -375,26 +364,44 @@ def test_cache_generation_and_causal_requests_are_refused():
     model(input_ids=input_ids, attention_mask=attention_mask)  # plain calls still work
 
 
-def test_sliding_window_longer_than_input_is_refused():
-    model = patch(build_tiny_model("mistral", sliding_window=4))
-    short = random_sequences(lengths=(5,))[0][None]
-    hidden_states(model, input_ids=short)  # window inactive: |i - j| <= 4 covers 5 tokens
-    with pytest.raises(ValueError, match="sliding attention window of 4"):
-        hidden_states(model, input_ids=random_sequences(lengths=(6,))[0][None])
-    packed = torch.cat(random_sequences(lengths=(5, 5)))[None]
-    positions = torch.cat([torch.arange(5), torch.arange(5)])[None]
-    hidden_states(model, input_ids=packed, position_ids=positions)  # each packed sequence fits the window
+def test_sliding_window_is_applied_by_the_kernel_not_refused():
+    # The window used to be refused for inputs longer than window + 1; now the kernel applies transformers' rule
+    # (|i - j| <= 4 here): a token 6 positions away changes nothing, one 4 positions away does.
+    model = patch(build_tiny_model("mistral", sliding_window=4), attention_impl="torch")
+    ids = random_sequences(lengths=(11,))[0][None]
+    base = hidden_states(model, input_ids=ids)
+    far, near = ids.clone(), ids.clone()
+    far[0, 10] = 3 + (int(far[0, 10]) - 2) % 120
+    near[0, 8] = 3 + (int(near[0, 8]) - 2) % 120
+    # Two layers: information travels at most 2 * 4 positions, so token 0 is out of reach of token 10 but not of 8.
+    assert torch.equal(hidden_states(model, input_ids=far)[0, 0], base[0, 0])
+    assert not torch.allclose(hidden_states(model, input_ids=near)[0, 0], base[0, 0])
 
 
-def test_gemma2_attention_softcapping_is_refused():
+@pytest.mark.parametrize(("setting", "value"), [("attn_logit_softcapping", 0.0), ("attn_logit_softcapping", -5.0),
+                                                ("sliding_window", -1)])
+def test_non_positive_softcap_or_window_is_refused(setting, value):
     from transformers import AutoModel, Gemma2Config
 
     config = Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0)
+    setattr(config, setting, value)
     model = AutoModel.from_config(config, attn_implementation="eager")
-    with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
+    with pytest.raises(ValueError, match=f"{setting}={value!r}"):
         patch(model)
     assert model.config._attn_implementation == "eager" and not hasattr(model.config, "is_causal")
+
+
+def test_attention_sinks_are_refused_at_patch_time():
+    from transformers import AutoModel, GptOssConfig
+
+    config = GptOssConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=4)
+    model = AutoModel.from_config(config, attn_implementation="eager")
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        patch(model)
+    assert model.config._attn_implementation == "eager"
 
 
 def test_bad_packed_metadata_is_refused():
@@ -445,3 +452,35 @@ def test_gpu_patched_low_precision_error_within_twice_sdpa(tiny_family, dtype):
     packed = hidden_states(model, input_ids=packed_ids, position_ids=position_ids)[0].float()
     expected = torch.cat([real_rows(reference, attention_mask, row) for row in range(len(sequences))])
     assert (packed - expected).abs().max().item() <= 2 * sdpa_error + floor
+
+
+def test_mask_functions_beyond_a_window_are_refused():
+    """The mask builder evaluates the mask function transformers hands it: full attention and the inclusive window
+    pass, anything else (an image-token overlay, another window rule) is refused, never dropped."""
+    from transformers.masking_utils import (and_masks, bidirectional_mask_function, or_masks,
+                                            sliding_window_bidirectional_mask_function)
+
+    adapter = importlib.import_module("llm2vec_fast.attention_adapter")
+    check = adapter._check_bidirectional_mask_function
+    check(bidirectional_mask_function, 300, None)
+    check(sliding_window_bidirectional_mask_function(5), 300, 5)
+    check(sliding_window_bidirectional_mask_function(100), 300, 100)
+
+    def image_block(batch_idx, head_idx, q_idx, kv_idx):  # tokens 250..259 see each other, as image tokens do
+        return (q_idx >= 250) & (q_idx < 260) & (kv_idx >= 250) & (kv_idx < 260)
+
+    def exclusive(window):
+        return lambda batch_idx, head_idx, q_idx, kv_idx: (q_idx - kv_idx).abs() < window
+
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(or_masks(sliding_window_bidirectional_mask_function(5), image_block), 300, 5)
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(and_masks(bidirectional_mask_function, exclusive(5)), 300, 5)
+    with pytest.raises(NotImplementedError, match="neither full attention nor a sliding window"):
+        check(and_masks(bidirectional_mask_function, exclusive(200)), 300, 200)
+
+    def vmap_only(batch_idx, head_idx, q_idx, kv_idx):
+        return bool(q_idx >= 0)  # a Python bool of a tensor: works per element under vmap only
+
+    with pytest.raises(NotImplementedError, match="cannot evaluate"):
+        check(or_masks(bidirectional_mask_function, vmap_only), 300, None)
