@@ -26,9 +26,9 @@ def test_log_level_before_the_subcommand_in_any_spelling(head):
 
 
 def test_log_level_before_a_training_stage():
-    argv = ["--log-level=WARNING", "train", "mntp", "--config", "c.json", "--set", "a=1"]
+    argv = ["--log-level=WARNING", "train", "mntp", "--config", "c.json", "--learning_rate", "1e-4"]
     args = cli.build_parser(argv).parse_args(argv)
-    assert (args.log_level, args.stage, args.config, args.overrides) == ("WARNING", "mntp", "c.json", ["a=1"])
+    assert (args.log_level, args.stage, args.config, args.learning_rate) == ("WARNING", "mntp", "c.json", 1e-4)
 
 
 @pytest.mark.parametrize("head", [["--log-level", "LOUD"], ["--log-level=LOUD"]])

@@ -268,6 +268,9 @@ def resolved_settings(stage: str, config: str | Path | dict[str, Any] | None,
     settings.update(overrides or {})
     parser = stage_parser(stage)
     namespace = vars(parser.parse_known_args(["--model_name_or_path", "-", *to_argv(settings)])[0])
+    unknown = sorted(set(settings) - set(namespace))
+    if unknown:
+        raise ValueError(f"unknown {stage} setting(s): {', '.join(unknown)}")
     return {key: namespace[key] for key in settings}
 
 
