@@ -23,7 +23,7 @@ from .kernels._dispatch import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "unpatched", "is_patched", "ATTENTION_NAMES"]
+__all__ = ["patch", "unpatch", "unpatched", "is_patched", "patch_settings", "ATTENTION_NAMES"]
 
 _STATE_ATTRIBUTE = "_llm2vec_fast_patch_state"
 
@@ -109,6 +109,15 @@ def _set_attribute(record: list, obj: Any, attribute: str, value: Any) -> None:
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (or the PreTrainedModel inside it) is currently patched by llm2vec_fast."""
     return getattr(_base_model(model), _STATE_ATTRIBUTE, None) is not None
+
+
+def patch_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The keyword arguments ``patch`` was given for ``model`` (``patch(other, **patch_settings(model))`` patches
+    another copy alike), or None when ``model`` is not patched."""
+    state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
+    if state is None:
+        return None
+    return {"attention_impl": state["impl"], "attention_dropout": state["attention_dropout"]}
 
 
 def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: float | None = None) -> nn.Module:

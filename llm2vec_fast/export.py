@@ -104,10 +104,14 @@ def bidirectional_flags(model_type: str | None) -> dict[str, bool]:
 def write_model_files(encoder, output: str | os.PathLike) -> None:
     """The model (merged, unpatched, with the bidirectional flags in config.json), the tokenizer,
     ``llm2vec_config.json`` and ``sentence_bert_config.json`` into ``output`` (which may exist)."""
+    from . import transformers_compat as compat
+
     if hasattr(encoder.model, "merge_and_unload"):  # PEFT-wrapped: merge a copy, the caller's encoder stays as it is
+        # Copied unpatched: the patch's record of what it changed does not survive a deep copy.
         with unpatched(encoder.model):
             encoder = copy.deepcopy(encoder)
         encoder.model = encoder.model.merge_and_unload()
+        compat.forget_loaded_adapter(encoder.model)
     encoder.save(str(output))
     config_path = Path(output) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -38,7 +38,7 @@ def start_multi_process_pool(encoder, devices: Sequence[str | torch.device] | No
     """Start one process per entry of ``devices`` (default :func:`default_devices`); returns the pool
     ``{"input": queue, "output": queue, "processes": [...]}`` that ``encode(..., pool=pool)`` uses. Stop it with
     :func:`stop_multi_process_pool`."""
-    from .bidirectional import unpatched
+    from .bidirectional import patch_settings, unpatched
 
     devices = default_devices() if devices is None else [str(d) for d in devices]
     if not devices:
@@ -52,9 +52,10 @@ def start_multi_process_pool(encoder, devices: Sequence[str | torch.device] | No
     processes = []
     # Spawned processes pickle their arguments in start(): the encoder goes out unpatched, is patched again here
     # on leaving the block, and each process patches its own copy.
-    with unpatched(encoder.model) as impl:
+    settings = patch_settings(encoder.model)
+    with unpatched(encoder.model):
         for device in devices:
-            process = context.Process(target=_worker, args=(device, encoder, impl, threads, inputs, outputs),
+            process = context.Process(target=_worker, args=(device, encoder, settings, threads, inputs, outputs),
                                       daemon=True)
             process.start()
             processes.append(process)
@@ -74,11 +75,11 @@ def stop_multi_process_pool(pool: dict[str, Any]) -> None:
     pool["output"].close()
 
 
-def _worker(device: str, encoder, impl: str | None, threads: int, inputs, outputs) -> None:
-    if impl is not None:
+def _worker(device: str, encoder, settings: dict | None, threads: int, inputs, outputs) -> None:
+    if settings is not None:
         from .bidirectional import patch
 
-        patch(encoder.model, attention_impl=impl)
+        patch(encoder.model, **settings)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
     encoder.model.to(device)

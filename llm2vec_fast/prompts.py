@@ -5,6 +5,10 @@ text (``instruction + " " + text``) and left out of pooling. The table maps ever
 ``task_to_instructions.json`` to its instruction, formatted the llm2vec way (ending in ``:``), plus the two
 names sentence-transformers' ``encode_query`` / ``encode_document`` look for: ``query`` (the web-search
 instruction of MS MARCO, the retrieval task LLM2Vec's supervised stage trains on) and ``document`` (none).
+
+Each prompt ends with a space: servers that prepend a prompt to the text as it is (TEI, vLLM) then see
+llm2vec's joined string ``"instruction: text"``; our encoder strips it before joining, so it changes nothing
+there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def format_instruction(instruction: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _prompt_table() -> tuple[tuple[str, str], ...]:
     text = resources.files("llm2vec_fast.resources").joinpath("task_to_instructions.json").read_text(encoding="utf-8")
-    table = {name: format_instruction(value) for name, value in json.loads(text)["instructions"].items()}
+    table = {name: format_instruction(value) + " " for name, value in json.loads(text)["instructions"].items()}
     table[QUERY_PROMPT_NAME] = table[_QUERY_TASK]
     table[DOCUMENT_PROMPT_NAME] = ""
     return tuple(table.items())

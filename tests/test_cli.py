@@ -51,7 +51,7 @@ def _imported_after(argv: list[str]) -> set[str]:
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-SUBCOMMAND_MODULES = {"llm2vec_fast.corpus", "llm2vec_fast.mteb", "llm2vec_fast.recipe",
+SUBCOMMAND_MODULES = {"llm2vec_fast.corpus", "llm2vec_fast.export", "llm2vec_fast.mteb", "llm2vec_fast.recipe",
                       "llm2vec_fast.training.mntp", "llm2vec_fast.training.simcse",
                       "llm2vec_fast.training.supervised"}
 

@@ -166,6 +166,29 @@ def test_frozen_head(impl, variant, reduction):
     torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-scale", "per-row-scale"])
+def test_gemm_chunks_with_16bit_operands(per_row):
+    """The GEMM variant's CUDA arithmetic on CPU: fp16 operands and ``d logits`` (the interpreter writes them),
+    d weight into its fp32 buffer (the fp16 head's branch), against the float64 reference."""
+    from llm2vec_fast.kernels.mntp_loss import _gemm_chunks
+
+    hidden, weight, b, labels = make_inputs(torch.float16, seed=12, bias=True)
+    rows = hidden.reshape(-1, HIDDEN)[: 40]
+    targets = labels.reshape(-1)[: 40].clamp(min=0)
+    scale = torch.rand(40, generator=torch.Generator().manual_seed(3)) if per_row else 0.25
+    lse, target_logit, dh, dw, db = _gemm_chunks(rows, weight, b, targets, 2.0, 7, {"hidden", "weight", "bias"},
+                                                 scale, torch.float16)
+    assert dw.dtype == torch.float32
+    h64, w64, b64 = (t.double().requires_grad_() for t in (rows, weight, b))
+    logits = 2.0 * torch.tanh((h64 @ w64.T + b64) / 2.0)
+    per_row_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    weights = scale.double() if per_row else torch.full((40,), scale, dtype=torch.float64)
+    (per_row_loss * weights).sum().backward()
+    torch.testing.assert_close(lse.double() - target_logit.double(), per_row_loss.detach(), rtol=1e-3, atol=1e-3)
+    for ours, ref in ((dh, h64.grad), (dw, w64.grad), (db, b64.grad)):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-2, atol=2e-3 * ref.abs().max().item())
+
+
 def test_gemm_variant_reads_the_count_once_and_fused_never(monkeypatch):
     """The fused path keeps no host sync (no ``.item()``); the GEMM variant reads the labelled-row count once
     per call (forward), none in the backward."""

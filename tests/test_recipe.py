@@ -159,16 +159,33 @@ def test_committed_adapters_are_those_of_the_recipe_as_it_stands(tmp_path):
     """The adapters in training/recipes/smollm2_135m/adapters (docs/RESULTS.md's run) were trained with the
     settings this recipe and these config files give (compared as settings, so that a reformatted or
     converted config file still matches, an edited value does not), each on top of the committed adapters of
-    its inputs: editing either without rerunning the recipe fails here."""
+    its inputs: editing either without rerunning the recipe fails here. They were trained in float32 and are
+    stored cast to float16 (scripts/cast_adapters_fp16.py): each marker's ``stored_as`` holds the digest of the
+    file as trained and as stored, so the chain runs from the committed files back to the digests training
+    recorded."""
     from llm2vec_fast.recipe import stage_command
     from llm2vec_fast.training.arguments import resolved_settings
 
+    from safetensors import safe_open
+
     adapters = RECIPE.parent / "adapters"
     recipe = load_recipe(RECIPE)
+    markers = {s: json.loads((adapters / s / "recipe_stage.json").read_text()) for s in stage_order(recipe)}
+
+    def as_trained(stage: str) -> str:
+        stored = markers[stage].get("stored_as")
+        current = adapter_fingerprint(adapters / stage)
+        if stored is None:
+            return current
+        assert current == stored["sha256"], f"{stage}: the committed adapter is not the one its marker records"
+        with safe_open(str(adapters / stage / "adapter_model.safetensors"), "pt") as weights:
+            assert {str(weights.get_slice(k).get_dtype()) for k in weights.keys()} == {"F16"}, stage
+        return stored["trained_sha256"]
+
     for stage in stage_order(recipe):
-        made_from = json.loads((adapters / stage / "recipe_stage.json").read_text())["settings"]
-        assert made_from["made_from"]["merged_adapters"] == {
-            s: adapter_fingerprint(adapters / s) for s in stage_inputs(recipe, stage)}
+        made_from = markers[stage]["settings"]
+        assert made_from["made_from"]["merged_adapters"] == {s: as_trained(s) for s in stage_inputs(recipe, stage)}
+        as_trained(stage)
         # What the recipe runs now, and what the adapter's own record says it was trained with.
         _, runs = stage_command(recipe, stage, tmp_path, {"data_dir": "/data", "output": str(tmp_path),
                                                           "recipe_dir": str(RECIPE.parent)})

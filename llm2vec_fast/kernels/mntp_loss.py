@@ -497,9 +497,10 @@ def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row
     target_logit = torch.empty_like(lse)
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     dh = torch.empty(n_valid, weight.shape[1], device=device, dtype=acc_dtype) if "hidden" in grads else None
-    # d weight accumulates in the weight's dtype on CUDA (as Liger does; cuBLAS adds in fp32 inside each GEMM),
-    # in fp32 elsewhere.
-    dw = torch.zeros(w.shape, device=device, dtype=compute_dtype) if "weight" in grads else None
+    # d weight accumulates in place in bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM,
+    # and bf16 has fp32's range), in fp32 otherwise: in fp16, (1 / rows) x small softmax entries would underflow.
+    dw_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
+    dw = torch.zeros(w.shape, device=device, dtype=dw_dtype) if "weight" in grads else None
     db = torch.zeros(vocab, device=device, dtype=acc_dtype) if "bias" in grads else None
     per_row = isinstance(row_scale, torch.Tensor)
     has_softcap = softcap is not None
@@ -522,10 +523,12 @@ def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row
             if dh is not None:
                 dh[start:stop] = matmul_fp32(d_logits, w) * scale
             if dw is not None:
-                if per_row:
-                    dw.addmm_(d_logits.t(), (h.to(acc_dtype) * scale).to(compute_dtype))
-                else:
-                    dw.addmm_(d_logits.t(), h, alpha=float(scale))
+                rhs = (h.to(acc_dtype) * scale).to(compute_dtype) if per_row else h
+                alpha = 1.0 if per_row else float(scale)
+                if dw.dtype == compute_dtype:
+                    dw.addmm_(d_logits.t(), rhs, alpha=alpha)
+                else:  # fp16 operands into the fp32 buffer: one (vocab, hidden) fp32 product per chunk
+                    dw.add_(matmul_fp32(d_logits.t(), rhs), alpha=alpha)
             if db is not None:
                 db += (d_logits.to(acc_dtype) * scale).sum(0)
         del z, d_logits
