@@ -1,10 +1,11 @@
 """Masked next-token loss, forward+backward: ours (``masked_next_token_loss``) vs the full-logits PyTorch path
 (``masked_next_token_loss_reference``: ``hidden @ weight.T`` for every position, then cross-entropy), and
-Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA). On CUDA ours runs in
-both variants side by side: ``ours`` (``variant="fused"``, the default) and ``ours_gemm`` (``variant="gemm"``).
+Cut Cross-Entropy / Liger's fused linear cross-entropy when they are importable (on CUDA).
 
 Rows (20% of the positions labelled, as MNTP's default mask rate):
-- CUDA: 16,384 tokens (8 x 2,048), vocab 128,256, hidden 4,096, bf16 (Llama-3-8B's head). Skipped without a GPU.
+- CUDA: 16,384 tokens (8 x 2,048), vocab 128,256, hidden 4,096, bf16 (Llama-3-8B's head), head trained and
+  frozen; ours in both variants (``ours`` = fused Triton kernels, ``ours_gemm`` = cuBLAS GEMMs + Triton row
+  softmax). Skipped without a GPU.
 - CPU: 4,096 tokens (2 x 2,048), vocab 49,152, hidden 576 (SmolLM2-135M's head), fp32. Ours runs its chunked
   PyTorch path here (``impl="torch"``; the Triton interpreter is a test tool, not what runs on a CPU).
 
@@ -78,7 +79,7 @@ def _step(provider, h, w, labels, impl="auto"):
 
 
 def _flops(provider, batch, seq, hidden, vocab):
-    rows = batch * (seq - 1) * (1.0 if provider in ("full_logits", "liger") else LABELLED)
+    rows = batch * (seq - 1) * (1.0 if provider in ("full_logits", "liger") else LABELLED)  # ours, ours_gemm, CCE
     return 3 * 2 * rows * vocab * hidden
 
 
@@ -150,6 +151,7 @@ def test_mntp_loss_cpu_peak_memory_ratio(benchmark):
     assert ours <= CPU_MEMORY_TARGET * full, f"ours {ours:.0f} MiB vs full logits {full:.0f} MiB"
 
 
+# On CUDA both Triton variants side by side: "ours" is variant="fused" (today's default), "ours_gemm" variant="gemm".
 CUDA_PROVIDERS = [
     "ours",
     "ours_gemm",

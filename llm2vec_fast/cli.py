@@ -34,7 +34,9 @@ USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+    # Its own dest: the training stages take TrainingArguments' ``--log_level`` (transformers' logging), which
+    # must not receive this one's value.
+    parser.add_argument("--log-level", dest="cli_log_level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="logging level (default INFO)")
 
 
@@ -89,7 +91,7 @@ def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; library exceptions propagate."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.cli_log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = importlib.import_module(args.module).main(args)
     return int(result or 0)
 

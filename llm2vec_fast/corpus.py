@@ -49,7 +49,7 @@ import numpy as np
 from .files import atomic_write
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
-from .training.modeling import MODEL_DTYPES
+from .dtypes import MODEL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def _check_source_and_output(source: Path, output: Path) -> None:
 def _load_encoder(settings: CorpusSettings, device):
     from .builtin_models import locate_model
     from .encoder import LLM2Vec
-    from .training.modeling import resolve_dtype
+    from .dtypes import resolve_dtype
 
     locate_model(settings.model)  # a name that resolves nowhere fails here, in one line, without hub retries
     for adapter in settings.adapters:

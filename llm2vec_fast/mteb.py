@@ -32,7 +32,7 @@ import numpy as np
 
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
-from .training.modeling import MODEL_DTYPES
+from .dtypes import MODEL_DTYPES
 
 try:
     from mteb.models.abs_encoder import AbsEncoder
@@ -180,7 +180,7 @@ def load_encoder(
 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        from .training.modeling import resolve_dtype
+        from .dtypes import resolve_dtype
 
         kwargs["dtype"] = resolve_dtype(dtype)
     adapters = [str(a) for a in adapters]

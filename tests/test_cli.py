@@ -22,13 +22,18 @@ ENCODE = ["encode", "--model", "m", "--input", "in.jsonl", "--output", "out"]
 def test_log_level_before_the_subcommand_in_any_spelling(head):
     argv = [*head, *ENCODE]
     args = cli.build_parser(argv).parse_args(argv)
-    assert (args.log_level, args.command, args.model, args.input) == ("DEBUG", "encode", "m", "in.jsonl")
+    assert (args.cli_log_level, args.command, args.model, args.input) == ("DEBUG", "encode", "m", "in.jsonl")
 
 
 def test_log_level_before_a_training_stage():
+    """The global level is not a training setting: TrainingArguments' own ``log_level`` (transformers' logging,
+    lower-case choices) is left alone unless given after the stage."""
+    from llm2vec_fast.training.arguments import overrides_from
+
     argv = ["--log-level=WARNING", "train", "mntp", "--config", "c.json", "--learning_rate", "1e-4"]
     args = cli.build_parser(argv).parse_args(argv)
-    assert (args.log_level, args.stage, args.config, args.learning_rate) == ("WARNING", "mntp", "c.json", 1e-4)
+    assert (args.cli_log_level, args.stage, args.config) == ("WARNING", "mntp", "c.json")
+    assert overrides_from(args, "mntp") == {"learning_rate": 1e-4}
 
 
 @pytest.mark.parametrize("head", [["--log-level", "LOUD"], ["--log-level=LOUD"]])

@@ -55,3 +55,16 @@ def test_version_check_reads_versions_as_packaging_does(installed, minimum, olde
     from llm2vec_fast import _older_than
 
     assert _older_than(installed, minimum) is older
+
+
+def test_dtype_names_live_in_dtypes_and_old_imports_keep_working():
+    import torch
+
+    from llm2vec_fast import dtypes
+    from llm2vec_fast.training import modeling
+
+    assert modeling.resolve_dtype is dtypes.resolve_dtype and modeling.MODEL_DTYPES is dtypes.MODEL_DTYPES
+    assert dtypes.resolve_dtype("bf16") is torch.bfloat16 and dtypes.resolve_dtype("float32") is torch.float32
+    assert dtypes.resolve_dtype("auto") is dtypes.default_dtype()
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        dtypes.resolve_dtype("half")

@@ -70,16 +70,16 @@ def test_16_bit_matmuls_with_64_row_tiles_use_wgmma(compiled):
     assert not bad, _report(bad)
 
 
-def test_case_table_covers_every_attention_variant(compiled):
-    """Each attention kernel is compiled for every dtype, head_dim and flag combination of the case table."""
-    from sm90.cases import ATTENTION_HEAVY, ATTENTION_KERNELS, ATTENTION_VARIANTS, HEAD_DIMS
+def test_case_table_covers_its_coverage_table(compiled):
+    """Each attention kernel's default config is compiled wherever ``DEFAULT_COVERAGE`` says."""
+    from sm90.cases import _DTYPES, ATTENTION_KERNELS, DEFAULT_COVERAGE
 
     missing = []
     for kernel in ATTENTION_KERNELS:
-        for dtype in ("bf16", "fp16", "fp32"):
-            for head_dim in HEAD_DIMS:
-                for variant in (*ATTENTION_VARIANTS, *ATTENTION_HEAVY):
-                    prefix = f"{kernel}-{dtype}-d{head_dim}-{variant}-"
+        for dtype, coverage in DEFAULT_COVERAGE.items():
+            for variant, head_dims in coverage.items():
+                for head_dim in head_dims:
+                    prefix = f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-"
                     if not any(name.startswith(prefix) and r["default"] for name, r in compiled.items()):
                         missing.append(prefix)
     assert not missing, _report(missing)

@@ -92,6 +92,19 @@ _DKDV_CANDIDATES = (
     (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2),
     (16, 32, 8, 2),
 )
+#: fp32 inputs ("ieee" dots, no tensor cores): the FMA matmuls hold whole operand rows per thread, and on sm_90
+#: every 16-bit candidate above spills there (a 32x32 forward at head_dim 128: 680 bytes; 64x64: 10 KB, and
+#: minutes to compile). One 16x16 tile per kernel keeps them in registers up to head_dim 128 (dQ needs 8 warps:
+#: 256 bytes spilled with 4; at head_dim 256 dQ still spills 248 bytes); fp32 is the exact path, not the fast one.
+_FP32_CANDIDATES = {"fwd": ((16, 16, 4, 1),), "dq": ((16, 16, 8, 1),), "dkdv": ((16, 16, 8, 1),)}
+#: head_dim 256 (BLOCK_D 256): the register estimate below does not hold there (the forward's 64x64 w8 spilled
+#: while its estimate was half that of 128x32 w8, which did not), so these lists are the sm_90 compiles' verdict,
+#: without spills, fastest expected first
+_WIDE_HEAD_CANDIDATES = {
+    "fwd": ((128, 32, 8, 2), (64, 32, 4, 2)),
+    "dq": ((64, 32, 8, 2), (32, 32, 4, 2)),
+    "dkdv": ((32, 32, 8, 2), (16, 32, 8, 2)),
+}
 #: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
 #: to bound compile time
 _MAX_TUNED = 5
@@ -100,6 +113,7 @@ _INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16,
 
 
 def _make_configs(kind: str, candidates) -> list:
+    candidates = tuple(candidates) + tuple(c for c in _FP32_CANDIDATES[kind] if c not in candidates)
     if _INTERPRET:
         candidates = (_INTERPRETER_CONFIG[kind],)
     return [
@@ -111,19 +125,29 @@ def _make_configs(kind: str, candidates) -> list:
 _CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES}
 
 
-def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
-    """32-bit registers per thread held by the resident tiles and the fp32 score tiles: a rough model, calibrated
-    on sm_90 compiles (configs above ~160 (dK/dV) or ~224 (others) spilled or sat at the 255 limit). dK/dV is
-    allowed up to 210 so that head_dim 256 keeps one 64-key tile: tiles of fewer than 64 rows compile to
-    ``mma.sync`` instead of Hopper's ``wgmma``, and which of the two is faster there is for the autotuner to say."""
-    threads_words = num_warps * 32 * 4  # bytes per "register across the CTA"
+def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int,
+                       has_dropout: bool = False) -> float:
+    """32-bit registers per thread held by the resident tiles and the fp32 score tiles (16-bit inputs): a rough
+    model, calibrated on sm_90 compiles (docs/PERF.md). In dK/dV, warps beyond one per 16 keys add no capacity:
+    ``wgmma`` gives each warp 16 rows and Triton replicates the rest (32x64 with 8 warps took 230-255 registers
+    at head_dim 128, like a 4-warp tile). Dropout holds the Philox state and the
+    keep-mask beside the scores (one more score tile; two in dK/dV, which applies it to P^T and dP^T): the
+    forward's 128x128 w8 and 128x64 w4 spilled with it at head_dim 64, dK/dV 32x64 w8 at head_dim 96/128."""
+    warps = min(num_warps, max(4, block_n // 16)) if kind == "dkdv" else num_warps
+    threads_words = warps * 32 * 4  # bytes per "register across the CTA"
     if kind == "fwd":  # q (16-bit) + fp32 accumulator; scores and probabilities
         resident, scores = block_m * block_d * (2 + 4), 2 * block_m * block_n * 4
     elif kind == "dq":  # q, dO (16-bit) + fp32 dQ; P, dP, dS
         resident, scores = block_m * block_d * (2 + 2 + 4), 3 * block_m * block_n * 4
-    else:  # k, v (16-bit) + fp32 dK, dV; P^T, dP^T, dS^T and the dropout/cast copies
+    else:  # k, v (16-bit) + fp32 dK, dV; P^T, dP^T, dS^T and the cast copies
         resident, scores = block_n * block_d * (2 * 2 + 2 * 4), 4 * block_m * block_n * 4
+    if has_dropout:
+        scores += (2 if kind == "dkdv" else 1) * block_m * block_n * 4
     return (resident + scores) / threads_words
+
+
+#: spill lines of the estimate above (per kind), from the sm_90 compiles: highest estimate seen without spills
+_REGISTER_LIMIT = {"fwd": 224, "dq": 224, "dkdv": 256}
 
 
 def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
@@ -131,21 +155,24 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
     resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
     spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
-    none (else the smallest register footprint). The sm_90 compile gate (tests/test_sm90_compile.py) compiles
-    every config this returns."""
-    elem = 4 if dot_precision == "ieee" else 2
-    limit = 210 if kind == "dkdv" else 224
+    none (else the smallest register footprint). fp32 ("ieee") and head_dim 256 have their own lists. The sm_90
+    compile gate (tests/test_sm90_compile.py) compiles what this returns. ``group``, ``has_padding`` and ``is_varlen`` are
+    accepted so that a calibration can use them; the compiles so far showed no spill line that depends on them."""
+    if dot_precision == "ieee":
+        return list(_FP32_CANDIDATES[kind])
+    if block_d >= 256:
+        return list(_WIDE_HEAD_CANDIDATES[kind])
     candidates = _CANDIDATES[kind]
 
     def regs(config):
         block_m, block_n, warps, _ = config
-        return _register_estimate(kind, block_m, block_n, block_d, warps) * elem / 2
+        return _register_estimate(kind, block_m, block_n, block_d, warps, has_dropout)
 
     def fits(config):
         block_m, block_n, _, stages = config
         resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-        smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * elem
-        return smem <= 200 * 1024 and regs(config) <= limit
+        smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * 2
+        return smem <= 200 * 1024 and regs(config) <= _REGISTER_LIMIT[kind]
 
     kept = [config for config in candidates if fits(config)]
     return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]

@@ -329,7 +329,7 @@ def _loss_and_grads_in_slabs(q, docs, rq, rd, doc_ids, scale, label_offset, tota
     for start in range(0, q.shape[0], ROWS_PER_SLAB):
         stop = min(start + ROWS_PER_SLAB, q.shape[0])
         unit_q = (q[start:stop].float() * rq[start:stop, None]).to(compute_dtype)
-        s = matmul_fp32(unit_q, unit_docs.T).mul_(scale)
+        s = matmul_fp32(unit_q * scale, unit_docs.T)
         lse[start:stop], target[start:stop], h = softmax(s, doc_ids, label_offset + start, want_grad, compute_dtype)
         if want_grad:
             grad_q[start:stop] = _project_out_radial(matmul_fp32(h, unit_docs), q[start:stop], rq[start:stop])

@@ -26,8 +26,6 @@ from .modeling import DEFAULT_LORA_TARGETS, MODEL_DTYPES
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
 REPLACEMENTS = ("default", "all_mask")
 LOSSES = ("fused", "full_logits")
-# The command line's own --log-level; TrainingArguments' log_level stays settable in a config file.
-CLI_OWN = ("log_level",)
 NULL = "null"  # how a command line sets an optional setting back to None ("none" is a value for some)
 
 
@@ -285,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--config", default=None, help="flat JSON settings, e.g. training/mntp/smollm2_135m.json")
     source = stage_parser(stage)
     for action in source._actions:
-        if not action.option_strings or action.dest in ("help", *CLI_OWN):
+        if not action.option_strings or action.dest == "help":
             continue
         action.help = f"{action.help or ''} (default: {action.default})"
         action.default, action.required = argparse.SUPPRESS, False
@@ -294,5 +292,5 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 def overrides_from(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     """The settings given on the command line (the parsed ``llm2vec-fast train <stage>`` options)."""
-    names = setting_names(stage) - set(CLI_OWN)
+    names = setting_names(stage)
     return {key: value for key, value in vars(args).items() if key in names}

@@ -4,7 +4,7 @@ To add a case:
 * a new flag combination of the attention kernels: one line in ``ATTENTION_VARIANTS`` (constexpr values);
 * a new attention kernel (e.g. a TMA forward): one line in ``ATTENTION_KERNELS`` naming the kernel, the kind
   whose launch configs it uses, and its pointer/float parameters;
-* a new MNTP / InfoNCE kernel or flag set: one line in ``LOSS_CASES``.
+* a new MNTP / InfoNCE kernel or flag set: one line in ``loss_cases()``.
 
 A case names the kernel as ``module:attribute``, the dtype of each pointer parameter, the fp32 scalars, the
 constexpr values, ``ones`` (integers that a real launch passes as 1, which Triton specializes) and ``odd``
@@ -16,6 +16,8 @@ constexpr values, ``ones`` (integers that a real launch passes as 1, which Trito
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,6 +36,9 @@ ATTENTION_VARIANTS = {
     "varlen-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=False),
     "dropout": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=True),
     "varlen-dropout-gqa": dict(GROUP=4, IS_VARLEN=True, HAS_PADDING=False, HAS_DROPOUT=True),
+    # Gemma-2: logit soft-capping and a sliding window
+    "softcap-window-gqa": dict(GROUP=2, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False, SOFTCAP=True,
+                               WINDOWED=True),
 }
 #: the variants in which every config the pruning keeps is compiled: the most registers without and with
 #: dropout (the pruning keeps different lists for the two)
@@ -42,31 +47,51 @@ ATTENTION_HEAVY = {
     "padding-dropout-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=True),
 }
 
-_FWD_FLOATS = ("qk_scale", "dropout_p", "inv_keep")
-_BWD_FLOATS = ("qk_scale", "sm_scale", "dropout_p", "inv_keep")
+_FWD_FLOATS = ("qk_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
+_BWD_FLOATS = ("qk_scale", "sm_scale", "dropout_p", "inv_keep", "cap_in", "cap_out")
+_ODD = ("seqlen_padded", "max_seqlen", "window")
 _META = dict(KPM="u8", CU_SEQLENS="i32", SEED="i64")
 #: kernel name -> (kind of launch configs, pointer parameters holding q/k/v-dtype data, fp32 pointers, floats, odd)
 ATTENTION_KERNELS = {
-    "_attn_fwd_kernel": ("fwd", ("Q", "K", "V", "O"), ("LSE",), _FWD_FLOATS,
-                         ("seqlen_padded", "num_heads", "max_seqlen")),
+    "_attn_fwd_kernel": ("fwd", ("Q", "K", "V", "O"), ("LSE",), _FWD_FLOATS, _ODD + ("num_heads",)),
     "_attn_bwd_dq_kernel": ("dq", ("Q", "K", "V", "O", "DO", "DQ"), ("LSE", "DELTA"), _BWD_FLOATS,
-                            ("seqlen_padded", "num_heads", "max_seqlen")),
+                            _ODD + ("num_heads",)),
     "_attn_bwd_dkdv_kernel": ("dkdv", ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA"), _BWD_FLOATS,
-                              ("seqlen_padded", "num_kv_heads", "max_seqlen")),
+                              _ODD + ("num_kv_heads",)),
 }
 
-#: dtypes per coverage level: fp16 compiles like bf16 (same tiles, same instructions), so it gets the default
-#: configs only
-_FULL_DTYPES = (torch.bfloat16, torch.float32)
+#: where the default config is compiled: dtype -> {variant: head_dims}, sized for CI (about 100 compiles, a few
+#: minutes on 2 cores; an fp32 compile alone takes 10-60 s). bf16 in every variant at the targets' head_dims 64 and
+#: 128, the heavy ones at 96 and 256 too; fp16 compiles like bf16 (same tiles and instructions); fp32 ("ieee" FMA
+#: matmuls) in the heaviest variant. ``LLM2VEC_FAST_SM90_GATE=full`` compiles every dtype x variant x head_dim.
+DEFAULT_COVERAGE = {
+    torch.bfloat16: {**{variant: (64, 128) for variant in ATTENTION_VARIANTS},
+                     **{variant: HEAD_DIMS for variant in ATTENTION_HEAVY}},
+    torch.float16: {"plain": (128,), "padding-dropout-gqa": (64,)},
+    torch.float32: {"padding-dropout-gqa": (128,)},
+}
+#: where every config autotuning may pick is compiled: bf16, the heavy variants, head_dim 128
+EVERY_CONFIG = {torch.bfloat16: {variant: (128,) for variant in ATTENTION_HEAVY}}
+if os.environ.get("LLM2VEC_FAST_SM90_GATE", "") == "full":
+    DEFAULT_COVERAGE = {dtype: {variant: HEAD_DIMS for variant in (*ATTENTION_VARIANTS, *ATTENTION_HEAVY)}
+                        for dtype in _DTYPES}
+    EVERY_CONFIG = {dtype: {variant: HEAD_DIMS for variant in ATTENTION_HEAVY} for dtype in _DTYPES}
+
+
+def attention_dot_precision(dtype) -> str:
+    """The ``DOT_PRECISION`` the attention kernels get for ``dtype`` (as ``_Problem`` sets it)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant, flags, config, default):
     block_m, block_n, warps, stages = config
-    constexprs = dict(STORE_LSE=True) if kind == "fwd" else {}
+    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False)
+    if kind == "fwd":
+        constexprs["STORE_LSE"] = True
     constexprs.update(flags)
     if kind != "fwd":
         constexprs.pop("STORE_LSE", None)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    precision = attention_dot_precision(dtype)
     constexprs.update(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
                       BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision)
     pointers = {name: _DTYPES[dtype] for name in data}
@@ -82,15 +107,16 @@ def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, vari
 
 def attention_cases() -> list[dict]:
     cases = {}
+    variants = {**ATTENTION_VARIANTS, **ATTENTION_HEAVY}
     for kernel, (kind, data, fp32, floats, odd) in ATTENTION_KERNELS.items():
-        for dtype in _DTYPES:
-            for head_dim in HEAD_DIMS:
-                block_d = max(16, 1 << (head_dim - 1).bit_length())
-                precision = "ieee" if dtype == torch.float32 else "tf32"
-                variants = list(ATTENTION_VARIANTS.items()) + list(ATTENTION_HEAVY.items())
-                for variant, flags in variants:
-                    configs = attention.candidate_configs(kind, block_d, precision, **_prune_flags(flags))
-                    every = variant in ATTENTION_HEAVY and dtype in _FULL_DTYPES
+        for dtype, coverage in DEFAULT_COVERAGE.items():
+            for variant, head_dims in coverage.items():
+                flags = variants[variant]
+                for head_dim in head_dims:
+                    block_d = max(16, 1 << (head_dim - 1).bit_length())
+                    configs = attention.candidate_configs(kind, block_d, attention_dot_precision(dtype),
+                                                          **_prune_flags(flags))
+                    every = head_dim in EVERY_CONFIG.get(dtype, {}).get(variant, ())
                     for i, config in enumerate(configs if every else configs[:1]):
                         case = _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant,
                                                flags, config, default=i == 0)
@@ -133,35 +159,73 @@ def _mntp(kernel, dtype, **flags):
                         constexprs, config, odd)
 
 
-def _infonce(kernel, dtype):
+def _infonce(kernel, dtype, has_ids=False):
     block_m, block_n, block_k, warps, stages = config = infonce._block_sizes(dtype)
     d = _DTYPES[dtype]
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=infonce._dot_precision(dtype))
-    pointers = dict(Q=d, DOCS=d, RQ="fp32", RD="fp32")
+    constexprs = dict(HAS_IDS=has_ids, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      DOT_PRECISION=infonce._dot_precision(dtype))
+    pointers = dict(Q=d, DOCS=d, RQ="fp32", RD="fp32", DOC_IDS="i64" if has_ids else "fp32")
     if kernel == "fwd":
         pointers.update(MAX_OUT="fp32", SUM_OUT="fp32", TARGET_OUT="fp32")
         odd = ("n_rows", "n_cols", "dim", "label_offset", "tiles_per_split")
     else:
         pointers.update(LSE="fp32", SLAB=d)
         odd = ("n_rows", "n_cols", "dim", "label_offset")
-    return _config_case(f"_infonce_{kernel}_kernel-{d}", f"llm2vec_fast.kernels.infonce:_infonce_{kernel}_kernel",
-                        pointers, ["scale"], constexprs, config, odd)
+    return _config_case(f"_infonce_{kernel}_kernel-{d}{'-ids' if has_ids else ''}",
+                        f"llm2vec_fast.kernels.infonce:_infonce_{kernel}_kernel", pointers, ["scale"], constexprs,
+                        config, odd)
+
+
+def _infonce_norm(dtype):
+    """The inverse-norm kernel at its launch config (16 rows x 256 columns per step; no matmul)."""
+    d = _DTYPES[dtype]
+    return dict(name=f"_infonce_norm_kernel-{d}", kernel="llm2vec_fast.kernels.infonce:_infonce_norm_kernel",
+                pointers=dict(X=d, RN="fp32"), floats=[], constexprs=dict(EPS=1e-12, BLOCK_R=16, BLOCK_D=256),
+                ones=[], odd=["n_rows", "dim"], num_warps=4, num_stages=3, default=True, check_wgmma=False)
+
+
+def _row_softmax(module, dtype, block, warps, **flags):
+    """The GEMM variants' row-softmax epilogues (no matmul: compiled for registers and spills only)."""
+    d = _DTYPES[dtype]
+    if module == "mntp_loss":
+        pointers = dict(Z_ptr="fp32", OUT_ptr=d, B_ptr=d, Y_ptr="i64", LSE_ptr="fp32", TARGET_ptr="fp32")
+        constexprs = dict(dict(HAS_BIAS=False, HAS_SOFTCAP=False, WRITE_GRAD=True, BLOCK_V=block), **flags)
+        floats, odd = ["softcap"], ["VOCAB"]
+    else:
+        pointers = dict(S="fp32", OUT=d, DOC_IDS="i64", LSE="fp32", TARGET="fp32")
+        constexprs = dict(dict(HAS_IDS=True, WRITE_GRAD=True, BLOCK_N=block), **flags)
+        floats, odd = [], ["n_cols", "label_offset"]
+    kernel = f"_{'mntp' if module == 'mntp_loss' else 'infonce'}_row_softmax_kernel"
+    flag_names = "".join(f"-{k.lower()}" for k, v in flags.items() if v is True)
+    return dict(name=f"{kernel}-{d}{flag_names}", kernel=f"llm2vec_fast.kernels.{module}:{kernel}", pointers=pointers,
+                floats=floats, constexprs=constexprs, ones=[], odd=odd, num_warps=warps, num_stages=3, default=True,
+                check_wgmma=False)
 
 
 def loss_cases() -> list[dict]:
     """The MNTP loss and InfoNCE kernels at the launch configs they use on CUDA."""
-    LOSS_CASES = []
+    cases = []
+    full = os.environ.get("LLM2VEC_FAST_SM90_GATE", "") == "full"
     for dtype in _DTYPES:
-        LOSS_CASES += [
+        if dtype == torch.float16 and not full:
+            continue  # compiles like bf16
+        if dtype == torch.float32 and not full:  # FMA matmuls, 10-20 s per compile: the main ones only
+            cases += [_mntp("fwd", dtype), _mntp("bwd", dtype, COMPUTE_DW=True), _infonce("bwd", dtype, has_ids=True)]
+            continue
+        cases += [
             _mntp("fwd", dtype),
             _mntp("fwd", dtype, HAS_BIAS=True, HAS_SOFTCAP=True),
             _mntp("bwd", dtype),  # frozen head: d hidden only
             _mntp("bwd", dtype, COMPUTE_DW=True),  # trained head
             _mntp("bwd", dtype, HAS_BIAS=True, HAS_SOFTCAP=True, COMPUTE_DW=True, COMPUTE_DB=True),
             _infonce("fwd", dtype),
-            _infonce("bwd", dtype),
+            _infonce("fwd", dtype, has_ids=True),
+            _infonce("bwd", dtype, has_ids=True),
         ]
-    return LOSS_CASES
+    cases += [_row_softmax("mntp_loss", torch.bfloat16, 2048, 8), _row_softmax("infonce", torch.bfloat16, 2048, 4),
+              _row_softmax("mntp_loss", torch.bfloat16, 2048, 8, HAS_BIAS=True, HAS_SOFTCAP=True),
+              _infonce_norm(torch.bfloat16)]
+    return cases
 
 
 def all_cases() -> list[dict]:

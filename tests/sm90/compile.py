@@ -85,7 +85,7 @@ def compile_case(case: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    result = {"name": case["name"]}
+    result = {key: case[key] for key in ("name", "kernel", "num_warps", "num_stages", "default", "check_wgmma")}
     start = time.perf_counter()
     try:
         compiled = triton.compile(_source(case), target=GPUTarget(*_TARGET),
