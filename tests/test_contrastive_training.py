@@ -42,6 +42,25 @@ def test_batches_never_mix_datasets_and_leftovers_are_logged(caplog):
         OneDatasetBatchSampler(datasets, 11)
 
 
+def test_no_duplicates_keeps_every_text_once_per_global_batch(caplog):
+    """SNLI's shape: each premise recurs with several hypotheses. Without the option batches repeat a premise;
+    with it none does, the rows that had to wait are counted, and batches still come from one dataset."""
+    datasets = ["a"] * 24 + ["b"] * 12
+    texts = [(f"premise {name}{i // 3}", f"hypothesis {name}{i}", None) for i, name in enumerate(datasets)]
+
+    def repeats(batches):
+        return sum(len(batch) - len({texts[i][0] for i in batch}) for batch in batches)
+
+    assert repeats(OneDatasetBatchSampler(datasets, 2, world_size=2, seed=3).global_batch_list()) > 0
+    sampler = OneDatasetBatchSampler(datasets, 2, world_size=2, seed=3, texts=texts)
+    with caplog.at_level(logging.INFO):
+        batches = sampler.global_batch_list()
+    assert repeats(batches) == 0 and sampler.moved > 0 and f"{sampler.moved} times a row waited" in caplog.text
+    assert all(len({datasets[i] for i in batch}) == 1 and len(batch) == 4 for batch in batches)
+    assert len(batches) == 6 + 3 and len(sampler) == 2 * len(batches)  # here every row still finds a batch
+    assert sorted(i for batch in batches for i in batch) == list(range(len(datasets)))
+
+
 def test_processes_train_in_step_on_slices_of_one_global_batch():
     """Under accelerate's sharding (batch i to process i % world), each step's per-process batches are the
     slices of one global batch, so the loss gathered across processes never mixes datasets."""

@@ -343,7 +343,7 @@ def test_smollm2_mntp_lowers_loss_and_adapter_reloads(tmp_path, smollm2_path, sh
     out = tmp_path / "mntp"
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
-    trained = run.trainer.model.eval()
+    trained = run.trainer.model.body.eval()  # MNTPModel holds the PEFT body
     ids = torch.tensor([[28120, 314, 1345, 79, 260, 3345, 30, 1085]])
     with torch.no_grad():
         want = trained(input_ids=ids).last_hidden_state

@@ -106,6 +106,8 @@ class ContrastiveArguments:
         "InfoNCE impl; auto: Triton on CUDA, PyTorch elsewhere", choices=IMPLEMENTATIONS))
     gather_across_ranks: bool = field(default=True, metadata=_help(
         "with several processes, score every query against the global batch"))
+    no_duplicates: bool = field(default=False, metadata=_help(
+        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait"))
     csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
     dataset_from_file_name: bool = field(default=False, metadata=_help(
         "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))
@@ -268,6 +270,9 @@ def resolved_settings(stage: str, config: str | Path | dict[str, Any] | None,
     settings.update(overrides or {})
     parser = stage_parser(stage)
     namespace = vars(parser.parse_known_args(["--model_name_or_path", "-", *to_argv(settings)])[0])
+    unknown = sorted(set(settings) - set(namespace))
+    if unknown:
+        raise ValueError(f"unknown {stage} setting(s): {', '.join(unknown)}")
     return {key: namespace[key] for key in settings}
 
 

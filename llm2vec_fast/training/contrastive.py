@@ -64,8 +64,12 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     tokenizer.padding_side = "left"
     batch_size = training_args.per_device_train_batch_size
+    texts = None
+    if args.no_duplicates:
+        negatives = rows["negative"] if "negative" in rows.column_names else [None] * len(rows)
+        texts = list(zip(rows["query"], rows["positive"], negatives))
     sampler = OneDatasetBatchSampler(rows["dataset"], batch_size, world_size=max(1, training_args.world_size),
-                                     seed=training_args.seed)
+                                     seed=training_args.seed, texts=texts)
     collator = ContrastiveCollator(tokenizer, args.max_length, packed=args.packed, chunk_size=args.chunk_size,
                                    wrap=model_wrapping(model_args.model_name_or_path, args.pooling_mode))
     collator([rows[i] for i in next(iter(sampler))])  # tokenizer problems show before any model is loaded

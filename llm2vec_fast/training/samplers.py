@@ -21,12 +21,22 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
     query against another dataset's documents. Each dataset's rows are shuffled and cut into full global
     batches (the remainder left out of the epoch, and logged); then the global batches are shuffled.
     ``set_epoch`` reshuffles, as the Trainer calls it.
+
+    With ``texts`` (per row, the texts it puts in a batch: query, positive, negative), no text appears twice in
+    one global batch (sentence-transformers' ``NO_DUPLICATES``): a row whose text is already in the batch being
+    filled waits for a later one; ``moved`` counts those waits in the last epoch drawn (logged), and a dataset's
+    rows that cannot fill one more batch without a repeat are left out of the epoch.
     """
 
-    def __init__(self, datasets: Sequence[str], batch_size: int, *, world_size: int = 1, seed: int = 0):
+    def __init__(self, datasets: Sequence[str], batch_size: int, *, world_size: int = 1, seed: int = 0,
+                 texts: Sequence[Sequence[str | None]] | None = None):
         if batch_size < 1 or world_size < 1:
             raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
         self.batch_size, self.world_size, self.seed, self.epoch = batch_size, world_size, seed, 0
+        self.texts = None if texts is None else [frozenset(t for t in row if t is not None) for row in texts]
+        if self.texts is not None and len(self.texts) != len(datasets):
+            raise ValueError(f"texts has {len(self.texts)} rows, datasets {len(datasets)}")
+        self.moved, self._epoch_batches = 0, None
         self.rows: dict[str, list[int]] = defaultdict(list)
         for index, name in enumerate(datasets):
             self.rows[name].append(index)
@@ -50,14 +60,40 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def global_batch_list(self) -> list[list[int]]:
         """This epoch's global batches, in order."""
+        if self._epoch_batches is not None and self._epoch_batches[0] == self.epoch:
+            return self._epoch_batches[1]
         rng = random.Random(self.seed + self.epoch)
         size = self.batch_size * self.world_size
-        batches = []
+        batches, self.moved = [], 0
         for name in sorted(self.rows):
             rows = list(self.rows[name])
             rng.shuffle(rows)
-            batches += [rows[start:start + size] for start in range(0, len(rows) - size + 1, size)]
+            if self.texts is None:
+                batches += [rows[start:start + size] for start in range(0, len(rows) - size + 1, size)]
+            else:
+                batches += self._without_duplicates(rows, size)
         rng.shuffle(batches)
+        if self.texts is not None:
+            logger.info("epoch %d: %d global batches without a repeated text; %d times a row waited for a later "
+                        "batch", self.epoch, len(batches), self.moved)
+        self._epoch_batches = (self.epoch, batches)
+        return batches
+
+    def _without_duplicates(self, rows: list[int], size: int) -> list[list[int]]:
+        batches = []
+        while len(rows) >= size:
+            batch, seen, waiting = [], set(), []
+            for index in rows:
+                if len(batch) < size and not self.texts[index] & seen:
+                    batch.append(index)
+                    seen |= self.texts[index]
+                else:
+                    self.moved += len(batch) < size
+                    waiting.append(index)
+            if len(batch) < size:  # the rest cannot fill a batch without repeating a text
+                break
+            batches.append(batch)
+            rows = waiting
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -66,4 +102,4 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
                 yield batch[rank * self.batch_size:(rank + 1) * self.batch_size]
 
     def __len__(self) -> int:
-        return self.global_batches * self.world_size
+        return len(self.global_batch_list()) * self.world_size
