@@ -50,21 +50,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line("")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere (benchmarks/gpu_check.sh runs it)")
-
-
-def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="GPU comparison did not run: no CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
-
-
 @pytest.fixture
 def perf_record():
     """The ``record`` helper as a fixture (same signature)."""

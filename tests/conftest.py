@@ -139,17 +139,8 @@ def shared_data() -> Path:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere, run by benchmarks/gpu_check.sh")
+    # The gpu marker and its skip hook are in the repository's root conftest.py, shared with benchmarks/.
     config.addinivalue_line("markers", "slow: real-model test sized for CI's CPU budget")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(scope="session")
