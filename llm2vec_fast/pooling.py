@@ -72,8 +72,3 @@ def pool_segments(states: torch.Tensor, lengths: torch.Tensor, mode: str = "mean
     out = torch.zeros(n, states.shape[1], device=states.device, dtype=states.dtype)
     return out.index_add_(0, segment, states * (weights / sums[segment]).unsqueeze(1))
 
-
-def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str = "mean", **kwargs) -> torch.Tensor:
-    """:func:`pool_segments` over ``cu_seqlens`` offsets; for training/contrastive.py until it calls
-    ``llm2vec_fast.pipeline.embed`` (then this goes)."""
-    return pool_segments(hidden, cu_seqlens.diff(), mode, **kwargs)

@@ -40,12 +40,11 @@ import hashlib
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 from ._matmul import matmul_fp32
-
-import triton
-import triton.language as tl
 
 # The norm clamp of torch.nn.functional.normalize, which sentence-transformers' cos_sim uses.
 NORM_EPS = 1e-12
@@ -58,144 +57,142 @@ __all__ = ["info_nce_loss", "info_nce_loss_reference", "InfoNCEFunction", "text_
 # --------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------------
-if triton is not None:
+@triton.jit
+def _infonce_norm_kernel(X, RN, n_rows, dim, stride_x, EPS: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """RN[r] = 1 / max(|X[r]|, EPS), in fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    # row * stride in int64: it passes 2^31 once (B + N) x D does (8 ranks x 128K docs at D 4096). Indices
+    # themselves stay int32 (fewer registers in the tiles' compares).
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k in range(0, dim, BLOCK_D):
+        mask = (rows[:, None] < n_rows) & ((k + cols)[None, :] < dim)
+        x = tl.load(x_rows + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(acc), EPS)
+    tl.store(RN + rows, inv, mask=rows < n_rows)
 
-    @triton.jit
-    def _infonce_norm_kernel(X, RN, n_rows, dim, stride_x, EPS: tl.constexpr, BLOCK_R: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
-        """RN[r] = 1 / max(|X[r]|, EPS), in fp32."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_D)
-        # row * stride in int64: it passes 2^31 once (B + N) x D does (8 ranks x 128K docs at D 4096). Indices
-        # themselves stay int32 (fewer registers in the tiles' compares).
-        x_rows = X + rows.to(tl.int64)[:, None] * stride_x
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k in range(0, dim, BLOCK_D):
-            mask = (rows[:, None] < n_rows) & ((k + cols)[None, :] < dim)
-            x = tl.load(x_rows + (k + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(x * x, axis=1)
-        inv = 1.0 / tl.maximum(tl.sqrt(acc), EPS)
-        tl.store(RN + rows, inv, mask=rows < n_rows)
+@triton.jit
+def _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """scale * cos(Q[rows], DOCS[cols]) as a (BLOCK_M, BLOCK_N) fp32 tile; D is walked in BLOCK_K steps.
+    ``row * stride`` is taken in int64, so that it cannot wrap."""
+    ks = tl.arange(0, BLOCK_K)
+    q_rows = Q + rows.to(tl.int64)[:, None] * stride_q
+    d_cols = DOCS + cols.to(tl.int64)[None, :] * stride_d
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, dim, BLOCK_K):
+        kk = k + ks
+        q = tl.load(q_rows + kk[None, :], mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
+        d = tl.load(d_cols + kk[:, None], mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
+        acc = tl.dot(q, d, acc, input_precision=DOT_PRECISION)
+    rq = tl.load(RQ + rows, mask=rows < n_rows, other=0.0)
+    rd = tl.load(RD + cols, mask=cols < n_cols, other=0.0)
+    return acc * (rq[:, None] * scale) * rd[None, :]
 
-    @triton.jit
-    def _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """scale * cos(Q[rows], DOCS[cols]) as a (BLOCK_M, BLOCK_N) fp32 tile; D is walked in BLOCK_K steps.
-        ``row * stride`` is taken in int64, so that it cannot wrap."""
-        ks = tl.arange(0, BLOCK_K)
-        q_rows = Q + rows.to(tl.int64)[:, None] * stride_q
-        d_cols = DOCS + cols.to(tl.int64)[None, :] * stride_d
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, dim, BLOCK_K):
-            kk = k + ks
-            q = tl.load(q_rows + kk[None, :], mask=(rows[:, None] < n_rows) & (kk[None, :] < dim), other=0.0)
-            d = tl.load(d_cols + kk[:, None], mask=(cols[None, :] < n_cols) & (kk[:, None] < dim), other=0.0)
-            acc = tl.dot(q, d, acc, input_precision=DOT_PRECISION)
-        rq = tl.load(RQ + rows, mask=rows < n_rows, other=0.0)
-        rd = tl.load(RD + cols, mask=cols < n_cols, other=0.0)
-        return acc * (rq[:, None] * scale) * rd[None, :]
+@triton.jit
+def _duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids):
+    """(BLOCK_M, BLOCK_N) mask of the columns that are the same text as the row's own positive, the positive
+    itself excepted: false negatives, left out of the row's softmax."""
+    col_ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
+    return (col_ids[None, :] == target_ids[:, None]) & (cols[None, :] != targets[:, None])
 
-    @triton.jit
-    def _duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids):
-        """(BLOCK_M, BLOCK_N) mask of the columns that are the same text as the row's own positive, the positive
-        itself excepted: false negatives, left out of the row's softmax."""
-        col_ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
-        return (col_ids[None, :] == target_ids[:, None]) & (cols[None, :] != targets[:, None])
-
-    @triton.jit
-    def _infonce_fwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, MAX_OUT, SUM_OUT, TARGET_OUT, n_rows, n_cols, dim, stride_q,
-                            stride_d, label_offset, scale, tiles_per_split, HAS_IDS: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
-        """Partial (running max, sum of exp, target score) of one row block over one range of column tiles."""
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        targets = rows + label_offset
-        target_ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        if HAS_IDS:
-            target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
-        running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        target = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        first_tile = split * tiles_per_split
-        for tile in range(first_tile, first_tile + tiles_per_split):
-            cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
-                            BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-            s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
-            if HAS_IDS:
-                s = tl.where(_duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids), float("-inf"), s)
-            target += tl.sum(tl.where(cols[None, :] == targets[:, None], s, 0.0), axis=1)
-            new_max = tl.maximum(running_max, tl.max(s, axis=1))
-            # A row whose tiles so far are all padding keeps max -inf; shift by 0 there to avoid inf - inf.
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(s - safe_max[:, None]), axis=1)
-            running_max = new_max
-        out = split * n_rows + rows
-        tl.store(MAX_OUT + out, running_max, mask=rows < n_rows)
-        tl.store(SUM_OUT + out, running_sum, mask=rows < n_rows)
-        tl.store(TARGET_OUT + out, target, mask=rows < n_rows)
-
-    @triton.jit
-    def _infonce_bwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, LSE, SLAB, n_rows, n_cols, dim, stride_q, stride_d, stride_slab,
-                            label_offset, scale, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """SLAB[i, j] = softmax(s)[i, j] - [j == i + label_offset] for the slab's rows, recomputing s."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        targets = rows + label_offset
+@triton.jit
+def _infonce_fwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, MAX_OUT, SUM_OUT, TARGET_OUT, n_rows, n_cols, dim, stride_q,
+                        stride_d, label_offset, scale, tiles_per_split, HAS_IDS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Partial (running max, sum of exp, target score) of one row block over one range of column tiles."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    targets = rows + label_offset
+    target_ids = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    if HAS_IDS:
+        target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_tile = split * tiles_per_split
+    for tile in range(first_tile, first_tile + tiles_per_split):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
         if HAS_IDS:
-            target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
             s = tl.where(_duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids), float("-inf"), s)
-        lse = tl.load(LSE + rows, mask=rows < n_rows, other=0.0)
-        h = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        tl.store(SLAB + rows.to(tl.int64)[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty),
-                 mask=mask)
+        target += tl.sum(tl.where(cols[None, :] == targets[:, None], s, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(s, axis=1))
+        # A row whose tiles so far are all padding keeps max -inf; shift by 0 there to avoid inf - inf.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(s - safe_max[:, None]), axis=1)
+        running_max = new_max
+    out = split * n_rows + rows
+    tl.store(MAX_OUT + out, running_max, mask=rows < n_rows)
+    tl.store(SUM_OUT + out, running_sum, mask=rows < n_rows)
+    tl.store(TARGET_OUT + out, target, mask=rows < n_rows)
 
-    @triton.jit
-    def _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS: tl.constexpr):
-        """One block of a score row, -inf past the end and at the target's duplicates."""
-        s = tl.load(s_row + cols, mask=cols < n_cols, other=float("-inf"))
-        if HAS_IDS:
-            ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
-            s = tl.where((ids == target_id) & (cols != target), float("-inf"), s)
-        return s
+@triton.jit
+def _infonce_bwd_kernel(Q, DOCS, RQ, RD, DOC_IDS, LSE, SLAB, n_rows, n_cols, dim, stride_q, stride_d, stride_slab,
+                        label_offset, scale, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """SLAB[i, j] = softmax(s)[i, j] - [j == i + label_offset] for the slab's rows, recomputing s."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    targets = rows + label_offset
+    s = _score_tile(Q, DOCS, RQ, RD, rows, cols, n_rows, n_cols, dim, stride_q, stride_d, scale,
+                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if HAS_IDS:
+        target_ids = tl.load(DOC_IDS + targets, mask=rows < n_rows, other=0)
+        s = tl.where(_duplicates_of_target(DOC_IDS, cols, n_cols, targets, target_ids), float("-inf"), s)
+    lse = tl.load(LSE + rows, mask=rows < n_rows, other=0.0)
+    h = tl.exp(s - lse[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(SLAB + rows.to(tl.int64)[:, None] * stride_slab + cols[None, :], h.to(SLAB.dtype.element_ty),
+             mask=mask)
 
-    @triton.jit
-    def _infonce_row_softmax_kernel(S, OUT, DOC_IDS, LSE, TARGET, n_cols, stride_s, stride_out, label_offset,
-                                    HAS_IDS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The GEMM variant's epilogue, one program per query row of a slab of fp32 scores S ``(rows, n_cols)``
-        that cuBLAS computed: the row's log-sum-exp and target score, and with ``WRITE_GRAD``
-        ``OUT[i, j] = softmax(s)[i, j] - [j == target]`` (OUT may be S itself)."""
-        row = tl.program_id(0).to(tl.int64)
-        target = row + label_offset
-        s_row = S + row * stride_s
-        target_id = tl.load(DOC_IDS + target) if HAS_IDS else 0
-        running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        # Lane-wise running (max, sum): one pass over the row, merged across lanes at the end.
+@triton.jit
+def _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS: tl.constexpr):
+    """One block of a score row, -inf past the end and at the target's duplicates."""
+    s = tl.load(s_row + cols, mask=cols < n_cols, other=float("-inf"))
+    if HAS_IDS:
+        ids = tl.load(DOC_IDS + cols, mask=cols < n_cols, other=0)
+        s = tl.where((ids == target_id) & (cols != target), float("-inf"), s)
+    return s
+
+@triton.jit
+def _infonce_row_softmax_kernel(S, OUT, DOC_IDS, LSE, TARGET, n_cols, stride_s, stride_out, label_offset,
+                                HAS_IDS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The GEMM variant's epilogue, one program per query row of a slab of fp32 scores S ``(rows, n_cols)``
+    that cuBLAS computed: the row's log-sum-exp and target score, and with ``WRITE_GRAD``
+    ``OUT[i, j] = softmax(s)[i, j] - [j == target]`` (OUT may be S itself)."""
+    row = tl.program_id(0).to(tl.int64)
+    target = row + label_offset
+    s_row = S + row * stride_s
+    target_id = tl.load(DOC_IDS + target) if HAS_IDS else 0
+    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Lane-wise running (max, sum): one pass over the row, merged across lanes at the end.
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        s = _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS)
+        new_max = tl.maximum(running_max, s)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(s - safe_max)
+        running_max = new_max
+    row_max = tl.max(running_max, axis=0)  # finite: the target column is never masked
+    lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    tl.store(LSE + row, lse)
+    tl.store(TARGET + row, tl.load(s_row + target))
+    if WRITE_GRAD:
+        out_row = OUT + row * stride_out
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
             s = _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS)
-            new_max = tl.maximum(running_max, s)
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(s - safe_max)
-            running_max = new_max
-        row_max = tl.max(running_max, axis=0)  # finite: the target column is never masked
-        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
-        tl.store(LSE + row, lse)
-        tl.store(TARGET + row, tl.load(s_row + target))
-        if WRITE_GRAD:
-            out_row = OUT + row * stride_out
-            for start in range(0, n_cols, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                s = _row_scores(s_row, DOC_IDS, cols, n_cols, target, target_id, HAS_IDS)
-                h = tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)
-                tl.store(out_row + cols, h.to(OUT.dtype.element_ty), mask=cols < n_cols)
+            h = tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(out_row + cols, h.to(OUT.dtype.element_ty), mask=cols < n_cols)
 
 
 def _block_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
