@@ -217,6 +217,21 @@ def test_unpatched_gives_the_plain_model_for_a_block_and_patches_back_with_the_s
     assert model.config._attn_implementation == "llm2vec_fast_torch"
 
 
+def test_patch_settings_patch_another_copy_alike():
+    """What a pickled or copied model (multiprocess encoding) is patched again with: the same options."""
+    from llm2vec_fast.bidirectional import patch_settings
+
+    model, other = build_tiny_model("llama"), build_tiny_model("llama")
+    assert patch_settings(model) is None
+    patch(model, attention_impl="torch", attention_dropout=0.2)
+    settings = patch_settings(model)
+    assert settings == {"attention_impl": "torch", "attention_dropout": 0.2, "bidirectional": True}
+    patch(other, **settings)
+    assert model_state(other) == model_state(model)
+    unpatch(model)
+    assert patch_settings(model) is None
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_dropout_applies_in_training_only(impl):
     model = patch(build_tiny_model("llama"), attention_impl=impl, attention_dropout=0.3)
