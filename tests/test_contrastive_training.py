@@ -147,6 +147,17 @@ def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
     assert negative["attention_mask"][:, -1].all() and not negative["attention_mask"][1, 0]  # "Bye." is shorter
 
 
+def test_collator_treats_a_blank_instruction_as_none(smollm2_path):
+    """As llm2vec's supervised data (and this collator before the pipeline): no "; " joiner for a blank one."""
+    from transformers import AutoTokenizer
+
+    collator = ContrastiveCollator(AutoTokenizer.from_pretrained(smollm2_path), max_length=64)
+    blank, none = (collator([row("A man plays a guitar.", "Someone plays music.", "A dog sleeps.", instruction)])
+                   for instruction in ("   ", ""))
+    assert torch.equal(blank["query"][0]["input_ids"], none["query"][0]["input_ids"])
+    assert torch.equal(blank["query"][0]["embed_mask"], none["query"][0]["embed_mask"])
+
+
 def _write_jsonl(path, rows):
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         for row in rows:

@@ -115,7 +115,9 @@ class ContrastiveCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, torch.Tensor]]]:
         if not rows:
             raise ValueError("the contrastive collator got an empty batch")
-        out = {"query": self.chunks([(row.get("instruction") or "", row["query"]) for row in rows]),
+        # A blank instruction is none (llm2vec's supervised data joins "instruction; " only when there is one);
+        # the encoder, as llm2vec's encode, joins any non-empty one.
+        out = {"query": self.chunks([((row.get("instruction") or "").strip(), row["query"]) for row in rows]),
                "positive": self.chunks([("", row["positive"]) for row in rows])}
         negatives = [row.get("negative") for row in rows]
         if any(n is not None for n in negatives):
