@@ -58,7 +58,8 @@ def pool_segments(states: torch.Tensor, lengths: torch.Tensor, mode: str = "mean
         index = ends - lengths if mode == "bos_token" else ends - 1
         present = (lengths > 0).unsqueeze(1)
         return states[index.clamp(0, max(total - 1, 0))] * present if total else states.new_zeros(n, states.shape[1])
-    segment = torch.repeat_interleave(torch.arange(n, device=states.device), lengths)
+    # output_size: the total is known (checked above), so this costs no second host sync
+    segment = torch.repeat_interleave(torch.arange(n, device=states.device), lengths, output_size=total)
     counted = torch.ones(total, device=states.device) if embed_mask is None else embed_mask.reshape(-1).float()
     if counted.numel() != total:
         raise ValueError(f"embed_mask has {counted.numel()} entries for {total} tokens")
