@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..kernels._dispatch import IMPLEMENTATIONS
 from ..pooling import check_pooling_mode
+from .losses import check_matryoshka
 from .modeling import DEFAULT_LORA_TARGETS, MODEL_DTYPES
 
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
@@ -117,6 +118,11 @@ class ContrastiveArguments:
         "false: a row missing a field or with an empty text is an error; true: skipped and counted"))
     instructions: dict | str | None = field(default=None, metadata=_help(
         "JSON object dataset -> instruction (or list), added to E5's"))
+    matryoshka_dims: list[int] | None = field(default=None, metadata=_help(
+        "Matryoshka training: leading dimensions, strictly decreasing (e.g. 4096 1024 256 64); the InfoNCE loss is "
+        "summed over the embeddings truncated to each; null: plain InfoNCE"))
+    matryoshka_weights: list[float] | None = field(default=None, metadata=_help(
+        "one weight per matryoshka_dims entry (sentence-transformers' MatryoshkaLoss); null: 1 each"))
 
     def __post_init__(self):
         check_pooling_mode(self.pooling_mode)
@@ -126,6 +132,10 @@ class ContrastiveArguments:
             raise ValueError(f"chunk_size must be a positive number of rows or null, got {self.chunk_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        # `--matryoshka_dims null` parses as [None]; the embedding size is checked once the model's config is read.
+        self.matryoshka_dims = None if self.matryoshka_dims in (None, [None]) else self.matryoshka_dims
+        self.matryoshka_weights = None if self.matryoshka_weights in (None, [None]) else self.matryoshka_weights
+        check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
 
 
 STAGE_ARGUMENTS = {"mntp": MNTPArguments, "simcse": ContrastiveArguments, "supervised": ContrastiveArguments}

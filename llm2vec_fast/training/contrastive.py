@@ -19,7 +19,7 @@ from ..builtin_models import resolve_model
 from ..encoder import ENCODER_KEYS, LLM2VEC_CONFIG
 from ..pipeline import wrap_for_model
 from .collators import ContrastiveCollator
-from .losses import CachedInfoNCELoss, InfoNCELoss
+from .losses import CachedInfoNCELoss, InfoNCELoss, check_matryoshka
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
 from .samplers import OneDatasetBatchSampler
 from .trainer import LLM2VecTrainer, TrainingRun, run_training
@@ -49,7 +49,19 @@ def contrastive_loss(args, batch_size: int) -> InfoNCELoss:
     cached = args.chunk_size is not None and args.chunk_size < batch_size
     return (CachedInfoNCELoss if cached else InfoNCELoss)(
         args.pooling_mode, scale=args.scale, gather_across_ranks=args.gather_across_ranks,
-        impl=kernel_impl(args.loss_impl))
+        impl=kernel_impl(args.loss_impl), matryoshka_dims=args.matryoshka_dims,
+        matryoshka_weights=args.matryoshka_weights)
+
+
+def check_matryoshka_fits(model_name_or_path: str, args) -> None:
+    """``matryoshka_dims`` within the model's embedding size (its ``hidden_size``), before any weight loads."""
+    if args.matryoshka_dims is None:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model_name_or_path))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_matryoshka(args.matryoshka_dims, args.matryoshka_weights, embedding_dim=config.hidden_size)
 
 
 def train_contrastive(model_args, data_args, args, training_args, rows, *, stage: str) -> TrainingRun:
@@ -58,6 +70,7 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
     from transformers import set_seed
 
     set_seed(training_args.seed)
+    check_matryoshka_fits(model_args.model_name_or_path, args)
     if training_args.per_device_train_batch_size < 2:
         raise ValueError("per_device_train_batch_size must be at least 2 (in-batch negatives), got "
                          f"{training_args.per_device_train_batch_size}")
@@ -76,9 +89,11 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
     collator.stats = dict.fromkeys(collator.stats, 0)  # count what training tokenizes, not this probe
     model = build_model(model_args)
     loss = contrastive_loss(args, batch_size)
-    logger.info("%s: %d batches of %d rows%s, %d trainable parameters, scale %g, loss impl %s", stage, len(sampler),
+    logger.info("%s: %d batches of %d rows%s, %d trainable parameters, scale %g, loss impl %s%s", stage, len(sampler),
                 batch_size, f" (GradCache chunks of {args.chunk_size})" if isinstance(loss, CachedInfoNCELoss) else "",
-                sum(p.numel() for p in model.parameters() if p.requires_grad), args.scale, loss.impl)
+                sum(p.numel() for p in model.parameters() if p.requires_grad), args.scale, loss.impl,
+                f", Matryoshka dims {list(loss.matryoshka_dims)} weights {list(loss.matryoshka_weights)}"
+                if loss.matryoshka_dims else "")
     trainer = LLM2VecTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                              processing_class=tokenizer, loss=loss, batch_sampler=sampler)
     run = run_training(trainer, stage, (model_args, data_args, args, training_args))

@@ -7,11 +7,16 @@
 - :class:`CachedInfoNCELoss`: the same with GradCache inside the loss, as sentence-transformers'
   ``CachedMultipleNegativesRankingLoss``: the forward embeds without a graph, the loss's backward re-encodes
   chunk by chunk.
+
+Both InfoNCE losses take ``matryoshka_dims`` (sentence-transformers' ``MatryoshkaLoss``): the loss summed over
+the leading dimensions of the embeddings.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -85,23 +90,73 @@ class MNTPModel(nn.Module):
         self.body.activation_checkpointing_enable(**kwargs)
 
 
+def check_matryoshka(dims: Sequence[int] | None, weights: Sequence[float] | None = None, *,
+                     embedding_dim: int | None = None) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """Matryoshka settings, checked: ``dims`` strictly decreasing positive ints (at most ``embedding_dim`` when
+    it is known), ``weights`` one finite non-negative number per dim, not all zero (default: 1 each). Returns
+    ``(dims, weights)`` as tuples, or None when ``dims`` is None."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights were given without matryoshka_dims")
+        return None
+    dims = list(dims)
+    if not dims:
+        raise ValueError("matryoshka_dims is empty; give the leading dimensions to train, e.g. [64, 32, 8], or "
+                         "null for plain InfoNCE")
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"matryoshka_dims must be positive integers, got {dims}")
+    if any(a <= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims must be strictly decreasing (largest first, no duplicates), got {dims}")
+    if embedding_dim is not None and dims[0] > embedding_dim:
+        raise ValueError(f"matryoshka_dims {dims}: {dims[0]} is larger than the embedding size {embedding_dim}")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights needs one weight per dim: {len(dims)} dims {dims}, "
+                         f"{len(weights)} weights {weights}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"matryoshka_weights must be finite, non-negative and not all zero, got {weights}")
+    return tuple(dims), tuple(weights)
+
+
 class InfoNCELoss(nn.Module):
     """InfoNCE (sentence-transformers' ``MultipleNegativesRankingLoss``) on pooled embeddings: ``forward(model,
     inputs)`` with the collator's groups, each a list of chunks, encoded in one graph. With several processes
-    and ``gather_across_ranks``, every query is scored against the global batch."""
+    and ``gather_across_ranks``, every query is scored against the global batch.
+
+    ``matryoshka_dims`` (e.g. ``(4096, 1024, 256, 64)``, strictly decreasing) makes it sentence-transformers'
+    ``MatryoshkaLoss`` around it: the sum over ``d`` of ``weight_d * InfoNCE(embeddings[:, :d])``, each term the
+    fused kernel on the leading ``d`` dimensions, so the cosine is that of the truncated vectors (normalized
+    after truncation, as ``encode(truncate_dim=d)`` gives them). ``matryoshka_weights`` default to 1 each. The
+    full dimension is trained only when it is listed, as in sentence-transformers."""
 
     def __init__(self, pooling_mode: str = "mean", *, scale: float = 20.0, gather_across_ranks: bool = True,
-                 impl: str = "auto"):
+                 impl: str = "auto", matryoshka_dims: Sequence[int] | None = None,
+                 matryoshka_weights: Sequence[float] | None = None):
         super().__init__()
         self.pooling_mode = pooling_mode
         self.scale = scale
         self.gather_across_ranks = gather_across_ranks
         self.impl = impl
+        checked = check_matryoshka(matryoshka_dims, matryoshka_weights)
+        self.matryoshka_dims, self.matryoshka_weights = checked if checked else (None, None)
 
     def score(self, *reps: torch.Tensor | None) -> torch.Tensor:
         gather = self.gather_across_ranks and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl)
+        if self.matryoshka_dims is None:
+            return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl)
+        size = reps[0].shape[-1]
+        if self.matryoshka_dims[0] > size:
+            raise ValueError(f"matryoshka_dims {list(self.matryoshka_dims)}: {self.matryoshka_dims[0]} is larger "
+                             f"than the embedding size {size}")
+        loss = None
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            term = weight * info_nce_loss(*(None if r is None else r[:, :dim] for r in reps), scale=self.scale,
+                                          gather_across_ranks=gather, impl=self.impl)
+            loss = term if loss is None else loss + term
+        return loss
 
     def forward(self, model, inputs: dict[str, list[dict[str, Any]]]) -> torch.Tensor:
         return self.score(*(torch.cat([embed(model, chunk, self.pooling_mode) for chunk in inputs[group]])
