@@ -7,8 +7,11 @@ training). ``LLM2VecPooling`` (``1_Pooling``) pools the token states over ``embe
 of each mode (:func:`llm2vec_fast.pooling.pool`). Together they give ``LLM2Vec.encode``'s embeddings.
 
 Load with ``SentenceTransformer(DIR, trust_remote_code=True)``: sentence-transformers >= 6 imports module classes
-outside its own package only with that consent. ``model_kwargs`` go to ``LLM2Vec.from_pretrained`` (``dtype``,
-``attention_impl``...).
+outside its own package only with that consent. Its own ``Transformer`` + ``Pooling(include_prompt=False)``
+would load without it, but they cannot run our attention (nothing imports llm2vec_fast to register it) and they
+do not pool an instruction's boundary as llm2vec does; docs/integrations.md ("Why trust_remote_code=True
+stays") gives the source lines and the measured cosines. ``model_kwargs`` go to ``LLM2Vec.from_pretrained``
+(``dtype``, ``attention_impl``...).
 """
 
 from __future__ import annotations

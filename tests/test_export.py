@@ -157,6 +157,46 @@ def test_without_llm2vec_fast_loading_says_to_install_it(exported_mean, tmp_path
     assert "LOADED" not in result.stdout
 
 
+def test_without_trust_remote_code_loading_stops_with_a_message(exported_mean):
+    """sentence-transformers >= 6 imports module classes outside its own package only with trust_remote_code
+    (sentence_transformers/util/misc.py, import_module_class): without the flag the load stops, naming the
+    flag, and nothing causal is returned. Why the directory cannot do without our classes: docs/integrations.md."""
+    from sentence_transformers import SentenceTransformer
+
+    _, path = exported_mean
+    with pytest.raises(ValueError, match="trust_remote_code=True") as error:
+        SentenceTransformer(path, device="cpu")
+    assert "llm2vec_fast.sentence_transformers.LLM2VecTransformer" in str(error.value)
+
+
+def test_sentence_transformers_own_modules_load_without_the_flag_but_miss_llm2vec_instructions(exported_mean,
+                                                                                                tmp_path):
+    """The evidence for keeping our module classes (docs/integrations.md): sentence-transformers' own Transformer
+    and Pooling(include_prompt=False) load without trust_remote_code and, through config.json's is_causal=false,
+    run bidirectionally (transformers' SDPA, not our kernel): plain texts give LLM2Vec.encode's embeddings. With an
+    instruction they do not: the prompt's tokens are counted by tokenizing it alone, and a BPE tokenizer merges
+    the joining space into the text's first word, so that word is left out of pooling too ("x" loses its only
+    token). Should a sentence-transformers release close the gap, this fails, and the export can switch."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    encoder, path = exported_mean
+    transformer = Transformer(path, model_kwargs={"dtype": torch.float32}, module_output_name="token_embeddings",
+                              modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}})
+    native = SentenceTransformer(modules=[transformer, Pooling(encoder.config.hidden_size, pooling_mode="mean",
+                                                               include_prompt=False)], device="cpu")
+    native.save(str(tmp_path / "native"))
+    reloaded = SentenceTransformer(str(tmp_path / "native"), device="cpu")  # no trust_remote_code needed
+    assert reloaded[0].auto_model.config.is_causal is False
+    texts = TEXTS[:4]  # not the empty text: pooled whole by llm2vec-fast, nothing by sentence-transformers
+    assert _cosines(reloaded.encode(texts), encoder.encode(texts)).min() >= 0.99999
+    instruction = default_prompts()["SciFact"]
+    with_prompt = _cosines(reloaded.encode(texts, prompt=instruction),
+                           encoder.encode([[instruction, text] for text in texts]))
+    assert np.nan_to_num(with_prompt, nan=0.0).min() < 0.999
+
+
 def test_sentence_transformers_trainer_fine_tunes_it(exported_mean, tmp_path, monkeypatch):
     """A few MultipleNegativesRankingLoss steps with SentenceTransformerTrainer: our attention is in the graph
     (called with inputs that need gradients), the weights move, and the trained model saves and reloads. ~25 s
