@@ -15,7 +15,8 @@ import torch
 from llm2vec_fast.kernels import info_nce_loss
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from infonce_distributed_worker import RUNS, global_batch, global_ids  # noqa: E402
+from infonce_distributed_worker import (MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS, RUNS, global_batch,  # noqa: E402
+                                        global_ids)
 
 WORKER = Path(__file__).parent / "helpers" / "infonce_distributed_worker.py"
 WORLD, PER_RANK, NEG_PER_RANK, DIM = 2, 5, 3, 64
@@ -67,6 +68,21 @@ def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl, varia
         torch.testing.assert_close(got["queries"], grad_q[rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got["positives"], grad_p[rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got["negatives"], grad_n[neg_rows], rtol=1e-4, atol=1e-6)
+
+
+def test_gathered_matryoshka_loss_equals_one_process(rank_results):
+    """InfoNCELoss(matryoshka_dims=...) across 2 ranks: each truncation gathered, the weighted sum global."""
+    tensors = [t.clone().requires_grad_() for t in global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM)]
+    loss = sum(w * info_nce_loss(*(t[:, :d] for t in tensors), scale=50.0, impl="torch")
+               for d, w in zip(MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS))
+    grads = torch.autograd.grad(loss, tensors)
+    for rank, result in enumerate(rank_results):
+        got = result["matryoshka"]
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        neg_rows = slice(rank * NEG_PER_RANK, (rank + 1) * NEG_PER_RANK)
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        for name, grad, part in zip(("queries", "positives", "negatives"), grads, (rows, rows, neg_rows)):
+            torch.testing.assert_close(got[name], grad[part], rtol=1e-4, atol=1e-6)
 
 
 def test_ddp_parameter_gradient_is_global_gradient_over_world(rank_results):

@@ -1,6 +1,6 @@
 """Launched by tests/test_infonce_distributed.py under torchrun (gloo, CPU): every rank takes its shard of one
-global batch, runs ``info_nce_loss(..., gather_across_ranks=True)`` (with and without text ids), and saves its loss and gradients, plus the
-parameter gradient of a small DDP-wrapped encoder, to ``OUT_DIR/rank{r}.pt``."""
+global batch, runs ``info_nce_loss(..., gather_across_ranks=True)`` (with and without text ids) and the Matryoshka loss module,
+and saves its loss and gradients, plus the parameter gradient of a small DDP-wrapped encoder, to ``OUT_DIR/rank{r}.pt``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def global_ids(world: int, per_rank: int, negatives_per_rank: int):
             torch.randint(0, 4, (world * negatives_per_rank,), generator=generator))
 
 
+MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS = (64, 16, 5), (1.0, 0.5, 2.0)
 RUNS = [("torch", "auto", False), ("triton", "fused", False), ("torch", "auto", True), ("triton", "fused", True),
         ("triton", "gemm", True)]
 
@@ -52,6 +53,15 @@ def main() -> None:
         loss.backward()
         result[(impl, variant, masked)] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad,
                                            "negatives": n.grad}
+
+    # The Matryoshka loss module gathers each truncation's slices: the value and gradients of the global sum.
+    from llm2vec_fast.training.losses import InfoNCELoss
+
+    q, p, n = (t[r].clone().requires_grad_() for t, r in ((queries, rows), (positives, rows), (negatives, neg_rows)))
+    loss = InfoNCELoss(scale=50.0, impl="torch", matryoshka_dims=MATRYOSHKA_DIMS,
+                       matryoshka_weights=MATRYOSHKA_WEIGHTS).score(q, p, n)
+    loss.backward()
+    result["matryoshka"] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad, "negatives": n.grad}
 
     # A linear encoder under DDP: the averaged parameter gradient is that of the global loss / world size.
     torch.manual_seed(0)
