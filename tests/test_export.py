@@ -182,8 +182,9 @@ def test_sentence_transformers_own_modules_load_without_the_flag_but_miss_llm2ve
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     encoder, path = exported_mean
+    text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}  # no chat template
     transformer = Transformer(path, model_kwargs={"dtype": torch.float32}, module_output_name="token_embeddings",
-                              modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}})
+                              modality_config=text_only)
     native = SentenceTransformer(modules=[transformer, Pooling(encoder.config.hidden_size, pooling_mode="mean",
                                                                include_prompt=False)], device="cpu")
     native.save(str(tmp_path / "native"))

@@ -1,6 +1,7 @@
 """Launched by tests/test_infonce_distributed.py under torchrun (gloo, CPU): every rank takes its shard of one
-global batch, runs ``info_nce_loss(..., gather_across_ranks=True)`` (with and without text ids) and the Matryoshka loss module,
-and saves its loss and gradients, plus the parameter gradient of a small DDP-wrapped encoder, to ``OUT_DIR/rank{r}.pt``."""
+global batch, runs ``info_nce_loss(..., gather_across_ranks=True)`` (with and without text ids) and the
+Matryoshka loss module, and saves its loss and gradients, plus the parameter gradient of a small DDP-wrapped
+encoder, to ``OUT_DIR/rank{r}.pt``."""
 
 from __future__ import annotations
 
