@@ -321,6 +321,36 @@ def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr)
 
 
 @triton.jit
+def _mask_keys(
+    x, fill, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+    HAS_PADDING: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
+):
+    """``x`` (a query x key tile: the forward's scores, dQ's probabilities) with ``fill`` where the key is
+    padding (the mask ``kpm_base``; with ``PAD_SKIP`` only in rows with holes, the range check masking the rest)
+    and, in a ``MASKED`` tile, where it lies past ``end``, before ``first`` (``PAD_SKIP``) or outside the band."""
+    if HAS_PADDING:
+        if PAD_SKIP:
+            if holes:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                x = tl.where(key_ok[None, :] != 0, x, fill)
+        else:
+            if MASKED:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            else:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms)
+            x = tl.where(key_ok[None, :] != 0, x, fill)
+    if MASKED:
+        ok = offs_n[None, :] < end
+        if PAD_SKIP:
+            ok = ok & (offs_n[None, :] >= first)
+        if CAUSAL or WINDOWED:
+            ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+        x = tl.where(ok, x, fill)
+    return x
+
+
+@triton.jit
 def _real_range(RANGES, b, seqlen, PAD_SKIP: tl.constexpr):
     """Row ``b``'s real tokens ``[first, end)`` and whether padding lies between them (``PAD_SKIP``: from the
     host's ``_real_token_ranges``); otherwise the whole sequence and no holes."""
@@ -401,26 +431,10 @@ def _attn_fwd_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
         if SOFTCAP:
             qk, _ = _softcap(qk, cap_in, cap_out)
-        if HAS_PADDING:
-            # finite, so that a tile whose keys are all padding keeps the running max finite
-            if PAD_SKIP:  # the range check below masks the padding around the real tokens; holes need the mask
-                if holes:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                    qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-            else:
-                if MASKED:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                else:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
-                qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-        if MASKED:
-            ok = offs_n[None, :] < end
-            if PAD_SKIP:
-                ok = ok & (offs_n[None, :] >= first)
-            if CAUSAL or WINDOWED:
-                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
-            # finite too: a row may see no key of a band tile; its own key (always visible) clears that later
-            qk = tl.where(ok, qk, -1.0e30)
+        # finite: a tile whose keys are all padding keeps the running max finite, and a row may see no key of
+        # a band tile (its own key, always visible, clears that later)
+        qk = _mask_keys(qk, -1.0e30, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+                        HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max and scale commute
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -564,24 +578,8 @@ def _attn_bwd_dq_inner(
         if SOFTCAP:
             qk, t = _softcap(qk, cap_in, cap_out)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
-        if HAS_PADDING:
-            if PAD_SKIP:
-                if holes:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                    p = tl.where(key_ok[None, :] != 0, p, 0.0)
-            else:
-                if MASKED:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                else:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
-                p = tl.where(key_ok[None, :] != 0, p, 0.0)
-        if MASKED:
-            ok = offs_n[None, :] < end
-            if PAD_SKIP:
-                ok = ok & (offs_n[None, :] >= first)
-            if CAUSAL or WINDOWED:
-                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
-            p = tl.where(ok, p, 0.0)
+        p = _mask_keys(p, 0.0, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+                       HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
