@@ -585,6 +585,125 @@ def test_variant_names_are_checked_and_restored():
     with attention_variants(padding="skip"):
         assert _VARIANT["padding"] == "skip"
     assert _VARIANT["padding"] == "mask"
+    with pytest.raises(ValueError, match="choose from"):
+        with attention_variants(forward="tma"):
+            pass
+    with attention_variants(forward="tma_ws"):
+        assert _VARIANT["forward"] == "tma_ws"
+    assert _VARIANT["forward"] == "default"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hopper forward variant (forward="tma_ws": tensor descriptors, a warp-specialized key loop)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """Counts the launches of the tma_ws forward, so that a test knows it ran (and not the fallback)."""
+    calls = []
+    original = attn_module._attention_forward_tma
+    monkeypatch.setattr(attn_module, "_attention_forward_tma", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["s37-d64-gqa2", "padding-s37-d64", "varlen-d64-mqa", "s37-d128-mqa"])
+def test_tma_forward_matches_reference(case, dtype, tma_calls):
+    """Forward against the fp64 reference, and the backward (the default backward kernels, fed the variant's
+    log-sum-exp) too: odd lengths, GQA/MQA, padding and packed batches."""
+    kwargs = {}
+    if case == "varlen-d64-mqa":
+        lengths = [1, 37, 20, 16]
+        q, k, v = _inputs((sum(lengths) + 3, 4, 64), (sum(lengths) + 3, 1, 64), dtype)  # 3 tokens past the end
+        kwargs = dict(cu_seqlens=_cu_seqlens(lengths), max_seqlen=37)
+    else:
+        head_dim, kv_heads = (128, 1) if case == "s37-d128-mqa" else (64, 2)
+        batch = 3 if case.startswith("padding") else 2
+        q, k, v = _inputs((batch, 37, 4, head_dim), (batch, 37, kv_heads, head_dim), dtype)
+        if case.startswith("padding"):
+            kwargs = dict(key_padding_mask=_padding_mask(batch, 37))
+    with attention_variants(forward="tma_ws"):
+        out, dq, dk, dv = _compare(q, k, v, dtype, **kwargs)
+    assert tma_calls, "the tma_ws forward did not run"
+    if "key_padding_mask" in kwargs:
+        assert torch.all(out[~kwargs["key_padding_mask"]] == 0), "padded query rows must be exactly zero"
+    if "cu_seqlens" in kwargs:
+        assert torch.all(out[-3:] == 0), "tokens past cu_seqlens[-1] must be zero"
+
+
+def test_tma_forward_writes_the_default_log_sum_exp(tma_calls):
+    """The backward kernels read the forward's log-sum-exp: the variant must write the default's (base 2,
+    +inf on padded rows), and the same output."""
+    from llm2vec_fast.kernels.attention import _attention_forward, _Problem
+
+    q, k, v = _inputs((3, 37, 4, 64), (3, 37, 2, 64), torch.float32)
+    mask = _padding_mask(3, 37)
+    seed = torch.empty(1, dtype=torch.int64)
+    with torch.no_grad():
+        ref_out, ref_lse = _attention_forward(q, k, v, _Problem(q, k, v, mask, None, None, None, 0.0), seed, True)
+        with attention_variants(forward="tma_ws"):
+            out, lse = _attention_forward(q, k, v, _Problem(q, k, v, mask, None, None, None, 0.0), seed, True)
+    assert tma_calls
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), ~mask[:, None, :].expand_as(lse)), "+inf exactly on padded rows"
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["heads-major", "sliced", "offset"])
+def test_tma_forward_layouts(layout, tma_calls):
+    """transformers' (batch, heads, seq, head_dim) memory seen as (batch, seq, heads, head_dim) is read in place;
+    a view a descriptor cannot take (heads cut from a wider tensor, a base off 16 bytes) is copied first."""
+    q, k, v = _inputs((2, 37, 4, 64), (2, 37, 2, 64), torch.float32)
+    with torch.no_grad():
+        ref = bidirectional_attention(q, k, v, impl="triton")
+        if layout == "heads-major":
+            views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+        elif layout == "sliced":  # (2, 37, 4 of 6 heads, 64): rows of 6 heads, of which 4 are read
+            views = [torch.cat([t, t[:, :, :2]], 2)[:, :, : t.shape[2]] for t in (q, k, v)]
+        else:  # a contiguous tensor that starts 4 bytes into its storage
+            views = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v)]
+        with attention_variants(forward="tma_ws"):
+            out = bidirectional_attention(*views, impl="triton")
+    assert tma_calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tma_forward_never_reads_past_its_sequence():
+    """NaN in the tokens past cu_seqlens[-1] (the last tile's descriptor rows reach them): no output may see it."""
+    lengths = [5, 21]
+    q, k, v = _inputs((sum(lengths) + 11, 2, 64), (sum(lengths) + 11, 1, 64), torch.float32)
+    q, k, v = (t.detach().clone() for t in (q, k, v))
+    for t in (q, k, v):
+        t[sum(lengths):] = float("nan")
+    cu = _cu_seqlens(lengths)
+    with torch.no_grad(), attention_variants(forward="tma_ws"):
+        out = bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=21, impl="triton")
+    assert not torch.isnan(out[: sum(lengths)]).any()
+    ref = bidirectional_attention_reference(q[: sum(lengths)], k[: sum(lengths)], v[: sum(lengths)],
+                                            cu_seqlens=cu, max_seqlen=21)
+    torch.testing.assert_close(out[: sum(lengths)], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(dropout_p=0.1), "dropout"), (dict(causal=True), "causal"), (dict(window=5), "window"),
+    (dict(logit_softcap=2.0), "logit_softcap"), (dict(head_dim=96), "head_dim 96"),
+])
+def test_tma_forward_falls_back_with_a_warning(kwargs, reason, tma_calls, caplog):
+    """Modes the variant does not have run the default forward, and say so (once per reason)."""
+    kwargs = dict(kwargs)
+    head_dim = kwargs.pop("head_dim", 64)
+    q, k, v = _inputs((1, 20, 2, head_dim), (1, 20, 2, head_dim), torch.float32)
+    attn_module._warned_tma.clear()
+    with torch.no_grad(), caplog.at_level("WARNING", logger=attn_module.__name__):
+        torch.manual_seed(0)
+        ref = bidirectional_attention(q, k, v, impl="triton", **kwargs)
+        with attention_variants(forward="tma_ws"):
+            torch.manual_seed(0)
+            out = bidirectional_attention(q, k, v, impl="triton", **kwargs)
+    assert not tma_calls
+    assert torch.equal(out, ref)
+    assert any(reason in r.getMessage() and "tma_ws" in r.getMessage() for r in caplog.records), caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------
