@@ -706,6 +706,39 @@ def test_tma_forward_falls_back_with_a_warning(kwargs, reason, tma_calls, caplog
     assert any(reason in r.getMessage() and "tma_ws" in r.getMessage() for r in caplog.records), caplog.text
 
 
+def test_pruning_reads_every_flag_of_every_kernel():
+    """The spill-aware pruning picks configs per flag combination, so every constexpr flag of an autotuned
+    kernel must reach it (``_launch`` passes them by keyword), or be on record as not changing which configs
+    fit: a new flag cannot be added without its spill line."""
+    kernels = [attn_module._attn_fwd_kernel, attn_module._attn_bwd_dq_kernel, attn_module._attn_bwd_dkdv_kernel,
+               attn_module._attn_fwd_tma_kernel]
+    import inspect
+
+    unread = {}
+    for kernel in kernels:
+        raw = kernel.fn.fn  # the Python function under the JIT (or interpreter) wrapper
+        flags = {name for name, p in inspect.signature(raw).parameters.items()
+                 if "constexpr" in str(p.annotation)} - {"BLOCK_M", "BLOCK_N"}
+        assert {"HEAD_DIM", "BLOCK_D", "GROUP"} <= flags
+        missing = flags - set(attn_module.PRUNE_READS) - set(attn_module.PRUNE_IGNORES)
+        if missing:
+            unread[raw.__name__] = sorted(missing)
+        assert set(kernel.keys) <= flags | {"SEQ_BUCKET"}, "autotuning keys must be flags the kernel has"
+    assert not unread, f"constexprs the pruning does not read: {unread}"
+    named = dict(GROUP=4, HAS_DROPOUT=True, HAS_PADDING=True, IS_VARLEN=False, BLOCK_D=128, DOT_PRECISION="tf32")
+    configs = attn_module._attn_bwd_dkdv_kernel.configs
+    for flag in attn_module.BANDED_FLAGS:  # each banded flag alone reaches candidate_configs
+        seen = []
+        original = attn_module.candidate_configs
+        try:
+            attn_module.candidate_configs = lambda *a, **kw: seen.append(kw) or original(*a, **kw)
+            attn_module._INTERPRET, interpret = False, attn_module._INTERPRET
+            attn_module._prune("dkdv")(configs, {**named, flag: True})
+        finally:
+            attn_module.candidate_configs, attn_module._INTERPRET = original, interpret
+        assert seen and seen[0]["banded"] is True, flag
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------------------------------------
@@ -787,6 +820,24 @@ def test_gpu_kernel_matches_reference(seq, kv_heads, head_dim, dtype):
     mask[1, seq // 2 :] = False
     _compare(q, k, v, dtype, key_padding_mask=mask)
     _compare(q, k, v, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+def test_gpu_tma_forward_matches_reference(head_dim, tma_calls):
+    """forward="tma_ws" on the GPU, bf16: padded with a mask (odd length), packed, transformers' heads-major
+    layout; forward and backward."""
+    q, k, v = _inputs((2, 1000, 8, head_dim), (2, 1000, 2, head_dim), torch.bfloat16)
+    mask = torch.ones(2, 1000, dtype=torch.bool, device=DEVICE)
+    mask[1, 700:] = False
+    lengths = [1, 300, 17, 1024]
+    qp, kp, vp = _inputs((sum(lengths), 8, head_dim), (sum(lengths), 2, head_dim), torch.bfloat16)
+    with attention_variants(forward="tma_ws"):
+        _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
+        _compare(qp, kp, vp, torch.bfloat16, cu_seqlens=_cu_seqlens(lengths), max_seqlen=1024)
+        views = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+        _compare(*views, torch.bfloat16)
+    assert len(tma_calls) == 3
 
 
 @pytest.mark.gpu

@@ -240,6 +240,18 @@ def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **fla
     return [by_shape[shape] for shape in kept if shape in by_shape]
 
 
+#: the flags that make a kernel "banded" for the pruning (more registers in dK/dV)
+BANDED_FLAGS = ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")
+#: every constexpr of the autotuned kernels (tile sizes aside) is read by the pruning or on record here with the
+#: reason it does not change which configs fit (tests/test_attention_kernel.py checks that the two cover them)
+PRUNE_READS = ("BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN") + BANDED_FLAGS
+PRUNE_IGNORES = {
+    "HEAD_DIM": "BLOCK_D, its power of two, sizes every tile",
+    "STORE_LSE": "one row store after the key loop; the sm_90 gate compiles defaults with it and without",
+    "WARP_SPECIALIZE": "always on where the tma_ws forward runs",
+}
+
+
 def _prune(kind: str):
     """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
@@ -249,7 +261,7 @@ def _prune(kind: str):
             kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
-            banded=any(bool(named.get(flag, False)) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")),
+            banded=any(bool(named.get(flag, False)) for flag in BANDED_FLAGS),
         )
         return kept if _AUTOTUNE else kept[:1]
 

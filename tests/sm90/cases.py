@@ -170,7 +170,7 @@ def tma_attention_cases() -> list[dict]:
 def _prune_flags(flags: dict) -> dict:
     return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
                 is_varlen=flags["IS_VARLEN"],
-                banded=any(flags.get(flag, False) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")))
+                banded=any(flags.get(flag, False) for flag in attention.BANDED_FLAGS))
 
 
 def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
