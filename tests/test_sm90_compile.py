@@ -115,22 +115,15 @@ def test_tma_forward_uses_tma_and_wgmma(compiled):
 
 def test_case_table_covers_its_coverage_table(compiled):
     """Each attention kernel's default config is compiled wherever ``DEFAULT_COVERAGE`` says."""
-    from sm90.cases import _DTYPES, ATTENTION_KERNELS, DEFAULT_COVERAGE
+    from sm90.cases import _DTYPES, ATTENTION_KERNELS, DEFAULT_COVERAGE, TMA_COVERAGE
 
+    tables = [(kernel, DEFAULT_COVERAGE) for kernel in ATTENTION_KERNELS] + [("_attn_fwd_tma_kernel", TMA_COVERAGE)]
     missing = []
-    for kernel in ATTENTION_KERNELS:
-        for dtype, coverage in DEFAULT_COVERAGE.items():
+    for kernel, table in tables:
+        for dtype, coverage in table.items():
             for variant, head_dims in coverage.items():
                 for head_dim in head_dims:
                     prefix = f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-"
                     if not any(name.startswith(prefix) and r["default"] for name, r in compiled.items()):
                         missing.append(prefix)
-    from sm90.cases import TMA_COVERAGE
-
-    for dtype, coverage in TMA_COVERAGE.items():
-        for variant, head_dims in coverage.items():
-            for head_dim in head_dims:
-                prefix = f"_attn_fwd_tma_kernel-{_DTYPES[dtype]}-d{head_dim}-{variant}-"
-                if not any(name.startswith(prefix) and r["default"] for name, r in compiled.items()):
-                    missing.append(prefix)
     assert not missing, _report(missing)

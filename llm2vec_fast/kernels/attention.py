@@ -357,6 +357,16 @@ def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr)
 
 
 @triton.jit
+def _program_tile(max_seqlen, num_heads, BLOCK: tl.constexpr):
+    """This program's tile, programs ordered tile-fastest: the first row of its ``BLOCK``-row tile, its
+    ``batch * num_heads + head``, its batch and its head (kv head in dK/dV)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(max_seqlen, BLOCK)
+    bh = pid // num_blocks
+    return (pid % num_blocks) * BLOCK, bh, bh // num_heads, bh % num_heads
+
+
+@triton.jit
 def _mask_keys(
     x, fill, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
     HAS_PADDING: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
@@ -508,12 +518,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     PAD_SKIP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    bh = pid // num_m_blocks
-    b = bh // num_heads
-    h = bh % num_heads
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -632,12 +637,7 @@ def _attn_fwd_tma_kernel(
     row_h`` (plus its ``cu_seqlens`` offset when packed), column ``h * col_h`` (kv heads for K and V)."""
     tl.static_assert(HEAD_DIM == BLOCK_D)
     tl.static_assert(not HAS_DROPOUT)
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    bh = pid // num_m_blocks
-    b = bh // num_heads
-    h = bh % num_heads
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b)
@@ -754,12 +754,7 @@ def _attn_bwd_dq_kernel(
     PAD_SKIP: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    bh = pid // num_m_blocks
-    b = bh // num_heads
-    h = bh % num_heads
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -898,12 +893,7 @@ def _attn_bwd_dkdv_kernel(
     PAD_SKIP: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    bkvh = pid // num_n_blocks
-    b = bkvh // num_kv_heads
-    kvh = bkvh % num_kv_heads
+    start_n, bkvh, b, kvh = _program_tile(max_seqlen, num_kv_heads, BLOCK_N)
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
         seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
