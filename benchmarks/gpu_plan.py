@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-#: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention)
-TEST_COMPILES = 210
+#: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention), plus
+#: the forward="tma_ws" GPU test: the TMA forward padded, packed and plain at hd 64/128 (6), and the backward
+#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6)
+TEST_COMPILES = 210 + 12
 #: seconds per compile on one core of the GPU machine: bf16 attention ~1.3 s, fp32 up to ~5x that
 SECONDS_PER_COMPILE = 1.6
 #: the attention benchmark's rows: (head_dim, kernels it launches, constexpr flags)
@@ -26,6 +28,9 @@ ATTENTION_ROWS = [
     *[(d, _TRAIN, dict(is_varlen=True)) for d in (64, 128)],
     (64, _TRAIN, dict(has_dropout=True)),
     (64, _TRAIN, dict(group=4)),
+    # forward="tma_ws" beside the default: forward at hd 64/128, forward+backward at hd 128
+    *[(d, ("fwd_tma",), dict()) for d in (64, 128)],
+    (128, ("fwd_tma", "dq", "dkdv"), dict()),
 ]
 #: MNTP fused: forward, backward frozen and trained head; GEMM variant: its row softmax with and without the
 #: gradient; InfoNCE fused: norms, forward, backward; GEMM variant: its row softmax, two ways
@@ -40,7 +45,7 @@ def benchmark_compiles() -> int:
         for kind in kinds:
             for config in candidate_configs(kind, head_dim, "tf32", **flags):
                 # the forward of a training step stores the log-sum-exp: a different compile from inference
-                train = kind == "fwd" and len(kinds) > 1
+                train = kind.startswith("fwd") and len(kinds) > 1
                 seen.add((kind, head_dim, tuple(sorted(flags.items())), train, config))
     return len(seen) + LOSS_COMPILES
 

@@ -230,7 +230,7 @@ def _padded_lengths(batch, seq, seed=0):
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["mask", "skip"])
+@pytest.mark.parametrize("variant", [pytest.param(v, id=f"ours-{v}") for v in ("mask", "skip")])  # "ours": warmed
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["left-padded", "varlen"])
 def test_attention_padding_variants_cuda(benchmark, perf_record, layout, mode, variant):
@@ -259,9 +259,33 @@ def test_attention_padding_variants_cuda(benchmark, perf_record, layout, mode, v
 
     seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, mode))
     perf_record(benchmark, suite="attention variants (bf16, H200/H100)",
-                case=f"padding {layout} seq {seq} d{head_dim} b{batch}", mode=mode, provider=f"padding={variant}",
+                case=f"padding {layout} seq {seq} d{head_dim} b{batch}", mode=mode,
+                provider="ours" if variant == "mask" else f"ours:padding={variant}",
                 seconds=seconds, flops=_flops(mode, int((lengths ** 2).sum()) * heads * head_dim),
                 peak_mib=round(peak, 1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", [pytest.param("tma_ws", id="ours-tma_ws")])  # "ours": in the warm-up
+@pytest.mark.parametrize("seq,head_dim,mode", [(1024, 64, "fwd"), (4096, 64, "fwd"), (1024, 128, "fwd"),
+                                               (4096, 128, "fwd"), (4096, 128, "fwd_bwd")])
+def test_attention_forward_variants_cuda(benchmark, perf_record, seq, head_dim, mode, variant):
+    """forward="tma_ws" (the Hopper forward: TMA loads, warp-specialized key loop) on the shapes of
+    test_attention_padded_cuda, recorded in its rows' groups, so the table puts it beside the default forward
+    ("ours") and FlashAttention-2 and marks the faster of ours."""
+    from llm2vec_fast.kernels.attention import attention_variants
+
+    batch, heads = TOKENS // seq, HIDDEN // head_dim
+    tensors = _padded_inputs(batch, seq, heads, heads, head_dim)
+
+    def fn(q, k, v):
+        with attention_variants(forward=variant):
+            return bidirectional_attention(q, k, v)
+
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, mode))
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"seq {seq} d{head_dim} b{batch} h{heads}",
+                mode=mode, provider=f"ours:forward={variant}", seconds=seconds,
+                flops=_flops(mode, batch * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
 
 
 @needs_cuda

@@ -585,6 +585,158 @@ def test_variant_names_are_checked_and_restored():
     with attention_variants(padding="skip"):
         assert _VARIANT["padding"] == "skip"
     assert _VARIANT["padding"] == "mask"
+    with pytest.raises(ValueError, match="choose from"):
+        with attention_variants(forward="tma"):
+            pass
+    with attention_variants(forward="tma_ws"):
+        assert _VARIANT["forward"] == "tma_ws"
+    assert _VARIANT["forward"] == "default"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hopper forward variant (forward="tma_ws": tensor descriptors, a warp-specialized key loop)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """Counts the launches of the tma_ws forward, so that a test knows it ran (and not the fallback)."""
+    calls = []
+    original = attn_module._attention_forward_tma
+    monkeypatch.setattr(attn_module, "_attention_forward_tma", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["s37-d64-gqa2", "padding-s37-d64", "varlen-d64-mqa", "s37-d128-mqa"])
+def test_tma_forward_matches_reference(case, dtype, tma_calls):
+    """Forward against the fp64 reference, and the backward (the default backward kernels, fed the variant's
+    log-sum-exp) too: odd lengths, GQA/MQA, padding and packed batches."""
+    kwargs = {}
+    if case == "varlen-d64-mqa":
+        lengths = [1, 37, 20, 16]
+        q, k, v = _inputs((sum(lengths) + 3, 4, 64), (sum(lengths) + 3, 1, 64), dtype)  # 3 tokens past the end
+        kwargs = dict(cu_seqlens=_cu_seqlens(lengths), max_seqlen=37)
+    else:
+        head_dim, kv_heads = (128, 1) if case == "s37-d128-mqa" else (64, 2)
+        batch = 3 if case.startswith("padding") else 2
+        q, k, v = _inputs((batch, 37, 4, head_dim), (batch, 37, kv_heads, head_dim), dtype)
+        if case.startswith("padding"):
+            kwargs = dict(key_padding_mask=_padding_mask(batch, 37))
+    with attention_variants(forward="tma_ws"):
+        out, dq, dk, dv = _compare(q, k, v, dtype, **kwargs)
+    assert tma_calls, "the tma_ws forward did not run"
+    if "key_padding_mask" in kwargs:
+        assert torch.all(out[~kwargs["key_padding_mask"]] == 0), "padded query rows must be exactly zero"
+    if "cu_seqlens" in kwargs:
+        assert torch.all(out[-3:] == 0), "tokens past cu_seqlens[-1] must be zero"
+
+
+def test_tma_forward_writes_the_default_log_sum_exp(tma_calls):
+    """The backward kernels read the forward's log-sum-exp: the variant must write the default's (base 2,
+    +inf on padded rows), and the same output."""
+    from llm2vec_fast.kernels.attention import _attention_forward, _Problem
+
+    q, k, v = _inputs((3, 37, 4, 64), (3, 37, 2, 64), torch.float32)
+    mask = _padding_mask(3, 37)
+    seed = torch.empty(1, dtype=torch.int64)
+    with torch.no_grad():
+        ref_out, ref_lse = _attention_forward(q, k, v, _Problem(q, k, v, mask, None, None, None, 0.0), seed, True)
+        with attention_variants(forward="tma_ws"):
+            out, lse = _attention_forward(q, k, v, _Problem(q, k, v, mask, None, None, None, 0.0), seed, True)
+    assert tma_calls
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), ~mask[:, None, :].expand_as(lse)), "+inf exactly on padded rows"
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["heads-major", "sliced", "offset"])
+def test_tma_forward_layouts(layout, tma_calls):
+    """transformers' (batch, heads, seq, head_dim) memory seen as (batch, seq, heads, head_dim) is read in place;
+    a view a descriptor cannot take (heads cut from a wider tensor, a base off 16 bytes) is copied first."""
+    q, k, v = _inputs((2, 37, 4, 64), (2, 37, 2, 64), torch.float32)
+    with torch.no_grad():
+        ref = bidirectional_attention(q, k, v, impl="triton")
+        if layout == "heads-major":
+            views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+        elif layout == "sliced":  # (2, 37, 4 of 6 heads, 64): rows of 6 heads, of which 4 are read
+            views = [torch.cat([t, t[:, :, :2]], 2)[:, :, : t.shape[2]] for t in (q, k, v)]
+        else:  # a contiguous tensor that starts 4 bytes into its storage
+            views = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (q, k, v)]
+        with attention_variants(forward="tma_ws"):
+            out = bidirectional_attention(*views, impl="triton")
+    assert tma_calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tma_forward_never_reads_past_its_sequence():
+    """NaN in the tokens past cu_seqlens[-1] (the last tile's descriptor rows reach them): no output may see it."""
+    lengths = [5, 21]
+    q, k, v = _inputs((sum(lengths) + 11, 2, 64), (sum(lengths) + 11, 1, 64), torch.float32)
+    q, k, v = (t.detach().clone() for t in (q, k, v))
+    for t in (q, k, v):
+        t[sum(lengths):] = float("nan")
+    cu = _cu_seqlens(lengths)
+    with torch.no_grad(), attention_variants(forward="tma_ws"):
+        out = bidirectional_attention(q, k, v, cu_seqlens=cu, max_seqlen=21, impl="triton")
+    assert not torch.isnan(out[: sum(lengths)]).any()
+    ref = bidirectional_attention_reference(q[: sum(lengths)], k[: sum(lengths)], v[: sum(lengths)],
+                                            cu_seqlens=cu, max_seqlen=21)
+    torch.testing.assert_close(out[: sum(lengths)], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(dropout_p=0.1), "dropout"), (dict(causal=True), "causal"), (dict(window=5), "window"),
+    (dict(logit_softcap=2.0), "logit_softcap"), (dict(head_dim=96), "head_dim 96"),
+])
+def test_tma_forward_falls_back_with_a_warning(kwargs, reason, tma_calls, caplog):
+    """Modes the variant does not have run the default forward, and say so (once per reason)."""
+    kwargs = dict(kwargs)
+    head_dim = kwargs.pop("head_dim", 64)
+    q, k, v = _inputs((1, 20, 2, head_dim), (1, 20, 2, head_dim), torch.float32)
+    attn_module._warned_tma.clear()
+    with torch.no_grad(), caplog.at_level("WARNING", logger=attn_module.__name__):
+        torch.manual_seed(0)
+        ref = bidirectional_attention(q, k, v, impl="triton", **kwargs)
+        with attention_variants(forward="tma_ws"):
+            torch.manual_seed(0)
+            out = bidirectional_attention(q, k, v, impl="triton", **kwargs)
+    assert not tma_calls
+    assert torch.equal(out, ref)
+    assert any(reason in r.getMessage() and "tma_ws" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_pruning_reads_every_flag_of_every_kernel():
+    """The spill-aware pruning picks configs per flag combination, so every constexpr flag of an autotuned
+    kernel must reach it (``_launch`` passes them by keyword), or be on record as not changing which configs
+    fit: a new flag cannot be added without its spill line."""
+    kernels = [attn_module._attn_fwd_kernel, attn_module._attn_bwd_dq_kernel, attn_module._attn_bwd_dkdv_kernel,
+               attn_module._attn_fwd_tma_kernel]
+    import inspect
+
+    unread = {}
+    for kernel in kernels:
+        raw = kernel.fn.fn  # the Python function under the JIT (or interpreter) wrapper
+        flags = {name for name, p in inspect.signature(raw).parameters.items()
+                 if "constexpr" in str(p.annotation)} - {"BLOCK_M", "BLOCK_N"}
+        assert {"HEAD_DIM", "BLOCK_D", "GROUP"} <= flags
+        missing = flags - set(attn_module.PRUNE_READS) - set(attn_module.PRUNE_IGNORES)
+        if missing:
+            unread[raw.__name__] = sorted(missing)
+        assert set(kernel.keys) <= flags | {"SEQ_BUCKET"}, "autotuning keys must be flags the kernel has"
+    assert not unread, f"constexprs the pruning does not read: {unread}"
+    named = dict(GROUP=4, HAS_DROPOUT=True, HAS_PADDING=True, IS_VARLEN=False, BLOCK_D=128, DOT_PRECISION="tf32")
+    configs = attn_module._attn_bwd_dkdv_kernel.configs
+    for flag in attn_module.BANDED_FLAGS:  # each banded flag alone reaches candidate_configs
+        seen = []
+        original = attn_module.candidate_configs
+        try:
+            attn_module.candidate_configs = lambda *a, **kw: seen.append(kw) or original(*a, **kw)
+            attn_module._INTERPRET, interpret = False, attn_module._INTERPRET
+            attn_module._prune("dkdv")(configs, {**named, flag: True})
+        finally:
+            attn_module.candidate_configs, attn_module._INTERPRET = original, interpret
+        assert seen and seen[0]["banded"] is True, flag
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -668,6 +820,24 @@ def test_gpu_kernel_matches_reference(seq, kv_heads, head_dim, dtype):
     mask[1, seq // 2 :] = False
     _compare(q, k, v, dtype, key_padding_mask=mask)
     _compare(q, k, v, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+def test_gpu_tma_forward_matches_reference(head_dim, tma_calls):
+    """forward="tma_ws" on the GPU, bf16: padded with a mask (odd length), packed, transformers' heads-major
+    layout; forward and backward."""
+    q, k, v = _inputs((2, 1000, 8, head_dim), (2, 1000, 2, head_dim), torch.bfloat16)
+    mask = torch.ones(2, 1000, dtype=torch.bool, device=DEVICE)
+    mask[1, 700:] = False
+    lengths = [1, 300, 17, 1024]
+    qp, kp, vp = _inputs((sum(lengths), 8, head_dim), (sum(lengths), 2, head_dim), torch.bfloat16)
+    with attention_variants(forward="tma_ws"):
+        _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
+        _compare(qp, kp, vp, torch.bfloat16, cu_seqlens=_cu_seqlens(lengths), max_seqlen=1024)
+        views = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+        _compare(*views, torch.bfloat16)
+    assert len(tma_calls) == 3
 
 
 @pytest.mark.gpu

@@ -4,11 +4,15 @@ Triton's own offline compiler builds each case of ``tests/sm90/cases.py`` (atten
 fp16/bf16/fp32 at head_dim 64/96/128/256 with padding, varlen, dropout and GQA, in every config autotuning may
 pick; the MNTP loss and InfoNCE kernels at their launch configs) for compute capability 9.0, and the checks
 below read the result: it compiles; its shared memory fits one Hopper block (232,448 bytes); configs the kernels
-choose by default spill no registers; 16-bit matmuls with 64-row or larger tiles compile to ``wgmma``.
+choose by default spill no registers; 16-bit matmuls with 64-row or larger tiles compile to ``wgmma``; the
+Hopper forward variant (``forward="tma_ws"``) loads through TMA. Each result also records whether a loop was
+warp-specialized (``warp_specialized``): Triton 3.6 and 3.9 keep the tma_ws loop's ``warp_specialize`` attribute
+on sm_90 but do not split it into partitions (their automatic warp specialization is for Blackwell), so no check
+asserts it.
 
 The compiles run in one subprocess (``TRITON_INTERPRET=0``: the interpreter the other tests use has nothing to
 compile), with a fresh Triton cache and a pool of 2 workers. This is CI's longest test, on purpose (it is the
-only check that the kernels build for the GPU they are written for): about 110 compiles of 3-30 s each (bf16
+only check that the kernels build for the GPU they are written for): about 120 compiles of 3-30 s each (bf16
 3-10 s on an idle core, fp32 10-25 s), so 5-10 minutes on 2 cores; ``-k`` cannot shorten it, but
 ``python tests/sm90/compile.py OUT.jsonl --only NAME`` compiles a subset.
 """
@@ -100,13 +104,23 @@ def test_16_bit_matmuls_with_64_row_tiles_use_wgmma(compiled):
     assert not bad, _report(bad)
 
 
+def test_tma_forward_uses_tma_and_wgmma(compiled):
+    """The Hopper forward (``forward="tma_ws"``) loads Q/K/V with tensor-memory-accelerator bulk copies
+    (``cp.async.bulk.tensor``) and multiplies with ``wgmma``, in every case compiled (there are some)."""
+    tma = {name: r for name, r in compiled.items() if r.get("check_tma")}
+    assert tma, "no case of the TMA forward was compiled"
+    bad = [name for name, r in tma.items() if "error" not in r and not (r["tma"] and r["wgmma"])]
+    assert not bad, _report(bad)
+
+
 def test_case_table_covers_its_coverage_table(compiled):
     """Each attention kernel's default config is compiled wherever ``DEFAULT_COVERAGE`` says."""
-    from sm90.cases import _DTYPES, ATTENTION_KERNELS, DEFAULT_COVERAGE
+    from sm90.cases import _DTYPES, ATTENTION_KERNELS, DEFAULT_COVERAGE, TMA_COVERAGE
 
+    tables = [(kernel, DEFAULT_COVERAGE) for kernel in ATTENTION_KERNELS] + [("_attn_fwd_tma_kernel", TMA_COVERAGE)]
     missing = []
-    for kernel in ATTENTION_KERNELS:
-        for dtype, coverage in DEFAULT_COVERAGE.items():
+    for kernel, table in tables:
+        for dtype, coverage in table.items():
             for variant, head_dims in coverage.items():
                 for head_dim in head_dims:
                     prefix = f"{kernel}-{_DTYPES[dtype]}-d{head_dim}-{variant}-"

@@ -39,6 +39,11 @@ import triton.language as tl
 
 from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
 
+try:  # host-side tensor descriptors (Triton >= 3.4): the forward="tma_ws" variant
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: that variant falls back to the default forward
+    TensorDescriptor = None
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -92,6 +97,12 @@ _DKDV_CANDIDATES = (
     (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2),
     (16, 32, 8, 2),
 )
+#: the Hopper forward (``forward="tma_ws"``): the config space of Triton's fused-attention tutorial on sm_90, 128x128
+#: tiles with 8 warps and 128x64 with 4 warps, 2-4 stages (its 8-warp tiles under 128x128 are dropped there);
+#: expected fastest first. 16-bit inputs at head_dim 64 and 128 only (the variant falls back elsewhere).
+_TMA_FWD_CANDIDATES = (
+    (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2), (128, 128, 8, 4),
+)
 #: fp32 inputs ("ieee" dots, no tensor cores): the FMA matmuls hold whole operand rows per thread, and on sm_90
 #: every 16-bit candidate above spills there (a 32x32 forward at head_dim 128: 680 bytes; 64x64: 10 KB, and
 #: minutes to compile). One 16x16 tile per kernel keeps them in registers up to head_dim 128 (dQ needs 8 warps:
@@ -136,21 +147,30 @@ _MEASURED_SPILLS = {
 #: to bound compile time
 _MAX_TUNED = 5
 # The interpreter runs one small config; different M and N tiles there catch index mistakes.
-_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)}
+_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1), "fwd_tma": (32, 16, 4, 1)}
 
 
 def _make_configs(kind: str, candidates) -> list:
-    extra = _FP32_CANDIDATES[kind] + _WIDE_HEAD_CANDIDATES[kind] + _WIDE_HEAD_DROPOUT_CANDIDATES[kind]
-    candidates = tuple(candidates) + tuple(dict.fromkeys(c for c in extra if c not in candidates))
+    if kind in _FP32_CANDIDATES:
+        extra = _FP32_CANDIDATES[kind] + _WIDE_HEAD_CANDIDATES[kind] + _WIDE_HEAD_DROPOUT_CANDIDATES[kind]
+        candidates = tuple(candidates) + tuple(dict.fromkeys(c for c in extra if c not in candidates))
     if _INTERPRET:
         candidates = (_INTERPRETER_CONFIG[kind],)
+    hook = _tma_pre_hook if kind == "fwd_tma" else None
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages, pre_hook=hook)
         for m, n, warps, stages in candidates
     ]
 
 
-_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES}
+def _tma_pre_hook(nargs):
+    """The TMA forward's tile shapes: its descriptors are made for the config that runs (autotuner hook)."""
+    nargs["desc_q"].block_shape = [nargs["BLOCK_M"], nargs["HEAD_DIM"]]
+    for name in ("desc_k", "desc_v"):
+        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES, "fwd_tma": _TMA_FWD_CANDIDATES}
 
 
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int,
@@ -188,21 +208,23 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
     compile gate (tests/test_sm90_compile.py) compiles what this returns. ``banded``: soft-capping, a window,
     causal or padding="skip" (more registers in dK/dV). ``group``, ``has_padding`` and ``is_varlen`` are accepted
     so that a calibration can use them; no spill line measured so far depends on them alone."""
-    if dot_precision == "ieee":
+    if kind == "fwd_tma":  # 16-bit, head_dim 64/128, no dropout: the variant falls back to the default elsewhere
+        block_d = min(block_d, 128)
+    elif dot_precision == "ieee":
         return list(_FP32_CANDIDATES[kind])
-    if block_d >= 256:
+    elif block_d >= 256:
         return list((_WIDE_HEAD_DROPOUT_CANDIDATES if has_dropout else _WIDE_HEAD_CANDIDATES)[kind])
     candidates = _CANDIDATES[kind]
 
     def regs(config):
         block_m, block_n, warps, _ = config
-        return _register_estimate(kind, block_m, block_n, block_d, warps, has_dropout)
+        return _register_estimate("fwd" if kind == "fwd_tma" else kind, block_m, block_n, block_d, warps, has_dropout)
 
     def fits(config):
         block_m, block_n, _, stages = config
         resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
         smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * 2
-        return smem <= 200 * 1024 and regs(config) <= _REGISTER_LIMIT[kind]
+        return smem <= 200 * 1024 and regs(config) <= _REGISTER_LIMIT["fwd" if kind == "fwd_tma" else kind]
 
     spilled = _MEASURED_SPILLS.get((kind, block_d, has_dropout, banded), ())
     kept = [config for config in candidates if fits(config) and config not in spilled]
@@ -218,6 +240,18 @@ def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **fla
     return [by_shape[shape] for shape in kept if shape in by_shape]
 
 
+#: the flags that make a kernel "banded" for the pruning (more registers in dK/dV)
+BANDED_FLAGS = ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")
+#: every constexpr of the autotuned kernels (tile sizes aside) is read by the pruning or on record here with the
+#: reason it does not change which configs fit (tests/test_attention_kernel.py checks that the two cover them)
+PRUNE_READS = ("BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN") + BANDED_FLAGS
+PRUNE_IGNORES = {
+    "HEAD_DIM": "BLOCK_D, its power of two, sizes every tile",
+    "STORE_LSE": "one row store after the key loop; the sm_90 gate compiles defaults with it and without",
+    "WARP_SPECIALIZE": "always on where the tma_ws forward runs",
+}
+
+
 def _prune(kind: str):
     """Autotuner hook: the fitting configs, or only the first with ``LLM2VEC_FAST_AUTOTUNE=0``."""
 
@@ -227,7 +261,7 @@ def _prune(kind: str):
             kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
-            banded=any(bool(named.get(flag, False)) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")),
+            banded=any(bool(named.get(flag, False)) for flag in BANDED_FLAGS),
         )
         return kept if _AUTOTUNE else kept[:1]
 
@@ -241,9 +275,9 @@ _FORCED_CONFIGS: dict = {}
 def forced_configs(**configs):
     """Run the kernels named ``fwd``, ``dq``, ``dkdv`` with the given ``triton.Config`` instead of the autotuned
     one (tests: every candidate config must be correct, not only the one the autotuner picks here)."""
-    unknown = set(configs) - {"fwd", "dq", "dkdv"}
+    unknown = set(configs) - {"fwd", "dq", "dkdv", "fwd_tma"}
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; expected fwd, dq, dkdv")
+        raise ValueError(f"unknown kernels {sorted(unknown)}; expected fwd, dq, dkdv, fwd_tma")
     previous = dict(_FORCED_CONFIGS)
     _FORCED_CONFIGS.update(configs)
     try:
@@ -263,6 +297,8 @@ def _launch(kernel, kind: str, grid, *args, **kwargs):
         if len(kept) != 1:
             return kernel[grid](*args, **kwargs)
         config = kept[0]
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(kernel.fn.arg_names, args)), **kwargs, **config.kwargs})
     return kernel.fn[grid](
         *args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
     )
@@ -318,6 +354,46 @@ def _visible(q_idx, k_idx, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr)
     else:
         ok = (diff < window) & (diff > -window)
     return ok
+
+
+@triton.jit
+def _program_tile(max_seqlen, num_heads, BLOCK: tl.constexpr):
+    """This program's tile, programs ordered tile-fastest: the first row of its ``BLOCK``-row tile, its
+    ``batch * num_heads + head``, its batch and its head (kv head in dK/dV)."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(max_seqlen, BLOCK)
+    bh = pid // num_blocks
+    return (pid % num_blocks) * BLOCK, bh, bh // num_heads, bh % num_heads
+
+
+@triton.jit
+def _mask_keys(
+    x, fill, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+    HAS_PADDING: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    PAD_SKIP: tl.constexpr,
+):
+    """``x`` (a query x key tile: the forward's scores, dQ's probabilities) with ``fill`` where the key is
+    padding (the mask ``kpm_base``; with ``PAD_SKIP`` only in rows with holes, the range check masking the rest)
+    and, in a ``MASKED`` tile, where it lies past ``end``, before ``first`` (``PAD_SKIP``) or outside the band."""
+    if HAS_PADDING:
+        if PAD_SKIP:
+            if holes:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+                x = tl.where(key_ok[None, :] != 0, x, fill)
+        else:
+            if MASKED:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
+            else:
+                key_ok = tl.load(kpm_base + offs_n * stride_ms)
+            x = tl.where(key_ok[None, :] != 0, x, fill)
+    if MASKED:
+        ok = offs_n[None, :] < end
+        if PAD_SKIP:
+            ok = ok & (offs_n[None, :] >= first)
+        if CAUSAL or WINDOWED:
+            ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
+        x = tl.where(ok, x, fill)
+    return x
 
 
 @triton.jit
@@ -401,26 +477,10 @@ def _attn_fwd_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
         if SOFTCAP:
             qk, _ = _softcap(qk, cap_in, cap_out)
-        if HAS_PADDING:
-            # finite, so that a tile whose keys are all padding keeps the running max finite
-            if PAD_SKIP:  # the range check below masks the padding around the real tokens; holes need the mask
-                if holes:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                    qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-            else:
-                if MASKED:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                else:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
-                qk = tl.where(key_ok[None, :] != 0, qk, -1.0e30)
-        if MASKED:
-            ok = offs_n[None, :] < end
-            if PAD_SKIP:
-                ok = ok & (offs_n[None, :] >= first)
-            if CAUSAL or WINDOWED:
-                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
-            # finite too: a row may see no key of a band tile; its own key (always visible) clears that later
-            qk = tl.where(ok, qk, -1.0e30)
+        # finite: a tile whose keys are all padding keeps the running max finite, and a row may see no key of
+        # a band tile (its own key, always visible, clears that later)
+        qk = _mask_keys(qk, -1.0e30, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+                        HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max and scale commute
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -458,12 +518,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     PAD_SKIP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    bh = pid // num_m_blocks
-    b = bh // num_heads
-    h = bh % num_heads
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -534,6 +589,107 @@ def _attn_fwd_kernel(
         tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
+# The Hopper forward (``attention_variants(forward="tma_ws")``): K/V tiles loaded through tensor descriptors (TMA on
+# sm_90: one bulk copy per tile, issued by a producer warp) in a warp-specialized loop, as in Triton's
+# fused-attention tutorial; everything else as the default forward, so that it writes the same output and
+# log-sum-exp and the backward kernels serve both.
+@triton.jit
+def _attn_fwd_tma_step(
+    acc, l_i, m_i, q, desc_k, desc_v, k_row, k_col, v_row, v_col, offs_m, offs_n, kpm_base, stride_ms, seqlen,
+    qk_scale,
+    HAS_PADDING: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key tile of the online softmax. The descriptors read past a sequence's end into the next rows of
+    the matrix (or zeros past its last row): ``MASKED`` masks those keys and zeros those value rows."""
+    k = desc_k.load([k_row, k_col])
+    qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    qk = _mask_keys(qk, -1.0e30, offs_m, offs_n, kpm_base, stride_ms, seqlen, 0, seqlen, False, 0,
+                    HAS_PADDING, MASKED, False, False, False)
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = desc_v.load([v_row, v_col])
+    if MASKED:  # rows past the sequence may hold anything (0 * NaN is NaN)
+        v = tl.where(offs_n[:, None] < seqlen, v, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.autotune(configs=_make_configs("fwd_tma", _TMA_FWD_CANDIDATES), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune("fwd_tma")})
+@triton.jit
+def _attn_fwd_tma_kernel(
+    desc_q, desc_k, desc_v, O, LSE, KPM, CU_SEQLENS,
+    q_row_b, q_row_h, q_col_h, k_row_b, k_row_h, k_col_h, v_row_b, v_row_h, v_col_h,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    seqlen_padded, num_heads, max_seqlen, qk_scale, SEQ_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """The forward for one query tile, batch and head, without dropout, band or soft-cap. Q, K and V are 2-D
+    ``(rows, columns)`` matrices (``_tma_matrix``): head ``h`` of batch ``b`` starts at row ``b * row_b + h *
+    row_h`` (plus its ``cu_seqlens`` offset when packed), column ``h * col_h`` (kv heads for K and V)."""
+    tl.static_assert(HEAD_DIM == BLOCK_D)
+    tl.static_assert(not HAS_DROPOUT)
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
+    kvh = h // GROUP
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - row0
+    else:
+        row0 = b * 0
+        seqlen = seqlen_padded
+    if start_m >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    o_base = O + b64 * stride_ob + row0.to(tl.int64) * stride_os + h * stride_oh
+    kpm_base = KPM + b64 * stride_mb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_mask = offs_m < seqlen
+    q = desc_q.load([b * q_row_b + h * q_row_h + row0 + start_m, h * q_col_h])
+    k_row = b * k_row_b + kvh * k_row_h + row0
+    k_col = kvh * k_col_h
+    v_row = b * v_row_b + kvh * v_row_h + row0
+    v_col = kvh * v_col_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_tma_step(
+            acc, l_i, m_i, q, desc_k, desc_v, k_row + start_n, k_col, v_row + start_n, v_col, offs_m,
+            start_n + offs_n0, kpm_base, stride_ms, seqlen, qk_scale, HAS_PADDING, False, DOT_PRECISION,
+        )
+    if full < seqlen:  # the tail tile
+        acc, l_i, m_i = _attn_fwd_tma_step(
+            acc, l_i, m_i, q, desc_k, desc_v, k_row + full, k_col, v_row + full, v_col, offs_m, full + offs_n0,
+            kpm_base, stride_ms, seqlen, qk_scale, HAS_PADDING, True, DOT_PRECISION,
+        )
+    acc = acc * (1.0 / l_i)[:, None]  # l_i >= 1: the running maximum always contributes exp2(0)
+    if HAS_PADDING:
+        query_ok = tl.load(kpm_base + offs_m * stride_ms, mask=row_mask, other=0) != 0
+        acc = tl.where(query_ok[:, None], acc, 0.0)
+    # a masked store, not a descriptor's: a query tile may end past its sequence, inside the next one
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_mask[:, None])
+    if STORE_LSE:
+        lse = m_i + tl.math.log2(l_i)
+        if HAS_PADDING:
+            lse = tl.where(query_ok, lse, float("inf"))
+        tl.store(LSE + b64 * stride_lb + h * stride_lh + row0 + offs_m, lse, mask=row_mask)
+
+
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, stride_ms,
@@ -564,24 +720,8 @@ def _attn_bwd_dq_inner(
         if SOFTCAP:
             qk, t = _softcap(qk, cap_in, cap_out)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # padded query rows: lse = +inf, p = 0
-        if HAS_PADDING:
-            if PAD_SKIP:
-                if holes:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                    p = tl.where(key_ok[None, :] != 0, p, 0.0)
-            else:
-                if MASKED:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms, mask=offs_n < seqlen, other=0)
-                else:
-                    key_ok = tl.load(kpm_base + offs_n * stride_ms)
-                p = tl.where(key_ok[None, :] != 0, p, 0.0)
-        if MASKED:
-            ok = offs_n[None, :] < end
-            if PAD_SKIP:
-                ok = ok & (offs_n[None, :] >= first)
-            if CAUSAL or WINDOWED:
-                ok = ok & _visible(offs_m[:, None], offs_n[None, :], window, CAUSAL, WINDOWED)
-            p = tl.where(ok, p, 0.0)
+        p = _mask_keys(p, 0.0, offs_m, offs_n, kpm_base, stride_ms, seqlen, first, end, holes, window,
+                       HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             q_idx = offs_m[:, None] + offs_n[None, :] * 0
@@ -614,12 +754,7 @@ def _attn_bwd_dq_kernel(
     PAD_SKIP: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seqlen, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    bh = pid // num_m_blocks
-    b = bh // num_heads
-    h = bh % num_heads
+    start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -758,12 +893,7 @@ def _attn_bwd_dkdv_kernel(
     PAD_SKIP: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(max_seqlen, BLOCK_N)
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    bkvh = pid // num_n_blocks
-    b = bkvh // num_kv_heads
-    kvh = bkvh % num_kv_heads
+    start_n, bkvh, b, kvh = _program_tile(max_seqlen, num_kv_heads, BLOCK_N)
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
         seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
@@ -869,7 +999,12 @@ def _zero_tail_kernel(X, CU_SEQLENS, batch, total, row_elems, BLOCK_T: tl.conste
 #: (from ``first`` to ``last`` real token: tiles of only padding are skipped, query tiles of only padding just store
 #: zeros) and masks only boundary tiles, unless the row has padding between real tokens; packed outputs are
 #: allocated empty and only the tokens past ``cu_seqlens[-1]`` are zeroed.
-VARIANTS = {"padding": ("mask", "skip")}
+#: forward: ``"default"`` is ``_attn_fwd_kernel``; ``"tma_ws"`` is the Hopper forward ``_attn_fwd_tma_kernel``
+#: (tensor-descriptor loads, a warp-specialized key loop; Triton's fused-attention tutorial) for what it supports:
+#: 16-bit inputs (fp32 too under the interpreter) at head_dim 64 or 128 on sm_90 or newer, padded or packed, with
+#: padding masks and GQA, without dropout, soft-capping, a window, causal or padding="skip". Other calls run the
+#: default forward, with one warning per reason. Both write the same log-sum-exp: one backward serves both.
+VARIANTS = {"padding": ("mask", "skip"), "forward": ("default", "tma_ws")}
 _VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
 
 
@@ -946,6 +1081,7 @@ class _Problem:
         self.ranges = (
             _real_token_ranges(key_padding_mask) if self.skip_padding and key_padding_mask is not None else None
         )
+        self.tma_forward = _VARIANT["forward"] == "tma_ws" and _tma_forward_supports(self, q)
 
     def ranges_arg(self, device) -> torch.Tensor:
         return self.ranges if self.ranges is not None else torch.empty(1, device=device, dtype=torch.int32)
@@ -1011,11 +1147,99 @@ class _Problem:
         )
 
 
+_TMA_HEAD_DIMS = (64, 128)
+_warned_tma: set = set()
+
+
+def _tma_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
+    """Why the ``tma_ws`` forward cannot run this call, or None."""
+    if TensorDescriptor is None:
+        return f"this Triton ({triton.__version__}) has no tensor descriptors"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "tensor-memory-accelerator loads need compute capability 9.0 (Hopper) or newer"
+    if q.dtype == torch.float32 and not _INTERPRET:
+        return "fp32 inputs (the variant is for 16-bit tensor-core matmuls)"
+    if q.numel() == 0:
+        return "empty inputs"
+    if problem.head_dim not in _TMA_HEAD_DIMS:
+        return f"head_dim {problem.head_dim} (it supports {', '.join(map(str, _TMA_HEAD_DIMS))})"
+    flags = [name for name, on in (("dropout", problem.dropout_p > 0), ("causal", problem.causal),
+                                   ("window", problem.window > 0), ("logit_softcap", problem.softcap is not None),
+                                   ('padding="skip"', problem.skip_padding and problem.mask is not None)) if on]
+    if flags:
+        return f"{', '.join(flags)} (not in this variant)"
+    return None
+
+
+def _tma_forward_supports(problem: _Problem, q: torch.Tensor) -> bool:
+    reason = _tma_unsupported(problem, q)
+    if reason is not None and reason not in _warned_tma:
+        _warned_tma.add(reason)
+        logger.warning('attention forward="tma_ws" does not support %s: using the default forward', reason)
+    return reason is None
+
+
+def _tma_matrix(t: torch.Tensor, problem: _Problem, copied: bool = False):
+    """``t`` (q, k or v) as a 2-D ``(rows, columns)`` matrix over its own storage, for a tensor descriptor, with
+    the row and column steps of batch and head: ``(matrix, row_b, row_h, col_h)``. Tokens are rows; the heads of
+    a token lie side by side in its row (``(batch, seq, heads, head_dim)`` contiguous) or are blocks of rows
+    (``(batch, heads, seq, head_dim)`` memory seen through ``transpose(1, 2)``, as transformers' attention
+    modules give it). Another layout, a stride or an address a descriptor cannot take (16-byte multiples) is
+    copied first (a fresh contiguous tensor always fits)."""
+    batch_stride, token, head = problem.strides(t)
+    heads, head_dim = t.shape[-2], t.shape[-1]
+    item = t.element_size()
+    aligned = t.stride(-1) == 1 and (token * item) % 16 == 0 and t.data_ptr() % 16 == 0
+    if aligned and batch_stride % token == 0 and head % token == 0:  # heads are blocks of rows
+        row_b, row_h, col_h = batch_stride // token, head // token, 0
+    elif aligned and batch_stride % token == 0 and (heads - 1) * head + head_dim <= token and (head * item) % 16 == 0:
+        row_b, row_h, col_h = batch_stride // token, 0, head  # heads side by side in a row
+    else:
+        return _tma_matrix(t.clone(memory_format=torch.contiguous_format), problem, True) if not copied else None
+    tokens = problem.total if problem.varlen else problem.seqlen
+    rows = (problem.batch - 1) * row_b * (not problem.varlen) + (heads - 1) * row_h + tokens
+    try:
+        matrix = t.as_strided((rows, token), (token, 1))
+    except RuntimeError:  # the last row would run past the storage (a view cut from a wider tensor)
+        if copied:
+            raise
+        return _tma_matrix(t.clone(memory_format=torch.contiguous_format), problem, True)
+    return matrix, row_b, row_h, col_h
+
+
+def _attention_forward_tma(q, k, v, problem: _Problem, store_lse: bool):
+    """The ``tma_ws`` forward; the same outputs as ``_attention_forward``."""
+    o = problem.new_output(q)
+    lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
+    mask, stride_mb, stride_ms = problem.mask_args(q.device)
+    lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
+    matrices, steps = zip(*((m, s) for m, *s in (_tma_matrix(t, problem) for t in (q, k, v))))
+    block = [16, problem.head_dim]  # the config's tile shapes are set by _tma_pre_hook
+    descs = [TensorDescriptor(m, list(m.shape), list(m.stride()), list(block)) for m in matrices]
+    heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    constexprs = problem.constexprs()
+    with launch_device(q):
+        _launch(
+            _attn_fwd_tma_kernel, "fwd_tma", grid,
+            *descs, o, lse, mask, problem.cu_arg(q.device),
+            *steps[0], *steps[1], *steps[2],
+            *problem.strides(o), *lse_strides, stride_mb, stride_ms,
+            problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, _seq_bucket(max_seqlen),
+            STORE_LSE=store_lse, WARP_SPECIALIZE=True,
+            **{name: constexprs[name] for name in ("GROUP", "HEAD_DIM", "BLOCK_D", "IS_VARLEN", "HAS_PADDING",
+                                                   "HAS_DROPOUT", "DOT_PRECISION")},
+        )
+    return o, lse
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
+    if problem.tma_forward:
+        return _attention_forward_tma(q, k, v, problem, store_lse)
     o = problem.new_output(q)
     lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)

@@ -127,10 +127,50 @@ def attention_cases() -> list[dict]:
     return list(cases.values())
 
 
+#: the Hopper forward (``forward="tma_ws"``): the flag combinations it supports (it falls back to the default
+#: forward for the others), 16-bit at head_dim 64 and 128; every config in the heaviest, padding-gqa
+TMA_VARIANTS = ("plain", "gqa", "varlen-gqa", "padding-gqa")
+TMA_COVERAGE = {torch.bfloat16: {variant: (64, 128) for variant in TMA_VARIANTS}, torch.float16: {"plain": (128,)}}
+TMA_EVERY_CONFIG = {torch.bfloat16: {"padding-gqa": (64, 128)}}
+if os.environ.get("LLM2VEC_FAST_SM90_GATE", "") == "full":
+    TMA_COVERAGE = {dtype: {variant: (64, 128) for variant in TMA_VARIANTS} for dtype in (torch.bfloat16, torch.float16)}
+    TMA_EVERY_CONFIG = TMA_COVERAGE
+_TMA_ODD = _ODD[:2] + ("num_heads", "q_row_b", "q_row_h", "q_col_h", "k_row_b", "k_row_h", "k_col_h", "v_row_b",
+                       "v_row_h", "v_col_h")
+
+
+def tma_attention_cases() -> list[dict]:
+    """``_attn_fwd_tma_kernel`` wherever ``TMA_COVERAGE`` says: tensor descriptors for Q/K/V, TMA loads and
+    ``wgmma`` checked."""
+    cases = []
+    variants = {**ATTENTION_VARIANTS, **ATTENTION_HEAVY}
+    for dtype, coverage in TMA_COVERAGE.items():
+        d = _DTYPES[dtype]
+        for variant, head_dims in coverage.items():
+            flags = {key: value for key, value in variants[variant].items() if key != "STORE_LSE"}
+            for head_dim in head_dims:
+                configs = attention.candidate_configs("fwd_tma", head_dim, "tf32", **_prune_flags(flags))
+                every = head_dim in TMA_EVERY_CONFIG.get(dtype, {}).get(variant, ())
+                for i, (block_m, block_n, warps, stages) in enumerate(configs if every else configs[:1]):
+                    constexprs = dict(flags, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                                      STORE_LSE=variants[variant].get("STORE_LSE", True), DOT_PRECISION="tf32",
+                                      WARP_SPECIALIZE=True)
+                    cases.append(dict(
+                        name=f"_attn_fwd_tma_kernel-{d}-d{head_dim}-{variant}-{block_m}x{block_n}w{warps}s{stages}",
+                        kernel=f"{_ATTN}:_attn_fwd_tma_kernel",
+                        descs={"desc_q": (d, (block_m, head_dim)), "desc_k": (d, (block_n, head_dim)),
+                               "desc_v": (d, (block_n, head_dim))},
+                        pointers=dict(O=d, LSE="fp32", KPM="u8", CU_SEQLENS="i32"), floats=["qk_scale"],
+                        constexprs=constexprs, ones=["stride_ms"] if flags["HAS_PADDING"] else [], odd=list(_TMA_ODD),
+                        num_warps=warps, num_stages=stages, default=i == 0, check_wgmma=True, check_tma=True,
+                    ))
+    return cases
+
+
 def _prune_flags(flags: dict) -> dict:
     return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
                 is_varlen=flags["IS_VARLEN"],
-                banded=any(flags.get(flag, False) for flag in ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")))
+                banded=any(flags.get(flag, False) for flag in attention.BANDED_FLAGS))
 
 
 def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
@@ -233,4 +273,4 @@ def loss_cases() -> list[dict]:
 
 
 def all_cases() -> list[dict]:
-    return attention_cases() + loss_cases()
+    return attention_cases() + tma_attention_cases() + loss_cases()

@@ -40,7 +40,8 @@ def _source(case):
     from triton.compiler import ASTSource
 
     fn = _resolve(case["kernel"])
-    unknown = set(case["pointers"]) | set(case["floats"]) | set(case["constexprs"]) | set(case["ones"])
+    descs = case.get("descs", {})
+    unknown = set(case["pointers"]) | set(case["floats"]) | set(case["constexprs"]) | set(case["ones"]) | set(descs)
     unknown -= set(fn.arg_names)
     if unknown:
         raise ValueError(f"{case['name']}: {sorted(unknown)} are not parameters of {case['kernel']}")
@@ -51,6 +52,9 @@ def _source(case):
                 raise ValueError(f"{case['name']}: constexpr {name} of {case['kernel']} has no value")
             signature[name] = "constexpr"
             constexprs[name] = 1 if name in case["ones"] else case["constexprs"][name]
+        elif name in descs:  # a host-side tensor descriptor: "tensordesc<bf16[128, 64]>" (dtype, block shape)
+            dtype, block = descs[name]
+            signature[name] = f"tensordesc<{dtype}[{', '.join(map(str, block))}]>"
         elif name in case["pointers"]:
             signature[name] = "*" + case["pointers"][name]
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
@@ -86,6 +90,7 @@ def compile_case(case: dict) -> dict:
     from triton.backends.compiler import GPUTarget
 
     result = {key: case[key] for key in ("name", "kernel", "num_warps", "num_stages", "default", "check_wgmma")}
+    result["check_tma"] = case.get("check_tma", False)
     start = time.perf_counter()
     try:
         compiled = triton.compile(_source(case), target=GPUTarget(*_TARGET),
@@ -98,6 +103,9 @@ def compile_case(case: dict) -> dict:
             shared=max(int(compiled.metadata.shared), usage.get("shared", 0)),
             wgmma="wgmma.mma_async" in ptx,
             mma_sync="mma.sync" in ptx,
+            tma="cp.async.bulk.tensor" in ptx,  # tensor-memory-accelerator copies
+            # a warp-specialized loop (producer/consumer partitions), not only the attribute asking for one
+            warp_specialized="ttg.warp_specialize" in compiled.asm.get("ttgir", ""),
         )
     except Exception as exc:  # noqa: BLE001 - reported per case by the test
         result["error"] = f"{type(exc).__name__}: {exc}"[-4000:]
