@@ -83,17 +83,35 @@ def run_subprocess(args, *, env_extra=None, torchrun=False, wait=True, stop=None
 
 
 def folder_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """Every file under ``path`` (Parquet shards are in ``data/``) by its relative name."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted one-process run over the .jsonl input: the reference for resume and torchrun."""
+    """One uninterrupted one-process run over the .jsonl input, in the default format (Parquet): the reference
+    for resume and torchrun."""
     root = tmp_path_factory.mktemp("reference")
     source = write_jsonl(root / "input.jsonl")
     output = root / "out"
     assert run_in_process(*encode_args(tiny_model_dir, source, output)) == 0
     return source, output
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, uninterrupted, tmp_path_factory):
+    """``reference(format)``: the uninterrupted run in that format (the default run for parquet)."""
+    runs = {"parquet": uninterrupted}
+
+    def get(format: str):
+        if format not in runs:
+            root = tmp_path_factory.mktemp(f"reference-{format}")
+            source = write_jsonl(root / "input.jsonl")
+            assert run_in_process(*encode_args(tiny_model_dir, source, root / "out", "--format", format)) == 0
+            runs[format] = (source, root / "out")
+        return runs[format]
+
+    return get
 
 
 def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected, uninterrupted, tmp_path):
@@ -126,25 +144,29 @@ def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected
     np.testing.assert_array_equal(vectors, load_output(output)[0])
 
 
-def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, uninterrupted, tmp_path):
-    source, reference = uninterrupted
-    args = encode_args(tiny_model_dir, source, tmp_path / "out")
+@pytest.mark.parametrize("format", ["parquet", "npy"])
+def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, reference, format, tmp_path):
+    from llm2vec_fast.corpus import shard_names
+
+    source, reference_output = reference(format)
+    args = encode_args(tiny_model_dir, source, tmp_path / "out", "--format", format)
     crashed = run_subprocess(args, stop=("exit", 2, tmp_path / "unused"))
     assert crashed.returncode == 17, crashed.stdout + crashed.stderr
-    names = {p.name for p in (tmp_path / "out").iterdir()}
-    # Shard 2's embeddings were renamed into place, its ids file (the completion mark) never written.
-    assert {"ids-00000.json", "ids-00001.json", "embeddings-00002.npy"} <= names
-    assert "ids-00002.json" not in names and "manifest.json" not in names
+    names = set(folder_bytes(tmp_path / "out"))
+    # Shard 2's embeddings were renamed into place, its record (the completion mark) never written.
+    assert {shard_names(0, format)[1], shard_names(1, format)[1], shard_names(2, format)[0]} <= names
+    assert shard_names(2, format)[1] not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0  # the same command again, here in this process to save a start-up
-    assert folder_bytes(tmp_path / "out") == folder_bytes(reference)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(reference_output)
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    from llm2vec_fast.corpus import load_output
+@pytest.mark.parametrize("format", ["parquet", "npy"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, format, tmp_path):
+    from llm2vec_fast.corpus import load_output, shard_names
 
     texts = [f"text {i} " + "word " * (i % 11) for i in range(90)]
     source = write_jsonl(tmp_path / "input.jsonl", texts)
-    args = encode_args(tiny_model_dir, source, tmp_path / "killed")
+    args = encode_args(tiny_model_dir, source, tmp_path / "killed", "--format", format)
     args[args.index("--shard-size") + 1] = "3"
     # The process pauses with 3 shards complete and shard 3 half written to its temporary file, and is killed
     # there: where the kill lands does not depend on how fast this machine is.
@@ -156,9 +178,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert ready.exists(), process.communicate()[0]
     process.send_signal(signal.SIGKILL)
     process.wait()
-    names = {p.name for p in (tmp_path / "killed").iterdir()}
-    assert {f"ids-0000{k}.json" for k in range(3)} <= names and "embeddings-00003.npy.tmp" in names
-    assert "ids-00003.json" not in names and "manifest.json" not in names
+    names = set(folder_bytes(tmp_path / "killed"))
+    assert {shard_names(k, format)[1] for k in range(3)} <= names and shard_names(3, format)[0] + ".tmp" in names
+    assert shard_names(3, format)[1] not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0
     straight = list(args)
     straight[straight.index("--output") + 1] = str(tmp_path / "straight")
