@@ -13,10 +13,16 @@ Output in ``output``:
 - ``run.json``: the resolved settings (defaults as their values) and the input's size and SHA-256, written
   before the first shard. A later run with other settings refuses to continue once a shard is complete; while
   no shard is complete (a run that failed at once) a new run simply replaces it.
-- per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``): ``embeddings-0000k.npy``
-  ``(rows, dim)`` float16/float32 and ``ids-0000k.json`` (ids in order, row range, bad rows, truncated count),
-  written by a ``ShardWriter``. Each file is written to a temporary name, fsynced and renamed; the ids file is
-  renamed last and is what marks the shard complete, so a shard is never taken as complete while half written.
+- per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``), in the run's format: ``parquet``
+  (the default for a new run) writes ``data/embeddings-0000k.parquet`` (columns ``id``, ``row``: the row number
+  in the input, ``embedding``: a fixed-size list of float16/float32, or int8/uint8 with ``precision``) and
+  ``shard-0000k.json``; ``npy`` writes ``embeddings-0000k.npy`` ``(rows, dim)`` and ``ids-0000k.json`` (the
+  ids). ``data/`` holds the shards only, so that pyarrow, pandas and ``datasets`` read it as one table. The
+  JSON record (row range, bad rows, truncated count) is renamed last and is what marks the shard complete;
+  each file is written to a temporary name, fsynced and renamed (``ShardWriter``), so a shard is never taken
+  as complete while half written. An existing run keeps its format; a different explicit one is an error.
+- with ``precision`` int8/uint8: ``quantization-ranges.npy`` ``(2, dim)``, the ranges of every shard, from
+  the embeddings of the first ``calibration_rows`` good rows.
 - ``manifest.json``, written when every shard is complete: counts (rows, encoded, bad, empty, truncated),
   model, settings and the shard list.
 
@@ -541,12 +547,26 @@ def _check_source_and_output(source: Path, output: Path) -> None:
         raise NotADirectoryError(f"output {output} is a file; the output must be a folder (it is created)")
 
 
+def _check_truncate_dim(settings: CorpusSettings, dimension: int) -> None:
+    if settings.truncate_dim is not None and settings.truncate_dim > dimension:
+        raise ValueError(f"truncate_dim {settings.truncate_dim} is larger than the embedding size {dimension} of "
+                         f"{settings.model}: choose at most {dimension}")
+
+
 def _load_encoder(settings: CorpusSettings, device):
     from .builtin_models import locate_model
     from .encoder import LLM2Vec
     from .dtypes import resolve_dtype
 
-    locate_model(settings.model)  # a name that resolves nowhere fails here, in one line, without hub retries
+    # A name that resolves nowhere fails here, in one line, without hub retries.
+    located = locate_model(settings.model)
+    if settings.truncate_dim is not None:  # found before the weights load, from the config alone
+        try:
+            from transformers import AutoConfig
+
+            _check_truncate_dim(settings, int(AutoConfig.from_pretrained(located).hidden_size))
+        except (OSError, AttributeError, KeyError):
+            pass  # e.g. an adapter folder as the model: checked once the encoder is loaded
     for adapter in settings.adapters:
         if not Path(adapter).expanduser().exists():
             locate_model(adapter)
@@ -679,11 +699,11 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
 
     ``encoder`` (an ``LLM2Vec``) is used as given when passed (``settings.model``/``adapters`` then only say
     what it is, for run.json); otherwise it is loaded from ``settings``. ``writer`` writes the shard files
-    (default ``ShardWriter(output, format, id_type)``). Under torchrun each rank encodes its share; rank 0 returns the manifest,
-    the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many
-    bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that
-    resolves nowhere, ``ValueError`` for an unknown ``prompt_name``, a ``truncate_dim`` larger than the
-    embedding size or an unknown ``precision``.
+    (default ``ShardWriter(output, format, id_type)``). Under torchrun each rank encodes its share; rank 0
+    returns the manifest, the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting
+    settings or too many bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths,
+    ``ModelNotFoundError`` for a model that resolves nowhere, ``ValueError`` for an unknown ``prompt_name``, a
+    ``truncate_dim`` larger than the embedding size or an unknown ``precision``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -705,9 +725,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         else:
             encoder.model.to(device)
         dimension = int(encoder.model.config.hidden_size)
-        if settings.truncate_dim is not None and settings.truncate_dim > dimension:
-            raise ValueError(f"truncate_dim {settings.truncate_dim} is larger than the embedding size {dimension} of "
-                             f"{settings.model}: choose at most {dimension}")
+        _check_truncate_dim(settings, dimension)
         instruction = _instruction(settings, encoder.prompts)
         pinned = _pinned_settings(settings, encoder, device, source, format)
         ranges_file = output / RANGES_FILE
