@@ -444,7 +444,9 @@ def _first_id_type(source: Path, settings: CorpusSettings) -> str:
     return "int"
 
 
-def _instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
+def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
+    """The instruction of every text: ``settings.instruction``, or ``prompts[settings.prompt_name]`` (ValueError
+    for a name that is not there), or none."""
     return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
 
 
@@ -462,7 +464,7 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
         "input": input_fingerprint(source),
         "text_field": settings.text_field,
         "id_field": settings.id_field or None,
-        "instruction": _instruction(settings, encoder.prompts),
+        "instruction": resolved_instruction(settings, encoder.prompts),
         "batch_size": settings.batch_size,
         "max_batch_tokens": budget,
         "max_length": encoder.max_length,
@@ -547,13 +549,15 @@ def _check_source_and_output(source: Path, output: Path) -> None:
         raise NotADirectoryError(f"output {output} is a file; the output must be a folder (it is created)")
 
 
-def _check_truncate_dim(settings: CorpusSettings, dimension: int) -> None:
+def check_truncate_dim(settings: CorpusSettings, dimension: int) -> None:
+    """ValueError when ``settings.truncate_dim`` exceeds the model's embedding size ``dimension``."""
     if settings.truncate_dim is not None and settings.truncate_dim > dimension:
         raise ValueError(f"truncate_dim {settings.truncate_dim} is larger than the embedding size {dimension} of "
                          f"{settings.model}: choose at most {dimension}")
 
 
-def _load_encoder(settings: CorpusSettings, device):
+def load_encoder(settings: CorpusSettings, device):
+    """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``."""
     from .builtin_models import locate_model
     from .encoder import LLM2Vec
     from .dtypes import resolve_dtype
@@ -564,7 +568,7 @@ def _load_encoder(settings: CorpusSettings, device):
         try:
             from transformers import AutoConfig
 
-            _check_truncate_dim(settings, int(AutoConfig.from_pretrained(located).hidden_size))
+            check_truncate_dim(settings, int(AutoConfig.from_pretrained(located).hidden_size))
         except (OSError, AttributeError, KeyError):
             pass  # e.g. an adapter folder as the model: checked once the encoder is loaded
     for adapter in settings.adapters:
@@ -606,7 +610,7 @@ class _BatchProgress:
         self.bar.set_postfix(postfix, refresh=False)
 
 
-def _vectors(encoder, settings: CorpusSettings, instruction: str, texts: list[str], device, progress=None):
+def embed_texts(encoder, settings: CorpusSettings, instruction: str, texts: list[str], device, progress=None):
     """Texts -> float32 ``(n, dim)`` numpy embeddings, truncated (``truncate_dim``) and normalized as asked, in
     the batches ``encode_tokenized`` makes of exactly these texts. Returns (embeddings, encoded texts)."""
     import torch
@@ -623,7 +627,7 @@ def _vectors(encoder, settings: CorpusSettings, instruction: str, texts: list[st
     return vectors.numpy(), encoded
 
 
-def _stored(vectors: np.ndarray, settings: CorpusSettings, ranges: np.ndarray | None) -> np.ndarray:
+def stored_embeddings(vectors: np.ndarray, settings: CorpusSettings, ranges: np.ndarray | None) -> np.ndarray:
     """float32 embeddings -> what a shard stores: float16/float32 (``dtype``) or quantized (``precision``)."""
     if settings.precision != "float32":
         return quantize_embeddings(vectors, settings.precision, ranges=ranges)
@@ -646,11 +650,11 @@ def _encode_shard(encoder, settings: CorpusSettings, instruction: str, rows: lis
     bad = [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem} for r in rows if r.text is None]
     stats = {"rows": len(rows), "encoded": len(good), "bad": len(bad), "truncated": 0, "empty": 0, "tokens": 0}
     if good:
-        vectors, encoded = _vectors(encoder, settings, instruction, [r.text for r in good], device, progress)
+        vectors, encoded = embed_texts(encoder, settings, instruction, [r.text for r in good], device, progress)
         stats["truncated"] = sum(e.truncated for e in encoded)
         stats["empty"] = sum(1 for r in good if not r.text.strip())
         stats["tokens"] = sum(len(e.input_ids) for e in encoded)
-        array = _stored(vectors, settings, ranges)
+        array = stored_embeddings(vectors, settings, ranges)
     else:
         width, dtype = _stored_width(settings, settings.truncate_dim or encoder.model.config.hidden_size)
         array = np.zeros((0, width), dtype=dtype)
@@ -675,7 +679,7 @@ def _calibration_ranges(encoder, settings: CorpusSettings, instruction: str, sou
         raise CorpusError(f"precision {settings.precision!r} needs at least 2 good rows to calibrate its ranges; "
                           f"{source} has {len(texts)}")
     logger.info("Calibrating %s ranges on the first %d rows", settings.precision, len(texts))
-    return quantization_ranges(_vectors(encoder, settings, instruction, texts, device)[0])
+    return quantization_ranges(embed_texts(encoder, settings, instruction, texts, device)[0])
 
 
 def _check_bad_rows(settings: CorpusSettings, bad: int, rows: int, encoded: int, first_problem: str | None) -> None:
@@ -712,7 +716,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     source, output = Path(source), Path(output)
     _check_source_and_output(source, output)
     if encoder is None:  # a prompt name that names nothing fails before a model loads
-        _instruction(settings, default_prompts())
+        resolved_instruction(settings, default_prompts())
     format = _resolve_format(settings, output)
     rank, world, local_rank, initialized = _distributed()
     try:
@@ -721,12 +725,12 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         else:
             device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if encoder is None:
-            encoder = _load_encoder(settings, device)
+            encoder = load_encoder(settings, device)
         else:
             encoder.model.to(device)
         dimension = int(encoder.model.config.hidden_size)
-        _check_truncate_dim(settings, dimension)
-        instruction = _instruction(settings, encoder.prompts)
+        check_truncate_dim(settings, dimension)
+        instruction = resolved_instruction(settings, encoder.prompts)
         pinned = _pinned_settings(settings, encoder, device, source, format)
         ranges_file = output / RANGES_FILE
         if rank == 0:

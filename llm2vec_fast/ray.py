@@ -30,9 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import CorpusSettings, _check_truncate_dim, _instruction, _load_encoder, _stored, _vectors
+from .corpus import (CorpusSettings, check_truncate_dim, embed_texts, load_encoder, resolved_instruction,
+                     stored_embeddings)
 
 OUTPUT_FORMATS = ("numpy", "arrow")
+
+
+class MissingColumnError(KeyError):
+    """A batch without a column that ``EmbedBatch`` was told to read (the message names it and those present)."""
+
+    def __str__(self) -> str:  # KeyError's own would show the message quoted, as a key
+        return str(self.args[0])
 
 
 def _columns(batch: Any) -> dict[str, Any]:
@@ -87,10 +95,10 @@ class EmbedBatch:
         self.text_column, self.id_column = text_column, id_column
         self.embedding_column, self.keep_columns = embedding_column, list(keep_columns)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder = _load_encoder(self.settings, self.device)
+        self.encoder = load_encoder(self.settings, self.device)
         dimension = int(self.encoder.model.config.hidden_size)
-        _check_truncate_dim(self.settings, dimension)
-        self.instruction = _instruction(self.settings, self.encoder.prompts)
+        check_truncate_dim(self.settings, dimension)
+        self.instruction = resolved_instruction(self.settings, self.encoder.prompts)
         self.ranges = None
         if precision in ("int8", "uint8"):
             if ranges is None:
@@ -107,7 +115,8 @@ class EmbedBatch:
         for role, name in (("text_column", self.text_column), ("id_column", self.id_column),
                            *(("keep_columns", c) for c in self.keep_columns)):
             if name is not None and name not in columns:
-                raise KeyError(f"the batch has no column {name!r} ({role}); its columns are {sorted(columns)}")
+                raise MissingColumnError(f"the batch has no column {name!r} ({role}); its columns are "
+                                         f"{sorted(columns)}")
         texts = list(columns[self.text_column])
         for position, text in enumerate(texts):
             if not isinstance(text, str):
@@ -116,11 +125,11 @@ class EmbedBatch:
                 raise ValueError(f"column {self.text_column!r} of {where} is "
                                  f"{'null' if text is None else type(text).__name__}, not a string")
         if texts:
-            vectors, _ = _vectors(self.encoder, self.settings, self.instruction, texts, self.device)
+            vectors, _ = embed_texts(self.encoder, self.settings, self.instruction, texts, self.device)
         else:
             vectors = np.zeros((0, self.settings.truncate_dim or self.encoder.model.config.hidden_size), np.float32)
         result = {name: columns[name] for name in ([self.id_column] if self.id_column else []) + self.keep_columns}
-        embeddings = _stored(vectors, self.settings, self.ranges)
+        embeddings = stored_embeddings(vectors, self.settings, self.ranges)
         if self.output_format == "numpy":
             result[self.embedding_column] = embeddings
             return result

@@ -484,6 +484,7 @@ def test_a_run_of_the_previous_format_version_resumes(tiny_model_dir, reference,
     assert folder_bytes(copy)["embeddings-00003.npy"] == folder_bytes(npy_run)["embeddings-00003.npy"]
 
 
+@pytest.mark.slow
 def test_encode_options_truncate_normalize_precision(tiny_model_dir, expected, uninterrupted, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -523,6 +524,7 @@ def test_encode_options_truncate_normalize_precision(tiny_model_dir, expected, u
                                     "--truncate-dim", "20", "--calibration-rows", "40"))
 
 
+@pytest.mark.slow
 def test_a_prompt_name_is_pinned_as_its_instruction(tiny_model_dir, uninterrupted, tmp_path):
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.corpus import load_output

@@ -70,13 +70,17 @@ def test_a_batch_gives_encode_corpus_embeddings_in_numpy_and_arrow(tiny_model_di
 
 
 def test_a_batch_without_its_columns_or_with_a_non_text_is_an_error_naming_them(tiny_model_dir):
-    from llm2vec_fast.ray import EmbedBatch
+    from llm2vec_fast.ray import EmbedBatch, MissingColumnError
 
     embed = EmbedBatch(tiny_model_dir, attention_impl="torch")
-    with pytest.raises(KeyError, match=r"no column 'text' \(text_column\); its columns are \['body', 'id'\]"):
+    with pytest.raises(MissingColumnError, match=r"no column 'text' \(text_column\); its columns are \['body', 'id'\]"):
         embed({"id": np.array(["a"]), "body": np.array(["hello"])})
-    with pytest.raises(KeyError, match=r"no column 'id' \(id_column\); its columns are \['text'\]"):
+    with pytest.raises(MissingColumnError, match=r"no column 'id' \(id_column\); its columns are \['text'\]"):
         embed({"text": np.array(["hello"])})
+    try:
+        embed({"body": np.array(["hello"])})
+    except KeyError as error:  # a KeyError, whose message reads as a sentence, not as a quoted key
+        assert str(error).startswith("the batch has no column 'text'")
     with pytest.raises(ValueError, match=r"column 'text' of id 'b' is null, not a string"):
         embed({"id": np.array(["a", "b"], dtype=object), "text": np.array(["hello", None], dtype=object)})
     with pytest.raises(ValueError, match=r"precision 'int8' needs ranges"):
