@@ -718,6 +718,12 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     if encoder is None:  # a prompt name that names nothing fails before a model loads
         resolved_instruction(settings, default_prompts())
     format = _resolve_format(settings, output)
+    if format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ImportError("the parquet format (the default) needs pyarrow: pip install pyarrow, or write .npy "
+                              "shards with --format npy (format='npy')") from None
     rank, world, local_rank, initialized = _distributed()
     try:
         if settings.device:

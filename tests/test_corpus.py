@@ -570,3 +570,12 @@ def test_parquet_ids_of_two_types_are_an_error_naming_the_row(tiny_model_dir, tm
         run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "out"))
     # Numbering the rows instead works.
     assert run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "numbered", "--id-field", "")) == 0
+
+
+def test_parquet_without_pyarrow_says_to_install_it_or_use_npy(tiny_model_dir, uninterrupted, tmp_path, capsys,
+                                                                monkeypatch):
+    source, _ = uninterrupted
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet now raises ImportError
+    assert run_program(*encode_args(tiny_model_dir, source, tmp_path / "out")) == 1
+    assert "needs pyarrow: pip install pyarrow, or write .npy shards with --format npy" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
