@@ -37,9 +37,12 @@ setup(
             # tests/test_export.py and the encode benchmark load exported models through it (its 6.x module API);
             # mteb pulls some version in too, but not necessarily one of 6.x.
             "sentence-transformers>=6",
+            # tests/test_ray.py runs map_batches on a local Ray (a 80 MB wheel, installed in ~40 s).
+            "ray[data]",
         ],
         "eval": ["mteb>=2.0,<3", "matplotlib"],
         "parquet": ["pyarrow"],
+        "ray": ["ray[data]"],  # llm2vec_fast.ray.EmbedBatch for ray.data's map_batches
         "sentence-transformers": ["sentence-transformers>=6"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},

@@ -13,10 +13,16 @@ Output in ``output``:
 - ``run.json``: the resolved settings (defaults as their values) and the input's size and SHA-256, written
   before the first shard. A later run with other settings refuses to continue once a shard is complete; while
   no shard is complete (a run that failed at once) a new run simply replaces it.
-- per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``): ``embeddings-0000k.npy``
-  ``(rows, dim)`` float16/float32 and ``ids-0000k.json`` (ids in order, row range, bad rows, truncated count),
-  written by a ``ShardWriter``. Each file is written to a temporary name, fsynced and renamed; the ids file is
-  renamed last and is what marks the shard complete, so a shard is never taken as complete while half written.
+- per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``), in the run's format: ``parquet``
+  (the default for a new run) writes ``data/embeddings-0000k.parquet`` (columns ``id``, ``row``: the row number
+  in the input, ``embedding``: a fixed-size list of float16/float32, or int8/uint8 with ``precision``) and
+  ``shard-0000k.json``; ``npy`` writes ``embeddings-0000k.npy`` ``(rows, dim)`` and ``ids-0000k.json`` (the
+  ids). ``data/`` holds the shards only, so that pyarrow, pandas and ``datasets`` read it as one table. The
+  JSON record (row range, bad rows, truncated count) is renamed last and is what marks the shard complete;
+  each file is written to a temporary name, fsynced and renamed (``ShardWriter``), so a shard is never taken
+  as complete while half written. An existing run keeps its format; a different explicit one is an error.
+- with ``precision`` int8/uint8: ``quantization-ranges.npy`` ``(2, dim)``, the ranges of every shard, from
+  the embeddings of the first ``calibration_rows`` good rows.
 - ``manifest.json``, written when every shard is complete: counts (rows, encoded, bad, empty, truncated),
   model, settings and the shard list.
 
@@ -36,6 +42,7 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -50,10 +57,15 @@ from .files import atomic_write
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .dtypes import MODEL_DTYPES
+from .prompts import default_prompts, resolve_prompt
+from .quantization import check_precision, quantization_ranges, quantize_embeddings
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: run.json holds resolved settings and the input's SHA-256; bad rows keep their ids
+# 2: run.json holds resolved settings and the input's SHA-256; bad rows keep their ids. 3: the format (npy or
+# parquet), truncate_dim, precision (and calibration_rows), the ids' type of a Parquet run. A version-2 run.json
+# is read as the version-3 one of the same run (npy, float32, no truncation), so such runs resume.
+FORMAT_VERSION = 3
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 BAD_ROW_POLICIES = ("error", "skip")
 
@@ -188,36 +200,116 @@ def _write_json(path: Path, value: Any, **dump_options) -> None:
     atomic_write(path, lambda h: h.write(json.dumps(value, **dump_options).encode("utf-8")))
 
 
-def shard_names(k: int) -> tuple[str, str]:
+FORMATS = ("parquet", "npy")
+DEFAULT_FORMAT = "parquet"  # of a new run; an existing run keeps the format its run.json names
+PARQUET_ROW_GROUP_ROWS = 4096  # fixed writer settings, so that a shard's bytes depend on its content only
+PARQUET_COMPRESSION = "zstd"
+RANGES_FILE = "quantization-ranges.npy"  # int8/uint8: the (2, dim) ranges every shard is quantized with
+
+
+def shard_names(k: int, format: str = "npy") -> tuple[str, str]:
+    """(embeddings file, record file) of shard ``k``, relative to the output folder. The record (a JSON file)
+    is written last and marks the shard complete. Parquet shards live in ``data/``, which holds nothing else,
+    so that ``pyarrow.parquet.read_table("OUT/data")`` reads them as one table."""
+    if format == "parquet":
+        return f"data/embeddings-{k:05d}.parquet", f"shard-{k:05d}.json"
     return f"embeddings-{k:05d}.npy", f"ids-{k:05d}.json"
 
 
-def shard_complete(output: Path, k: int) -> bool:
-    embeddings, ids = shard_names(k)
-    return (output / ids).is_file() and (output / embeddings).is_file()
+def shard_complete(output: Path, k: int, format: str = "npy") -> bool:
+    embeddings, record = shard_names(k, format)
+    return (output / record).is_file() and (output / embeddings).is_file()
 
 
-def _complete_shards(output: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in output.glob("ids-*.json") if p.stem.split("-")[1].isdigit())
+def _complete_shards(output: Path, format: str | None = None) -> list[int]:
+    """Shards with their record written (of ``format``, else of any format)."""
+    patterns = {"npy": "ids-*.json", "parquet": "shard-*.json"}
+    found = set()
+    for name, pattern in patterns.items():
+        if format in (None, name):
+            found.update(int(p.stem.split("-")[1]) for p in output.glob(pattern) if p.stem.split("-")[1].isdigit())
+    return sorted(found)
+
+
+def _arrow_ids(ids: list, id_type: str, first_row: int):
+    import pyarrow as pa
+
+    for offset, value in enumerate(ids):
+        kind = _id_type(value)
+        if value is not None and kind != id_type:
+            raise CorpusError(
+                f"the id of row {first_row + offset} is {value!r} ({kind}), but this run's ids are {id_type}s (the "
+                f"type of the first row's id): a Parquet column holds one type. Give every row an id of one type, "
+                f"or number the rows (--id-field '').")
+    return pa.array(ids, type={"int": pa.int64(), "str": pa.string(), "float": pa.float64(),
+                               "bool": pa.bool_()}[id_type])
+
+
+def _id_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "str"
+
+
+def parquet_shard_bytes(array: np.ndarray, ids: list, rows: list[int], id_type: str, first_row: int = 0) -> bytes:
+    """One shard as a Parquet file: columns ``id``, ``row`` (int64, the row number in the input) and
+    ``embedding`` (a fixed-size list of the array's dtype), written with fixed settings (row-group size,
+    compression; no timestamp is written), so that the same content gives the same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = int(array.shape[1])
+    flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+    table = pa.table({
+        "id": _arrow_ids(ids, id_type, first_row),
+        "row": pa.array(rows, type=pa.int64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=PARQUET_ROW_GROUP_ROWS, compression=PARQUET_COMPRESSION,
+                   use_dictionary=False, write_statistics=True, store_schema=True)
+    return sink.getvalue().to_pybytes()
 
 
 class ShardWriter:
-    """Writes one shard's files into ``output``: the embeddings, then the ids record, which marks it complete.
+    """Writes one shard's files into ``output``: the embeddings, then the record, which marks it complete.
 
-    The one place shard files are written, so that other formats (or a test that dies half way) replace
-    only this."""
+    The one place shard files are written, so that a test that dies half way replaces only this.
+    ``format``: ``npy`` (``embeddings-k.npy`` and ``ids-k.json`` with the ids) or ``parquet``
+    (``data/embeddings-k.parquet`` with ids, row numbers and embeddings, and ``shard-k.json``)."""
 
-    def __init__(self, output: str | Path):
+    def __init__(self, output: str | Path, format: str = "npy", id_type: str | None = None):
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.output = Path(output)
+        self.format = format
+        self.id_type = id_type or "int"
 
-    def write_embeddings(self, k: int, array: np.ndarray) -> None:
-        atomic_write(self.output / shard_names(k)[0], lambda h: np.save(h, array))
+    def embeddings_bytes(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> bytes:
+        if self.format == "parquet":
+            return parquet_shard_bytes(array, record["ids"], rows, self.id_type, record["first_row"])
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    def write_embeddings(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> None:
+        data = self.embeddings_bytes(k, array, record, rows)
+        path = self.output / shard_names(k, self.format)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda h: h.write(data))
 
     def write_record(self, k: int, record: dict[str, Any]) -> None:
-        _write_json(self.output / shard_names(k)[1], record)
+        if self.format == "parquet":  # the ids are in the Parquet file
+            record = {key: value for key, value in record.items() if key != "ids"}
+        _write_json(self.output / shard_names(k, self.format)[1], record)
 
-    def write_shard(self, k: int, array: np.ndarray, record: dict[str, Any]) -> None:
-        self.write_embeddings(k, array)
+    def write_shard(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> None:
+        """``record["ids"]`` and ``rows`` are the ids and input row numbers of the array's rows."""
+        self.write_embeddings(k, array, record, rows)
         self.write_record(k, record)
 
 
@@ -227,9 +319,18 @@ def load_output(output: str | Path) -> tuple[np.ndarray, list]:
     manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
     arrays, ids = [], []
     for shard in manifest["shards"]:
-        arrays.append(np.load(output / shard["embeddings"]))
-        ids.extend(json.loads((output / shard["ids"]).read_text(encoding="utf-8"))["ids"])
-    return np.concatenate(arrays) if arrays else np.zeros((0, manifest["dim"]), np.float32), ids
+        if manifest.get("format", "npy") == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(output / shard["embeddings"])
+            column = table.column("embedding").combine_chunks()
+            arrays.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), manifest["dim"]))
+            ids.extend(table.column("id").to_pylist())
+        else:
+            arrays.append(np.load(output / shard["embeddings"]))
+            ids.extend(json.loads((output / shard["ids"]).read_text(encoding="utf-8"))["ids"])
+    empty = np.zeros((0, manifest["dim"]), np.dtype(manifest["dtype"]))
+    return np.concatenate(arrays) if arrays else empty, ids
 
 
 # ---------------------------------------------------------------------------------------------------------- settings
@@ -242,13 +343,18 @@ class CorpusSettings:
     adapters: list[str] = dataclasses.field(default_factory=list)  # LoRA adapters merged in order
     text_field: str = "text"
     id_field: str | None = "id"  # None or absent: the row number
-    instruction: str = ""
+    instruction: str = ""  # sentence-transformers' ``prompt``: put before every text, left out of pooling
+    prompt_name: str | None = None  # a named instruction instead (LLM2Vec's MTEB task names, query, document)
     batch_size: int = 32
     max_batch_tokens: int | None = None
     max_length: int | None = None
     doc_max_length: int | None = None
     pooling_mode: str | None = None
-    dtype: str = "float32"  # of the stored embeddings: float16 or float32
+    dtype: str = "float32"  # of the stored embeddings: float16 or float32 (with precision float32)
+    truncate_dim: int | None = None  # keep the leading dimensions (Matryoshka), before normalize and precision
+    precision: str = "float32"  # float32 (then dtype), int8, uint8, binary, ubinary: as sentence-transformers'
+    calibration_rows: int = 1000  # int8/uint8: the ranges come from the first this many good rows' embeddings
+    format: str | None = None  # parquet or npy; None: the existing run's format, parquet for a new run
     model_dtype: str = "auto"  # compute dtype: bf16 on CUDA, fp32 on the CPU
     shard_size: int = 10000
     normalize: bool = False
@@ -264,10 +370,23 @@ class CorpusSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {self.max_batch_tokens!r}")
+        if self.truncate_dim is not None and (isinstance(self.truncate_dim, bool)
+                                              or not isinstance(self.truncate_dim, int) or self.truncate_dim < 1):
+            raise ValueError(f"truncate_dim must be a positive integer, got {self.truncate_dim!r}")
+        if not isinstance(self.calibration_rows, int) or self.calibration_rows < 2:
+            raise ValueError(f"calibration_rows must be an integer of 2 or more, got {self.calibration_rows!r}")
+        check_precision(self.precision)
+        if self.precision != "float32" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype!r} is for float embeddings; with precision {self.precision!r} the "
+                             f"embeddings are stored as {self.precision} (leave dtype at float32)")
+        if self.instruction and self.prompt_name is not None:
+            raise ValueError(f"give an instruction (prompt) or a prompt_name, not both (got {self.instruction!r} "
+                             f"and {self.prompt_name!r})")
         if self.max_bad_rows is not None and self.max_bad_rows < 0:
             raise ValueError(f"max_bad_rows must be 0 or more, got {self.max_bad_rows!r}")
         choices = {"dtype": ("float16", "float32"), "model_dtype": MODEL_DTYPES, "attention_impl": IMPLEMENTATIONS,
-                   "on_bad_row": BAD_ROW_POLICIES, "pooling_mode": (None, *POOLING_MODES)}
+                   "on_bad_row": BAD_ROW_POLICIES, "pooling_mode": (None, *POOLING_MODES),
+                   "format": (None, *FORMATS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
@@ -289,9 +408,52 @@ def _resolved_name(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path) -> dict[str, Any]:
+def _upgraded(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A version-2 run.json as the version-3 settings of the same run (it could only be that)."""
+    if stored and stored.get("format_version") == 2:
+        stored = {**stored, "format_version": 3, "format": "npy", "truncate_dim": None, "precision": "float32",
+                  "calibration_rows": None, "id_type": None}
+    return stored
+
+
+def _resolve_format(settings: CorpusSettings, output: Path) -> str:
+    """The output format: the existing run's where the folder holds one (a complete shard or the manifest),
+    which an explicit other ``format`` may not change; else ``settings.format`` or parquet."""
+    stored = _upgraded(_read_run_file(output / "run.json")) if output.is_dir() else None
+    if stored is not None and (_complete_shards(output) or (output / "manifest.json").is_file()):
+        existing = stored.get("format")
+        if existing in FORMATS:
+            if settings.format not in (None, existing):
+                raise SettingsConflictError(
+                    f"{output} holds a run in the {existing} format; it cannot continue as {settings.format}. Leave "
+                    f"out --format (the run keeps {existing}), or start over: delete {output} or choose another "
+                    f"output folder.")
+            return existing
+    return settings.format or DEFAULT_FORMAT
+
+
+def _first_id_type(source: Path, settings: CorpusSettings) -> str:
+    """The type of the first good row's id, which every id of a Parquet run must have (one column, one type)."""
+    rows = read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None)
+    try:
+        for row in rows:
+            if row.text is not None and row.id is not None:
+                return _id_type(_json_safe(row.id))
+    finally:
+        rows.close()
+    return "int"
+
+
+def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
+    """The instruction of every text: ``settings.instruction``, or ``prompts[settings.prompt_name]`` (ValueError
+    for a name that is not there), or none."""
+    return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
+
+
+def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, format: str) -> dict[str, Any]:
     """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
-    The bad-row policy is not here: it decides whether the run may finish, not what a shard holds."""
+    The bad-row policy is not here: it decides whether the run may finish, not what a shard holds. A prompt
+    name is pinned as the instruction it names."""
     budget = next((b for b in (settings.max_batch_tokens, encoder.max_batch_tokens) if b is not None),
                   settings.batch_size * encoder.max_length)
     parameter = next(encoder.model.parameters(), None)
@@ -302,7 +464,7 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path) ->
         "input": input_fingerprint(source),
         "text_field": settings.text_field,
         "id_field": settings.id_field or None,
-        "instruction": settings.instruction,
+        "instruction": resolved_instruction(settings, encoder.prompts),
         "batch_size": settings.batch_size,
         "max_batch_tokens": budget,
         "max_length": encoder.max_length,
@@ -310,7 +472,12 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path) ->
         "pooling_mode": encoder.pooling_mode,
         "skip_instruction": encoder.skip_instruction,
         "max_padding": encoder.max_padding,
-        "dtype": settings.dtype,
+        "dtype": settings.dtype if settings.precision == "float32" else None,
+        "truncate_dim": settings.truncate_dim,
+        "precision": settings.precision,
+        "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
+        "format": format,
+        "id_type": _first_id_type(source, settings) if format == "parquet" else None,
         "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
         "shard_size": settings.shard_size,
         "normalize": bool(settings.normalize),
@@ -328,13 +495,14 @@ def _read_run_file(run_file: Path) -> dict[str, Any] | None:
         return {}  # unreadable: differs from any settings, and is replaced while no shard is complete
 
 
-def _claim_output(output: Path, pinned: dict[str, Any]) -> None:
-    """Make ``output`` hold a run with exactly ``pinned`` settings, or refuse (rank 0 only)."""
+def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
+    """Make ``output`` hold a run with exactly ``pinned`` settings, or refuse (rank 0 only). True when run.json
+    was (re)written: what the folder held before belongs to no run."""
     output.mkdir(parents=True, exist_ok=True)
     run_file = output / "run.json"
-    stored = _read_run_file(run_file)
+    stored = _upgraded(_read_run_file(run_file))
     if stored == pinned:
-        return
+        return False
     if stored is not None:
         done = _complete_shards(output)
         if done or (output / "manifest.json").is_file():
@@ -345,6 +513,7 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> None:
                 f"with the same settings and input, or start over: delete {output} or choose another output folder.")
         logger.info("%s holds an earlier run that completed no shard; starting it again with these settings", output)
     _write_json(run_file, pinned, indent=2)
+    return True
 
 
 def _distributed():
@@ -380,12 +549,28 @@ def _check_source_and_output(source: Path, output: Path) -> None:
         raise NotADirectoryError(f"output {output} is a file; the output must be a folder (it is created)")
 
 
-def _load_encoder(settings: CorpusSettings, device):
+def check_truncate_dim(settings: CorpusSettings, dimension: int) -> None:
+    """ValueError when ``settings.truncate_dim`` exceeds the model's embedding size ``dimension``."""
+    if settings.truncate_dim is not None and settings.truncate_dim > dimension:
+        raise ValueError(f"truncate_dim {settings.truncate_dim} is larger than the embedding size {dimension} of "
+                         f"{settings.model}: choose at most {dimension}")
+
+
+def load_encoder(settings: CorpusSettings, device):
+    """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``."""
     from .builtin_models import locate_model
     from .encoder import LLM2Vec
     from .dtypes import resolve_dtype
 
-    locate_model(settings.model)  # a name that resolves nowhere fails here, in one line, without hub retries
+    # A name that resolves nowhere fails here, in one line, without hub retries.
+    located = locate_model(settings.model)
+    if settings.truncate_dim is not None:  # found before the weights load, from the config alone
+        try:
+            from transformers import AutoConfig
+
+            check_truncate_dim(settings, int(AutoConfig.from_pretrained(located).hidden_size))
+        except (OSError, AttributeError, KeyError):
+            pass  # e.g. an adapter folder as the model: checked once the encoder is loaded
     for adapter in settings.adapters:
         if not Path(adapter).expanduser().exists():
             locate_model(adapter)
@@ -425,29 +610,76 @@ class _BatchProgress:
         self.bar.set_postfix(postfix, refresh=False)
 
 
-def _encode_shard(encoder, settings: CorpusSettings, rows: list[Row], device, progress: _BatchProgress):
-    """One shard's rows -> (embeddings array, ids record without its row range)."""
+def embed_texts(encoder, settings: CorpusSettings, instruction: str, texts: list[str], device, progress=None):
+    """Texts -> float32 ``(n, dim)`` numpy embeddings, truncated (``truncate_dim``) and normalized as asked, in
+    the batches ``encode_tokenized`` makes of exactly these texts. Returns (embeddings, encoded texts)."""
     import torch
 
-    np_dtype = np.float16 if settings.dtype == "float16" else np.float32
+    encoded = encoder.tokenize_texts([(instruction, text) for text in texts])
+    if progress is not None:
+        progress.start_shard([len(e.input_ids) for e in encoded])
+    vectors = encoder.encode_tokenized(encoded, batch_size=settings.batch_size, device=device,
+                                       max_batch_tokens=settings.max_batch_tokens, progress=progress)
+    if settings.truncate_dim is not None:
+        vectors = vectors[:, :settings.truncate_dim]
+    if settings.normalize:
+        vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    return vectors.numpy(), encoded
+
+
+def stored_embeddings(vectors: np.ndarray, settings: CorpusSettings, ranges: np.ndarray | None) -> np.ndarray:
+    """float32 embeddings -> what a shard stores: float16/float32 (``dtype``) or quantized (``precision``)."""
+    if settings.precision != "float32":
+        return quantize_embeddings(vectors, settings.precision, ranges=ranges)
+    return vectors.astype(np.float16 if settings.dtype == "float16" else np.float32)
+
+
+def _stored_width(settings: CorpusSettings, dim: int) -> tuple[int, np.dtype]:
+    """Columns and dtype of the stored array for embeddings of ``dim`` dimensions (after truncation)."""
+    if settings.precision in ("binary", "ubinary"):
+        return (dim + 7) // 8, np.dtype(np.int8 if settings.precision == "binary" else np.uint8)
+    if settings.precision in ("int8", "uint8"):
+        return dim, np.dtype(settings.precision)
+    return dim, np.dtype(settings.dtype)
+
+
+def _encode_shard(encoder, settings: CorpusSettings, instruction: str, rows: list[Row], device,
+                  progress: _BatchProgress, ranges: np.ndarray | None):
+    """One shard's rows -> (stored array, ids record without its row range, row numbers of the array's rows)."""
     good = [r for r in rows if r.text is not None]
     bad = [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem} for r in rows if r.text is None]
     stats = {"rows": len(rows), "encoded": len(good), "bad": len(bad), "truncated": 0, "empty": 0, "tokens": 0}
     if good:
-        encoded = encoder.tokenize_texts([(settings.instruction, r.text) for r in good])
+        vectors, encoded = embed_texts(encoder, settings, instruction, [r.text for r in good], device, progress)
         stats["truncated"] = sum(e.truncated for e in encoded)
         stats["empty"] = sum(1 for r in good if not r.text.strip())
         stats["tokens"] = sum(len(e.input_ids) for e in encoded)
-        progress.start_shard([len(e.input_ids) for e in encoded])
-        vectors = encoder.encode_tokenized(encoded, batch_size=settings.batch_size, device=device,
-                                           max_batch_tokens=settings.max_batch_tokens, progress=progress)
-        if settings.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        array = vectors.numpy().astype(np_dtype)
+        array = stored_embeddings(vectors, settings, ranges)
     else:
-        array = np.zeros((0, encoder.model.config.hidden_size), dtype=np_dtype)
+        width, dtype = _stored_width(settings, settings.truncate_dim or encoder.model.config.hidden_size)
+        array = np.zeros((0, width), dtype=dtype)
     record = {"ids": [_json_safe(r.id) for r in good], "bad_rows": bad, "dim": int(array.shape[1]), **stats}
-    return array, record
+    return array, record, [r.index for r in good]
+
+
+def _calibration_ranges(encoder, settings: CorpusSettings, instruction: str, source: Path, device) -> np.ndarray:
+    """int8/uint8: ``(2, dim)`` ranges from the embeddings of the input's first ``calibration_rows`` good rows,
+    so that every shard (and every rank) quantizes with the same buckets."""
+    texts = []
+    rows = read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None)
+    try:
+        for row in rows:
+            if row.text is not None:
+                texts.append(row.text)
+                if len(texts) == settings.calibration_rows:
+                    break
+    finally:
+        rows.close()
+    if len(texts) < 2:
+        raise CorpusError(f"precision {settings.precision!r} needs at least 2 good rows to calibrate its ranges; "
+                          f"{source} has {len(texts)}")
+    logger.info("Calibrating %s ranges on the first %d rows", settings.precision, len(texts))
+    return quantization_ranges(embed_texts(encoder, settings, instruction, texts, device)[0])
 
 
 def _check_bad_rows(settings: CorpusSettings, bad: int, rows: int, encoded: int, first_problem: str | None) -> None:
@@ -471,10 +703,11 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
 
     ``encoder`` (an ``LLM2Vec``) is used as given when passed (``settings.model``/``adapters`` then only say
     what it is, for run.json); otherwise it is loaded from ``settings``. ``writer`` writes the shard files
-    (default ``ShardWriter(output)``). Under torchrun each rank encodes its share; rank 0 returns the manifest,
-    the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many
-    bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that
-    resolves nowhere.
+    (default ``ShardWriter(output, format, id_type)``). Under torchrun each rank encodes its share; rank 0
+    returns the manifest, the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting
+    settings or too many bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths,
+    ``ModelNotFoundError`` for a model that resolves nowhere, ``ValueError`` for an unknown ``prompt_name``, a
+    ``truncate_dim`` larger than the embedding size or an unknown ``precision``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -482,6 +715,15 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     settings.validate()
     source, output = Path(source), Path(output)
     _check_source_and_output(source, output)
+    if encoder is None:  # a prompt name that names nothing fails before a model loads
+        resolved_instruction(settings, default_prompts())
+    format = _resolve_format(settings, output)
+    if format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ImportError("the parquet format (the default) needs pyarrow: pip install pyarrow, or write .npy "
+                              "shards with --format npy (format='npy')") from None
     rank, world, local_rank, initialized = _distributed()
     try:
         if settings.device:
@@ -489,23 +731,37 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         else:
             device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if encoder is None:
-            encoder = _load_encoder(settings, device)
+            encoder = load_encoder(settings, device)
         else:
             encoder.model.to(device)
-        pinned = _pinned_settings(settings, encoder, device, source)
+        dimension = int(encoder.model.config.hidden_size)
+        check_truncate_dim(settings, dimension)
+        instruction = resolved_instruction(settings, encoder.prompts)
+        pinned = _pinned_settings(settings, encoder, device, source, format)
+        ranges_file = output / RANGES_FILE
         if rank == 0:
-            _claim_output(output, pinned)
+            fresh = _claim_output(output, pinned)
+            if settings.precision in ("int8", "uint8") and (fresh or not ranges_file.is_file()):
+                ranges = _calibration_ranges(encoder, settings, instruction, source, device)
+                atomic_write(ranges_file, lambda h: np.save(h, ranges))
+            elif fresh and ranges_file.is_file():
+                ranges_file.unlink()  # an earlier run's that completed no shard
         _barrier(world)
-        if rank != 0 and _read_run_file(output / "run.json") != pinned:
+        if rank != 0 and _upgraded(_read_run_file(output / "run.json")) != pinned:
             raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 (see {output / 'run.json'})")
         if (output / "manifest.json").is_file():
             logger.info("%s is already complete (manifest.json present); nothing to do", output)
             return json.loads((output / "manifest.json").read_text(encoding="utf-8")) if rank == 0 else {}
-        writer = ShardWriter(output) if writer is None else writer
-        _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm, show_progress_bar)
+        ranges = np.load(ranges_file) if settings.precision in ("int8", "uint8") else None
+        if writer is None:
+            writer = ShardWriter(output, format, pinned["id_type"])
+        elif writer.format != format:
+            raise ValueError(f"the writer writes {writer.format} shards, but this run's format is {format}")
+        _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world, tqdm,
+                       show_progress_bar)
         _barrier(world)
         if rank == 0:
-            return _write_manifest(output, settings, pinned, encoder, source)
+            return _write_manifest(output, settings, pinned, encoder, source, dimension)
         return {}
     finally:
         if initialized:
@@ -514,15 +770,18 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
             dist.destroy_process_group()
 
 
-def _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm, show_progress_bar) -> None:
+def _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world, tqdm,
+                   show_progress_bar) -> None:
+    format = writer.format
+
     def mine(k: int) -> bool:
         return k % world == rank
 
-    for stale in output.glob("*.tmp"):
+    for stale in [*output.glob("*.tmp"), *output.glob("data/*.tmp")]:
         shard = stale.name.split("-")[-1].split(".")[0]
         if shard.isdigit() and mine(int(shard)):
             stale.unlink()
-    done_before = [k for k in _complete_shards(output) if mine(k)]
+    done_before = [k for k in _complete_shards(output, format) if mine(k)]
     if done_before:
         logger.info("Resuming: %d shard(s) of this rank are already complete", len(done_before))
 
@@ -531,7 +790,7 @@ def _encode_shards(source, output, settings, encoder, device, writer, rank, worl
     def wanted(index: int) -> bool:  # asked once per row, answered once per shard
         k = index // settings.shard_size
         if k not in wanted_by_shard:
-            wanted_by_shard[k] = mine(k) and not shard_complete(output, k)
+            wanted_by_shard[k] = mine(k) and not shard_complete(output, k, format)
         return wanted_by_shard[k]
 
     disable = not logger.isEnabledFor(logging.INFO) if show_progress_bar is None else not show_progress_bar
@@ -543,9 +802,9 @@ def _encode_shards(source, output, settings, encoder, device, writer, rank, worl
 
     def flush(rows: list[Row]) -> None:
         k = rows[0].index // settings.shard_size
-        array, record = _encode_shard(encoder, settings, rows, device, progress)
+        array, record, numbers = _encode_shard(encoder, settings, instruction, rows, device, progress, ranges)
         writer.write_shard(k, array, {"shard": k, "first_row": rows[0].index, "last_row": rows[-1].index,
-                                      **record})
+                                      **record}, numbers)
 
     try:
         for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None,
@@ -565,22 +824,26 @@ def _encode_shards(source, output, settings, encoder, device, writer, rank, worl
         bar.close()
 
 
-def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path) -> dict:
+def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path,
+                    dimension: int) -> dict:
+    format = pinned["format"]
     shards = []
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
     bad_rows = []
-    dim = encoder.model.config.hidden_size
-    records = [json.loads(p.read_text(encoding="utf-8")) for p in output.glob("ids-*.json")]
+    embedding_dim = settings.truncate_dim or dimension
+    dim, dtype = _stored_width(settings, embedding_dim)
+    records = [json.loads((output / shard_names(k, format)[1]).read_text(encoding="utf-8"))
+               for k in _complete_shards(output, format)]
     # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
     for record in sorted(records, key=lambda r: r["shard"]):
         k = record["shard"]
-        embeddings_name, ids_name = shard_names(k)
-        shards.append({"shard": k, "embeddings": embeddings_name, "ids": ids_name, "first_row": record["first_row"],
-                       "last_row": record["last_row"], "rows": record["rows"], "encoded": record["encoded"]})
+        embeddings_name, record_name = shard_names(k, format)
+        shards.append({"shard": k, "embeddings": embeddings_name, "ids" if format == "npy" else "record": record_name,
+                       "first_row": record["first_row"], "last_row": record["last_row"], "rows": record["rows"],
+                       "encoded": record["encoded"]})
         for key in totals:
             totals[key] += record[key]
         bad_rows.extend(record["bad_rows"])
-        dim = record["dim"]
     # The shards must cover rows 0..rows-1 without a gap: a gap means a shard is missing.
     expected = 0
     for shard in shards:
@@ -605,8 +868,12 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
                                                       "skip_instruction")},
         "settings": pinned,
         "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
-        "dim": dim,
-        "dtype": pinned["dtype"],
+        "format": format,
+        "dim": dim,  # columns of the stored embeddings (bytes per row for binary/ubinary)
+        "embedding_dim": embedding_dim,  # dimensions (after truncate_dim)
+        "dtype": dtype.name,
+        "precision": settings.precision,
+        "quantization_ranges": RANGES_FILE if settings.precision in ("int8", "uint8") else None,
         "counts": totals,
         "bad_rows": bad_rows,
         "shards": shards,
@@ -626,7 +893,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (created; resumed if it holds a run)")
     parser.add_argument("--text-field", default="text", help="text field/column of .jsonl/.parquet (default text)")
     parser.add_argument("--id-field", default="id", help="id field/column (default id; row number when absent)")
-    parser.add_argument("--instruction", default="", help="instruction put before every text (llm2vec's pairs)")
+    parser.add_argument("--instruction", "--prompt", dest="instruction", default="",
+                        help="instruction (sentence-transformers' prompt) put before every text, left out of pooling")
+    parser.add_argument("--prompt-name", default=None,
+                        help="a named instruction instead: an MTEB task name of LLM2Vec's, query or document")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
     parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
@@ -634,6 +904,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling-mode", default=None, choices=POOLING_MODES,
                         help="default: the adapter's llm2vec_config.json, else mean")
     parser.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="stored embeddings")
+    parser.add_argument("--truncate-dim", type=int, default=None, metavar="N",
+                        help="keep the first N dimensions (Matryoshka), before --normalize and --precision")
+    # Checked by the library (no argparse choices), so that a wrong value is one line and exit code 1.
+    parser.add_argument("--precision", default="float32",
+                        help="float32 (then --dtype), int8, uint8 (ranges from the first --calibration-rows rows), "
+                             "binary, ubinary (8 dimensions a byte), as sentence-transformers' quantize_embeddings")
+    parser.add_argument("--calibration-rows", type=int, default=1000, metavar="N",
+                        help="int8/uint8: rows whose embeddings give the ranges (default 1000)")
+    parser.add_argument("--format", default=None, choices=FORMATS,
+                        help="shards: parquet (default for a new run) or npy; a run being resumed keeps its own")
     parser.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
                         help="compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
@@ -651,11 +931,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     settings = CorpusSettings(
         model=args.model, adapters=list(args.adapter), text_field=args.text_field, id_field=args.id_field or None,
-        instruction=args.instruction, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-        max_length=args.max_length, doc_max_length=args.doc_max_length, pooling_mode=args.pooling_mode,
-        dtype=args.dtype, model_dtype=args.model_dtype, shard_size=args.shard_size, normalize=args.normalize,
-        device=args.device, attention_impl=args.attention_impl, on_bad_row=args.on_bad_row,
-        max_bad_rows=args.max_bad_rows,
+        instruction=args.instruction, prompt_name=args.prompt_name, batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, doc_max_length=args.doc_max_length,
+        pooling_mode=args.pooling_mode, dtype=args.dtype, truncate_dim=args.truncate_dim, precision=args.precision,
+        calibration_rows=args.calibration_rows, format=args.format, model_dtype=args.model_dtype,
+        shard_size=args.shard_size, normalize=args.normalize, device=args.device, attention_impl=args.attention_impl,
+        on_bad_row=args.on_bad_row, max_bad_rows=args.max_bad_rows,
     )
     encode_corpus(args.input, args.output, settings)
     return 0

@@ -83,17 +83,35 @@ def run_subprocess(args, *, env_extra=None, torchrun=False, wait=True, stop=None
 
 
 def folder_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """Every file under ``path`` (Parquet shards are in ``data/``) by its relative name."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted one-process run over the .jsonl input: the reference for resume and torchrun."""
+    """One uninterrupted one-process run over the .jsonl input, in the default format (Parquet): the reference
+    for resume and torchrun."""
     root = tmp_path_factory.mktemp("reference")
     source = write_jsonl(root / "input.jsonl")
     output = root / "out"
     assert run_in_process(*encode_args(tiny_model_dir, source, output)) == 0
     return source, output
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, uninterrupted, tmp_path_factory):
+    """``reference(format)``: the uninterrupted run in that format (the default run for parquet)."""
+    runs = {"parquet": uninterrupted}
+
+    def get(format: str):
+        if format not in runs:
+            root = tmp_path_factory.mktemp(f"reference-{format}")
+            source = write_jsonl(root / "input.jsonl")
+            assert run_in_process(*encode_args(tiny_model_dir, source, root / "out", "--format", format)) == 0
+            runs[format] = (source, root / "out")
+        return runs[format]
+
+    return get
 
 
 def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected, uninterrupted, tmp_path):
@@ -126,25 +144,29 @@ def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected
     np.testing.assert_array_equal(vectors, load_output(output)[0])
 
 
-def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, uninterrupted, tmp_path):
-    source, reference = uninterrupted
-    args = encode_args(tiny_model_dir, source, tmp_path / "out")
+@pytest.mark.parametrize("format", ["parquet", "npy"])
+def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, reference, format, tmp_path):
+    from llm2vec_fast.corpus import shard_names
+
+    source, reference_output = reference(format)
+    args = encode_args(tiny_model_dir, source, tmp_path / "out", "--format", format)
     crashed = run_subprocess(args, stop=("exit", 2, tmp_path / "unused"))
     assert crashed.returncode == 17, crashed.stdout + crashed.stderr
-    names = {p.name for p in (tmp_path / "out").iterdir()}
-    # Shard 2's embeddings were renamed into place, its ids file (the completion mark) never written.
-    assert {"ids-00000.json", "ids-00001.json", "embeddings-00002.npy"} <= names
-    assert "ids-00002.json" not in names and "manifest.json" not in names
+    names = set(folder_bytes(tmp_path / "out"))
+    # Shard 2's embeddings were renamed into place, its record (the completion mark) never written.
+    assert {shard_names(0, format)[1], shard_names(1, format)[1], shard_names(2, format)[0]} <= names
+    assert shard_names(2, format)[1] not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0  # the same command again, here in this process to save a start-up
-    assert folder_bytes(tmp_path / "out") == folder_bytes(reference)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(reference_output)
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    from llm2vec_fast.corpus import load_output
+@pytest.mark.parametrize("format", ["parquet", "npy"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, format, tmp_path):
+    from llm2vec_fast.corpus import load_output, shard_names
 
     texts = [f"text {i} " + "word " * (i % 11) for i in range(90)]
     source = write_jsonl(tmp_path / "input.jsonl", texts)
-    args = encode_args(tiny_model_dir, source, tmp_path / "killed")
+    args = encode_args(tiny_model_dir, source, tmp_path / "killed", "--format", format)
     args[args.index("--shard-size") + 1] = "3"
     # The process pauses with 3 shards complete and shard 3 half written to its temporary file, and is killed
     # there: where the kill lands does not depend on how fast this machine is.
@@ -156,9 +178,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert ready.exists(), process.communicate()[0]
     process.send_signal(signal.SIGKILL)
     process.wait()
-    names = {p.name for p in (tmp_path / "killed").iterdir()}
-    assert {f"ids-0000{k}.json" for k in range(3)} <= names and "embeddings-00003.npy.tmp" in names
-    assert "ids-00003.json" not in names and "manifest.json" not in names
+    names = set(folder_bytes(tmp_path / "killed"))
+    assert {shard_names(k, format)[1] for k in range(3)} <= names and shard_names(3, format)[0] + ".tmp" in names
+    assert shard_names(3, format)[1] not in names and "manifest.json" not in names
     assert run_in_process(*args) == 0
     straight = list(args)
     straight[straight.index("--output") + 1] = str(tmp_path / "straight")
@@ -373,3 +395,187 @@ def test_cli_choices_are_refused_before_any_model_loads(argv, bad, capsys):
         cli_main([argv[0], "--model", "no-such-model", *argv[1:]])
     assert exit_info.value.code == 2
     assert f"argument {bad}: invalid choice" in capsys.readouterr().err
+
+
+def test_parquet_shards_read_as_one_table_by_pyarrow_pandas_and_datasets(uninterrupted, expected):
+    import datasets
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    _, output = uninterrupted
+    data = output / "data"
+    assert sorted(p.name for p in data.iterdir()) == [f"embeddings-{k:05d}.parquet" for k in range(5)]
+    ids = [f"doc-{i}" for i in range(len(TEXTS))]
+    dim = expected.shape[1]
+
+    table = pq.read_table(data)
+    assert table.schema.names == ["id", "row", "embedding"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    assert table.schema.field("id").type == pa.string() and table.schema.field("row").type == pa.int64()
+    assert table.column("id").to_pylist() == ids and table.column("row").to_pylist() == list(range(len(TEXTS)))
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+
+    globbed = ds.dataset(sorted(str(p) for p in data.glob("*.parquet")), format="parquet").to_table()
+    assert globbed.equals(table)
+
+    frame = pd.read_parquet(data)
+    assert frame["id"].tolist() == ids
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), vectors)
+
+    loaded = datasets.load_dataset("parquet", data_files=str(data / "*.parquet"), split="train",
+                                   cache_dir=str(output.parent / "hf-cache"))
+    assert loaded["id"] == ids and loaded["row"] == list(range(len(TEXTS)))
+    np.testing.assert_array_equal(np.asarray(loaded["embedding"], dtype=np.float32), vectors)
+
+
+def test_parquet_shard_bytes_depend_on_content_only():
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    from llm2vec_fast.corpus import parquet_shard_bytes
+
+    rng = np.random.default_rng(0)
+    for array in (rng.standard_normal((37, 5)).astype(np.float16), rng.integers(-128, 127, (37, 3), dtype=np.int8)):
+        first = parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str", 10)
+        time.sleep(1.1)  # a timestamp of seconds would show
+        assert parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str", 10) == first
+        table = pq.read_table(pa.BufferReader(first))
+        assert table.schema.field("embedding").type == pa.list_(pa.from_numpy_dtype(array.dtype), array.shape[1])
+        np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), array)
+        metadata = pq.read_metadata(pa.BufferReader(first))
+        assert metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_an_existing_run_keeps_its_format_and_an_explicit_other_one_is_refused(tiny_model_dir, reference, tmp_path):
+    source, npy_run = reference("npy")
+    assert sorted(p.name for p in npy_run.glob("embeddings-*.npy"))[0] == "embeddings-00000.npy"
+    assert not (npy_run / "data").exists()
+    copy = tmp_path / "out"
+    shutil.copytree(npy_run, copy)
+    (copy / "manifest.json").unlink()
+    (copy / "ids-00004.json").unlink()
+    with pytest.raises(SettingsConflictError, match=r"holds a run in the npy format; it cannot continue as parquet"):
+        run_in_process(*encode_args(tiny_model_dir, source, copy, "--format", "parquet"))
+    assert run_in_process(*encode_args(tiny_model_dir, source, copy)) == 0  # no --format: it stays npy
+    assert folder_bytes(copy) == folder_bytes(npy_run)
+
+
+def test_a_run_of_the_previous_format_version_resumes(tiny_model_dir, reference, tmp_path):
+    """A run.json written before the Parquet format (version 2: no format, precision, truncate_dim) is the npy
+    run it was, and resumes; its shards are kept."""
+    source, npy_run = reference("npy")
+    copy = tmp_path / "out"
+    shutil.copytree(npy_run, copy)
+    run = json.loads((copy / "run.json").read_text())
+    for key in ("format", "truncate_dim", "precision", "calibration_rows", "id_type"):
+        del run[key]
+    run["format_version"] = 2
+    (copy / "run.json").write_text(json.dumps(run, indent=2))
+    (copy / "manifest.json").unlink()
+    (copy / "ids-00003.json").unlink()
+    kept = (copy / "ids-00000.json").stat().st_mtime_ns
+    assert run_in_process(*encode_args(tiny_model_dir, source, copy)) == 0
+    assert (copy / "ids-00000.json").stat().st_mtime_ns == kept
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["format"] == "npy" and manifest["counts"]["encoded"] == len(TEXTS)
+    assert folder_bytes(copy)["embeddings-00003.npy"] == folder_bytes(npy_run)["embeddings-00003.npy"]
+
+
+@pytest.mark.slow
+def test_encode_options_truncate_normalize_precision(tiny_model_dir, expected, uninterrupted, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm2vec_fast.corpus import load_output
+    from llm2vec_fast.quantization import quantize_embeddings
+
+    source, _ = uninterrupted
+    truncated = expected[:, :20]
+    normalized = truncated / np.linalg.norm(truncated, axis=1, keepdims=True)
+
+    run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "f", "--truncate-dim", "20", "--normalize"))
+    vectors, _ = load_output(tmp_path / "f")
+    np.testing.assert_allclose(vectors, normalized, rtol=1e-4, atol=1e-5)
+
+    run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "b", "--truncate-dim", "20", "--precision",
+                                "binary"))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert (manifest["dim"], manifest["embedding_dim"], manifest["dtype"]) == (3, 20, "int8")
+    assert pq.read_schema(tmp_path / "b" / "data" / "embeddings-00000.parquet").field("embedding").type == \
+        pa.list_(pa.int8(), 3)
+    np.testing.assert_array_equal(load_output(tmp_path / "b")[0], quantize_embeddings(truncated, "binary"))
+
+    # int8: one set of ranges for the whole run, from the first --calibration-rows rows, kept beside the shards.
+    run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "q", "--precision", "int8", "--normalize",
+                                "--truncate-dim", "20", "--calibration-rows", "41", "--format", "npy"))
+    quantized, _ = load_output(tmp_path / "q")
+    ranges = np.load(tmp_path / "q" / "quantization-ranges.npy")
+    np.testing.assert_allclose(ranges, np.stack([normalized.min(0), normalized.max(0)]), atol=1e-5)
+    reference_buckets = quantize_embeddings(normalized, "int8", ranges=ranges)
+    assert quantized.dtype == np.int8
+    # Float noise may move a value on a bucket's edge by one bucket, no more.
+    assert np.abs(quantized.astype(int) - reference_buckets.astype(int)).max() <= 1
+    assert (quantized == reference_buckets).mean() > 0.99
+    with pytest.raises(SettingsConflictError, match="calibration_rows: was 41, now 40"):
+        run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "q", "--precision", "int8", "--normalize",
+                                    "--truncate-dim", "20", "--calibration-rows", "40"))
+
+
+@pytest.mark.slow
+def test_a_prompt_name_is_pinned_as_its_instruction(tiny_model_dir, uninterrupted, tmp_path):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.corpus import load_output
+    from llm2vec_fast.prompts import default_prompts
+
+    source, _ = uninterrupted
+    output = tmp_path / "query"
+    assert run_in_process(*encode_args(tiny_model_dir, source, output, "--prompt-name", "query")) == 0
+    encoder = LLM2Vec.from_pretrained(tiny_model_dir, attention_impl="torch")
+    np.testing.assert_allclose(load_output(output)[0], encoder.encode(TEXTS, batch_size=4, prompt_name="query"),
+                               rtol=1e-4, atol=1e-5)
+    query = default_prompts()["query"]
+    assert json.loads((output / "run.json").read_text())["instruction"] == query
+    # The same instruction given as --prompt is the same run; another one is refused.
+    assert run_in_process(*encode_args(tiny_model_dir, source, output, "--prompt", query)) == 0
+    with pytest.raises(SettingsConflictError, match="instruction: was"):
+        run_in_process(*encode_args(tiny_model_dir, source, output, "--prompt-name", "STS12"))
+    with pytest.raises(SettingsConflictError, match="truncate_dim: was None, now 8"):
+        run_in_process(*encode_args(tiny_model_dir, source, output, "--prompt-name", "query", "--truncate-dim", "8"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt-name", "no-such-task"], "unknown prompt_name 'no-such-task'"),
+    (["--prompt-name", "query", "--prompt", "Retrieve:"], "not both"),
+    (["--truncate-dim", "100000"], "truncate_dim 100000 is larger than the embedding size"),
+    (["--truncate-dim", "0"], "truncate_dim must be a positive integer, got 0"),
+    (["--precision", "int4"], "precision must be one of"),
+    (["--precision", "int8", "--dtype", "float16"], "dtype 'float16' is for float embeddings"),
+])
+def test_bad_encode_options_are_one_line_and_write_nothing(tiny_model_dir, uninterrupted, extra, message, tmp_path,
+                                                           capsys):
+    source, _ = uninterrupted
+    assert run_program(*encode_args(tiny_model_dir, source, tmp_path / "out", *extra)) == 1
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parquet_ids_of_two_types_are_an_error_naming_the_row(tiny_model_dir, tmp_path):
+    source = tmp_path / "input.jsonl"
+    rows = [{"id": f"doc-{i}", "text": f"text {i}"} for i in range(5)] + [{"text": "no id: its row number"}]
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"the id of row 5 is 5 \(int\), but this run's ids are strs"):
+        run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "out"))
+    # Numbering the rows instead works.
+    assert run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "numbered", "--id-field", "")) == 0
+
+
+def test_parquet_without_pyarrow_says_to_install_it_or_use_npy(tiny_model_dir, uninterrupted, tmp_path, capsys,
+                                                                monkeypatch):
+    source, _ = uninterrupted
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet now raises ImportError
+    assert run_program(*encode_args(tiny_model_dir, source, tmp_path / "out")) == 1
+    assert "needs pyarrow: pip install pyarrow, or write .npy shards with --format npy" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
