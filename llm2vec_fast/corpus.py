@@ -33,6 +33,7 @@ counted in the manifest; nothing is dropped silently, and a run where every row 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -357,17 +358,40 @@ def _distributed():
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # Only barriers cross ranks, so gloo serves on every machine.
+            # Only barriers and error messages cross ranks, so gloo serves on every machine.
             dist.init_process_group("gloo")
             initialized = True
     return rank, world, local_rank, initialized
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+class OtherRankError(CorpusError):
+    """Under torchrun: another rank stopped with an error, so this one stops too."""
 
-        dist.barrier()
+
+@contextlib.contextmanager
+def _together(rank: int, world: int):
+    """A step that all ranks finish together: its end is a barrier that also carries each rank's error, so that
+    a rank that fails (a bad row, other settings) stops every rank instead of leaving them at a barrier."""
+    try:
+        yield
+    except BaseException as error:
+        if world > 1:
+            with contextlib.suppress(Exception):  # the rank's own error is the one to raise
+                _gather_errors(world, f"{type(error).__name__}: {error}")
+        raise
+    if world > 1:
+        failed = [(r, message) for r, message in enumerate(_gather_errors(world, None)) if message is not None]
+        if failed:
+            r, message = failed[0]
+            raise OtherRankError(f"rank {r} of {world} stopped, so rank {rank} stops too: {message}")
+
+
+def _gather_errors(world: int, message: str | None) -> list[str | None]:
+    import torch.distributed as dist
+
+    gathered: list[str | None] = [None] * world
+    dist.all_gather_object(gathered, message)
+    return gathered
 
 
 def _check_source_and_output(source: Path, output: Path) -> None:
@@ -472,7 +496,8 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     ``encoder`` (an ``LLM2Vec``) is used as given when passed (``settings.model``/``adapters`` then only say
     what it is, for run.json); otherwise it is loaded from ``settings``. ``writer`` writes the shard files
     (default ``ShardWriter(output)``). Under torchrun each rank encodes its share; rank 0 returns the manifest,
-    the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many
+    the others ``{}``; a rank that fails stops the others too (they raise ``OtherRankError`` with its message).
+    Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many
     bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that
     resolves nowhere.
     """
@@ -484,26 +509,30 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     _check_source_and_output(source, output)
     rank, world, local_rank, initialized = _distributed()
     try:
-        if settings.device:
-            device = torch.device(settings.device)
-        else:
-            device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if encoder is None:
-            encoder = _load_encoder(settings, device)
-        else:
-            encoder.model.to(device)
-        pinned = _pinned_settings(settings, encoder, device, source)
-        if rank == 0:
-            _claim_output(output, pinned)
-        _barrier(world)
-        if rank != 0 and _read_run_file(output / "run.json") != pinned:
-            raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 (see {output / 'run.json'})")
-        if (output / "manifest.json").is_file():
+        with _together(rank, world):
+            if settings.device:
+                device = torch.device(settings.device)
+            else:
+                device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+            if encoder is None:
+                encoder = _load_encoder(settings, device)
+            else:
+                encoder.model.to(device)
+            pinned = _pinned_settings(settings, encoder, device, source)
+            if rank == 0:
+                _claim_output(output, pinned)
+        with _together(rank, world):
+            if rank != 0 and _read_run_file(output / "run.json") != pinned:
+                raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 "
+                                            f"(see {output / 'run.json'})")
+            complete = (output / "manifest.json").is_file()
+            if not complete:
+                writer = ShardWriter(output) if writer is None else writer
+                _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm,
+                               show_progress_bar)
+        if complete:
             logger.info("%s is already complete (manifest.json present); nothing to do", output)
             return json.loads((output / "manifest.json").read_text(encoding="utf-8")) if rank == 0 else {}
-        writer = ShardWriter(output) if writer is None else writer
-        _encode_shards(source, output, settings, encoder, device, writer, rank, world, tqdm, show_progress_bar)
-        _barrier(world)
         if rank == 0:
             return _write_manifest(output, settings, pinned, encoder, source)
         return {}

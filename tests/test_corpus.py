@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,37 @@ def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp
     result = run_subprocess(encode_args(tiny_model_dir, source, tmp_path / "ranks"), torchrun=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert folder_bytes(tmp_path / "ranks") == folder_bytes(reference)
+
+
+def test_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    # Two ranks of a program that calls encode_corpus in its own process group and goes on after an error, so
+    # that the failed rank's process stays alive (tests/helpers/corpus_rank.py). Shards of 10 rows alternate
+    # between the ranks: row 14 is in shard 1, rank 1's. Before the error reached every rank, rank 0 waited at
+    # the end-of-encoding barrier until the group's timeout (600 s here, 30 min by default).
+    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
+    lines[14] = '{"id": "doc-14", "text": "broken'
+    source = tmp_path / "input.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = tmp_path / "done"
+    ranks = [subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "corpus_rank.py"), tiny_model_dir, str(source),
+         str(tmp_path / "out"), str(done)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TRITON_INTERPRET="0", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for rank in range(2)]
+    try:
+        first = ranks[0].communicate(timeout=300)[0].decode()  # while rank 1 is alive
+        done.touch()
+        second = ranks[1].communicate(timeout=60)[0].decode()
+    finally:
+        for process in ranks:
+            process.kill()
+    assert second.startswith("1 BadRowError: ") and "input.jsonl:15: invalid JSON" in second, second
+    assert first.startswith("0 OtherRankError: rank 1 of 2 stopped, so rank 0 stops too: BadRowError: "), first
+    assert "input.jsonl:15: invalid JSON" in first
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_the_library_function_with_an_encoder_equals_the_command_line(tiny_model_dir, uninterrupted, tmp_path):
