@@ -23,6 +23,18 @@ SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent /
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
+
+def slow_except(values, *fast_ids):
+    """``parametrize`` values with every one but ``fast_ids`` marked ``slow``: the fast loop
+    (``-m "not slow"``) keeps a few representative cases, the full suite runs them all."""
+    out = []
+    for value in values:
+        param = value if isinstance(value, type(pytest.param(None))) else pytest.param(value)
+        plain = param.values[0] if len(param.values) == 1 and isinstance(param.values[0], str) else None
+        fast = (param.id if param.id is not None else plain) in fast_ids
+        out.append(param if fast else pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow]))
+    return out
+
 #: Every decoder family of the support matrix (tests/test_model_matrix.py, docs/models.md): transformers'
 #: ``model_type`` -> what its tiny config sets beyond :data:`_TINY_COMMON`. Windowed families get a window shorter
 #: than the test sequences (so that the window is active), MoE families few small experts. The matrix row name is

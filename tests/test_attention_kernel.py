@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import slow_except
+
 from llm2vec_fast.kernels import attention as attn_module
 from llm2vec_fast.kernels.attention import (
     attention_dropout_keep_mask,
@@ -76,11 +78,14 @@ def _compare(q, k, v, dtype, keep=None, dropout_p=0.0, seed=None, **kwargs):
 # Padded batches
 # ---------------------------------------------------------------------------------------------------------
 
+#: the fast loop (-m "not slow") runs fp32; fp16 of the same cases runs in the full suite
+FP16_SLOW = slow_except([pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")], "fp32")
+
 SHAPES = [
     # batch, seq, heads, kv_heads, head_dim
     pytest.param(2, 37, 6, 2, 64, id="s37-d64-gqa2"),
     pytest.param(2, 1, 6, 1, 64, id="s1-d64-mqa"),
-    pytest.param(1, 130, 6, 2, 64, id="s130-d64-gqa2"),
+    pytest.param(1, 130, 6, 2, 64, id="s130-d64-gqa2", marks=pytest.mark.slow),
     pytest.param(2, 37, 6, 1, 128, id="s37-d128-mqa"),
 ]
 
@@ -104,8 +109,8 @@ def _padding_mask(batch, seq):
 
 @pytest.mark.parametrize(
     "seq,head_dim,dtype",
-    [(37, 64, torch.float32), (37, 64, torch.float16), (130, 128, torch.float32)],
-    ids=["s37-d64-fp32", "s37-d64-fp16", "s130-d128-fp32"],
+    [pytest.param(37, 64, torch.float32, id="s37-d64-fp32"), pytest.param(37, 64, torch.float16, id="s37-d64-fp16"),
+     pytest.param(130, 128, torch.float32, id="s130-d128-fp32", marks=pytest.mark.slow)],
 )
 def test_kernel_with_padding_mask(seq, head_dim, dtype):
     batch = 3 if seq < 100 else 2
@@ -181,7 +186,7 @@ def _cu_seqlens(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FP16_SLOW)
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa2", "mqa"])
 def test_varlen_matches_reference(kv_heads, dtype):
     lengths = [1, 37, 20, 1, 33]
@@ -376,8 +381,8 @@ FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", FP16_SLOW)
+@pytest.mark.parametrize("flags", slow_except(FLAGS, "causal-window20", "causal-window5-softcap"))
 def test_flags_padded_matches_reference(flags, dtype):
     """Rows unpadded, left+right padded and fully padded, GQA, seq 37, forward and dq/dk/dv."""
     q, k, v = _inputs((3, 37, 6, 64), (3, 37, 2, 64), dtype)
@@ -387,8 +392,8 @@ def test_flags_padded_matches_reference(flags, dtype):
         assert torch.all(t[~mask] == 0), f"{name} of padded tokens must be zero"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", FP16_SLOW)
+@pytest.mark.parametrize("flags", slow_except(FLAGS, "causal-window20", "window20-softcap"))
 def test_flags_varlen_matches_reference(flags, dtype):
     lengths = [1, 37, 20, 2, 33]
     cu = _cu_seqlens(lengths)
@@ -526,7 +531,7 @@ def _ragged_padding_mask(seq):
     return mask.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FP16_SLOW)
 @pytest.mark.parametrize("flags", [pytest.param({}, id="plain"), FLAGS[5]])
 def test_padding_skip_variant_matches_reference(flags, dtype):
     q, k, v = _inputs((5, 37, 4, 64), (5, 37, 2, 64), dtype)
