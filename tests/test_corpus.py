@@ -127,6 +127,7 @@ def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected
     np.testing.assert_array_equal(vectors, load_output(output)[0])
 
 
+@pytest.mark.slow  # new processes that load the model
 def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, uninterrupted, tmp_path):
     source, reference = uninterrupted
     args = encode_args(tiny_model_dir, source, tmp_path / "out")
@@ -140,6 +141,7 @@ def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_d
     assert folder_bytes(tmp_path / "out") == folder_bytes(reference)
 
 
+@pytest.mark.slow  # new processes that load the model
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     from llm2vec_fast.corpus import load_output
 
@@ -168,6 +170,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert load_output(tmp_path / "killed")[1] == [f"doc-{i}" for i in range(90)]
 
 
+@pytest.mark.slow  # new processes that load the model
 def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp_path):
     source, reference = uninterrupted
     result = run_subprocess(encode_args(tiny_model_dir, source, tmp_path / "ranks"), torchrun=True)
@@ -175,6 +178,7 @@ def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp
     assert folder_bytes(tmp_path / "ranks") == folder_bytes(reference)
 
 
+@pytest.mark.slow  # new processes that load the model
 def test_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     # Two ranks of a program that calls encode_corpus in its own process group and goes on after an error, so
     # that the failed rank's process stays alive (tests/helpers/corpus_rank.py). Shards of 10 rows alternate
