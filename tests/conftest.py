@@ -152,7 +152,8 @@ def shared_data() -> Path:
 
 def pytest_configure(config):
     # The gpu marker and its skip hook are in the repository's root conftest.py, shared with benchmarks/.
-    config.addinivalue_line("markers", "slow: real-model test sized for CI's CPU budget")
+    config.addinivalue_line("markers", "slow: left to the full suite by the fast loop (-m \"not slow\"): real model, "
+                                       "new processes, long interpreter runs, the sm_90 compiles")
 
 
 @pytest.fixture(scope="session")
