@@ -126,7 +126,7 @@ def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **o
     return model.eval()
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=slow_except(TINY_FAMILIES, "llama", "gemma"))
 def tiny_family(request) -> str:
     return request.param
 
