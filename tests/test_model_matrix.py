@@ -234,7 +234,7 @@ def _refusal(error: Exception) -> str | None:
 
 
 @pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("family", slow_except(MATRIX_FAMILIES, "llama", "gemma2", "gemma3_text_bidirectional"))
+@pytest.mark.parametrize("family", slow_except(MATRIX_FAMILIES, "gemma2", "gemma3_text_bidirectional"))
 def test_family(family, check):
     model = _model(family)
     impl = "auto" if (family, check) in TRITON_CELLS else "torch"
