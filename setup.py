@@ -32,6 +32,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist",  # the fast loop: python -m pytest tests/ -m "not slow" -n 2
             "gguf>=0.10",
             "sentencepiece",
             # tests/test_export.py and the encode benchmark load exported models through it (its 6.x module API);

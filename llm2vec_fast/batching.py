@@ -30,7 +30,7 @@ class PaddedBatch:
     embed_mask: torch.Tensor
 
     def to(self, device) -> "PaddedBatch":
-        return PaddedBatch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
+        return _moved(self, device)
 
 
 @dataclasses.dataclass
@@ -45,13 +45,7 @@ class PackedBatch:
     max_seqlen: int
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(
-            self.input_ids.to(device, non_blocking=True),
-            self.position_ids.to(device, non_blocking=True),
-            self.embed_mask.to(device, non_blocking=True),
-            self.cu_seqlens.to(device, non_blocking=True),
-            self.max_seqlen,
-        )
+        return _moved(self, device)
 
     def split(self, texts_per_chunk: int) -> list["PackedBatch"]:
         """Consecutive chunks of at most ``texts_per_chunk`` texts, each a packed batch of its own (offsets
@@ -80,6 +74,12 @@ class PackedBatch:
             "max_length_q": self.max_seqlen,
             "max_length_k": self.max_seqlen,
         }
+
+
+def _moved(batch, device):
+    """The batch with its tensors on ``device`` (copied without waiting where the source is pinned)."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))})
 
 
 def length_sorted_batches(

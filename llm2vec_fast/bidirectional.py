@@ -268,13 +268,12 @@ def unpatched(model: nn.Module) -> Iterator[str | None]:
     """``with unpatched(model) as impl:`` the model as it was before ``patch`` (causal, its own attention; a copy
     or a pickle of it then carries no patch state), patched again with the same settings afterwards, even on an
     exception. Yields the patch's ``attention_impl``, or None when ``model`` is not patched (left as it is)."""
-    state = getattr(_base_model(model), _STATE_ATTRIBUTE, None)
-    if state is None:
+    settings = patch_settings(model)
+    if settings is None:
         yield None
         return
     unpatch(model)
     try:
-        yield state["impl"]
+        yield settings["attention_impl"]
     finally:
-        patch(model, attention_impl=state["impl"], attention_dropout=state["attention_dropout"],
-              bidirectional=state["bidirectional"])
+        patch(model, **settings)

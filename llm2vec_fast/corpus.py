@@ -39,6 +39,7 @@ counted in the manifest; nothing is dropped silently, and a run where every row 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -526,17 +527,40 @@ def _distributed():
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # Only barriers cross ranks, so gloo serves on every machine.
+            # Only barriers and error messages cross ranks, so gloo serves on every machine.
             dist.init_process_group("gloo")
             initialized = True
     return rank, world, local_rank, initialized
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+class OtherRankError(CorpusError):
+    """Under torchrun: another rank stopped with an error, so this one stops too."""
 
-        dist.barrier()
+
+@contextlib.contextmanager
+def _together(rank: int, world: int):
+    """A step that all ranks finish together: its end is a barrier that also carries each rank's error, so that
+    a rank that fails (a bad row, other settings) stops every rank instead of leaving them at a barrier."""
+    try:
+        yield
+    except BaseException as error:
+        if world > 1:
+            with contextlib.suppress(Exception):  # the rank's own error is the one to raise
+                _gather_errors(world, f"{type(error).__name__}: {error}")
+        raise
+    if world > 1:
+        failed = [(r, message) for r, message in enumerate(_gather_errors(world, None)) if message is not None]
+        if failed:
+            r, message = failed[0]
+            raise OtherRankError(f"rank {r} of {world} stopped, so rank {rank} stops too: {message}")
+
+
+def _gather_errors(world: int, message: str | None) -> list[str | None]:
+    import torch.distributed as dist
+
+    gathered: list[str | None] = [None] * world
+    dist.all_gather_object(gathered, message)
+    return gathered
 
 
 def _check_source_and_output(source: Path, output: Path) -> None:
@@ -704,10 +728,11 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     ``encoder`` (an ``LLM2Vec``) is used as given when passed (``settings.model``/``adapters`` then only say
     what it is, for run.json); otherwise it is loaded from ``settings``. ``writer`` writes the shard files
     (default ``ShardWriter(output, format, id_type)``). Under torchrun each rank encodes its share; rank 0
-    returns the manifest, the others ``{}``. Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting
-    settings or too many bad rows, ``FileNotFoundError``/``NotADirectoryError`` for paths,
-    ``ModelNotFoundError`` for a model that resolves nowhere, ``ValueError`` for an unknown ``prompt_name``, a
-    ``truncate_dim`` larger than the embedding size or an unknown ``precision``.
+    returns the manifest, the others ``{}``; a rank that fails stops the others too (they raise ``OtherRankError``
+    with its message). Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many bad
+    rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that resolves
+    nowhere, ``ValueError`` for an unknown ``prompt_name``, a ``truncate_dim`` larger than the embedding size or an
+    unknown ``precision``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -726,40 +751,43 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
                               "shards with --format npy (format='npy')") from None
     rank, world, local_rank, initialized = _distributed()
     try:
-        if settings.device:
-            device = torch.device(settings.device)
-        else:
-            device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if encoder is None:
-            encoder = load_encoder(settings, device)
-        else:
-            encoder.model.to(device)
-        dimension = int(encoder.model.config.hidden_size)
-        check_truncate_dim(settings, dimension)
-        instruction = resolved_instruction(settings, encoder.prompts)
-        pinned = _pinned_settings(settings, encoder, device, source, format)
-        ranges_file = output / RANGES_FILE
-        if rank == 0:
-            fresh = _claim_output(output, pinned)
-            if settings.precision in ("int8", "uint8") and (fresh or not ranges_file.is_file()):
-                ranges = _calibration_ranges(encoder, settings, instruction, source, device)
-                atomic_write(ranges_file, lambda h: np.save(h, ranges))
-            elif fresh and ranges_file.is_file():
-                ranges_file.unlink()  # an earlier run's that completed no shard
-        _barrier(world)
-        if rank != 0 and _upgraded(_read_run_file(output / "run.json")) != pinned:
-            raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 (see {output / 'run.json'})")
-        if (output / "manifest.json").is_file():
+        with _together(rank, world):
+            if settings.device:
+                device = torch.device(settings.device)
+            else:
+                device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+            if encoder is None:
+                encoder = load_encoder(settings, device)
+            else:
+                encoder.model.to(device)
+            dimension = int(encoder.model.config.hidden_size)
+            check_truncate_dim(settings, dimension)
+            instruction = resolved_instruction(settings, encoder.prompts)
+            pinned = _pinned_settings(settings, encoder, device, source, format)
+            ranges_file = output / RANGES_FILE
+            if rank == 0:
+                fresh = _claim_output(output, pinned)
+                if settings.precision in ("int8", "uint8") and (fresh or not ranges_file.is_file()):
+                    ranges = _calibration_ranges(encoder, settings, instruction, source, device)
+                    atomic_write(ranges_file, lambda h: np.save(h, ranges))
+                elif fresh and ranges_file.is_file():
+                    ranges_file.unlink()  # an earlier run's that completed no shard
+        with _together(rank, world):
+            if rank != 0 and _upgraded(_read_run_file(output / "run.json")) != pinned:
+                raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 "
+                                            f"(see {output / 'run.json'})")
+            complete = (output / "manifest.json").is_file()
+            if not complete:
+                ranges = np.load(ranges_file) if settings.precision in ("int8", "uint8") else None
+                if writer is None:
+                    writer = ShardWriter(output, format, pinned["id_type"])
+                elif writer.format != format:
+                    raise ValueError(f"the writer writes {writer.format} shards, but this run's format is {format}")
+                _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world,
+                               tqdm, show_progress_bar)
+        if complete:
             logger.info("%s is already complete (manifest.json present); nothing to do", output)
             return json.loads((output / "manifest.json").read_text(encoding="utf-8")) if rank == 0 else {}
-        ranges = np.load(ranges_file) if settings.precision in ("int8", "uint8") else None
-        if writer is None:
-            writer = ShardWriter(output, format, pinned["id_type"])
-        elif writer.format != format:
-            raise ValueError(f"the writer writes {writer.format} shards, but this run's format is {format}")
-        _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world, tqdm,
-                       show_progress_bar)
-        _barrier(world)
         if rank == 0:
             return _write_manifest(output, settings, pinned, encoder, source, dimension)
         return {}

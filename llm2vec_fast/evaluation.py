@@ -75,16 +75,13 @@ def _sts_dataset(folder: str, files: dict[str, str]) -> Callable[[Path, str, int
     return load
 
 
-def _read_banking77(path: Path) -> list[tuple[str, str]]:
-    with open(_require(path), newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        return [(row["text"], row["category"]) for row in reader]
+def _labelled_rows(text: str, label: str, delimiter: str = ",") -> Callable[[Path], list[tuple[str, str]]]:
+    """A reader of (text, label) pairs from the columns ``text`` and ``label`` of a CSV/TSV file with a header."""
+    def read(path: Path) -> list[tuple[str, str]]:
+        with open(_require(path), newline="", encoding="utf-8") as handle:
+            return [(row[text], row[label]) for row in csv.DictReader(handle, delimiter=delimiter)]
 
-
-def _read_counterfactual(path: Path) -> list[tuple[str, str]]:
-    with open(_require(path), newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        return [(row["sentence"], row["is_counterfactual"]) for row in reader]
+    return read
 
 
 def _classification_dataset(
@@ -163,11 +160,12 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
         "SICK-R", "trial", ("trial", "train"), _sts_dataset("sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
     "Banking77Classification": OfflineTask(
         "Banking77Classification", "test", ("test",),
-        _classification_dataset(_read_banking77, "banking77", {"train": "train.csv", "test": "test.csv"}, None)),
+        _classification_dataset(_labelled_rows("text", "category"), "banking77",
+                                {"train": "train.csv", "test": "test.csv"}, None)),
     "AmazonCounterfactualClassification": OfflineTask(
         "AmazonCounterfactualClassification", "test", ("test", "validation"),
         _classification_dataset(
-            _read_counterfactual, "amazon_counterfactual_en",
+            _labelled_rows("sentence", "is_counterfactual", "\t"), "amazon_counterfactual_en",
             {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"}, "en"),
         subset="en"),
     "SciFact": OfflineTask("SciFact", "test", ("test",), _scifact_dataset),

@@ -19,12 +19,10 @@ of the task from :mod:`llm2vec_fast.evaluation` instead.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import numpy as np
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .dtypes import MODEL_DTYPES
+from .prompts import format_instruction, task_instructions
 
 try:
     from mteb.models.abs_encoder import AbsEncoder
@@ -42,28 +41,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("llm2vec_fast.mteb needs mteb 2.x: pip install 'llm2vec-fast[eval]'") from error
 
 logger = logging.getLogger(__name__)
-
-INSTRUCTIONS_RESOURCE = "task_to_instructions.json"
-
-
-@functools.lru_cache(maxsize=1)
-def _instruction_table() -> tuple[tuple[str, str], ...]:
-    text = resources.files("llm2vec_fast.resources").joinpath(INSTRUCTIONS_RESOURCE).read_text(encoding="utf-8")
-    return tuple(json.loads(text)["instructions"].items())
-
-
-def task_instructions() -> dict[str, str]:
-    """LLM2Vec's instruction for each MTEB task name (a fresh dict on every call)."""
-    return dict(_instruction_table())
-
-
-def llm2vec_instruction(instruction: str) -> str:
-    """llm2vec's formatting: an instruction ends with ``:`` (a trailing ``.`` is replaced)."""
-    instruction = instruction.strip()
-    if instruction and not instruction.endswith(":"):
-        instruction = instruction.rstrip(".") + ":"
-    return instruction
-
 
 def _prompt_type_value(prompt_type: Any) -> str | None:
     if prompt_type is None:
@@ -118,7 +95,7 @@ class LLM2VecMTEB(AbsEncoder):
             return ""
         name = task_metadata.name
         if name in self.instructions:
-            return llm2vec_instruction(self.instructions[name])
+            return format_instruction(self.instructions[name])
         prompt = task_metadata.prompt
         if isinstance(prompt, dict):
             prompt = prompt.get(_prompt_type_value(prompt_type) or PromptType.query.value, "")
@@ -128,7 +105,7 @@ class LLM2VecMTEB(AbsEncoder):
             prompt = get_abstask_prompt(name) or ""
         if prompt:
             logger.info("No LLM2Vec instruction for %s; using mteb's task prompt %r", name, prompt)
-        return llm2vec_instruction(prompt or "")
+        return format_instruction(prompt or "")
 
     def encode(
         self,

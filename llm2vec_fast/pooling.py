@@ -2,8 +2,8 @@
 
 ``embed_mask`` marks the tokens that count: the text's real tokens, without the instruction and without
 padding. For ``eos_token``/``last_token`` and ``bos_token`` the last and first real tokens of the whole input
-are taken, as llm2vec does with left padding. Padded batches are pooled by gathering their real tokens into the
-packed layout, so that both layouts go through one computation (:func:`pool_segments`).
+are taken, as llm2vec does with left padding. Padded batches (:func:`pool`) are pooled by masked weighted sums,
+packed ones (:func:`pool_segments`) by per-text segment sums; tests check that both give the same embeddings.
 """
 
 from __future__ import annotations
@@ -25,15 +25,33 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean",
 
     ``attention_mask`` marks real tokens; ``embed_mask`` (default: ``attention_mask``) marks the tokens
     that are pooled by ``mean`` and ``weighted_mean``. A text whose embed mask is empty pools to zeros, and so
-    does a row without a real token.
+    does a row without a real token. Masked weighted sums and a gather, no copy of the real tokens and no host
+    sync; padded positions get weight 0, so their states must be finite (a model's are).
     """
     check_pooling_mode(mode)
     if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be (batch, seq, dim) and masks (batch, seq); got {tuple(hidden.shape)} "
                          f"and {tuple(attention_mask.shape)}")
-    real = attention_mask.bool()
-    counted = None if embed_mask is None else embed_mask.bool()[real]
-    return pool_segments(hidden[real], real.sum(dim=1), mode, embed_mask=counted)
+    if embed_mask is not None and embed_mask.shape != attention_mask.shape:
+        raise ValueError(f"embed_mask must be (batch, seq) like attention_mask {tuple(attention_mask.shape)}, "
+                         f"got {tuple(embed_mask.shape)}")
+    real = attention_mask.to(hidden.device).bool()
+    if real.shape[1] == 0:
+        return hidden.new_zeros(real.shape[0], hidden.shape[2], dtype=torch.float32)
+    if mode in ("bos_token", "eos_token", "last_token"):
+        position = torch.arange(real.shape[1], device=hidden.device).expand_as(real)
+        if mode == "bos_token":  # the first real token (seq where there is none)
+            index = torch.where(real, position, real.shape[1]).amin(dim=1)
+        else:  # the last real token (-1 where there is none)
+            index = torch.where(real, position, -1).amax(dim=1)
+        present = real.any(dim=1, keepdim=True)
+        rows = torch.arange(real.shape[0], device=hidden.device)
+        return hidden[rows, index.clamp(0, real.shape[1] - 1)].float() * present
+    counted = (real if embed_mask is None else real & embed_mask.to(hidden.device).bool()).float()
+    # weighted_mean: weights 1, 2, ..., n over each row's counted tokens
+    weights = torch.cumsum(counted, dim=1) * counted if mode == "weighted_mean" else counted
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return torch.bmm(weights.unsqueeze(1), hidden.float()).squeeze(1)
 
 
 def pool_segments(states: torch.Tensor, lengths: torch.Tensor, mode: str = "mean", *,

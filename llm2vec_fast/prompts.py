@@ -31,9 +31,19 @@ def format_instruction(instruction: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _prompt_table() -> tuple[tuple[str, str], ...]:
+def _instruction_table() -> tuple[tuple[str, str], ...]:
     text = resources.files("llm2vec_fast.resources").joinpath("task_to_instructions.json").read_text(encoding="utf-8")
-    table = {name: format_instruction(value) + " " for name, value in json.loads(text)["instructions"].items()}
+    return tuple(json.loads(text)["instructions"].items())
+
+
+def task_instructions() -> dict[str, str]:
+    """LLM2Vec's instruction for each MTEB task name, as its table writes it (a fresh dict on every call)."""
+    return dict(_instruction_table())
+
+
+@functools.lru_cache(maxsize=1)
+def _prompt_table() -> tuple[tuple[str, str], ...]:
+    table = {name: format_instruction(value) + " " for name, value in _instruction_table()}
     table[QUERY_PROMPT_NAME] = table[_QUERY_TASK]
     table[DOCUMENT_PROMPT_NAME] = ""
     return tuple(table.items())

@@ -23,6 +23,18 @@ SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent /
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
+
+def slow_except(values, *fast_ids):
+    """``parametrize`` values with every one but ``fast_ids`` marked ``slow``: the fast loop
+    (``-m "not slow"``) keeps a few representative cases, the full suite runs them all."""
+    out = []
+    for value in values:
+        param = value if isinstance(value, type(pytest.param(None))) else pytest.param(value)
+        plain = param.values[0] if len(param.values) == 1 and isinstance(param.values[0], str) else None
+        fast = (param.id if param.id is not None else plain) in fast_ids
+        out.append(param if fast else pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow]))
+    return out
+
 #: Every decoder family of the support matrix (tests/test_model_matrix.py, docs/models.md): transformers'
 #: ``model_type`` -> what its tiny config sets beyond :data:`_TINY_COMMON`. Windowed families get a window shorter
 #: than the test sequences (so that the window is active), MoE families few small experts. The matrix row name is
@@ -114,7 +126,7 @@ def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **o
     return model.eval()
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=slow_except(TINY_FAMILIES, "llama", "gemma"))
 def tiny_family(request) -> str:
     return request.param
 
@@ -140,7 +152,8 @@ def shared_data() -> Path:
 
 def pytest_configure(config):
     # The gpu marker and its skip hook are in the repository's root conftest.py, shared with benchmarks/.
-    config.addinivalue_line("markers", "slow: real-model test sized for CI's CPU budget")
+    config.addinivalue_line("markers", "slow: left to the full suite by the fast loop (-m \"not slow\"): real model, "
+                                       "new processes, long interpreter runs, the sm_90 compiles")
 
 
 @pytest.fixture(scope="session")

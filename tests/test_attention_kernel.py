@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import slow_except
+
 from llm2vec_fast.kernels import attention as attn_module
 from llm2vec_fast.kernels.attention import (
     attention_dropout_keep_mask,
@@ -76,11 +78,14 @@ def _compare(q, k, v, dtype, keep=None, dropout_p=0.0, seed=None, **kwargs):
 # Padded batches
 # ---------------------------------------------------------------------------------------------------------
 
+#: the fast loop (-m "not slow") runs fp32; fp16 of the same cases runs in the full suite
+FP16_SLOW = slow_except([pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")], "fp32")
+
 SHAPES = [
     # batch, seq, heads, kv_heads, head_dim
     pytest.param(2, 37, 6, 2, 64, id="s37-d64-gqa2"),
     pytest.param(2, 1, 6, 1, 64, id="s1-d64-mqa"),
-    pytest.param(1, 130, 6, 2, 64, id="s130-d64-gqa2"),
+    pytest.param(1, 130, 6, 2, 64, id="s130-d64-gqa2", marks=pytest.mark.slow),
     pytest.param(2, 37, 6, 1, 128, id="s37-d128-mqa"),
 ]
 
@@ -104,8 +109,8 @@ def _padding_mask(batch, seq):
 
 @pytest.mark.parametrize(
     "seq,head_dim,dtype",
-    [(37, 64, torch.float32), (37, 64, torch.float16), (130, 128, torch.float32)],
-    ids=["s37-d64-fp32", "s37-d64-fp16", "s130-d128-fp32"],
+    [pytest.param(37, 64, torch.float32, id="s37-d64-fp32"), pytest.param(37, 64, torch.float16, id="s37-d64-fp16", marks=pytest.mark.slow),
+     pytest.param(130, 128, torch.float32, id="s130-d128-fp32", marks=pytest.mark.slow)],
 )
 def test_kernel_with_padding_mask(seq, head_dim, dtype):
     batch = 3 if seq < 100 else 2
@@ -181,7 +186,7 @@ def _cu_seqlens(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FP16_SLOW)
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa2", "mqa"])
 def test_varlen_matches_reference(kv_heads, dtype):
     lengths = [1, 37, 20, 1, 33]
@@ -376,8 +381,8 @@ FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", FP16_SLOW)
+@pytest.mark.parametrize("flags", slow_except(FLAGS, "causal-window20", "causal-window5-softcap"))
 def test_flags_padded_matches_reference(flags, dtype):
     """Rows unpadded, left+right padded and fully padded, GQA, seq 37, forward and dq/dk/dv."""
     q, k, v = _inputs((3, 37, 6, 64), (3, 37, 2, 64), dtype)
@@ -387,8 +392,8 @@ def test_flags_padded_matches_reference(flags, dtype):
         assert torch.all(t[~mask] == 0), f"{name} of padded tokens must be zero"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("dtype", FP16_SLOW)
+@pytest.mark.parametrize("flags", slow_except(FLAGS, "causal-window20", "window20-softcap"))
 def test_flags_varlen_matches_reference(flags, dtype):
     lengths = [1, 37, 20, 2, 33]
     cu = _cu_seqlens(lengths)
@@ -396,7 +401,7 @@ def test_flags_varlen_matches_reference(flags, dtype):
     _compare(q, k, v, dtype, cu_seqlens=cu, max_seqlen=max(lengths), **flags)
 
 
-@pytest.mark.parametrize("flags", [FLAGS[3], FLAGS[4]])
+@pytest.mark.parametrize("flags", slow_except([FLAGS[3], FLAGS[4]], "causal-window20"))
 def test_flags_odd_head_dim_and_other_tiles(flags):
     """head_dim 40 (padded to 64 in registers) and the interpreter's M/N tiles swapped: the band's tile bounds
     must not assume square tiles."""
@@ -477,8 +482,10 @@ def _poisoned(tensors, rows):
     return out
 
 
-@pytest.mark.parametrize("flags", [dict(window=5), dict(causal=True), dict(causal=True, window=5)],
-                         ids=["window5", "causal", "causal-window5"])
+@pytest.mark.parametrize("flags", slow_except([pytest.param(dict(window=5), id="window5"),
+                                                pytest.param(dict(causal=True), id="causal"),
+                                                pytest.param(dict(causal=True, window=5), id="causal-window5")],
+                                               "causal-window5"))
 def test_tiles_outside_the_band_are_not_visited(flags):
     """NaN in q, k, v and dO at tokens that no output row below depends on: a kernel that visited their tiles
     and only masked them would turn those rows into NaN (0 * NaN), one that skips them gives exactly the clean
@@ -526,7 +533,7 @@ def _ragged_padding_mask(seq):
     return mask.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FP16_SLOW)
 @pytest.mark.parametrize("flags", [pytest.param({}, id="plain"), FLAGS[5]])
 def test_padding_skip_variant_matches_reference(flags, dtype):
     q, k, v = _inputs((5, 37, 4, 64), (5, 37, 2, 64), dtype)
@@ -560,7 +567,8 @@ def test_padding_skip_variant_does_not_visit_padding_tiles():
         assert torch.isnan(bidirectional_attention(*pq, key_padding_mask=mask, impl="triton")[:, 40:]).any()
 
 
-@pytest.mark.parametrize("flags", [pytest.param({}, id="plain"), FLAGS[4]])  # causal forbids trailing tokens
+# causal forbids trailing tokens
+@pytest.mark.parametrize("flags", slow_except([pytest.param({}, id="plain"), FLAGS[4]], "plain"))
 def test_padding_skip_variant_varlen_zeroes_only_the_tail(flags):
     """Packed outputs are allocated empty: tokens past cu_seqlens[-1] must still come out exactly zero."""
     lengths = [1, 37, 20, 2]

@@ -76,7 +76,8 @@ SUBCOMMAND_MODULES = {"llm2vec_fast.corpus", "llm2vec_fast.export", "llm2vec_fas
     (["--help"], set()),
     (["--log-level=DEBUG", "encode", "--model", "m", "--input", "i", "--output", "o"], {"llm2vec_fast.corpus"}),
     (["--log-level", "INFO", "recipe", "--help"], {"llm2vec_fast.recipe"}),
-    (["--log-level=INFO", "train", "simcse", "--help"], {"llm2vec_fast.training.simcse"}),
+    pytest.param(["--log-level=INFO", "train", "simcse", "--help"], {"llm2vec_fast.training.simcse"},
+                 marks=pytest.mark.slow),  # imports the training stack: 7 s of CPU
 ])
 def test_only_the_chosen_subcommands_module_is_imported(argv, chosen):
     assert _imported_after(argv) & SUBCOMMAND_MODULES == chosen

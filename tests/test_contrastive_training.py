@@ -235,6 +235,7 @@ def test_packed_groups_embed_as_padded_ones_and_in_chunks(smollm2_path):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # two tiny LoRA models with SmolLM2's 49k-token vocabulary, forward and backward
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_cached_loss_gives_the_whole_batch_loss_and_gradients_with_dropout(smollm2_path, packed):
     """CachedInfoNCELoss (GradCache inside the loss, re-encoding from the loss's backward) equals InfoNCELoss

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,6 +145,7 @@ def test_jsonl_txt_parquet_give_the_encoders_embeddings(tiny_model_dir, expected
     np.testing.assert_array_equal(vectors, load_output(output)[0])
 
 
+@pytest.mark.slow  # new processes that load the model
 @pytest.mark.parametrize("format", ["parquet", "npy"])
 def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_dir, reference, format, tmp_path):
     from llm2vec_fast.corpus import shard_names
@@ -160,6 +162,7 @@ def test_resume_after_a_crash_mid_write_equals_an_uninterrupted_run(tiny_model_d
     assert folder_bytes(tmp_path / "out") == folder_bytes(reference_output)
 
 
+@pytest.mark.slow  # new processes that load the model
 @pytest.mark.parametrize("format", ["parquet", "npy"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, format, tmp_path):
     from llm2vec_fast.corpus import load_output, shard_names
@@ -189,11 +192,44 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, format
     assert load_output(tmp_path / "killed")[1] == [f"doc-{i}" for i in range(90)]
 
 
+@pytest.mark.slow  # new processes that load the model
 def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp_path):
     source, reference = uninterrupted
     result = run_subprocess(encode_args(tiny_model_dir, source, tmp_path / "ranks"), torchrun=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert folder_bytes(tmp_path / "ranks") == folder_bytes(reference)
+
+
+@pytest.mark.slow  # new processes that load the model
+def test_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    # Two ranks of a program that calls encode_corpus in its own process group and goes on after an error, so
+    # that the failed rank's process stays alive (tests/helpers/corpus_rank.py). Shards of 10 rows alternate
+    # between the ranks: row 14 is in shard 1, rank 1's. Before the error reached every rank, rank 0 waited at
+    # the end-of-encoding barrier until the group's timeout (600 s here, 30 min by default).
+    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
+    lines[14] = '{"id": "doc-14", "text": "broken'
+    source = tmp_path / "input.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = tmp_path / "done"
+    ranks = [subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "corpus_rank.py"), tiny_model_dir, str(source),
+         str(tmp_path / "out"), str(done)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TRITON_INTERPRET="0", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for rank in range(2)]
+    try:
+        first = ranks[0].communicate(timeout=300)[0].decode()  # while rank 1 is alive
+        done.touch()
+        second = ranks[1].communicate(timeout=60)[0].decode()
+    finally:
+        for process in ranks:
+            process.kill()
+    assert second.startswith("1 BadRowError: ") and "input.jsonl:15: invalid JSON" in second, second
+    assert first.startswith("0 OtherRankError: rank 1 of 2 stopped, so rank 0 stops too: BadRowError: "), first
+    assert "input.jsonl:15: invalid JSON" in first
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_the_library_function_with_an_encoder_equals_the_command_line(tiny_model_dir, uninterrupted, tmp_path):

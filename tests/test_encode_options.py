@@ -103,6 +103,7 @@ def test_bad_options_are_refused_before_encoding(encoder):
         encoder.encode(TEXTS, prompt=["not", "a string"])
 
 
+@pytest.mark.slow  # spawns two processes that import torch and transformers
 def test_two_cpu_processes_give_the_one_process_embeddings(encoder):
     """A pool started once serves several calls; device=[...] starts and stops one around a call (one process
     here, to keep the test short). Slow on a shared 2-core machine (~30 s quiet, ~90 s at load 13): every

@@ -263,24 +263,61 @@ def test_adapters_load_as_llm2vec_loads_them(tokenizer, tmp_path):
     np.testing.assert_allclose(beside.encode(TEXTS), expected, rtol=1e-3, atol=1e-4)
 
 
+def _pool_reference(tokens, counted, mode):
+    """One text's fp64 embedding from its real tokens' states and embed mask, as llm2vec pools."""
+    if not len(tokens):
+        return torch.zeros(tokens.shape[1], dtype=torch.float64)
+    if mode == "bos_token":
+        return tokens[0].double()
+    if mode in ("eos_token", "last_token"):
+        return tokens[-1].double()
+    weights = counted.double()
+    if mode == "weighted_mean":
+        weights = torch.cumsum(weights, 0) * weights
+    return (tokens.double() * weights[:, None]).sum(0) / weights.sum().clamp_min(1e-9)
+
+
 @pytest.mark.parametrize("mode", ["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
-def test_pool_packed_equals_pool(mode):
+def test_pool_padded_and_packed_equal_a_per_text_reference(mode):
     from llm2vec_fast.pooling import pool, pool_segments
 
     torch.manual_seed(0)
-    lengths = [5, 1, 9, 3]
+    lengths = [5, 1, 9, 3, 0, 4]
     hidden = [torch.randn(n, 8) for n in lengths]
-    masks = [torch.tensor([0] * (n // 3) + [1] * (n - n // 3)) for n in lengths]
-    width = max(lengths)
-    padded = torch.zeros(len(lengths), width, 8)
-    attention = torch.zeros(len(lengths), width, dtype=torch.long)
-    embed = torch.zeros_like(attention)
-    for i, (h, m) in enumerate(zip(hidden, masks)):
-        padded[i, width - len(h):] = h
-        attention[i, width - len(h):] = 1
-        embed[i, width - len(h):] = m
+    masks = [torch.tensor([0] * (n // 3) + [1] * (n - n // 3), dtype=torch.long) for n in lengths]
+    masks[5] = torch.zeros(4, dtype=torch.long)  # a text whose embed mask is empty
+    expected = torch.stack([_pool_reference(h, m, mode) for h, m in zip(hidden, masks)]).float()
+    width = max(lengths) + 1
+    for right in (False, True):  # left padding (ours, llm2vec's) and right padding
+        padded = torch.randn(len(lengths), width, 8)  # padded positions hold other (finite) states
+        attention = torch.zeros(len(lengths), width, dtype=torch.long)
+        embed = torch.ones_like(attention)  # the embed mask's padded positions must not count
+        for i, (h, m) in enumerate(zip(hidden, masks)):
+            where = slice(0, len(h)) if right else slice(width - len(h), width)
+            padded[i, where], attention[i, where], embed[i, where] = h, 1, m
+        torch.testing.assert_close(pool(padded, attention, mode, embed_mask=embed), expected)
     packed = pool_segments(torch.cat(hidden), torch.tensor(lengths), mode, embed_mask=torch.cat(masks))
-    torch.testing.assert_close(packed, pool(padded, attention, mode, embed_mask=embed))
+    torch.testing.assert_close(packed, expected)
+
+
+def test_pool_is_one_graph_without_host_syncs():
+    """The padded pool traces whole (a boolean-mask copy or a host sync breaks a fullgraph trace), keeps
+    gradients, and names a wrong embed mask."""
+    from llm2vec_fast.pooling import POOLING_MODES, pool
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1], [1] * 7])
+    embed = attention * (torch.arange(7) % 2)
+    for mode in POOLING_MODES:
+        torch._dynamo.reset()
+        traced = torch.compile(pool, backend="eager", fullgraph=True)
+        torch.testing.assert_close(traced(hidden, attention, mode, embed_mask=embed),
+                                   pool(hidden, attention, mode, embed_mask=embed))
+    pool(hidden, attention, "weighted_mean", embed_mask=embed).sum().backward()
+    assert hidden.grad[attention == 0].abs().sum() == 0 and hidden.grad[embed == 1].abs().sum() > 0
+    with pytest.raises(ValueError, match="embed_mask must be"):
+        pool(hidden, attention, "mean", embed_mask=embed[:, 1:])
 
 
 def test_token_budget_batches():

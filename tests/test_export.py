@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import slow_except
+
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.export import export_sentence_transformers
 from llm2vec_fast.pipeline import hidden_states
@@ -49,7 +51,7 @@ def exported_mean(tiny_smol, tmp_path_factory):
     return encoder, str(export_sentence_transformers(encoder, tmp_path_factory.mktemp("export") / "st"))
 
 
-@pytest.mark.parametrize("pooling_mode", POOLING_MODES)
+@pytest.mark.parametrize("pooling_mode", slow_except(POOLING_MODES, "mean", "eos_token"))
 def test_sentence_transformer_gives_llm2vec_embeddings(tiny_smol, tmp_path, pooling_mode):
     from sentence_transformers import SentenceTransformer
 
@@ -120,6 +122,7 @@ def test_plain_transformers_loads_it_bidirectional(exported_mean):
     torch.testing.assert_close(states, ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a subprocess that imports sentence-transformers
 def test_without_llm2vec_fast_loading_says_to_install_it(exported_mean, tmp_path):
     """A Python where llm2vec-fast is neither importable nor installed (metadata hidden too). ~25 s on the loaded
     2-core machine: a fresh interpreter importing sentence-transformers is the point of the test."""
@@ -198,6 +201,7 @@ def test_sentence_transformers_own_modules_load_without_the_flag_but_miss_llm2ve
     assert np.nan_to_num(with_prompt, nan=0.0).min() < 0.999
 
 
+@pytest.mark.slow
 def test_sentence_transformers_trainer_fine_tunes_it(exported_mean, tmp_path, monkeypatch):
     """A few MultipleNegativesRankingLoss steps with SentenceTransformerTrainer: our attention is in the graph
     (called with inputs that need gradients), the weights move, and the trained model saves and reloads. ~25 s

@@ -50,6 +50,7 @@ def _gpu_check_files(variable: str) -> list[str]:
     return match.group(1).split()
 
 
+@pytest.mark.slow  # a pytest collection in a subprocess per file list
 @pytest.mark.parametrize("variable", ["TEST_FILES", "BENCH_FILES"])
 def test_gpu_check_files_collect_without_the_gpu_machines_missing_modules(variable):
     """Collection in a subprocess with those modules blocked (about 15 s: it imports torch and transformers)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import slow_except
+
 from llm2vec_fast.kernels import info_nce_loss, text_hashes
 from llm2vec_fast.kernels import infonce as infonce_module
 from llm2vec_fast.kernels.infonce import info_nce_loss_reference
@@ -58,7 +60,8 @@ def _check_against_float64(tensors, impl, scale, variant="auto", ids=None):
         assert our_err <= 2 * low_err + floor * max(1.0, ref.abs().max().item()), (name, our_err, low_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", slow_except([pytest.param(torch.float32, id="fp32"),
+                                               pytest.param(torch.float16, id="fp16")], "fp32"))
 @pytest.mark.parametrize("scale", [20.0, 50.0])
 @pytest.mark.parametrize("with_negatives", [False, True], ids=["in-batch", "hard-negatives"])
 @pytest.mark.parametrize("dim", [64, 100])
@@ -119,7 +122,8 @@ def test_masked_reference_drops_exactly_the_duplicate_columns():
     assert got < info_nce_loss_reference(q, p, n, scale=20.0)  # masking removes terms from every duplicated row
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", slow_except([pytest.param(torch.float32, id="fp32"),
+                                               pytest.param(torch.float16, id="fp16")], "fp32"))
 @pytest.mark.parametrize("impl,variant", PATHS)
 @pytest.mark.parametrize("batch,dim,n_neg", [(7, 100, 5), (40, 64, 33)])
 def test_masked_loss_matches_float64(batch, dim, n_neg, impl, variant, dtype, monkeypatch):

@@ -276,6 +276,7 @@ def losses(run):
     return [entry["loss"] for entry in run.log_history if "loss" in entry]
 
 
+@pytest.mark.slow  # 2 x 30 training steps, the fused loss through Triton's interpreter
 def test_tiny_llama_fused_loss_follows_full_logits_loss(tmp_path):
     """30 steps: our fused loss (Triton, interpreter) and the plain full-logits loss give the same curve."""
     words = [f"w{i}" for i in range(110)]

@@ -29,7 +29,7 @@ import re
 
 import pytest
 import torch
-from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_config, matrix_model_type, padded_batch
+from conftest import MATRIX_FAMILIES, REPO_ROOT, matrix_config, matrix_model_type, padded_batch, slow_except
 from helpers.model_table import CHECKS, render_models_doc
 
 from llm2vec_fast import is_patched, patch, unpatch
@@ -234,7 +234,7 @@ def _refusal(error: Exception) -> str | None:
 
 
 @pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("family", tuple(MATRIX_FAMILIES))
+@pytest.mark.parametrize("family", slow_except(MATRIX_FAMILIES, "gemma2", "gemma3_text_bidirectional"))
 def test_family(family, check):
     model = _model(family)
     impl = "auto" if (family, check) in TRITON_CELLS else "torch"

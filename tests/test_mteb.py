@@ -16,7 +16,8 @@ import mteb  # noqa: E402
 from llm2vec_fast import cli  # noqa: E402
 from llm2vec_fast import mteb as l2v_mteb  # noqa: E402
 from llm2vec_fast.evaluation import evaluate_offline  # noqa: E402
-from llm2vec_fast.mteb import LLM2VecMTEB, llm2vec_instruction, task_instructions  # noqa: E402
+from llm2vec_fast.mteb import LLM2VecMTEB, task_instructions  # noqa: E402
+from llm2vec_fast.prompts import format_instruction  # noqa: E402
 
 STS_INSTRUCTION = "Retrieve semantically similar text:"
 
@@ -48,9 +49,9 @@ def test_instruction_table_is_llm2vecs():
 
 
 def test_instruction_formatting_and_fallback():
-    assert llm2vec_instruction("Classify things.") == "Classify things:"
-    assert llm2vec_instruction("Already:") == "Already:"
-    assert llm2vec_instruction("") == ""
+    assert format_instruction("Classify things.") == "Classify things:"
+    assert format_instruction("Already:") == "Already:"
+    assert format_instruction("") == ""
     wrapper = LLM2VecMTEB(RecordingEncoder())
     query, document = mteb.types.PromptType.query, mteb.types.PromptType.document
     unknown = types.SimpleNamespace(name="NotInTheTable", prompt="Find the answer.")

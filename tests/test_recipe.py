@@ -68,6 +68,7 @@ def test_recipe_file_and_overrides():
         find_recipe("no-such-recipe")
 
 
+@pytest.mark.slow  # runs the recipe's stages as processes
 def test_quick_recipe_end_to_end_and_resume(tiny_smol, shared_data, tmp_path, monkeypatch):
     stages = available_stages()
     if "mntp" not in stages:

@@ -33,6 +33,7 @@ from sm90.compile import SM90_MAX_SHARED
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # minutes of compiles: the full suite (CI) runs it, the fast loop does not
 
 
 @pytest.fixture(scope="module")
