@@ -106,8 +106,12 @@ class ContrastiveArguments:
         "InfoNCE impl; auto: Triton on CUDA, PyTorch elsewhere", choices=IMPLEMENTATIONS))
     gather_across_ranks: bool = field(default=True, metadata=_help(
         "with several processes, score every query against the global batch"))
-    no_duplicates: bool = field(default=False, metadata=_help(
-        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait"))
+    no_duplicates: bool = field(default=True, metadata=_help(
+        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait "
+        "for a later batch (counted, logged); false: llm2vec's batches"))
+    mask_false_negatives: bool = field(default=True, metadata=_help(
+        "leave out of each query's softmax the documents that are the same text as its positive (text hashes "
+        "from the collator, gathered across ranks); false: llm2vec's loss"))
     csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
     dataset_from_file_name: bool = field(default=False, metadata=_help(
         "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))

@@ -88,7 +88,9 @@ class MNTPModel(nn.Module):
 class InfoNCELoss(nn.Module):
     """InfoNCE (sentence-transformers' ``MultipleNegativesRankingLoss``) on pooled embeddings: ``forward(model,
     inputs)`` with the collator's groups, each a list of chunks, encoded in one graph. With several processes
-    and ``gather_across_ranks``, every query is scored against the global batch."""
+    and ``gather_across_ranks``, every query is scored against the global batch. When the batch holds the
+    collator's ``positive_ids`` (and ``negative_ids``), false negatives are left out of each query's softmax
+    (``info_nce_loss``'s ids, gathered across ranks with the embeddings); without them, llm2vec's loss."""
 
     def __init__(self, pooling_mode: str = "mean", *, scale: float = 20.0, gather_across_ranks: bool = True,
                  impl: str = "auto"):
@@ -98,14 +100,22 @@ class InfoNCELoss(nn.Module):
         self.gather_across_ranks = gather_across_ranks
         self.impl = impl
 
-    def score(self, *reps: torch.Tensor | None) -> torch.Tensor:
+    def score(self, *reps: torch.Tensor | None, ids: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+              ) -> torch.Tensor:
         gather = self.gather_across_ranks and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl)
+        positive_ids, negative_ids = ids  # the Trainer moved them with the batch; info_nce_loss checks them
+        return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl,
+                             positive_ids=positive_ids, negative_ids=negative_ids)
+
+    @staticmethod
+    def text_ids(inputs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The collator's ``positive_ids`` / ``negative_ids`` (None where it gave none: nothing is masked)."""
+        return inputs.get("positive_ids"), inputs.get("negative_ids")
 
     def forward(self, model, inputs: dict[str, list[dict[str, Any]]]) -> torch.Tensor:
         return self.score(*(torch.cat([embed(model, chunk, self.pooling_mode) for chunk in inputs[group]])
-                            for group in GROUPS if group in inputs))
+                            for group in GROUPS if group in inputs), ids=self.text_ids(inputs))
 
 
 class CachedInfoNCELoss(InfoNCELoss):
@@ -120,7 +130,7 @@ class CachedInfoNCELoss(InfoNCELoss):
         encode = functools.partial(embed, model, pooling_mode=self.pooling_mode)
         groups = [inputs[group] for group in GROUPS if group in inputs]
         cached, states = embed_without_graph(encode, groups)
-        loss = self.score(*cached)
+        loss = self.score(*cached, ids=self.text_ids(inputs))
         grads = embedding_grads(loss, cached)
         loss = loss.detach().requires_grad_()
         no_sync = getattr(model, "no_sync", None)
