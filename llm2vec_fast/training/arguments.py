@@ -81,6 +81,9 @@ class MNTPArguments:
         "fused: our kernel, no (tokens, vocab) logits; full_logits: plain LM head + cross-entropy", choices=LOSSES))
     loss_impl: str = field(default="auto", metadata=_help(
         "the fused loss's impl; auto: Triton on CUDA, chunked PyTorch elsewhere", choices=IMPLEMENTATIONS))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(
+        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
+        "and record steps done of planned in training_progress.json; null: no limit"))
 
     def __post_init__(self):
         if not 0.0 < self.mask_probability <= 1.0:
@@ -89,6 +92,9 @@ class MNTPArguments:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {self.block_size}")
+        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
+            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
+                             f"{self.max_wall_seconds}")
 
 
 @dataclass
@@ -112,6 +118,9 @@ class ContrastiveArguments:
     mask_false_negatives: bool = field(default=True, metadata=_help(
         "leave out of each query's softmax the documents that are the same text as its positive (text hashes "
         "from the collator, gathered across ranks); false: llm2vec's loss"))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(
+        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
+        "and record steps done of planned in training_progress.json; null: no limit"))
     csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
     dataset_from_file_name: bool = field(default=False, metadata=_help(
         "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))
@@ -130,6 +139,9 @@ class ContrastiveArguments:
             raise ValueError(f"chunk_size must be a positive number of rows or null, got {self.chunk_size}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
+            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
+                             f"{self.max_wall_seconds}")
 
 
 STAGE_ARGUMENTS = {"mntp": MNTPArguments, "simcse": ContrastiveArguments, "supervised": ContrastiveArguments}

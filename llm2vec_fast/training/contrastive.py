@@ -22,7 +22,7 @@ from .collators import ContrastiveCollator
 from .losses import CachedInfoNCELoss, InfoNCELoss
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
 from .samplers import OneDatasetBatchSampler
-from .trainer import LLM2VecTrainer, TrainingRun, run_training
+from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
                 sum(p.numel() for p in model.parameters() if p.requires_grad), args.scale, loss.impl)
     trainer = LLM2VecTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                              processing_class=tokenizer, loss=loss, batch_sampler=sampler)
+    add_wall_clock_guard(trainer, args.max_wall_seconds)
     run = run_training(trainer, stage, (model_args, data_args, args, training_args))
     stats = collator.stats
     if args.mask_false_negatives:
