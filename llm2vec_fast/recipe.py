@@ -237,6 +237,9 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
         raise RuntimeError(f"stage {stage} finished but wrote no adapter (adapter_config.json) in {directory}")
     marker = {"stage": stage, "settings": settings, "seconds": round(time.monotonic() - started, 1),
               "adapter_bytes": _adapter_bytes(directory)}
+    progress = read_marker(directory / "training_progress.json")  # steps done of planned (max_wall_seconds)
+    if progress is not None:
+        marker["progress"] = progress
     atomic_write_text(directory / STAGE_MARKER, json.dumps(marker, indent=2) + "\n")
     return marker
 
@@ -346,11 +349,15 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
            f"{'on' if recipe['eval'].get('instructions', True) else 'off'}; scores ×100 "
            f"(Spearman of cosine for STS, accuracy for classification).", "", *lines, ""]
     if stage_markers:
-        out.append("| stage | trained on top of | seconds | adapter size |")
-        out.append("|---|---|---|---|")
+        out.append("| stage | trained on top of | seconds | steps done of planned | adapter size |")
+        out.append("|---|---|---|---|---|")
         for stage, marker in stage_markers.items():
             merged = ", ".join(Path(p).name for p in marker["settings"].get("merge_adapters", [])) or "base"
-            out.append(f"| {stage} | {merged} | {marker['seconds']:.0f} | {marker['adapter_bytes'] / 2**20:.1f} MiB |")
+            progress = marker.get("progress")
+            steps = "not recorded" if progress is None else f"{progress['steps_done']} of {progress['steps_planned']}" \
+                + (" (stopped by max_wall_seconds)" if progress.get("stopped_by_wall_clock") else "")
+            out.append(f"| {stage} | {merged} | {marker['seconds']:.0f} | {steps} | "
+                       f"{marker['adapter_bytes'] / 2**20:.1f} MiB |")
         out.append("")
         out.append("Stage settings (overrides of each stage's config file):")
         out.append("")

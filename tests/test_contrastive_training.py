@@ -134,7 +134,7 @@ def test_collator_leaves_the_instruction_out_of_pooling(smollm2_path):
     instruction = "Retrieve semantically similar text"
     batch = collator([row("A man plays a guitar.", "Someone plays music.", "A dog sleeps.", instruction, "allnli"),
                       row("Hi", "Hello there, friend.", "Bye.", instruction)])
-    assert set(batch) == {"query", "positive", "negative"} and len(batch["query"]) == 1  # one chunk
+    assert set(batch) == {"query", "positive", "negative", "positive_ids", "negative_ids"} and len(batch["query"]) == 1
     query = batch["query"][0]
     # Pooled tokens decode to the query text alone; the instruction and its "; " joiner are not pooled.
     pooled = query["input_ids"][0][query["embed_mask"][0].bool()]

@@ -82,6 +82,9 @@ class MNTPArguments:
         "fused: our kernel, no (tokens, vocab) logits; full_logits: plain LM head + cross-entropy", choices=LOSSES))
     loss_impl: str = field(default="auto", metadata=_help(
         "the fused loss's impl; auto: Triton on CUDA, chunked PyTorch elsewhere", choices=IMPLEMENTATIONS))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(
+        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
+        "and record steps done of planned in training_progress.json; null: no limit"))
 
     def __post_init__(self):
         if not 0.0 < self.mask_probability <= 1.0:
@@ -90,6 +93,9 @@ class MNTPArguments:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {self.block_size}")
+        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
+            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
+                             f"{self.max_wall_seconds}")
 
 
 @dataclass
@@ -107,8 +113,15 @@ class ContrastiveArguments:
         "InfoNCE impl; auto: Triton on CUDA, PyTorch elsewhere", choices=IMPLEMENTATIONS))
     gather_across_ranks: bool = field(default=True, metadata=_help(
         "with several processes, score every query against the global batch"))
-    no_duplicates: bool = field(default=False, metadata=_help(
-        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait"))
+    no_duplicates: bool = field(default=True, metadata=_help(
+        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait "
+        "for a later batch (counted, logged); false: llm2vec's batches"))
+    mask_false_negatives: bool = field(default=True, metadata=_help(
+        "leave out of each query's softmax the documents that are the same text as its positive (text hashes "
+        "from the collator, gathered across ranks); false: llm2vec's loss"))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(
+        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
+        "and record steps done of planned in training_progress.json; null: no limit"))
     csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
     dataset_from_file_name: bool = field(default=False, metadata=_help(
         "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))
@@ -136,6 +149,9 @@ class ContrastiveArguments:
         self.matryoshka_dims = None if self.matryoshka_dims in (None, [None]) else self.matryoshka_dims
         self.matryoshka_weights = None if self.matryoshka_weights in (None, [None]) else self.matryoshka_weights
         check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
+        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
+            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
+                             f"{self.max_wall_seconds}")
 
 
 STAGE_ARGUMENTS = {"mntp": MNTPArguments, "simcse": ContrastiveArguments, "supervised": ContrastiveArguments}

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from transformers import DataCollatorForLanguageModeling
 
+from ..kernels import text_hashes
 from ..pipeline import TextTokenizer, collate
 
 IGNORE_INDEX = -100
@@ -89,17 +90,26 @@ class ContrastiveCollator:
     the query is ``"{instruction}; {query}"`` as in llm2vec's supervised data, its instruction left out of
     pooling; ``wrap`` is the model's wrapping (``wrap_for_model``). Texts cut at ``max_length`` and texts pooled
     whole (no token of their own left) are counted in ``self.stats``.
+
+    With ``text_ids`` (the default), the batch also holds ``positive_ids`` ``(B,)`` and, with hard negatives,
+    ``negative_ids`` ``(B,)``: int64 hashes of the document texts (``text_hashes``), by which the losses leave a
+    query's false negatives (another document that is the same text as its positive) out of its softmax. Only
+    documents are hashed: in SimCSE the query and its positive are the same sentence by construction and the
+    query is never a column, so only other rows' copies of the sentence are masked. Texts are hashed as given
+    (before the model's wrapping and the cut at ``max_length``, which are the same for every document).
+    ``self.stats["false_negatives"]`` counts the (query, document) pairs so masked within each process's batch.
     """
 
     def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, text_ids: bool = True):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of texts or None, got {chunk_size}")
         self.text_tokenizer = TextTokenizer(tokenizer, max_length=max_length, wrap=wrap, instruction_separator="; ")
         self.tokenizer = tokenizer
         self.packed = bool(packed)
         self.chunk_size = chunk_size
-        self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0}
+        self.text_ids = bool(text_ids)
+        self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0, "false_negatives": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """(instruction, text) pairs -> one padded or packed group, as a dict (so that the Trainer moves it)."""
@@ -108,6 +118,7 @@ class ContrastiveCollator:
         self.stats["truncated"] += sum(e.truncated for e in encoded)
         self.stats["instruction_filled_input"] += sum(e.pooled_whole for e in encoded)
         return dataclasses.asdict(collate(encoded, packed=self.packed, pad_id=self.tokenizer.pad_token_id))
+
     def chunks(self, pairs: list[tuple[str, str]]) -> list[dict[str, torch.Tensor]]:
         size = self.chunk_size or len(pairs)
         return [self.tokenize(pairs[start:start + size]) for start in range(0, len(pairs), size)]
@@ -124,4 +135,12 @@ class ContrastiveCollator:
             if any(n is None for n in negatives):
                 raise ValueError("a batch mixes rows with and without a hard negative")
             out["negative"] = self.chunks([("", n) for n in negatives])
+        if self.text_ids:
+            out["positive_ids"] = text_hashes([row["positive"] for row in rows])
+            columns = out["positive_ids"]
+            if "negative" in out:
+                out["negative_ids"] = text_hashes(negatives)
+                columns = torch.cat([columns, out["negative_ids"]])
+            # (query, document) pairs masked: a document other than the query's own positive with its text.
+            self.stats["false_negatives"] += int((columns[None, :] == out["positive_ids"][:, None]).sum()) - len(rows)
         return out

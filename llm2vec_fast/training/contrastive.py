@@ -22,7 +22,7 @@ from .collators import ContrastiveCollator
 from .losses import CachedInfoNCELoss, InfoNCELoss, check_matryoshka
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
 from .samplers import OneDatasetBatchSampler
-from .trainer import LLM2VecTrainer, TrainingRun, run_training
+from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
     sampler = OneDatasetBatchSampler(rows["dataset"], batch_size, world_size=max(1, training_args.world_size),
                                      seed=training_args.seed, texts=texts)
     collator = ContrastiveCollator(tokenizer, args.max_length, packed=args.packed, chunk_size=args.chunk_size,
-                                   wrap=model_wrapping(model_args.model_name_or_path, args.pooling_mode))
+                                   wrap=model_wrapping(model_args.model_name_or_path, args.pooling_mode),
+                                   text_ids=args.mask_false_negatives)
     collator([rows[i] for i in next(iter(sampler))])  # tokenizer problems show before any model is loaded
     collator.stats = dict.fromkeys(collator.stats, 0)  # count what training tokenizes, not this probe
     model = build_model(model_args)
@@ -96,8 +97,13 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
                 if loss.matryoshka_dims else "")
     trainer = LLM2VecTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                              processing_class=tokenizer, loss=loss, batch_sampler=sampler)
+    add_wall_clock_guard(trainer, args.max_wall_seconds)
     run = run_training(trainer, stage, (model_args, data_args, args, training_args))
     stats = collator.stats
+    if args.mask_false_negatives:
+        logger.info("%s: %d (query, document) pairs were false negatives (the same text as the query's positive) "
+                    "and left out of the loss%s", stage, stats["false_negatives"],
+                    "" if args.no_duplicates else " (no_duplicates is off)")
     if stats["truncated"] or stats["instruction_filled_input"]:
         logger.info("%s: of %d texts tokenized, %d were cut at max_length %d; %d kept no token of their own after "
                     "the instruction and were pooled whole", stage, stats["texts"], stats["truncated"],

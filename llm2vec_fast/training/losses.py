@@ -123,7 +123,9 @@ def check_matryoshka(dims: Sequence[int] | None, weights: Sequence[float] | None
 class InfoNCELoss(nn.Module):
     """InfoNCE (sentence-transformers' ``MultipleNegativesRankingLoss``) on pooled embeddings: ``forward(model,
     inputs)`` with the collator's groups, each a list of chunks, encoded in one graph. With several processes
-    and ``gather_across_ranks``, every query is scored against the global batch.
+    and ``gather_across_ranks``, every query is scored against the global batch. When the batch holds the
+    collator's ``positive_ids`` (and ``negative_ids``), false negatives are left out of each query's softmax
+    (``info_nce_loss``'s ids, gathered across ranks with the embeddings); without them, llm2vec's loss.
 
     ``matryoshka_dims`` (e.g. ``(4096, 1024, 256, 64)``, strictly decreasing) makes it sentence-transformers'
     ``MatryoshkaLoss`` around it: the sum over ``d`` of ``weight_d * InfoNCE(embeddings[:, :d])``, each term the
@@ -142,11 +144,14 @@ class InfoNCELoss(nn.Module):
         checked = check_matryoshka(matryoshka_dims, matryoshka_weights)
         self.matryoshka_dims, self.matryoshka_weights = checked if checked else (None, None)
 
-    def score(self, *reps: torch.Tensor | None) -> torch.Tensor:
+    def score(self, *reps: torch.Tensor | None, ids: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+              ) -> torch.Tensor:
         gather = self.gather_across_ranks and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        positive_ids, negative_ids = ids  # the Trainer moved them with the batch; info_nce_loss checks them
         if self.matryoshka_dims is None:
-            return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl)
+            return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl,
+                                 positive_ids=positive_ids, negative_ids=negative_ids)
         size = reps[0].shape[-1]
         if self.matryoshka_dims[0] > size:
             raise ValueError(f"matryoshka_dims {list(self.matryoshka_dims)}: {self.matryoshka_dims[0]} is larger "
@@ -154,13 +159,19 @@ class InfoNCELoss(nn.Module):
         loss = None
         for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
             term = weight * info_nce_loss(*(None if r is None else r[:, :dim] for r in reps), scale=self.scale,
-                                          gather_across_ranks=gather, impl=self.impl)
+                                          gather_across_ranks=gather, impl=self.impl, positive_ids=positive_ids,
+                                          negative_ids=negative_ids)
             loss = term if loss is None else loss + term
         return loss
 
+    @staticmethod
+    def text_ids(inputs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The collator's ``positive_ids`` / ``negative_ids`` (None where it gave none: nothing is masked)."""
+        return inputs.get("positive_ids"), inputs.get("negative_ids")
+
     def forward(self, model, inputs: dict[str, list[dict[str, Any]]]) -> torch.Tensor:
         return self.score(*(torch.cat([embed(model, chunk, self.pooling_mode) for chunk in inputs[group]])
-                            for group in GROUPS if group in inputs))
+                            for group in GROUPS if group in inputs), ids=self.text_ids(inputs))
 
 
 class CachedInfoNCELoss(InfoNCELoss):
@@ -175,7 +186,7 @@ class CachedInfoNCELoss(InfoNCELoss):
         encode = functools.partial(embed, model, pooling_mode=self.pooling_mode)
         groups = [inputs[group] for group in GROUPS if group in inputs]
         cached, states = embed_without_graph(encode, groups)
-        loss = self.score(*cached)
+        loss = self.score(*cached, ids=self.text_ids(inputs))
         grads = embedding_grads(loss, cached)
         loss = loss.detach().requires_grad_()
         no_sync = getattr(model, "no_sync", None)

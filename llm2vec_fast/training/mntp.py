@@ -24,7 +24,7 @@ from .collators import IGNORE_INDEX, MNTPDataCollator, resolve_mask_token
 from .data import load_text_dataset, tokenize_into_blocks
 from .losses import MNTPLoss, MNTPModel
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
-from .trainer import LLM2VecTrainer, TrainingRun, run_training
+from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def train_mntp(model_args, data_args, mntp_args, training_args) -> TrainingRun:
     trainer = LLM2VecTrainer(model=model, args=training_args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                              data_collator=collator,
                              processing_class=load_tokenizer(model_args.model_name_or_path))  # no mask token
+    add_wall_clock_guard(trainer, mntp_args.max_wall_seconds)
     run = run_training(trainer, "mntp", (model_args, data_args, mntp_args, training_args))
     if training_args.should_save:
         _write_base_config(model_args.model_name_or_path, training_args.output_dir)

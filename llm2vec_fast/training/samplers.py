@@ -73,6 +73,10 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
             else:
                 batches += self._without_duplicates(rows, size)
         rng.shuffle(batches)
+        if not batches:
+            raise ValueError(f"no global batch of {size} rows can be made without repeating a text (each dataset "
+                             "has too few distinct texts for this batch size): lower the batch size, or turn "
+                             "no_duplicates off")
         if self.texts is not None:
             logger.info("epoch %d: %d global batches without a repeated text; %d times a row waited for a later "
                         "batch", self.epoch, len(batches), self.moved)

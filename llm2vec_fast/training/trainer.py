@@ -7,11 +7,12 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .losses import MNTPModel
 
@@ -74,6 +75,42 @@ class LLM2VecTrainer(Trainer):
         return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
 
+PROGRESS_FILE = "training_progress.json"
+
+
+class WallClockGuard(TrainerCallback):
+    """Stops training cleanly after ``max_wall_seconds`` of the training loop (from ``on_train_begin``: model
+    loading and data preparation are not counted): after the step that passes the limit, the Trainer leaves
+    its loop as at ``max_steps`` and the stage saves its adapter as usual. ``stopped_at`` is the step it
+    stopped after (None when the run finished its steps in time)."""
+
+    def __init__(self, max_wall_seconds: float):
+        if not max_wall_seconds > 0:
+            raise ValueError(f"max_wall_seconds must be a positive number of seconds, got {max_wall_seconds}")
+        self.max_wall_seconds = float(max_wall_seconds)
+        self.started: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.stopped_at = time.monotonic(), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps and time.monotonic() - self.started >= self.max_wall_seconds:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+            logger.warning("max_wall_seconds %g reached after step %d of %d: stopping here and saving",
+                           self.max_wall_seconds, state.global_step, state.max_steps)
+        return control
+
+
+def add_wall_clock_guard(trainer: Trainer, max_wall_seconds: float | None) -> WallClockGuard | None:
+    if max_wall_seconds is None:
+        return None
+    guard = WallClockGuard(max_wall_seconds)
+    trainer.add_callback(guard)
+    return guard
+
+
 @dataclass
 class TrainingRun:
     output_dir: str
@@ -83,11 +120,14 @@ class TrainingRun:
 
 def run_training(trainer: LLM2VecTrainer, stage: str, arguments: Sequence[Any]) -> TrainingRun:
     """Train (resuming when ``resume_from_checkpoint`` is a checkpoint, or ``true`` for the latest in
-    output_dir), save the adapter, the tokenizer, ``trainer_state.json`` and ``<stage>_settings.json`` (every
-    setting the run used, flat as the config takes them)."""
+    output_dir), save the adapter, the tokenizer, ``trainer_state.json``, ``<stage>_settings.json`` (every
+    setting the run used, flat as the config takes them) and ``training_progress.json`` (steps done of
+    planned, whether a :class:`WallClockGuard` stopped the run, the training loop's seconds)."""
     args = trainer.args
     resume = args.resume_from_checkpoint
+    started = time.monotonic()
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
+    seconds = time.monotonic() - started
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json, with the loss history
     if args.should_save:
@@ -96,5 +136,12 @@ def run_training(trainer: LLM2VecTrainer, stage: str, arguments: Sequence[Any]) 
             settings.update(part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part))
         with open(os.path.join(args.output_dir, f"{stage}_settings.json"), "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2, default=str)
+        guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, WallClockGuard)), None)
+        progress = {"steps_done": trainer.state.global_step, "steps_planned": trainer.state.max_steps,
+                    "stopped_by_wall_clock": guard is not None and guard.stopped_at is not None,
+                    "max_wall_seconds": None if guard is None else guard.max_wall_seconds,
+                    "train_seconds": round(seconds, 1)}
+        with open(os.path.join(args.output_dir, PROGRESS_FILE), "w", encoding="utf-8") as handle:
+            json.dump(progress, handle, indent=2)
     logger.info("Saved the %s adapter and tokenizer to %s", stage, args.output_dir)
     return TrainingRun(output_dir=args.output_dir, log_history=list(trainer.state.log_history), trainer=trainer)
