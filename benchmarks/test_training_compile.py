@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 INSTRUCTION = "Given a premise, retrieve a hypothesis that is entailed by the premise"
 ROUNDS = int(os.environ.get("LLM2VEC_FAST_COMPILE_ROUNDS", "4"))
+TRIPLETS = int(os.environ.get("LLM2VEC_FAST_COMPILE_TRIPLETS", "16"))
 
 
 def _smollm2():
@@ -169,7 +170,7 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(path)
     collator = ContrastiveCollator(tokenizer, max_length=48, packed=True)
-    batches = [collator(_triplets(16, seed)) for seed in (0, 1)]
+    batches = [collator(_triplets(TRIPLETS, seed)) for seed in (0, 1)]
     tokens = sum(int(chunk["input_ids"].numel()) for b in batches for group in b.values() for chunk in group)
     model = _lora(load_base_model(path, dtype=torch.float32, attention_impl="torch"))
     loss = InfoNCELoss("mean", scale=50.0, impl="torch")
@@ -185,4 +186,4 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     medians, first = _interleaved(steps, ROUNDS)
     benchmark.pedantic(step, args=(compiled, batches[0]), rounds=1, warmup_rounds=0)
     _report(benchmark, "supervised contrastive step, compiled vs eager (SmolLM2-135M, LoRA r16, fp32, CPU)",
-            "16 SNLI triplets, packed", medians, first, tokens // len(batches), counters["stats"]["unique_graphs"])
+            f"{TRIPLETS} SNLI triplets, packed", medians, first, tokens // len(batches), counters["stats"]["unique_graphs"])
