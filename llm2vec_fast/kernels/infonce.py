@@ -32,6 +32,11 @@ query i's row in every path, forward and backward. The target column is never ma
 log-sum-exp stays finite; a row whose every other column is masked has loss 0.
 
 Every pointer offset is computed in int64: ``row * stride`` passes 2^31 once (B + N) x D does.
+
+Every path runs as the torch custom op ``torch.ops.llm2vec_fast.info_nce_loss`` (backward:
+``info_nce_loss_backward``), with fake implementations and ``register_autograd``, so that it compiles with
+``torch.compile(..., fullgraph=True)``. The gather across ranks (``_GatherWithGrad``, the shard-size check,
+the all-reduce of the value) stays outside the op: compiled with ``gather_across_ranks``, it breaks the graph.
 """
 
 from __future__ import annotations

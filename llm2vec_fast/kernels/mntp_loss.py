@@ -15,6 +15,11 @@ MNTP labels only a fraction of the positions (20% by default, 80% for Mistral in
 Without CUDA (and without ``TRITON_INTERPRET=1``) a chunked PyTorch implementation runs instead: it gathers the
 valid rows (a host sync, free on CPU) and never holds more than one chunk of logits, in forward or backward.
 ``masked_next_token_loss_reference`` is the plain full-logits computation, used by the tests.
+
+Every path runs as the torch custom op ``torch.ops.llm2vec_fast.masked_next_token_loss`` (the backward is
+``masked_next_token_loss_backward``), with fake implementations and ``register_autograd``, so that
+``torch.compile(..., fullgraph=True)`` of a model that calls it sees one opaque op with output shapes known from
+the input shapes: the data-dependent count of labelled rows stays inside.
 """
 
 from __future__ import annotations
