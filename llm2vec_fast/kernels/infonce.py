@@ -32,14 +32,21 @@ query i's row in every path, forward and backward. The target column is never ma
 log-sum-exp stays finite; a row whose every other column is masked has loss 0.
 
 Every pointer offset is computed in int64: ``row * stride`` passes 2^31 once (B + N) x D does.
+
+Every path runs as the torch custom op ``torch.ops.llm2vec_fast.info_nce_loss`` (backward:
+``info_nce_loss_backward``), with fake implementations and ``register_autograd``, so that it compiles with
+``torch.compile(..., fullgraph=True)``. The gather across ranks (``_GatherWithGrad``, the shard-size check,
+the all-reduce of the value) stays outside the op: compiled with ``gather_across_ranks``, it breaks the graph.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -51,7 +58,7 @@ NORM_EPS = 1e-12
 # Query rows whose scores are recomputed together in the backward (and in the PyTorch forward).
 ROWS_PER_SLAB = 1024
 
-__all__ = ["info_nce_loss", "info_nce_loss_reference", "InfoNCEFunction", "text_hashes"]
+__all__ = ["info_nce_loss", "info_nce_loss_reference", "text_hashes"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -349,61 +356,97 @@ def _duplicate_mask(doc_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 VARIANTS = ("auto", "fused", "gemm")
 
 
-class InfoNCEFunction(torch.autograd.Function):
-    """Sum over this process's query rows of ``logsumexp_j s[i, j] - s[i, i + label_offset]``, divided by
-    ``total_rows``. Inputs: queries ``(B, D)``, docs ``(M, D)`` of one dtype, ``doc_ids`` ``(M,)`` int64 or None;
-    returns a 0-dim fp32 tensor. ``path``: ``"fused"`` (Triton: streaming forward, backward recomputing the
-    scores slab by slab), ``"gemm"`` (cuBLAS GEMMs, row softmax in Triton, gradients in the forward) or
+# --------------------------------------------------------------------------------------------------------------------
+# The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
+# --------------------------------------------------------------------------------------------------------------------
+PATHS = ("fused", "gemm", "torch")
+
+
+@torch.library.custom_op("llm2vec_fast::info_nce_loss", mutates_args=())
+def _info_nce_forward_op(queries: Tensor, docs: Tensor, doc_ids: Optional[Tensor], scale: float, label_offset: int,
+                         total_rows: int, path: str, want_grad: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, rq, rd, lse, grad_q, grad_docs)``: the sum over this process's query rows of
+    ``logsumexp_j s[i, j] - s[i, i + label_offset]``, divided by ``total_rows`` (0-dim fp32), and what the
+    backward needs: the fp32 inverse norms ``(B,)``, ``(M,)`` and per-row log-sum-exps ``(B,)``; with
+    ``want_grad`` on the slab paths ("torch", "gemm"), which take the gradients in the forward, the fp32
+    gradients ``(B, D)``, ``(M, D)`` of the loss, empty otherwise. ``path``: ``"fused"`` (Triton: streaming
+    forward, backward recomputing the scores slab by slab), ``"gemm"`` (cuBLAS GEMMs, row softmax in Triton) or
     ``"torch"`` (the same scheme in PyTorch, fp32)."""
+    triton_path = path != "torch"
+    rq = _inverse_norms(queries, triton_path)
+    rd = _inverse_norms(docs, triton_path)
+    empty = [queries.new_empty(0, dtype=torch.float32) for _ in range(2)]
+    if path == "fused":
+        lse, target = _forward_triton(queries, docs, rq, rd, doc_ids, scale, label_offset)
+        grads = empty
+    else:
+        softmax = _softmax_triton if path == "gemm" else _softmax_torch
+        # The GEMM variant keeps 16-bit operands on CUDA (tensor cores, fp32 results); elsewhere fp32.
+        compute_dtype = queries.dtype if (path == "gemm" and queries.is_cuda) else torch.float32
+        lse, target, grad_q, grad_docs = _loss_and_grads_in_slabs(
+            queries, docs, rq, rd, doc_ids, scale, label_offset, total_rows, want_grad, softmax, compute_dtype)
+        grads = [grad_q, grad_docs] if want_grad else empty
+    return ((lse - target).sum() / total_rows, rq, rd, lse, *grads)
 
-    @staticmethod
-    def forward(ctx, queries, docs, doc_ids, scale, label_offset, total_rows, path, want_grad):
-        triton_path = path != "torch"
-        rq = _inverse_norms(queries, triton_path)
-        rd = _inverse_norms(docs, triton_path)
-        ctx.scale, ctx.label_offset, ctx.total_rows, ctx.path = scale, label_offset, total_rows, path
-        ctx.dtypes = (queries.dtype, docs.dtype)
-        if path == "fused":
-            lse, target = _forward_triton(queries, docs, rq, rd, doc_ids, scale, label_offset)
-            if want_grad:
-                ctx.save_for_backward(queries, docs, rq, rd, lse, doc_ids)
-        else:
-            softmax = _softmax_triton if path == "gemm" else _softmax_torch
-            # The GEMM variant keeps 16-bit operands on CUDA (tensor cores, fp32 results); elsewhere fp32.
-            compute_dtype = queries.dtype if (path == "gemm" and queries.is_cuda) else torch.float32
-            lse, target, grad_q, grad_docs = _loss_and_grads_in_slabs(
-                queries, docs, rq, rd, doc_ids, scale, label_offset, total_rows, want_grad, softmax, compute_dtype)
-            if want_grad:
-                ctx.save_for_backward(grad_q, grad_docs)
-        return (lse - target).sum() / total_rows
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.path != "fused":
-            grad_q, grad_docs = ctx.saved_tensors
-            grad_loss = grad_loss.float()
-            return ((grad_q * grad_loss).to(ctx.dtypes[0]), (grad_docs * grad_loss).to(ctx.dtypes[1]),
-                    None, None, None, None, None, None)
-        queries, docs, rq, rd, lse, doc_ids = ctx.saved_tensors
-        scale, offset = ctx.scale, ctx.label_offset
-        compute_dtype = queries.dtype
-        # softmax - onehot lies in [-1, 1]; 16-bit inputs keep 16-bit slabs so that the GEMMs use tensor cores.
-        unit_docs = (docs.float() * rd[:, None]).to(compute_dtype)
-        grad_queries = torch.empty(queries.shape, device=queries.device, dtype=torch.float32)
-        grad_unit_docs = torch.zeros(docs.shape, device=docs.device, dtype=torch.float32)
-        factor = grad_loss.float() * scale / ctx.total_rows
-        for start in range(0, queries.shape[0], ROWS_PER_SLAB):
-            stop = min(start + ROWS_PER_SLAB, queries.shape[0])
-            q = queries[start:stop]
-            slab = _slab_triton(q, docs, rq[start:stop], rd, doc_ids, lse[start:stop], scale, offset + start,
-                                compute_dtype)
-            grad_unit_q = (slab @ unit_docs).float() * factor
-            grad_queries[start:stop] = _project_out_radial(grad_unit_q, q, rq[start:stop])
-            unit_q = (q.float() * rq[start:stop, None]).to(compute_dtype)
-            grad_unit_docs += (slab.T @ unit_q).float()
-            del slab
-        grad_docs = _project_out_radial(grad_unit_docs * factor, docs, rd)
-        return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype), None, None, None, None, None, None
+@_info_nce_forward_op.register_fake
+def _(queries, docs, doc_ids, scale, label_offset, total_rows, path, want_grad):
+    f32 = dict(dtype=torch.float32)
+    slab_grads = want_grad and path != "fused"
+    return (queries.new_empty((), **f32), queries.new_empty(queries.shape[0], **f32),
+            docs.new_empty(docs.shape[0], **f32), queries.new_empty(queries.shape[0], **f32),
+            queries.new_empty(queries.shape if slab_grads else (0,), **f32),
+            docs.new_empty(docs.shape if slab_grads else (0,), **f32))
+
+
+@torch.library.custom_op("llm2vec_fast::info_nce_loss_backward", mutates_args=())
+def _info_nce_backward_op(grad_loss: Tensor, queries: Tensor, docs: Tensor, doc_ids: Optional[Tensor], rq: Tensor,
+                          rd: Tensor, lse: Tensor, grad_q: Tensor, grad_docs: Tensor, scale: float, label_offset: int,
+                          total_rows: int, path: str) -> tuple[Tensor, Tensor]:
+    """``(d queries, d docs)`` in the inputs' dtypes."""
+    grad_loss = grad_loss.float()
+    if path != "fused":
+        return (grad_q * grad_loss).to(queries.dtype), (grad_docs * grad_loss).to(docs.dtype)
+    compute_dtype = queries.dtype
+    # softmax - onehot lies in [-1, 1]; 16-bit inputs keep 16-bit slabs so that the GEMMs use tensor cores.
+    unit_docs = (docs.float() * rd[:, None]).to(compute_dtype)
+    grad_queries = torch.empty(queries.shape, device=queries.device, dtype=torch.float32)
+    grad_unit_docs = torch.zeros(docs.shape, device=docs.device, dtype=torch.float32)
+    factor = grad_loss * scale / total_rows
+    for start in range(0, queries.shape[0], ROWS_PER_SLAB):
+        stop = min(start + ROWS_PER_SLAB, queries.shape[0])
+        q = queries[start:stop]
+        slab = _slab_triton(q, docs, rq[start:stop], rd, doc_ids, lse[start:stop], scale, label_offset + start,
+                            compute_dtype)
+        grad_unit_q = (slab @ unit_docs).float() * factor
+        grad_queries[start:stop] = _project_out_radial(grad_unit_q, q, rq[start:stop])
+        unit_q = (q.float() * rq[start:stop, None]).to(compute_dtype)
+        grad_unit_docs += (slab.T @ unit_q).float()
+        del slab
+    grad_docs = _project_out_radial(grad_unit_docs * factor, docs, rd)
+    return grad_queries.to(queries.dtype), grad_docs.to(docs.dtype)
+
+
+@_info_nce_backward_op.register_fake
+def _(grad_loss, queries, docs, doc_ids, rq, rd, lse, grad_q, grad_docs, scale, label_offset, total_rows, path):
+    return torch.empty_like(queries), torch.empty_like(docs)
+
+
+def _info_nce_setup_context(ctx, inputs, output):
+    queries, docs, doc_ids, scale, label_offset, total_rows, path, _ = inputs
+    _, rq, rd, lse, grad_q, grad_docs = output
+    ctx.save_for_backward(queries, docs, doc_ids, rq, rd, lse, grad_q, grad_docs)
+    ctx.config = (scale, label_offset, total_rows, path)
+    ctx.mark_non_differentiable(rq, rd, lse, grad_q, grad_docs)
+
+
+def _info_nce_backward(ctx, grad_loss, *_):
+    grad_q, grad_docs = torch.ops.llm2vec_fast.info_nce_loss_backward(grad_loss, *ctx.saved_tensors, *ctx.config)
+    return grad_q, grad_docs, None, None, None, None, None, None
+
+
+_info_nce_forward_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -610,9 +653,9 @@ def info_nce_loss(
             label_offset, total_rows = rank * queries.shape[0], world * queries.shape[0]
     docs = positives if negatives is None or negatives.shape[0] == 0 else torch.cat([positives, negatives], dim=0)
     want_grad = torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad)
-    loss = InfoNCEFunction.apply(queries.contiguous(), docs.contiguous(),
-                                 None if doc_ids is None else doc_ids.contiguous(), float(scale), label_offset,
-                                 total_rows, path, want_grad)
+    loss = torch.ops.llm2vec_fast.info_nce_loss(queries.contiguous(), docs.contiguous(),
+                                                None if doc_ids is None else doc_ids.contiguous(), float(scale),
+                                                label_offset, total_rows, path, want_grad)[0]
     if total_rows != queries.shape[0]:
         import torch.distributed as dist
 

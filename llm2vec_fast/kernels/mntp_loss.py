@@ -15,13 +15,20 @@ MNTP labels only a fraction of the positions (20% by default, 80% for Mistral in
 Without CUDA (and without ``TRITON_INTERPRET=1``) a chunked PyTorch implementation runs instead: it gathers the
 valid rows (a host sync, free on CPU) and never holds more than one chunk of logits, in forward or backward.
 ``masked_next_token_loss_reference`` is the plain full-logits computation, used by the tests.
+
+Every path runs as the torch custom op ``torch.ops.llm2vec_fast.masked_next_token_loss`` (the backward is
+``masked_next_token_loss_backward``), with fake implementations and ``register_autograd``, so that
+``torch.compile(..., fullgraph=True)`` of a model that calls it sees one opaque op with output shapes known from
+the input shapes: the data-dependent count of labelled rows stays inside.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -308,87 +315,83 @@ def _reduce(per_position, reduction, count):
     return total / count.clamp(min=1).to(total.dtype).reshape(())
 
 
-class MaskedNextTokenLossFunction(torch.autograd.Function):
-    """Triton forward/backward. Loss in fp32; gradients in the inputs' dtypes."""
+def _fused_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index):
+    """The fused Triton path's forward, no host sync: ``(loss, order, src, targets, count, lse)``, the compacted
+    row bookkeeping and the per-row log-sum-exp ``(batch * (seq - shift),)`` for the backward."""
+    batch, seq_len, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    n_rows = batch * (seq_len - shift)
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    weight = weight.contiguous()
+    order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
+    block_m, block_v, block_k, num_warps, num_stages = _block_sizes(hidden.device, weight.dtype)
+    row_blocks = triton.cdiv(n_rows, block_m)
+    n_tiles = triton.cdiv(vocab, block_v)
+    # Split the vocabulary so that enough programs run even when few row blocks are labelled.
+    if hidden.is_cuda:
+        programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
+        splits = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
+    else:
+        splits = min(n_tiles, 2)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split starts inside the vocabulary
+    part_max = torch.empty(splits, n_rows, device=hidden.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    part_target = torch.empty_like(part_max)
+    has_softcap = logit_softcap is not None
+    precision = _dot_precision(weight.dtype)
+    with launch_device(hidden):
+        _mntp_loss_fwd_kernel[(row_blocks, splits)](
+            hidden2d, weight, bias if bias is not None else weight, src, targets, count,
+            part_max, part_sum, part_target,
+            n_rows, vocab, hidden_size, hidden2d.stride(0), weight.stride(0), tiles_per_split,
+            float(logit_softcap) if has_softcap else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    valid = torch.arange(n_rows, device=hidden.device) < count
+    row_max = part_max.max(dim=0).values
+    row_max = torch.where(valid, row_max, torch.zeros_like(row_max))
+    sumexp = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)
+    lse = row_max + torch.log(torch.where(valid, sumexp, torch.ones_like(sumexp)))
+    lse = torch.where(valid, lse, torch.zeros_like(lse))
+    target_logit = torch.where(valid, part_target.sum(dim=0), torch.zeros_like(lse))
+    per_position = _scatter_rows(lse - target_logit, order, count, batch, seq_len, shift)
+    return _reduce(per_position, reduction, count), order, src, targets, count, lse
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softcap):
-        batch, seq_len, hidden_size = hidden.shape
-        vocab = weight.shape[0]
-        n_rows = batch * (seq_len - shift)
-        hidden2d = hidden.reshape(batch * seq_len, hidden_size)
-        weight = weight.contiguous()
-        order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
-        block_m, block_v, block_k, num_warps, num_stages = _block_sizes(hidden.device, weight.dtype)
-        row_blocks = triton.cdiv(n_rows, block_m)
-        n_tiles = triton.cdiv(vocab, block_v)
-        # Split the vocabulary so that enough programs run even when few row blocks are labelled.
-        if hidden.is_cuda:
-            programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-            splits = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
-        else:
-            splits = min(n_tiles, 2)
-        tiles_per_split = triton.cdiv(n_tiles, splits)
-        splits = triton.cdiv(n_tiles, tiles_per_split)  # every split starts inside the vocabulary
-        part_max = torch.empty(splits, n_rows, device=hidden.device, dtype=torch.float32)
-        part_sum = torch.empty_like(part_max)
-        part_target = torch.empty_like(part_max)
-        has_softcap = logit_softcap is not None
-        precision = _dot_precision(weight.dtype)
-        with launch_device(hidden):
-            _mntp_loss_fwd_kernel[(row_blocks, splits)](
-                hidden2d, weight, bias if bias is not None else weight, src, targets, count,
-                part_max, part_sum, part_target,
-                n_rows, vocab, hidden_size, hidden2d.stride(0), weight.stride(0), tiles_per_split,
-                float(logit_softcap) if has_softcap else 1.0,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
-                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=precision,
-                num_warps=num_warps, num_stages=num_stages,
-            )
-        valid = torch.arange(n_rows, device=hidden.device) < count
-        row_max = part_max.max(dim=0).values
-        row_max = torch.where(valid, row_max, torch.zeros_like(row_max))
-        sumexp = (part_sum * torch.exp(part_max - row_max)).sum(dim=0)
-        lse = row_max + torch.log(torch.where(valid, sumexp, torch.ones_like(sumexp)))
-        lse = torch.where(valid, lse, torch.zeros_like(lse))
-        target_logit = torch.where(valid, part_target.sum(dim=0), torch.zeros_like(lse))
-        per_row = lse - target_logit
 
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(hidden2d, weight, bias, order, src, targets, count, lse)
-        ctx.config = (batch, seq_len, shift, reduction, logit_softcap, n_rows)
-        per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
-        return _reduce(per_position, reduction, count)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden2d, weight, bias, order, src, targets, count, lse = ctx.saved_tensors
-        batch, seq_len, shift, reduction, logit_softcap, n_rows = ctx.config
-        vocab, hidden_size = weight.shape
-        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)
-        dev = hidden2d.device
-        dh = torch.zeros(hidden2d.shape, device=dev, dtype=torch.float32) if need_dh else None
-        dw = torch.zeros(vocab, hidden_size, device=dev, dtype=torch.float32) if need_dw else None
-        db = torch.zeros(vocab, device=dev, dtype=torch.float32) if need_db else None
-        block_m, block_v, block_k, num_warps, num_stages = _block_sizes(dev, weight.dtype)
-        has_softcap = logit_softcap is not None
-        dummy = lse
-        with launch_device(hidden2d):
-            _mntp_loss_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))](
-                hidden2d, weight, bias if bias is not None else weight, src, targets, count, lse, grad_rows,
-                dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
-                vocab, hidden_size, hidden2d.stride(0), weight.stride(0),
-                float(logit_softcap) if has_softcap else 1.0,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
-                COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-                BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )
-        grad_hidden = dh.view(batch, seq_len, hidden_size).to(hidden2d.dtype) if need_dh else None
-        grad_weight = dw.to(weight.dtype) if need_dw else None
-        grad_bias = db.to(bias.dtype) if need_db else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+def _fused_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift, reduction,
+                    logit_softcap, need_dh, need_dw, need_db):
+    """The fused Triton path's backward: the logits recomputed tile by tile, gradients by atomics, no host sync."""
+    batch, seq_len, hidden_size = hidden.shape
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    weight = weight.contiguous()
+    vocab = weight.shape[0]
+    n_rows = batch * (seq_len - shift)
+    grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)
+    dev = hidden2d.device
+    dh = torch.zeros(hidden2d.shape, device=dev, dtype=torch.float32) if need_dh else None
+    dw = torch.zeros(vocab, hidden_size, device=dev, dtype=torch.float32) if need_dw else None
+    db = torch.zeros(vocab, device=dev, dtype=torch.float32) if need_db else None
+    block_m, block_v, block_k, num_warps, num_stages = _block_sizes(dev, weight.dtype)
+    has_softcap = logit_softcap is not None
+    dummy = lse
+    with launch_device(hidden2d):
+        _mntp_loss_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))](
+            hidden2d, weight, bias if bias is not None else weight, src, targets, count, lse, grad_rows,
+            dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
+            vocab, hidden_size, hidden2d.stride(0), weight.stride(0),
+            float(logit_softcap) if has_softcap else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+            COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    grad_hidden = dh.view(batch, seq_len, hidden_size).to(hidden.dtype) if need_dh else None
+    grad_weight = dw.to(weight.dtype) if need_dw else None
+    grad_bias = db.to(bias.dtype) if need_db else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,65 +415,61 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class ChunkedMaskedNextTokenLossFunction(torch.autograd.Function):
-    """PyTorch fallback: valid rows gathered (host sync), logits built and discarded one row chunk at a time."""
+def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows):
+    """The PyTorch path's forward: the valid rows gathered (a host sync, free on CPU), logits built and
+    discarded one row chunk at a time. Returns ``(loss, order, src, targets, count, lse)`` with the bookkeeping at
+    its full static length ``batch * (seq - shift)`` (``lse`` is 0 past the ``count`` labelled rows)."""
+    batch, seq_len, hidden_size = hidden.shape
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
+    n_valid = int(count.item())
+    compute_dtype = _compute_dtype(weight.dtype)
+    n_rows = batch * (seq_len - shift)
+    lse = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
+    per_row = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
+    w = weight.to(compute_dtype)  # once, not per chunk: for a 16-bit head this is a full copy of it
+    for start in range(0, n_valid, chunk_rows):
+        stop = min(start + chunk_rows, n_valid)
+        z, _ = _chunk_logits(hidden2d[src[start:stop]], w, bias, logit_softcap, compute_dtype)
+        lse[start:stop] = torch.logsumexp(z, dim=-1)
+        per_row[start:stop] = lse[start:stop] - z.gather(1, targets[start:stop, None])[:, 0]
+        del z
+    per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
+    return _reduce(per_position, reduction, count), order, src, targets, count, lse
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softcap, chunk_rows):
-        batch, seq_len, hidden_size = hidden.shape
-        hidden2d = hidden.reshape(batch * seq_len, hidden_size)
-        order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
-        n_valid = int(count.item())
-        src, targets = src[:n_valid], targets[:n_valid]
-        compute_dtype = _compute_dtype(weight.dtype)
-        lse = torch.empty(n_valid, device=hidden.device, dtype=compute_dtype)
-        target_logit = torch.empty_like(lse)
-        w = weight.to(compute_dtype)  # once, not per chunk: for a 16-bit head this is a full copy of it
-        for start in range(0, n_valid, chunk_rows):
-            rows = src[start:start + chunk_rows]
-            z, _ = _chunk_logits(hidden2d[rows], w, bias, logit_softcap, compute_dtype)
-            lse[start:start + chunk_rows] = torch.logsumexp(z, dim=-1)
-            target_logit[start:start + chunk_rows] = z.gather(1, targets[start:start + chunk_rows, None])[:, 0]
-            del z
-        per_row = torch.zeros(batch * (seq_len - shift), device=hidden.device, dtype=compute_dtype)
-        per_row[:n_valid] = lse - target_logit
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(hidden2d, weight, bias, order, src, targets, count, lse)
-        ctx.config = (batch, seq_len, shift, reduction, logit_softcap, chunk_rows, compute_dtype)
-        per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
-        return _reduce(per_position, reduction, count)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden2d, weight, bias, order, src, targets, count, lse = ctx.saved_tensors
-        batch, seq_len, shift, reduction, softcap, chunk_rows, compute_dtype = ctx.config
-        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        n_rows = batch * (seq_len - shift)
-        grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[: src.shape[0]]
-        w = weight.to(compute_dtype)
-        dh = torch.zeros(hidden2d.shape, device=hidden2d.device, dtype=compute_dtype) if need_dh else None
-        dw = torch.zeros(w.shape, device=w.device, dtype=compute_dtype) if need_dw else None
-        db = torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype) if need_db else None
-        for start in range(0, src.shape[0], chunk_rows):
-            stop = start + chunk_rows
-            h = hidden2d[src[start:stop]].to(compute_dtype)
-            z, t = _chunk_logits(h, w, bias, softcap, compute_dtype)
-            dz = torch.exp(z.sub_(lse[start:stop, None]))
-            dz[torch.arange(dz.shape[0]), targets[start:stop]] -= 1.0
-            if t is not None:
-                dz.mul_(1.0 - t * t)
-            dz.mul_(grad_rows[start:stop, None].to(compute_dtype))
-            if need_dh:
-                dh.index_add_(0, src[start:stop], dz @ w)
-            if need_dw:
-                dw.addmm_(dz.t(), h)
-            if need_db:
-                db += dz.sum(0)
-            del z, dz
-        grad_hidden = dh.view(batch, seq_len, -1).to(hidden2d.dtype) if need_dh else None
-        grad_weight = dw.to(weight.dtype) if need_dw else None
-        grad_bias = db.to(bias.dtype) if need_db else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift, reduction,
+                      logit_softcap, chunk_rows, need_dh, need_dw, need_db):
+    batch, seq_len, hidden_size = hidden.shape
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    compute_dtype = _compute_dtype(weight.dtype)
+    n_rows = batch * (seq_len - shift)
+    n_valid = int(count.item())
+    grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)
+    w = weight.to(compute_dtype)
+    dh = torch.zeros(hidden2d.shape, device=hidden2d.device, dtype=compute_dtype) if need_dh else None
+    dw = torch.zeros(w.shape, device=w.device, dtype=compute_dtype) if need_dw else None
+    db = torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype) if need_db else None
+    for start in range(0, n_valid, chunk_rows):
+        stop = min(start + chunk_rows, n_valid)
+        h = hidden2d[src[start:stop]].to(compute_dtype)
+        z, t = _chunk_logits(h, w, bias, logit_softcap, compute_dtype)
+        dz = torch.exp(z.sub_(lse[start:stop, None]))
+        dz[torch.arange(dz.shape[0]), targets[start:stop]] -= 1.0
+        if t is not None:
+            dz.mul_(1.0 - t * t)
+        dz.mul_(grad_rows[start:stop, None].to(compute_dtype))
+        if need_dh:
+            dh.index_add_(0, src[start:stop], dz @ w)
+        if need_dw:
+            dw.addmm_(dz.t(), h)
+        if need_db:
+            db += dz.sum(0)
+        del z, dz
+    grad_hidden = dh.view(batch, seq_len, -1).to(hidden.dtype) if need_dh else None
+    grad_weight = dw.to(weight.dtype) if need_dw else None
+    grad_bias = db.to(bias.dtype) if need_db else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,63 +535,88 @@ def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row
     return lse, target_logit, dh, dw, db
 
 
-class GemmMaskedNextTokenLossFunction(torch.autograd.Function):
-    """The GEMM variant (Liger's fused linear cross-entropy on the labelled rows only): the labelled rows are
-    compacted and counted first (one host sync per call, ``count.item()``, as Cut Cross-Entropy does; none in the
-    backward), then :func:`_gemm_chunks`. For ``"mean"``/``"sum"`` the gradients are taken in the forward (three
-    GEMMs per chunk) and scaled by the incoming gradient in the backward; for ``"none"`` the per-position
-    gradients are known only in the backward, which then recomputes the logits (four GEMMs per chunk)."""
+def _gemm_dtypes(hidden, weight):
+    """(compute, accumulation, d weight) dtypes of the GEMM variant: 16-bit operands stay 16-bit on CUDA."""
+    compute_dtype = weight.dtype if hidden.is_cuda else _compute_dtype(weight.dtype)
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    # d weight accumulates in place in bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM,
+    # and bf16 has fp32's range), in fp32 otherwise: in fp16, (1 / rows) x small softmax entries would underflow.
+    dw_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
+    return compute_dtype, acc_dtype, dw_dtype
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softcap, chunk_rows):
-        batch, seq_len, hidden_size = hidden.shape
-        hidden2d = hidden.reshape(batch * seq_len, hidden_size)
-        order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
-        n_valid = int(count.item())  # the variant's one host sync: the chunks are sized on the host
-        src, targets = src[:n_valid], targets[:n_valid]
-        compute_dtype = weight.dtype if hidden.is_cuda else _compute_dtype(weight.dtype)
-        grads = {name for name, needed in zip(("hidden", "weight", "bias"), ctx.needs_input_grad[:3]) if needed}
-        early = grads and reduction != "none"
-        h_valid = hidden2d[src]
-        row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        lse, target_logit, dh, dw, db = _gemm_chunks(h_valid, weight, bias, targets, logit_softcap, chunk_rows,
-                                                     grads if early else set(), row_scale, compute_dtype)
-        per_row = torch.zeros(batch * (seq_len - shift), device=hidden.device, dtype=torch.float32)
-        per_row[:n_valid] = lse - target_logit
-        ctx.config = (batch, seq_len, shift, reduction, logit_softcap, chunk_rows, compute_dtype, early, grads)
-        ctx.saved_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if early:
-            ctx.save_for_backward(src, dh, dw, db)
-        elif grads:
-            ctx.save_for_backward(h_valid, weight, bias, order, src, targets, count)
-        per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
-        return _reduce(per_position, reduction, count)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        batch, seq_len, shift, reduction, softcap, chunk_rows, compute_dtype, early, grads = ctx.config
-        if early:
-            src, dh, dw, db = ctx.saved_tensors
-            factor = grad_output.float()
-        else:
-            h_valid, weight, bias, order, src, targets, count = ctx.saved_tensors
-            n_rows = batch * (seq_len - shift)
-            row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[: src.shape[0]]
-            _, _, dh, dw, db = _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row_scale,
-                                            compute_dtype)
-            factor = None
-        dtypes = ctx.saved_dtypes
-        grad_hidden = grad_weight = grad_bias = None
-        if dh is not None:
-            grad_hidden = torch.zeros(batch * seq_len, dh.shape[1], device=dh.device, dtype=dtypes[0])
-            grad_hidden[src] = (dh if factor is None else dh * factor).to(dtypes[0])
-            grad_hidden = grad_hidden.view(batch, seq_len, -1)
-        if dw is not None:
-            # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
-            grad_weight = (dw if factor is None else dw * factor.to(dw.dtype)).to(dtypes[1])
-        if db is not None:
-            grad_bias = (db if factor is None else db * factor).to(dtypes[2])
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+def _gemm_early(reduction, need_dh, need_dw, need_db):
+    """Whether the GEMM variant takes the gradients in the forward ("mean"/"sum": three GEMMs per chunk)."""
+    return reduction != "none" and (need_dh or need_dw or need_db)
+
+
+def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows,
+                  need_dh, need_dw, need_db):
+    """The GEMM variant's forward: the labelled rows compacted and counted (one host sync, ``count.item()``, as
+    Cut Cross-Entropy does; none in the backward of "mean"/"sum"), then :func:`_gemm_chunks`. For "mean"/"sum"
+    the gradients are taken here and returned (``early_*``: d hidden ``(batch, seq, hidden)`` and d bias in the
+    accumulation dtype, d weight in its own) to be scaled by the incoming gradient in the backward; for "none"
+    they are empty and the backward recomputes the logits (four GEMMs per chunk)."""
+    batch, seq_len, hidden_size = hidden.shape
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
+    n_valid = int(count.item())  # the variant's one host sync: the chunks are sized on the host
+    compute_dtype, acc_dtype, _ = _gemm_dtypes(hidden, weight)
+    early = _gemm_early(reduction, need_dh, need_dw, need_db)
+    grads = {name for name, needed in zip(("hidden", "weight", "bias"), (need_dh, need_dw, need_db)) if needed}
+    row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    lse, target_logit, dh, dw, db = _gemm_chunks(hidden2d[src[:n_valid]], weight, bias, targets[:n_valid],
+                                                 logit_softcap, chunk_rows, grads if early else set(), row_scale,
+                                                 compute_dtype)
+    n_rows = batch * (seq_len - shift)
+    per_row = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
+    per_row[:n_valid] = lse - target_logit
+    lse_all = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
+    lse_all[:n_valid] = lse
+    early_dh, early_dw, early_db = (hidden.new_empty(0) for _ in range(3))  # distinct: op outputs never alias
+    if dh is not None:
+        early_dh = torch.zeros(batch * seq_len, hidden_size, device=hidden.device, dtype=acc_dtype)
+        early_dh[src[:n_valid]] = dh
+        early_dh = early_dh.view(batch, seq_len, hidden_size)
+    if dw is not None:
+        early_dw = dw
+    if db is not None:
+        early_db = db
+    per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
+    return (_reduce(per_position, reduction, count), order, src, targets, count, lse_all, early_dh, early_dw,
+            early_db)
+
+
+def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw, early_db,
+                   shift, reduction, logit_softcap, chunk_rows, need_dh, need_dw, need_db):
+    batch, seq_len, hidden_size = hidden.shape
+    if _gemm_early(reduction, need_dh, need_dw, need_db):
+        factor = grad_output.float()
+        grad_hidden = (early_dh * factor).to(hidden.dtype) if need_dh else None
+        # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
+        grad_weight = (early_dw * factor.to(early_dw.dtype)).to(weight.dtype) if need_dw else None
+        grad_bias = (early_db * factor).to(bias.dtype) if need_db else None
+        return grad_hidden, grad_weight, grad_bias
+    # "none": the per-position gradients are known only now; the logits are recomputed (one more host sync).
+    compute_dtype, _, _ = _gemm_dtypes(hidden, weight)
+    n_valid = int(count.item())
+    n_rows = batch * (seq_len - shift)
+    src = src[:n_valid]
+    row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[:n_valid]
+    grads = {name for name, needed in zip(("hidden", "weight", "bias"), (need_dh, need_dw, need_db)) if needed}
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    _, _, dh, dw, db = _gemm_chunks(hidden2d[src], weight.contiguous(), bias, targets[:n_valid], logit_softcap,
+                                    chunk_rows, grads, row_scale, compute_dtype)
+    grad_hidden = grad_weight = grad_bias = None
+    if dh is not None:
+        grad_hidden = torch.zeros(batch * seq_len, hidden_size, device=dh.device, dtype=hidden.dtype)
+        grad_hidden[src] = dh.to(hidden.dtype)
+        grad_hidden = grad_hidden.view(batch, seq_len, hidden_size)
+    if dw is not None:
+        grad_weight = dw.to(weight.dtype)
+    if db is not None:
+        grad_bias = db.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift=1, ignore_index=-100,
@@ -618,6 +642,114 @@ def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift
     if reduction == "sum":
         return per_position.sum()
     return per_position.sum() / (target != ignore_index).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
+# ---------------------------------------------------------------------------------------------------------------
+
+PATHS = ("fused", "gemm", "torch")
+
+
+def _loss_dtype(path: str, dtype: torch.dtype) -> torch.dtype:
+    """The loss's (and the log-sum-exps') dtype: fp32, or float64 for float64 inputs on the PyTorch path."""
+    return _compute_dtype(dtype) if path == "torch" else torch.float32
+
+
+@torch.library.custom_op("llm2vec_fast::masked_next_token_loss", mutates_args=())
+def _mntp_forward_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, shift: int, ignore_index: int,
+    reduction: str, logit_softcap: Optional[float], path: str, chunk_rows: int, grad_hidden: bool,
+    grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, order, src, targets, count, lse, early_dh, early_dw, early_db)``: the loss and what the backward
+    needs. Every output has a shape known from the inputs' shapes: the compaction's data-dependent count of
+    labelled rows stays inside (a device scalar ``count``; the bookkeeping tensors at their full length
+    ``batch * (seq - shift)``). ``early_*`` are the GEMM variant's forward-time gradients, empty elsewhere.
+    ``hidden``: ``(batch, seq, hidden_size)`` in ``weight``'s dtype; ``labels`` int64 ``(batch, seq)``."""
+    _check_labels(labels, weight.shape[0], ignore_index)
+    hidden = hidden.contiguous()
+    labels = labels.contiguous()
+    empty = hidden.new_empty(0)
+    if path == "fused":
+        return (*_fused_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index),
+                empty, empty.clone(), empty.clone())
+    if path == "gemm":
+        return _gemm_forward(hidden, weight.contiguous(), bias, labels, shift, reduction, logit_softcap,
+                             ignore_index, chunk_rows, grad_hidden, grad_weight, grad_bias)
+    return (*_chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index,
+                              chunk_rows), empty, empty.clone(), empty.clone())
+
+
+@_mntp_forward_op.register_fake
+def _(hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softcap, path, chunk_rows, grad_hidden,
+      grad_weight, grad_bias):
+    batch, seq_len, hidden_size = hidden.shape
+    n_rows = batch * (seq_len - shift)
+    dtype = _loss_dtype(path, weight.dtype)
+    loss = hidden.new_empty((batch, seq_len) if reduction == "none" else (), dtype=dtype)
+    index = labels.new_empty(n_rows, dtype=torch.int64)
+    count = labels.new_empty(1, dtype=torch.int32)
+    lse = hidden.new_empty(n_rows, dtype=dtype)
+    early = [hidden.new_empty(0) for _ in range(3)]
+    if path == "gemm" and _gemm_early(reduction, grad_hidden, grad_weight, grad_bias):
+        _, acc_dtype, dw_dtype = _gemm_dtypes(hidden, weight)
+        if grad_hidden:
+            early[0] = hidden.new_empty(hidden.shape, dtype=acc_dtype)
+        if grad_weight:
+            early[1] = weight.new_empty(weight.shape, dtype=dw_dtype)
+        if grad_bias:
+            early[2] = weight.new_empty(weight.shape[0], dtype=acc_dtype)
+    return (loss, index, index.clone(), index.clone(), count, lse, *early)
+
+
+@torch.library.custom_op("llm2vec_fast::masked_next_token_loss_backward", mutates_args=())
+def _mntp_backward_op(
+    grad_output: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], order: Tensor, src: Tensor,
+    targets: Tensor, count: Tensor, lse: Tensor, early_dh: Tensor, early_dw: Tensor, early_db: Tensor, shift: int,
+    reduction: str, logit_softcap: Optional[float], path: str, chunk_rows: int, grad_hidden: bool,
+    grad_weight: bool, grad_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor for each one not asked for."""
+    hidden = hidden.contiguous()
+    if path == "fused":
+        grads = _fused_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
+                                reduction, logit_softcap, grad_hidden, grad_weight, grad_bias)
+    elif path == "gemm":
+        grads = _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw,
+                               early_db, shift, reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight,
+                               grad_bias)
+    else:
+        grads = _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
+                                  reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_mntp_backward_op.register_fake
+def _(grad_output, hidden, weight, bias, order, src, targets, count, lse, early_dh, early_dw, early_db, shift,
+      reduction, logit_softcap, path, chunk_rows, grad_hidden, grad_weight, grad_bias):
+    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if grad_bias else hidden.new_empty(0))
+
+
+def _mntp_setup_context(ctx, inputs, output):
+    hidden, weight, bias, _, shift, _, reduction, logit_softcap, path, chunk_rows, *needs = inputs
+    _, order, src, targets, count, lse, early_dh, early_dw, early_db = output
+    ctx.save_for_backward(hidden, weight, bias, order, src, targets, count, lse, early_dh, early_dw, early_db)
+    ctx.config = (shift, reduction, logit_softcap, path, chunk_rows, *needs)
+    ctx.mark_non_differentiable(order, src, targets, count, lse, early_dh, early_dw, early_db)
+
+
+def _mntp_backward(ctx, grad_loss, *_):
+    shift, reduction, logit_softcap, path, chunk_rows, need_dh, need_dw, need_db = ctx.config
+    grads = torch.ops.llm2vec_fast.masked_next_token_loss_backward(
+        grad_loss, *ctx.saved_tensors, shift, reduction, logit_softcap, path, chunk_rows, need_dh, need_dw, need_db)
+    needs = (need_dh, need_dw, need_db)
+    return (*(g if needed else None for g, needed in zip(grads, needs)),) + (None,) * 10
+
+
+_mntp_forward_op.register_autograd(_mntp_backward, setup_context=_mntp_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -692,7 +824,6 @@ def masked_next_token_loss(
             f"hidden, weight, bias and labels must be on one device, got {hidden.device}, {weight.device}, "
             f"{None if bias is None else bias.device}, {labels.device}"
         )
-    _check_labels(labels, weight.shape[0], ignore_index)
     labels = labels.long()
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
@@ -706,28 +837,23 @@ def masked_next_token_loss(
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if use_triton(impl, hidden, weight, labels, bias):
-        if not hidden.is_cuda and not triton_interpreter_enabled():  # pragma: no cover - guarded by use_triton
-            raise RuntimeError("Triton path needs CUDA or TRITON_INTERPRET=1")
-        if variant == "gemm":
-            return GemmMaskedNextTokenLossFunction.apply(
-                hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), shift, ignore_index, reduction,
-                logit_softcap, chunk_rows or max(1, GEMM_CHUNK_ELEMENTS // weight.shape[0]),
-            )
-        return MaskedNextTokenLossFunction.apply(
-            hidden.contiguous(), weight, bias, labels.contiguous(), shift, ignore_index, reduction, logit_softcap
-        )
-    if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return ChunkedMaskedNextTokenLossFunction.apply(
-        hidden.contiguous(), weight, bias, labels.contiguous(), shift, ignore_index, reduction, logit_softcap,
-        chunk_rows,
+        path = "gemm" if variant == "gemm" else "fused"
+        if chunk_rows is None:
+            chunk_rows = max(1, GEMM_CHUNK_ELEMENTS // weight.shape[0])
+    else:
+        path = "torch"
+        if chunk_rows is None:
+            chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    grad = torch.is_grad_enabled()
+    outputs = torch.ops.llm2vec_fast.masked_next_token_loss(
+        hidden, weight, bias, labels, shift, ignore_index, reduction,
+        None if logit_softcap is None else float(logit_softcap), path, chunk_rows,
+        grad and hidden.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad,
     )
+    return outputs[0]
 
 
 __all__ = [
     "masked_next_token_loss",
     "masked_next_token_loss_reference",
-    "MaskedNextTokenLossFunction",
-    "ChunkedMaskedNextTokenLossFunction",
-    "GemmMaskedNextTokenLossFunction",
 ]

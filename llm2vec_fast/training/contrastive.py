@@ -22,7 +22,7 @@ from .collators import ContrastiveCollator
 from .losses import CachedInfoNCELoss, InfoNCELoss, check_matryoshka
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
 from .samplers import OneDatasetBatchSampler
-from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, run_training
+from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, check_torch_compile, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
 
     set_seed(training_args.seed)
     check_matryoshka_fits(model_args.model_name_or_path, args)
+    if training_args.torch_compile:
+        check_torch_compile(training_args)  # before any model is loaded
     if training_args.per_device_train_batch_size < 2:
         raise ValueError("per_device_train_batch_size must be at least 2 (in-batch negatives), got "
                          f"{training_args.per_device_train_batch_size}")

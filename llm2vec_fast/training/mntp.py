@@ -24,7 +24,7 @@ from .collators import IGNORE_INDEX, MNTPDataCollator, resolve_mask_token
 from .data import load_text_dataset, tokenize_into_blocks
 from .losses import MNTPLoss, MNTPModel
 from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
-from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, run_training
+from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, check_torch_compile, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ def train_mntp(model_args, data_args, mntp_args, training_args) -> TrainingRun:
     from transformers import set_seed
 
     set_seed(training_args.seed)
+    if training_args.torch_compile:
+        check_torch_compile(training_args)  # before any data or model is loaded
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_blocks, eval_blocks = prepare_blocks(data_args, mntp_args, tokenizer)  # before any model is loaded
     model = build_mntp_model(model_args, mntp_args, tokenizer)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..compilation import CompilerUnavailableError, compiler_unavailable_reason
 from .losses import MNTPModel
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,23 @@ class LLM2VecTrainer(Trainer):
       processes in turn.
 
     An :class:`~llm2vec_fast.training.losses.MNTPModel` is saved and resumed as its PEFT body's adapter.
+
+    ``torch_compile`` (``TrainingArguments``' own, with ``torch_compile_backend`` / ``torch_compile_mode``): the
+    Trainer has accelerate compile the model it trains (``torch.compile(model)``, shapes dynamic after the first
+    recompile): for MNTP the :class:`~llm2vec_fast.training.losses.MNTPModel` with our loss op inside, for the
+    contrastive stages the encoder, whose forward every chunk calls (GradCache's loop and hooks stay eager).
+    Where the backend cannot generate code here (no C++ compiler on CPU, no Triton on CUDA) this raises
+    :class:`~llm2vec_fast.compilation.CompilerUnavailableError` before anything is built; the first steps' times
+    (compilation included) are logged.
     """
 
     def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.torch_compile:
+            check_torch_compile(training_args)
         super().__init__(*args, **kwargs)
+        if self.args.torch_compile:
+            self.add_callback(CompileTimeCallback())
         self.loss = loss
         self.batch_sampler = batch_sampler
         # The losses are per-batch means; without this the Trainer would count labelled tokens (and all-gather
@@ -109,6 +123,42 @@ def add_wall_clock_guard(trainer: Trainer, max_wall_seconds: float | None) -> Wa
     guard = WallClockGuard(max_wall_seconds)
     trainer.add_callback(guard)
     return guard
+
+
+def check_torch_compile(training_args) -> None:
+    """Raise :class:`~llm2vec_fast.compilation.CompilerUnavailableError`, saying why and what to do, where
+    ``torch_compile`` is set but its backend cannot generate code on the training device."""
+    backend = training_args.torch_compile_backend or "inductor"
+    reason = compiler_unavailable_reason(training_args.device, backend)
+    if reason is not None:
+        raise CompilerUnavailableError(
+            f"torch_compile is set but torch.compile(backend={backend!r}) cannot work here: {reason}. Train without "
+            "it (torch_compile false) or with torch_compile_backend aot_eager (no code generation)")
+
+
+class CompileTimeCallback(TrainerCallback):
+    """Logs how long each of the first ``steps`` optimizer steps took and how many graphs torch.compile has
+    compiled so far: the first step's time is mostly compilation (and a new batch shape recompiles once more,
+    with dynamic shapes), so that it is shown, not hidden in the first logged loss."""
+
+    def __init__(self, steps: int = 3):
+        self.steps = steps
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step < self.steps:
+            self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is None:
+            return
+        seconds = time.perf_counter() - self._start
+        self._start = None
+        from torch._dynamo.utils import counters
+
+        logger.info("torch_compile: step %d took %.1f s (%d graphs compiled so far%s)", state.global_step, seconds,
+                    counters["stats"]["unique_graphs"],
+                    ", compilation included" if state.global_step == 1 else "")
 
 
 @dataclass

@@ -1,0 +1,201 @@
+"""Compiled training: the loss modules under ``torch.compile(fullgraph=True)`` (CPU, fp32: eager's loss and
+gradients, no graph break), GradCache with a compiled per-chunk model forward, and the stages' ``torch_compile``
+setting (the Trainer's own): a clear error where no compiler works, the first steps' times in the log, and the
+same losses as eager.
+
+Patched models compile without graph breaks only with the attention adapter's host checks moved out of the
+graph (tests/test_compile.py); here the models whose whole graph is asserted are unpatched (SDPA), so that what
+is tested is the loss side.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss, MNTPLoss, MNTPModel
+
+from conftest import build_tiny_model
+
+VOCAB = 123
+
+
+def _graph_breaks(fn, *args):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    return explanation.graph_count, explanation.graph_break_count, [str(r.reason)[:300] for r in explanation.break_reasons]
+
+
+def _lora(model):
+    from llm2vec_fast.training.modeling import add_lora
+
+    model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    for name, parameter in model.named_parameters():  # LoRA's B starts at zero: make the adapter do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model.train()
+
+
+def _mntp_batch(seed=0, batch=2, seq=19):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq, generator=gen) >= 0.3] = -100
+    return ids, torch.ones_like(ids), labels
+
+
+def _grads(module):
+    return [p.grad.clone() for p in module.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_mntp_loss_module_compiles_fullgraph(impl):
+    causal_lm = build_tiny_model("llama", causal_lm=True, vocab_size=VOCAB, tie_word_embeddings=False)
+    loss = MNTPLoss(causal_lm.get_output_embeddings(), logit_softcap=8.0, impl=impl)  # Gemma-2's soft-capping
+    ids, _, labels = _mntp_batch()
+    hidden = torch.randn(*ids.shape, causal_lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    graphs, breaks, reasons = _graph_breaks(loss, hidden, labels)
+    assert (graphs, breaks) == (1, 0), reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        leaf = hidden.clone().requires_grad_()
+        value = fn(leaf, labels)
+        value.backward()
+        results.append((value.detach(), leaf.grad))
+    (got, got_grad), (want, want_grad) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    assert loss.head.weight.grad is None, "the head stays frozen"
+
+
+def test_mntp_model_compiles_fullgraph_and_matches_eager():
+    """The module the Trainer compiles for MNTP (LoRA body + our loss op): one graph, eager's loss and LoRA
+    gradients."""
+    causal_lm = build_tiny_model("llama", causal_lm=True, vocab_size=VOCAB, tie_word_embeddings=False)
+    model = MNTPModel(_lora(causal_lm.get_decoder()), MNTPLoss.from_causal_lm(causal_lm, impl="torch"))
+    ids, mask, labels = _mntp_batch()
+
+    def step(ids, mask, labels):
+        return model(input_ids=ids, attention_mask=mask, labels=labels)["loss"]
+    graphs, breaks, reasons = _graph_breaks(step, ids, mask, labels)
+    assert (graphs, breaks) == (1, 0), reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        model.zero_grad(set_to_none=True)
+        value = fn(ids, mask, labels)
+        value.backward()
+        results.append((value.detach(), _grads(model)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(got_grads) == len(want_grads) > 0
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_info_nce_loss_score_compiles_fullgraph():
+    loss = InfoNCELoss("mean", scale=20.0, impl="torch")
+    gen = torch.Generator().manual_seed(0)
+    reps = [torch.randn(rows, 24, generator=gen) for rows in (5, 5, 3)]
+    graphs, breaks, reasons = _graph_breaks(loss.score, *reps)
+    assert (graphs, breaks) == (1, 0), reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(loss.score, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss.score):
+        leaves = [r.clone().requires_grad_() for r in reps]
+        value = fn(*leaves)
+        value.backward()
+        results.append([value.detach()] + [leaf.grad for leaf in leaves])
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def _contrastive_inputs():
+    def chunk(rows, seq, seed):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, VOCAB, (rows, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # left padding in each chunk
+        return {"input_ids": ids, "attention_mask": mask, "embed_mask": mask.clone()}
+    # One chunk shape: one graph per grad mode (a new shape would recompile once, then run dynamic).
+    return {group: [chunk(2, 9, 2 * g + 1), chunk(2, 9, 2 * g + 2)]
+            for g, group in enumerate(("query", "positive", "negative"))}
+
+
+@pytest.mark.parametrize("loss_class", [pytest.param(InfoNCELoss, marks=pytest.mark.slow), CachedInfoNCELoss])
+def test_contrastive_losses_with_a_compiled_model_match_eager(loss_class):
+    """What the Trainer's torch_compile does for the contrastive stages: the model (its per-chunk forward) is
+    compiled, the loss module calls it; GradCache's loop and backward hook stay eager and call the compiled
+    forward twice per chunk (without, then with a graph). Same loss and LoRA gradients as eager. (Unpatched, so
+    that the model is one graph per grad mode and the test stays small.)"""
+    model = _lora(build_tiny_model("llama", vocab_size=VOCAB))
+    inputs = _contrastive_inputs()
+    loss = loss_class("mean", scale=20.0, impl="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    results = []
+    for encoder in (compiled, model):
+        model.zero_grad(set_to_none=True)
+        value = loss(encoder, inputs)
+        (value / 2).backward()
+        results.append((value.detach(), _grads(model)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages' torch_compile setting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mntp_config(tmp_path, **extra):
+    from test_mntp_training import tiny_llama_dir, tiny_run_config
+
+    words = [f"w{i}" for i in range(110)]
+    model_dir = tiny_llama_dir(tmp_path, words)
+    gen = torch.Generator().manual_seed(0)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(words[(int(torch.randint(0, 110, (1,), generator=gen)) + 3 * j) % 110]
+                                        for j in range(12)) for _ in range(100)), encoding="utf-8")
+    return tiny_run_config(tmp_path, model_dir, text, loss_impl="torch", activation_checkpointing=False, **extra)
+
+
+def test_torch_compile_without_a_working_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from llm2vec_fast.compilation import CompilerUnavailableError
+    from llm2vec_fast.training import trainer
+
+    from test_mntp_training import train
+
+    monkeypatch.setattr(trainer, "compiler_unavailable_reason",
+                        lambda device, backend: "no C++ compiler here (simulated)")
+    config = _mntp_config(tmp_path, torch_compile=True)
+    with pytest.raises(CompilerUnavailableError, match=r"torch_compile.*'inductor'.*no C\+\+ compiler here "
+                                                       r"\(simulated\).*torch_compile false"):
+        train(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torch_compile_mntp_run_logs_compile_time_and_matches_eager(tmp_path, caplog):
+    """A short MNTP run with the Trainer's torch_compile (aot_eager: the compile path without C++ code
+    generation, so that the test stays small) gives eager's losses, and the first steps' times are logged."""
+    from test_mntp_training import losses, train
+
+    runs = {}
+    for compiled in (False, True):
+        extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        config = _mntp_config(tmp_path / str(compiled), max_steps=3, **extra)
+        torch._dynamo.reset()
+        with caplog.at_level(logging.INFO, logger="llm2vec_fast.training.trainer"):
+            runs[compiled] = losses(train(config))
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)
+    timing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch_compile: step")]
+    assert len(timing) == 3 and "compilation included" in timing[0], timing
