@@ -254,6 +254,7 @@ class CorpusSettings:
     normalize: bool = False
     device: str | None = None  # default cuda:LOCAL_RANK when CUDA is there, else cpu
     attention_impl: str = "auto"
+    compile: bool = False  # torch.compile the model (LLM2Vec.compile_model); not pinned: it changes results by rounding only
     on_bad_row: str = "error"  # "error" stops at the first bad row; "skip" lists it and goes on
     max_bad_rows: int | None = None  # with "skip": more bad rows than this is an error (None: any, unless all)
 
@@ -396,6 +397,8 @@ def _load_encoder(settings: CorpusSettings, device):
         doc_max_length=settings.doc_max_length, attention_impl=settings.attention_impl,
     )
     encoder.model.to(device)
+    if settings.compile:
+        encoder.compile_model()
     return encoder
 
 
@@ -641,6 +644,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
                         help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor; the first batch pays the compile, its time is logged)")
     parser.add_argument("--on-bad-row", default="error", choices=BAD_ROW_POLICIES,
                         help="stop at a bad row (default), or skip it and list it in the shard and manifest")
     parser.add_argument("--max-bad-rows", type=int, default=None, metavar="N",
@@ -654,7 +659,7 @@ def main(args) -> int:
         instruction=args.instruction, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_length=args.max_length, doc_max_length=args.doc_max_length, pooling_mode=args.pooling_mode,
         dtype=args.dtype, model_dtype=args.model_dtype, shard_size=args.shard_size, normalize=args.normalize,
-        device=args.device, attention_impl=args.attention_impl, on_bad_row=args.on_bad_row,
+        device=args.device, attention_impl=args.attention_impl, compile=args.compile, on_bad_row=args.on_bad_row,
         max_bad_rows=args.max_bad_rows,
     )
     encode_corpus(args.input, args.output, settings)
