@@ -265,9 +265,14 @@ _PACKED_UNDER_COMPILE_MESSAGE = (
 )
 
 
-def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq: int) -> tuple[torch.Tensor, int]:
+def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -> tuple[torch.Tensor, int]:
     """``(cu_seqlens int32, max_seqlen)`` inside a compiled graph: shapes checked while tracing, values by the
-    attention op itself when it runs (on CPU with a clear error, on CUDA by a device-side assert)."""
+    attention op itself when it runs (on CPU with a clear error, on CUDA by a device-side assert).
+
+    ``max_length_q`` is a Python int that torch.compile would specialize on (a new graph per longest length), so
+    the graph gets a bound instead: on CPU the packed length itself (a dynamic size; the PyTorch path reads no
+    max_seqlen), on CUDA ``max_length_q`` rounded up to a power of two (the kernel's grid; at most 2x idle
+    programs, one graph per power of two)."""
     if cu_q.ndim != 1:
         raise ValueError(f"llm2vec_fast: cu_seq_lens_q must be 1D (num_seqs + 1,), got {tuple(cu_q.shape)}")
     if cu_k is not None and cu_k is not cu_q:
@@ -284,10 +289,12 @@ def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq: int) -> tuple[to
     cu = cu_q.to(torch.int32)
     torch._assert_async((cu[-1] == seq) & (cu[0] == 0),
                         "llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length")
-    return cu, longest
+    if not on_cuda:
+        return cu, seq
+    return cu, max(16, 1 << (int(longest) - 1).bit_length())
 
 
-def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tensor, int]:
+def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = False) -> tuple[torch.Tensor, int]:
     """Validated ``(cu_seqlens int32, max_seqlen)`` from transformers' FlashAttention kwargs (cached per forward)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -298,7 +305,7 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tenso
         )
     cu_q = cu_q if cu_q is not None else cu_k
     if _compiling():
-        return _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq)
+        return _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda)
 
     def compute():
         if cu_q.ndim != 1 or cu_q.numel() < 2:
@@ -445,7 +452,7 @@ def _attention_forward(
             raise ValueError(
                 "llm2vec_fast: packed input (cu_seq_lens_q) must not be padded; got an attention mask with padding too"
             )
-        packed = _checked_cu_seqlens(kwargs, batch, seq)
+        packed = _checked_cu_seqlens(kwargs, batch, seq, query.is_cuda)
     elif attention_mask is None and kwargs.get("position_ids") is not None:
         packed = _cu_seqlens_from_position_ids(kwargs["position_ids"], batch, seq)
 

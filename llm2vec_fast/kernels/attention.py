@@ -1071,13 +1071,13 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
 
 # Flags travel as plain numbers: logit_softcap 0.0 = none, window 0 = none, max_seqlen 0 when padded.
 _FORWARD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, int max_seqlen, "
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, SymInt max_seqlen, "
     "float softmax_scale, float dropout_p, float logit_softcap, int window, bool causal, bool use_triton, "
     "bool store_lse) -> (Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, "
-    "Tensor? seed, int max_seqlen, float softmax_scale, float dropout_p, float logit_softcap, int window, "
+    "Tensor? seed, SymInt max_seqlen, float softmax_scale, float dropout_p, float logit_softcap, int window, "
     "bool causal, bool use_triton) -> (Tensor, Tensor, Tensor)"
 )
 
@@ -1390,7 +1390,7 @@ def _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax
 def _validate_flags(logit_softcap, window, causal) -> None:
     if logit_softcap is not None and (
         isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
-        or not math.isfinite(logit_softcap) or not logit_softcap > 0
+        or not 0 < logit_softcap < math.inf  # NaN fails it too; a comparison, so that torch.compile traces it
     ):
         raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
