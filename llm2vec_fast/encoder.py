@@ -112,6 +112,8 @@ class LLM2Vec(torch.nn.Module):
           directory); an explicit argument that is not None wins.
         - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``);
           False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``).
+        - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
+          (call that yourself after ``model.to(device)`` to check the backend of another device).
         - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
         """
         from transformers import AutoModel, AutoTokenizer

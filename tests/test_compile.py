@@ -130,10 +130,13 @@ def test_patched_family_is_one_graph(family):
         assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: soft-cap and sliding window
+@pytest.mark.parametrize("family,impl", [("llama", "torch"), ("gemma2", "torch"), ("llama", "triton")],
+                         ids=["llama", "gemma2", "llama-triton"])  # gemma2: soft-cap and sliding window
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_compiled_matches_eager_outputs_and_gradients(family, packed):
-    model = _patched(family).train()  # train mode: the graph includes the backward
+def test_compiled_matches_eager_outputs_and_gradients(family, impl, packed):
+    """Forward and backward through the graph (aot_eager); ``triton``: the kernels in the interpreter, the fake
+    implementation's log-sum-exp saved for the backward."""
+    model = _patched(family, impl).train()  # train mode: the graph includes the backward
     inputs = (_packed_inputs if packed else _padded_inputs)()
     expected = model(**inputs).last_hidden_state
     weight = torch.randn_like(expected)
@@ -237,3 +240,22 @@ def test_encoder_compile_without_a_compiler_says_why(tiny_smol, monkeypatch):
     monkeypatch.setattr(compilation, "_cpp_compiler_reason", lambda: "no C++ compiler (simulated)")
     with pytest.raises(compilation.CompilerUnavailableError, match="simulated"):
         llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, compile=True)
+
+
+def test_encode_command_compile_flag_compiles_after_moving_to_the_device(tiny_smol, monkeypatch):
+    import argparse
+
+    from llm2vec_fast import corpus
+    from llm2vec_fast.encoder import LLM2Vec
+
+    parser = argparse.ArgumentParser()
+    corpus.add_arguments(parser)
+    base = ["--model", tiny_smol, "--input", "in.jsonl", "--output", "out"]
+    assert parser.parse_args(base + ["--compile"]).compile is True
+    assert parser.parse_args(base).compile is False
+    calls = []
+    monkeypatch.setattr(LLM2Vec, "compile_model", lambda self, backend="inductor": calls.append(
+        (backend, next(self.model.parameters()).device.type)) or self)
+    corpus._load_encoder(corpus.CorpusSettings(model=tiny_smol, compile=True), torch.device("cpu"))
+    corpus._load_encoder(corpus.CorpusSettings(model=tiny_smol), torch.device("cpu"))
+    assert calls == [("inductor", "cpu")]

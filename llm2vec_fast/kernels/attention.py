@@ -23,6 +23,12 @@ Kernels:
 
 Loops run over full tiles without boundary masks and over one masked tail tile, so any length works and full
 tiles pay nothing for it.
+
+:func:`bidirectional_attention` calls two ``torch.library`` custom ops, ``llm2vec_fast::attention_forward`` and
+``llm2vec_fast::attention_backward`` (fake implementations and an autograd formula registered), so that
+``torch.compile`` traces a patched model as one graph: the ops run these kernels on CUDA (or under
+``TRITON_INTERPRET=1``) and the PyTorch path elsewhere. Argument checks that need values on the host (of
+``cu_seqlens``) run inside the op.
 """
 
 from __future__ import annotations
