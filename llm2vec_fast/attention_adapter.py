@@ -85,6 +85,9 @@ def _check_bidirectional_mask_function(mask_function, length: int, sliding_windo
     blocks of a multimodal prompt) is caught whatever it is called."""
     if compat.is_bidirectional_mask_function(mask_function) and sliding_window is None:
         return  # the plain bidirectional mask, nothing to evaluate
+    if _compiling():
+        _assert_bidirectional_mask_function_in_graph(mask_function, sliding_window)
+        return
     positions = _probe_positions(length, sliding_window)
     q_idx, kv_idx = positions[:, None], positions[None, :]
     zero = torch.zeros((), dtype=torch.long)
@@ -101,12 +104,34 @@ def _check_bidirectional_mask_function(mask_function, length: int, sliding_windo
     if sliding_window is not None:
         expected = (q_idx - kv_idx).abs() <= sliding_window
     if not torch.equal(visible, expected):
-        raise NotImplementedError(
-            "llm2vec_fast: this model combines the attention mask with a custom mask function "
-            "(or_mask_function/and_mask_function, e.g. for image tokens) that is neither full attention nor a sliding "
-            "window; the llm2vec_fast attention only applies padding, a sliding window and soft-capping. Unpatch the "
-            "model or use an implementation that supports it."
-        )
+        raise NotImplementedError(_MASK_FUNCTION_MESSAGE)
+
+
+_MASK_FUNCTION_MESSAGE = (
+    "llm2vec_fast: this model combines the attention mask with a custom mask function "
+    "(or_mask_function/and_mask_function, e.g. for image tokens) that is neither full attention nor a sliding "
+    "window; the llm2vec_fast attention only applies padding, a sliding window and soft-capping. Unpatch the "
+    "model or use an implementation that supports it."
+)
+
+
+def _compiling() -> bool:
+    """Inside a graph torch.compile traces: no host syncs and no data-dependent Python branches there."""
+    return torch.compiler.is_compiling()
+
+
+def _assert_bidirectional_mask_function_in_graph(mask_function, sliding_window: int | None) -> None:
+    """The check of :func:`_check_bidirectional_mask_function` as graph ops (traced, no host branch): evaluated at
+    positions independent of the (dynamic) length, it raises when the graph runs, with the same message."""
+    span = 8 if sliding_window is None else sliding_window + 3
+    positions = torch.arange(span)
+    q_idx, kv_idx = positions[:, None], positions[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    visible = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx), dtype=torch.bool)
+    expected = torch.ones((span, span), dtype=torch.bool)
+    if sliding_window is not None:
+        expected = (q_idx - kv_idx).abs() <= sliding_window
+    torch._assert_async((visible == expected).all(), _MASK_FUNCTION_MESSAGE)
 
 
 def _make_mask_builder(causal: bool):
@@ -149,6 +174,9 @@ def _make_mask_builder(causal: bool):
                 f"got {tuple(attention_mask.shape)}"
             )
         attention_mask = attention_mask.to(torch.bool)
+        if _compiling():
+            # No host sync in a compiled graph: an all-True mask goes to the kernel as it is (same result).
+            return attention_mask
         if bool(attention_mask.all()):  # one host sync per forward, not per layer
             return None
         return attention_mask
@@ -181,6 +209,8 @@ class _PackedCache:
         self._entry: tuple | None = None  # (weakref, key, value), replaced as one object: safe across threads
 
     def get(self, tensor: torch.Tensor, extra: tuple, compute):
+        if _compiling():
+            return compute()  # traced once into the graph: nothing to cache, and no weakref in a graph
         if tensor.is_inference():
             # Inference tensors keep no version counter, so an in-place change could not be seen: recompute.
             return compute()
@@ -212,6 +242,11 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
         positions = positions.expand(batch, seq)
         starts = torch.ones_like(positions, dtype=torch.bool)
         starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        if _compiling():
+            # Finding the sequences of a packed row needs their number on the host (a data-dependent shape); in a
+            # compiled graph packed input comes with its cu_seq_lens_q / max_length_q, and a row is one sequence.
+            torch._assert_async(starts.sum() == batch, _PACKED_UNDER_COMPILE_MESSAGE)
+            return None
         if int(starts.sum()) == batch:  # one sequence per row: a plain (unpacked) batch
             return None
         boundaries = starts.reshape(-1).nonzero().reshape(-1)
@@ -223,7 +258,43 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
     return _position_cache.get(position_ids, (batch, seq), compute)
 
 
-def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tensor, int]:
+_PACKED_UNDER_COMPILE_MESSAGE = (
+    "llm2vec_fast: under torch.compile, packed input (position_ids restarting within a row) must come with "
+    "transformers' cu_seq_lens_q/cu_seq_lens_k and max_length_q/max_length_k keyword arguments "
+    "(llm2vec_fast.batching.PackedBatch.model_inputs() gives them)"
+)
+
+
+def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens int32, max_seqlen)`` inside a compiled graph: shapes checked while tracing, values by the
+    attention op itself when it runs (on CPU with a clear error, on CUDA by a device-side assert).
+
+    ``max_length_q`` is a Python int that torch.compile would specialize on (a new graph per longest length), so
+    the graph gets a bound instead: on CPU the packed length itself (a dynamic size; the PyTorch path reads no
+    max_seqlen), on CUDA ``max_length_q`` rounded up to a power of two (the kernel's grid; at most 2x idle
+    programs, one graph per power of two)."""
+    if cu_q.ndim != 1:
+        raise ValueError(f"llm2vec_fast: cu_seq_lens_q must be 1D (num_seqs + 1,), got {tuple(cu_q.shape)}")
+    if cu_k is not None and cu_k is not cu_q:
+        if cu_k.shape != cu_q.shape:
+            raise ValueError("llm2vec_fast: cu_seq_lens_k must equal cu_seq_lens_q (self-attention over packed input)")
+        torch._assert_async((cu_k.to(cu_q.dtype) == cu_q).all(),
+                            "llm2vec_fast: cu_seq_lens_k must equal cu_seq_lens_q (self-attention over packed input)")
+    longest = max_q if max_q is not None else max_k
+    if longest is None or isinstance(longest, torch.Tensor):
+        raise ValueError(
+            "llm2vec_fast: under torch.compile, packed input needs max_length_q (the longest sequence, a Python int) "
+            "beside cu_seq_lens_q: finding it from cu_seq_lens_q would need a host sync inside the graph"
+        )
+    cu = cu_q.to(torch.int32)
+    torch._assert_async((cu[-1] == seq) & (cu[0] == 0),
+                        "llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length")
+    if not on_cuda:
+        return cu, seq
+    return cu, max(16, 1 << (int(longest) - 1).bit_length())
+
+
+def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = False) -> tuple[torch.Tensor, int]:
     """Validated ``(cu_seqlens int32, max_seqlen)`` from transformers' FlashAttention kwargs (cached per forward)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -233,6 +304,8 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int) -> tuple[torch.Tenso
             f"got batch {batch}"
         )
     cu_q = cu_q if cu_q is not None else cu_k
+    if _compiling():
+        return _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda)
 
     def compute():
         if cu_q.ndim != 1 or cu_q.numel() < 2:
@@ -363,7 +436,8 @@ def _attention_forward(
                 "llm2vec_fast: a prepared 4D attention mask on a model that soft-caps its attention logits; the "
                 "SDPA path used for 4D masks cannot soft-cap. Pass a 2D (batch, seq) padding mask instead."
             )
-        logger.debug("llm2vec_fast: 4D attention mask given; using PyTorch SDPA with that mask for this call")
+        if not _compiling():
+            logger.debug("llm2vec_fast: 4D attention mask given; using PyTorch SDPA with that mask for this call")
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=key.shape[1] != heads,
@@ -378,7 +452,7 @@ def _attention_forward(
             raise ValueError(
                 "llm2vec_fast: packed input (cu_seq_lens_q) must not be padded; got an attention mask with padding too"
             )
-        packed = _checked_cu_seqlens(kwargs, batch, seq)
+        packed = _checked_cu_seqlens(kwargs, batch, seq, query.is_cuda)
     elif attention_mask is None and kwargs.get("position_ids") is not None:
         packed = _cu_seqlens_from_position_ids(kwargs["position_ids"], batch, seq)
 

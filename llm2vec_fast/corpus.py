@@ -361,6 +361,7 @@ class CorpusSettings:
     normalize: bool = False
     device: str | None = None  # default cuda:LOCAL_RANK when CUDA is there, else cpu
     attention_impl: str = "auto"
+    compile: bool = False  # torch.compile the model (LLM2Vec.compile_model); not pinned: it changes results by rounding only
     on_bad_row: str = "error"  # "error" stops at the first bad row; "skip" lists it and goes on
     max_bad_rows: int | None = None  # with "skip": more bad rows than this is an error (None: any, unless all)
 
@@ -605,6 +606,8 @@ def load_encoder(settings: CorpusSettings, device):
         doc_max_length=settings.doc_max_length, attention_impl=settings.attention_impl,
     )
     encoder.model.to(device)
+    if settings.compile:
+        encoder.compile_model()
     return encoder
 
 
@@ -949,6 +952,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
     parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
                         help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor; the first batch pays the compile, its time is logged)")
     parser.add_argument("--on-bad-row", default="error", choices=BAD_ROW_POLICIES,
                         help="stop at a bad row (default), or skip it and list it in the shard and manifest")
     parser.add_argument("--max-bad-rows", type=int, default=None, metavar="N",
@@ -964,6 +969,7 @@ def main(args) -> int:
         pooling_mode=args.pooling_mode, dtype=args.dtype, truncate_dim=args.truncate_dim, precision=args.precision,
         calibration_rows=args.calibration_rows, format=args.format, model_dtype=args.model_dtype,
         shard_size=args.shard_size, normalize=args.normalize, device=args.device, attention_impl=args.attention_impl,
+        compile=args.compile,
         on_bad_row=args.on_bad_row, max_bad_rows=args.max_bad_rows,
     )
     encode_corpus(args.input, args.output, settings)

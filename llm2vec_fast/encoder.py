@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +98,7 @@ class LLM2Vec(torch.nn.Module):
         doc_max_length: int | None = None,
         skip_instruction: bool | None = None,
         attention_impl: str = "auto",
+        compile: bool | str = False,
         **model_kwargs: Any,
     ) -> "LLM2Vec":
         """Load as llm2vec 0.2.3 does.
@@ -110,6 +112,8 @@ class LLM2Vec(torch.nn.Module):
           directory); an explicit argument that is not None wins.
         - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``);
           False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``).
+        - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
+          (call that yourself after ``model.to(device)`` to check the backend of another device).
         - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
         """
         from transformers import AutoModel, AutoTokenizer
@@ -186,7 +190,22 @@ class LLM2Vec(torch.nn.Module):
         # last_token pooling) but still runs our kernel, in causal mode, so that its batches can be packed too.
         patch(model, attention_impl=attention_impl, bidirectional=bool(enable_bidirectional))
         model.eval()
-        return cls(model, tokenizer, name_or_path=name, **settings)
+        encoder = cls(model, tokenizer, name_or_path=name, **settings)
+        if compile:
+            encoder.compile_model(backend="inductor" if compile is True else compile)
+        return encoder
+
+    def compile_model(self, backend: str = "inductor") -> "LLM2Vec":
+        """``torch.compile`` the model in place (``llm2vec_fast.compilation.compile_model``: fullgraph, sequence
+        lengths dynamic from the first batch, so new lengths do not recompile). Call it after moving the model to
+        its device: the check that a compiler backend works there (a C++ compiler on CPU, Triton on CUDA) raises
+        ``CompilerUnavailableError`` saying why. The first batch pays the compile; ``encode`` logs how long it
+        took."""
+        from .compilation import compile_model
+
+        compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
+        self._compile_pending = backend
+        return self
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
         """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
@@ -419,10 +438,21 @@ class LLM2Vec(torch.nn.Module):
         pad_id = self.tokenizer.pad_token_id
         for batch in batches:
             inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id).to(device)
+            backend, started = getattr(self, "_compile_pending", None), time.perf_counter()
+            if backend is not None:
+                bar.set_description(f"Encoding (compiling, torch.compile backend={backend})")
             if output_value == "token_embeddings":
                 outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
             else:
                 outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
+            if backend is not None:
+                self._compile_pending = None
+                message = (f"compiling the model (torch.compile backend={backend}) took "
+                           f"{time.perf_counter() - started:.1f} s, on the first batch")
+                logger.info(message)
+                bar.set_description("Encoding")
+                if show_progress_bar:
+                    bar.write(message)
             for index, output in zip(batch, outputs):
                 results[index] = output
             bar.update(len(batch))

@@ -23,6 +23,12 @@ Kernels:
 
 Loops run over full tiles without boundary masks and over one masked tail tile, so any length works and full
 tiles pay nothing for it.
+
+:func:`bidirectional_attention` calls two ``torch.library`` custom ops, ``llm2vec_fast::attention_forward`` and
+``llm2vec_fast::attention_backward`` (fake implementations and an autograd formula registered), so that
+``torch.compile`` traces a patched model as one graph: the ops run these kernels on CUDA (or under
+``TRITON_INTERPRET=1``) and the PyTorch path elsewhere. Argument checks that need values on the host (of
+``cu_seqlens``) run inside the op.
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "bidirectional_attention",
     "bidirectional_attention_reference",
-    "BidirectionalAttentionFunction",
     "attention_dropout_keep_mask",
     "draw_dropout_seed",
     "attention_variants",
@@ -1241,7 +1246,7 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     if problem.tma_forward:
         return _attention_forward_tma(q, k, v, problem, store_lse)
     o = problem.new_output(q)
-    lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
+    lse = problem.new_lse(q.device) if store_lse else torch.zeros(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
     lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
@@ -1290,33 +1295,98 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
     return dq, dk, dv
 
 
-class BidirectionalAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs: ``q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
-    softmax_scale, dropout_p, logit_softcap, window, causal``; ``backward`` returns one gradient per input (None
-    for the non-tensors)."""
+# ----------------------------------------------------------------------------------------------------------
+# The attention as torch custom ops (torch.compile sees two opaque ops with fake impls and an autograd formula)
+# ----------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(
-        ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-        logit_softcap=None, window=None, causal=False,
-    ):
-        problem = _Problem(
-            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window, causal
-        )
-        seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
-        o, lse = _attention_forward(q, k, v, problem, seed, store_lse=True)
-        # The mask and cu_seqlens go through save_for_backward too, so that autograd catches an in-place change
-        # between forward and backward instead of the backward silently using the changed values.
-        ctx.save_for_backward(q, k, v, o, lse, seed, key_padding_mask, cu_seqlens)
-        ctx.problem = problem
-        return o
+# Flags travel as plain numbers: logit_softcap 0.0 = none, window 0 = none, max_seqlen 0 when padded.
+_FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, SymInt max_seqlen, "
+    "float softmax_scale, float dropout_p, float logit_softcap, int window, bool causal, bool use_triton, "
+    "bool store_lse) -> (Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, "
+    "Tensor? seed, SymInt max_seqlen, float softmax_scale, float dropout_p, float logit_softcap, int window, "
+    "bool causal, bool use_triton) -> (Tensor, Tensor, Tensor)"
+)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, seed, key_padding_mask, cu_seqlens = ctx.saved_tensors
-        ctx.problem.mask, ctx.problem.cu_seqlens = key_padding_mask, cu_seqlens
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.problem, seed)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+def _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
+                causal) -> _Problem:
+    return _Problem(
+        q, k, v, key_padding_mask, cu_seqlens, max_seqlen if cu_seqlens is not None else None, softmax_scale,
+        dropout_p, logit_softcap or None, window or None, causal,
+    )
+
+
+def _op_seed(seed, device) -> torch.Tensor:
+    return seed if seed is not None else torch.empty(1, device=device, dtype=torch.int64)
+
+
+@torch.library.custom_op("llm2vec_fast::attention_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
+                          logit_softcap, window, causal, use_triton, store_lse):
+    """``(out, lse)``: out contiguous, shaped as q; lse ``(batch, heads, seq)`` / ``(heads, total)`` fp32 when the
+    Triton path stores it for the backward, else a 1-element placeholder."""
+    if cu_seqlens is not None:
+        _check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0], causal)
+    if not use_triton:
+        out = _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap or None,
+                               window or None, causal, seed)
+        return out.contiguous(), q.new_zeros((1,), dtype=torch.float32)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+                          logit_softcap, window, causal)
+    return _attention_forward(q, k, v, problem, _op_seed(seed, q.device), store_lse)
+
+
+@_attention_forward_op.register_fake
+def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
+                            logit_softcap, window, causal, use_triton, store_lse):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not (use_triton and store_lse):
+        return out, q.new_empty((1,), dtype=torch.float32)
+    if cu_seqlens is not None:
+        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm2vec_fast::attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
+                           dropout_p, logit_softcap, window, causal, use_triton):
+    """``(dq, dk, dv)``, contiguous. The PyTorch path recomputes the probabilities (the same dropout, drawn again
+    from ``seed``) and applies the softmax backward; the Triton path runs the two backward kernels from o and lse."""
+    if not use_triton:
+        return _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p,
+                                         logit_softcap or None, window or None, causal, seed)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
+                          logit_softcap, window, causal)
+    return _attention_backward(do, q, k, v, o, lse, problem, _op_seed(seed, q.device))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
+                             dropout_p, logit_softcap, window, causal, use_triton):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens, seed, *flags = inputs
+    # The mask and cu_seqlens are saved too, so that autograd catches an in-place change between forward and
+    # backward instead of the backward silently using the changed values.
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask, cu_seqlens, seed)
+    ctx.flags = flags[:-1]  # max_seqlen ... use_triton (store_lse is the forward's own)
+
+
+def _attention_backward_formula(ctx, do, dlse):
+    q, k, v, o, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1407,16 +1477,27 @@ def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tens
     return visible
 
 
-def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal):
-    """The CPU path: PyTorch SDPA (one call per sequence when packed); soft-capping, which SDPA cannot express,
-    goes through the explicit reference computation in the input dtype."""
+def _seeded_keep_mask(seed: torch.Tensor, shape: tuple, dropout_p: float, device) -> torch.Tensor:
+    """The PyTorch path's dropout keep-mask, drawn from ``seed`` (so that its backward draws the same again)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed.reshape(-1)[0]))
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal,
+                     seed=None):
+    """The CPU path: PyTorch SDPA (one call per sequence when packed); soft-capping, which SDPA cannot express, and
+    dropout (an explicit keep-mask drawn from ``seed``, so that the backward replays it) go through the explicit
+    reference computation in the input dtype."""
     flags = (logit_softcap, window, causal)
-    if logit_softcap is not None:
+    if logit_softcap is not None or dropout_p > 0:
         keep = None
         if dropout_p > 0:
+            if seed is None:
+                raise ValueError("the PyTorch attention path needs a dropout seed (draw_dropout_seed) with dropout_p > 0")
             batch = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
             seq = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
-            keep = torch.rand(batch, q.shape[-2], seq, seq, device=q.device) >= dropout_p
+            keep = _seeded_keep_mask(seed, (batch, q.shape[-2], seq, seq), dropout_p, q.device)
         return bidirectional_attention_reference(
             q, k, v, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
             dropout_keep_mask=keep, dropout_p=dropout_p, logit_softcap=logit_softcap, window=window,
@@ -1461,6 +1542,76 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
     return out
 
 
+def _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, logit_softcap, window, causal):
+    """dq, dk, dv of :func:`bidirectional_attention_reference` for one padded batch ``(batch, seq, heads, dim)``,
+    computed in fp32 (fp64 stays fp64): the softmax backward written out (a custom op's implementation runs below
+    autograd, so it cannot ask autograd for it)."""
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    batch, seq, heads, dim = q.shape
+    group = heads // k.shape[2]
+    qt = q.to(compute).transpose(1, 2)
+    kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
+    dot = do.to(compute).transpose(1, 2)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    capped = None
+    if logit_softcap is not None:
+        capped = torch.tanh(scores / logit_softcap)
+        scores = capped * logit_softcap
+    band = _band_mask(seq, window, causal, q.device)
+    if band is not None:
+        scores = scores.masked_fill(~band, float("-inf"))
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        dot = dot.masked_fill(~key_padding_mask[:, None, :, None], 0.0)  # padded rows are zeroed in the output
+    probs = torch.softmax(scores, dim=-1)
+    dropped = probs if keep is None else probs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    dv = torch.matmul(dropped.transpose(-1, -2), dot)
+    dprobs = torch.matmul(dot, vt.transpose(-1, -2))
+    if keep is not None:
+        dprobs = dprobs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True))
+    if key_padding_mask is not None:
+        dscores = dscores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    if capped is not None:
+        dscores = dscores * (1.0 - capped * capped)
+    dscores = dscores * scale
+    dq = torch.matmul(dscores, kt)
+    dk = torch.matmul(dscores.transpose(-1, -2), qt)
+    dk, dv = (g.reshape(batch, heads // group, group, seq, dim).sum(dim=2) for g in (dk, dv))
+    return tuple(g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv))
+
+
+def _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap,
+                              window, causal, seed):
+    """The PyTorch path's backward: :func:`_explicit_backward` per batch, or per sequence when packed (tokens past
+    ``cu_seqlens[-1]`` get zero gradients), with the forward's keep-mask drawn again from ``seed``."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    flags = (logit_softcap, window, causal)
+    if cu_seqlens is None:
+        keep = None
+        if dropout_p > 0:
+            keep = _seeded_keep_mask(seed, (q.shape[0], q.shape[2], q.shape[1], q.shape[1]), dropout_p, q.device)
+        return _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, *flags)
+    bounds = cu_seqlens.tolist()
+    keep = None
+    if dropout_p > 0:
+        longest = int(cu_seqlens.diff().max())
+        keep = _seeded_keep_mask(seed, (len(bounds) - 1, q.shape[-2], longest, longest), dropout_p, q.device)
+    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi == lo:
+            continue
+        piece_keep = None if keep is None else keep[i : i + 1, :, : hi - lo, : hi - lo]
+        pieces = _explicit_backward(do[None, lo:hi], q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale,
+                                    piece_keep, dropout_p, *flags)
+        for grad, piece in zip(grads, pieces):
+            grad[lo:hi] = piece[0]
+    return tuple(grads)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Validation and public entry points
 # ----------------------------------------------------------------------------------------------------------
@@ -1469,7 +1620,7 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
 def _validate_flags(logit_softcap, window, causal) -> None:
     if logit_softcap is not None and (
         isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
-        or not math.isfinite(logit_softcap) or not logit_softcap > 0
+        or not 0 < logit_softcap < math.inf  # NaN fails it too; a comparison, so that torch.compile traces it
     ):
         raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -1507,33 +1658,8 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if max_seqlen is None:
             raise ValueError("cu_seqlens needs max_seqlen (the longest sequence), as in flash_attn_varlen_func")
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
             raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-        if cu_seqlens.is_cuda:
-            # Checked on the device, without a host sync: wrong metadata would otherwise read out of bounds or
-            # leave the queries past max_seqlen silently zero. The error surfaces at the next synchronisation.
-            lengths = cu_seqlens.diff()
-            torch._assert_async(
-                (cu_seqlens[0] == 0) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
-                & (cu_seqlens[-1] <= q.shape[0]),
-                "cu_seqlens must start at 0, never decrease, end at most at total_tokens, and no sequence may be "
-                "longer than max_seqlen",
-            )
-            if causal:
-                torch._assert_async(
-                    (lengths > 0).all() & (cu_seqlens[-1] == q.shape[0]), _CAUSAL_PACKING_MESSAGE
-                )
-        else:  # CPU values are free to check with a clear message
-            lengths = cu_seqlens.diff()
-            if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > q.shape[0]:
-                raise ValueError(
-                    f"cu_seqlens must start at 0, never decrease and end at most at total_tokens={q.shape[0]}; "
-                    f"got {cu_seqlens.tolist()}"
-                )
-            if int(lengths.max()) > max_seqlen:
-                raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence, {int(lengths.max())}")
-            if causal and (bool((lengths <= 0).any()) or int(cu_seqlens[-1]) != q.shape[0]):
-                raise ValueError(f"{_CAUSAL_PACKING_MESSAGE}; got {cu_seqlens.tolist()} for {q.shape[0]} tokens")
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
     else:
@@ -1570,6 +1696,36 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
         raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, max_seqlen: int, total: int, causal: bool) -> None:
+    """The values of ``cu_seqlens`` against ``max_seqlen`` and the token count, checked where the op runs (inside
+    a compiled graph too): on the device without a host sync, on CPU with a clear message."""
+    if cu_seqlens.is_cuda:
+        # Checked on the device, without a host sync: wrong metadata would otherwise read out of bounds or
+        # leave the queries past max_seqlen silently zero. The error surfaces at the next synchronisation.
+        lengths = cu_seqlens.diff()
+        torch._assert_async(
+            (cu_seqlens[0] == 0) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
+            & (cu_seqlens[-1] <= total),
+            "cu_seqlens must start at 0, never decrease, end at most at total_tokens, and no sequence may be "
+            "longer than max_seqlen",
+        )
+        if causal:
+            torch._assert_async(
+                (lengths > 0).all() & (cu_seqlens[-1] == total), _CAUSAL_PACKING_MESSAGE
+            )
+    else:  # CPU values are free to check with a clear message
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > total:
+            raise ValueError(
+                f"cu_seqlens must start at 0, never decrease and end at most at total_tokens={total}; "
+                f"got {cu_seqlens.tolist()}"
+            )
+        if int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence, {int(lengths.max())}")
+        if causal and (bool((lengths <= 0).any()) or int(cu_seqlens[-1]) != total):
+            raise ValueError(f"{_CAUSAL_PACKING_MESSAGE}; got {cu_seqlens.tolist()} for {total} tokens")
 
 
 _CAUSAL_PACKING_MESSAGE = (
@@ -1626,26 +1782,23 @@ def bidirectional_attention(
     """
     _validate_flags(logit_softcap, window, causal)
     _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal)
-    flags = (logit_softcap, window, causal)
     triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
     if impl == "triton" and not triton_ok:
         raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
-    if not use_triton(impl, q, k, v, key_padding_mask, cu_seqlens):
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
-    if not triton_ok:
-        if q.shape[-1] not in _warned_fallback:
+    triton = use_triton(impl, q, k, v, key_padding_mask, cu_seqlens)
+    if triton and not triton_ok:
+        triton = False
+        if q.shape[-1] not in _warned_fallback and not torch.compiler.is_compiling():
             _warned_fallback.add(q.shape[-1])
             logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
-        return _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, *flags)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return BidirectionalAttentionFunction.apply(
-            q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, float(dropout_p), *flags
-        )
-    # Inference: no autograd node, no saved tensors, no log-sum-exp written.
-    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, *flags)
-    seed = draw_dropout_seed(q.device) if problem.dropout_p > 0 else torch.empty(1, device=q.device, dtype=torch.int64)
-    out, _ = _attention_forward(q, k, v, problem, seed, store_lse=False)
+    softmax_scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    out, _ = torch.ops.llm2vec_fast.attention_forward(
+        q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen if cu_seqlens is not None else 0,
+        softmax_scale, float(dropout_p), float(logit_softcap) if logit_softcap is not None else 0.0,
+        int(window) if window is not None else 0, causal, triton, needs_grad and triton,
+    )
     return out
 
 
