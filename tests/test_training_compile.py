@@ -72,10 +72,15 @@ def test_mntp_loss_module_compiles_fullgraph(impl):
     assert loss.head.weight.grad is None, "the head stays frozen"
 
 
-def test_mntp_model_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("patched", [False, True], ids=["sdpa", "patched"])
+def test_mntp_model_compiles_fullgraph_and_matches_eager(patched):
     """The module the Trainer compiles for MNTP (LoRA body + our loss op): one graph, eager's loss and LoRA
-    gradients."""
+    gradients; patched, as the MNTP stage trains it (our attention op, bidirectional), and with transformers' SDPA."""
+    from llm2vec_fast import patch
+
     causal_lm = build_tiny_model("llama", causal_lm=True, vocab_size=VOCAB, tie_word_embeddings=False)
+    if patched:
+        patch(causal_lm, attention_impl="torch")
     model = MNTPModel(_lora(causal_lm.get_decoder()), MNTPLoss.from_causal_lm(causal_lm, impl="torch"))
     ids, mask, labels = _mntp_batch()
 
