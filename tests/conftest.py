@@ -126,6 +126,31 @@ def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **o
     return model.eval()
 
 
+def tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
+    """A patched tiny Llama with a LoRA whose B matrices are non-zero (LoRA's B starts at zero: make the adapter
+    do something), for the contrastive training tests."""
+    from llm2vec_fast import patch
+    from llm2vec_fast.training.modeling import add_lora
+
+    model = build_tiny_model("llama", vocab_size=vocab_size)
+    patch(model, attention_impl="torch", attention_dropout=attention_dropout)
+    model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: OpenMP threads waiting on each other cost more than the
+    arithmetic. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` or as an argument."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=slow_except(TINY_FAMILIES, "llama", "gemma"))
 def tiny_family(request) -> str:
     return request.param
@@ -140,6 +165,17 @@ def smollm2_path() -> str:
         return smollm2_135m_path()
     except FileNotFoundError as error:
         pytest.skip(f"SmolLM2-135M unavailable: {error}")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (its full vocabulary), saved as a HF directory."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model("llama", vocab_size=49152).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 
-from llm2vec_fast.kernels import info_nce_loss
 from llm2vec_fast.training.arguments import ContrastiveArguments, DataArguments, parse_stage_arguments
 from llm2vec_fast.training.collators import ContrastiveCollator
 from llm2vec_fast.training.contrastive import build_model
@@ -18,6 +17,7 @@ from llm2vec_fast.pipeline import embed
 from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss
 from llm2vec_fast.training.samplers import OneDatasetBatchSampler
 from llm2vec_fast.training.supervised import train_supervised
+from conftest import tiny_lora_model
 
 
 def row(query, positive, negative=None, instruction="", dataset="default"):
@@ -192,20 +192,6 @@ def test_training_tokenizes_texts_as_the_encoder_does(smollm2_path, pooling_mode
     assert tokenizer.decode(pooled).strip().startswith("A man plays a guitar.")
 
 
-def _tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
-    from conftest import build_tiny_model
-
-    from llm2vec_fast import patch
-    from llm2vec_fast.training.modeling import add_lora
-
-    model = build_tiny_model("llama", vocab_size=vocab_size)
-    patch(model, attention_impl="torch", attention_dropout=attention_dropout)
-    model = add_lora(model, r=4, alpha=8, dropout=0.0)
-    for name, parameter in model.named_parameters():  # LoRA's B starts at zero: make the adapter do something
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.05)
-    return model
-
 
 NLI_ROWS = [("A man plays a guitar on the street.", "Someone makes music.", "Nobody is playing."),
             ("Hi", "Hello there, friend.", "Bye."),
@@ -226,7 +212,7 @@ def test_packed_groups_embed_as_padded_ones_and_in_chunks(smollm2_path):
     # No padding: the packed group holds exactly the padded group's real tokens.
     assert whole["query"][0]["input_ids"].numel() == int(padded["query"][0]["attention_mask"].sum())
     assert [chunk["cu_seqlens"].shape[0] - 1 for chunk in packed["query"]] == [2, 2, 1]
-    model = _tiny_lora_model(len(tokenizer)).eval()
+    model = tiny_lora_model(len(tokenizer)).eval()
     with torch.no_grad():
         for group in ("query", "positive", "negative"):
             want = embed(model, padded[group][0], "mean")
@@ -245,7 +231,7 @@ def test_cached_loss_gives_the_whole_batch_loss_and_gradients_with_dropout(smoll
     tokenizer = load_tokenizer(smollm2_path)
     batch = ContrastiveCollator(tokenizer, max_length=12, packed=packed, chunk_size=2)(
         [row(q, p, n) for q, p, n in NLI_ROWS])
-    model = _tiny_lora_model(len(tokenizer), attention_dropout=0.3).train()
+    model = tiny_lora_model(len(tokenizer), attention_dropout=0.3).train()
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for loss_class in (InfoNCELoss, CachedInfoNCELoss):
@@ -327,14 +313,6 @@ def test_stage_configs_load_with_one_schema(stage):
 # Sized for CI's CPU budget: 20 steps of 4 rows, short texts (a SmolLM2 step costs seconds in fp32 on one core).
 STEPS = 20
 
-
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine, OpenMP threads waiting on each other cost more than a second core gives.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _held_out_loss(model, collator, rows, scale, pooling="mean"):

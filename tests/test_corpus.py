@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, build_tiny_model
+from conftest import REPO_ROOT
 
 from llm2vec_fast.corpus import BadRowError, CorpusSettings, SettingsConflictError, TooManyBadRowsError
 
@@ -24,15 +24,6 @@ TEXTS = [f"Sentence number {i} says {'something ' * (i % 7)}about the world." fo
 TEXTS[5] = ""
 TEXTS[9] = "   "
 
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_path):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model("llama", vocab_size=49152).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,14 @@ def _loss_and_grads(fn, tensors, *rest):
     return [loss.detach()] + [t.grad for t in leaves if t is not None and t.requires_grad]
 
 
+def assert_compiled_matches_eager(call, tensors, *, backend="aot_eager", rtol=1e-6, atol=1e-6):
+    """``torch.compile(call, fullgraph=True)`` gives eager's loss and gradients for ``tensors``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend=backend)
+    for got, want in zip(_loss_and_grads(compiled, tensors), _loss_and_grads(call, tensors)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("path", PATHS)
 def test_mntp_loss_compiles_fullgraph_and_matches_eager(path, reduction):
@@ -155,12 +163,7 @@ def test_mntp_loss_compiles_fullgraph_and_matches_eager(path, reduction):
     call = _mntp_call(path, reduction=reduction, logit_softcap=4.0)
     graphs, breaks, reasons = _graph_breaks(call, hidden, weight, bias, labels)
     assert (graphs, breaks) == (1, 0), reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-    got = _loss_and_grads(lambda h, w, b: compiled(h, w, b, labels), (hidden, weight, bias))
-    want = _loss_and_grads(lambda h, w, b: call(h, w, b, labels), (hidden, weight, bias))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert_compiled_matches_eager(lambda h, w, b: call(h, w, b, labels), (hidden, weight, bias))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -175,12 +178,7 @@ def test_info_nce_compiles_fullgraph_and_matches_eager(path):
                              negative_ids=ids[5:])
     graphs, breaks, reasons = _graph_breaks(call, queries, positives, negatives)
     assert (graphs, breaks) == (1, 0), reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-    got = _loss_and_grads(compiled, (queries, positives, negatives))
-    want = _loss_and_grads(call, (queries, positives, negatives))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert_compiled_matches_eager(call, (queries, positives, negatives))
 
 
 def test_new_lengths_do_not_recompile_with_dynamic_shapes():
@@ -215,12 +213,7 @@ def test_mntp_loss_compiles_with_inductor():
 
     def call(h, w, b):  # the elementwise work around the op is what inductor generates code for
         return masked_next_token_loss(torch.nn.functional.silu(h) * 1.5, w, labels, bias=b, impl="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(call, fullgraph=True, backend="inductor")
-    got = _loss_and_grads(compiled, (hidden, weight, bias))
-    want = _loss_and_grads(call, (hidden, weight, bias))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(call, (hidden, weight, bias), backend="inductor", rtol=1e-5)
 
 
 def test_bad_labels_still_raise_under_compile():

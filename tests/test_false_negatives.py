@@ -15,6 +15,7 @@ from llm2vec_fast.pipeline import embed
 from llm2vec_fast.training.arguments import parse_stage_arguments
 from llm2vec_fast.training.collators import ContrastiveCollator
 from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss
+from conftest import tiny_lora_model
 
 
 def row(query, positive, negative=None, instruction="", dataset="a"):
@@ -49,20 +50,6 @@ def tokenizer(smollm2_path):
     return load_tokenizer(smollm2_path)
 
 
-def _tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
-    from conftest import build_tiny_model
-
-    from llm2vec_fast import patch
-    from llm2vec_fast.training.modeling import add_lora
-
-    model = build_tiny_model("llama", vocab_size=vocab_size)
-    patch(model, attention_impl="torch", attention_dropout=attention_dropout)
-    model = add_lora(model, r=4, alpha=8, dropout=0.0)
-    for name, parameter in model.named_parameters():  # LoRA's B starts at zero: make the adapter do something
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.05)
-    return model
-
 
 # ------------------------------------------------------------------------------------------------ the collator
 def test_collator_hashes_the_documents_by_default_and_counts_false_negatives(tokenizer):
@@ -87,7 +74,7 @@ def test_loss_modules_leave_the_duplicates_out_as_computed_by_hand(tokenizer, lo
     """A batch with a duplicated text: the loss module gives the hand-written masked loss; without the ids
     (the collator's off switch) llm2vec's unmasked one. GradCache (chunks of 3 over rows of 4) gives the same
     loss and the same gradients as one graph."""
-    model = _tiny_lora_model(len(tokenizer)).train()
+    model = tiny_lora_model(len(tokenizer)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     texts = ([r["positive"] for r in DUPLICATED], [r["negative"] for r in DUPLICATED])
     results = {}
@@ -115,7 +102,7 @@ def test_loss_modules_leave_the_duplicates_out_as_computed_by_hand(tokenizer, lo
 def test_every_document_a_copy_of_the_positive_gives_zero_loss(tokenizer, loss_class):
     """Every positive and negative is one text: each query has only its own positive left, loss 0, gradients
     zero and finite (never NaN)."""
-    model = _tiny_lora_model(len(tokenizer)).train()
+    model = tiny_lora_model(len(tokenizer)).train()
     rows = [row(f"Query number {i}.", "The same text.", "The same text.") for i in range(4)]
     batch = ContrastiveCollator(tokenizer, max_length=16, chunk_size=2)(rows)
     loss = loss_class("mean", scale=50.0, impl="torch")(model, batch)
@@ -134,7 +121,7 @@ def test_every_document_a_copy_of_the_positive_gives_zero_loss(tokenizer, loss_c
     (lambda b: {k: v for k, v in b.items() if k != "negative_ids"}, ValueError, "negative_ids was not"),
 ])
 def test_bad_ids_reaching_the_loss_module_are_named(tokenizer, change, error, message):
-    model = _tiny_lora_model(len(tokenizer))
+    model = tiny_lora_model(len(tokenizer))
     batch = change(ContrastiveCollator(tokenizer, max_length=16)(DUPLICATED))
     with pytest.raises(error, match=message):
         InfoNCELoss("mean", impl="torch")(model, batch)

@@ -14,13 +14,8 @@ from llm2vec_fast.training.gradcache import RngState, grad_cache_step, split_int
 BATCH, SEQ, CHUNK = 6, 11, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a shared 2-core machine, thread hand-offs cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(dropout: float):

@@ -17,13 +17,8 @@ from llm2vec_fast.training.contrastive import check_matryoshka_fits, contrastive
 from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss, check_matryoshka
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a shared 2-core machine, thread hand-offs cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _leaves(*shapes, seed=0):

@@ -5,26 +5,13 @@ naming them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import build_tiny_model
-
 TEXTS = [f"Row {i}: {'a few words ' * (i % 5)}about something." for i in range(30)]
 TEXTS[7] = ""
 IDS = [f"doc-{i}" for i in range(len(TEXTS))]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_path):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model("llama", vocab_size=49152).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
