@@ -256,6 +256,6 @@ def test_encode_command_compile_flag_compiles_after_moving_to_the_device(tiny_sm
     calls = []
     monkeypatch.setattr(LLM2Vec, "compile_model", lambda self, backend="inductor": calls.append(
         (backend, next(self.model.parameters()).device.type)) or self)
-    corpus._load_encoder(corpus.CorpusSettings(model=tiny_smol, compile=True), torch.device("cpu"))
-    corpus._load_encoder(corpus.CorpusSettings(model=tiny_smol), torch.device("cpu"))
+    corpus.load_encoder(corpus.CorpusSettings(model=tiny_smol, compile=True), torch.device("cpu"))
+    corpus.load_encoder(corpus.CorpusSettings(model=tiny_smol), torch.device("cpu"))
     assert calls == [("inductor", "cpu")]
