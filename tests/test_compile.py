@@ -15,7 +15,7 @@ import logging
 
 import pytest
 import torch
-from conftest import matrix_config, padded_batch
+from conftest import matrix_config, padded_batch, slow_except
 
 import llm2vec_fast
 from llm2vec_fast import compilation
@@ -121,7 +121,7 @@ def _packed_inputs(lengths=(11, 4, 7), seed=1):
     return dict(**pack_batch(seqs, [[1] * n for n in lengths]).model_inputs(), use_cache=False)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", slow_except(FAMILIES, "llama", "gemma2"))
 def test_patched_family_is_one_graph(family):
     model = _patched(family)
     for inputs in (_padded_inputs(), _packed_inputs()):
@@ -130,9 +130,12 @@ def test_patched_family_is_one_graph(family):
         assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("family,impl", [("llama", "torch"), ("gemma2", "torch"), ("llama", "triton")],
-                         ids=["llama", "gemma2", "llama-triton"])  # gemma2: soft-cap and sliding window
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("family,impl,packed", slow_except(  # gemma2: soft-cap and sliding window
+    [pytest.param(family, impl, packed, id=f"{'packed' if packed else 'padded'}-{name}")
+     for packed in (False, True)
+     for family, impl, name in (("llama", "torch", "llama"), ("gemma2", "torch", "gemma2"),
+                                ("llama", "triton", "llama-triton"))],
+    "padded-llama", "packed-gemma2"))
 def test_compiled_matches_eager_outputs_and_gradients(family, impl, packed):
     """Forward and backward through the graph (aot_eager); ``triton``: the kernels in the interpreter, the fake
     implementation's log-sum-exp saved for the backward."""
@@ -220,6 +223,7 @@ def test_a_missing_compiler_binary_is_found_before_inductor_runs(monkeypatch):
     assert reason is not None and "no-such-cxx-llm2vec" in reason
 
 
+@pytest.mark.slow  # two encoders and aot_eager graphs for padded and packed batches: ~6 s of the fast loop
 def test_encoder_compile_gives_eager_embeddings_and_logs_the_compile_time(tiny_smol, caplog):
     texts = ["A short one.", ["Instruct: retrieve\nQuery:", "rotary embeddings"],
              "A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2]

@@ -72,7 +72,7 @@ def test_mntp_loss_module_compiles_fullgraph(impl):
     assert loss.head.weight.grad is None, "the head stays frozen"
 
 
-@pytest.mark.parametrize("patched", [False, True], ids=["sdpa", "patched"])
+@pytest.mark.parametrize("patched", [pytest.param(False, id="sdpa", marks=pytest.mark.slow), pytest.param(True, id="patched")])
 def test_mntp_model_compiles_fullgraph_and_matches_eager(patched):
     """The module the Trainer compiles for MNTP (LoRA body + our loss op): one graph, eager's loss and LoRA
     gradients; patched, as the MNTP stage trains it (our attention op, bidirectional), and with transformers' SDPA."""
