@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from collections import defaultdict
@@ -84,20 +85,33 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
         return batches
 
     def _without_duplicates(self, rows: list[int], size: int) -> list[list[int]]:
-        batches = []
-        while len(rows) >= size:
-            batch, seen, waiting = [], set(), []
-            for index in rows:
-                if len(batch) < size and not self.texts[index] & seen:
+        """Fill each batch from the rows an earlier batch passed over (oldest first), then from the rest in order,
+        skipping a row that repeats a text already in the batch. A batch stops reading once it is full, so an
+        epoch costs about one pass over the rows plus the few that wait, not one pass per batch."""
+        batches, pending, waiting = [], collections.deque(rows), []
+        while len(waiting) + len(pending) >= size:
+            batch, seen, still_waiting = [], set(), []
+
+            def offer(index: int) -> None:
+                nonlocal seen
+                if not self.texts[index] & seen:
                     batch.append(index)
                     seen |= self.texts[index]
                 else:
-                    self.moved += len(batch) < size
-                    waiting.append(index)
+                    self.moved += 1
+                    still_waiting.append(index)
+
+            position = 0
+            while position < len(waiting) and len(batch) < size:
+                offer(waiting[position])
+                position += 1
+            still_waiting += waiting[position:]
+            while pending and len(batch) < size:
+                offer(pending.popleft())
             if len(batch) < size:  # the rest cannot fill a batch without repeating a text
                 break
             batches.append(batch)
-            rows = waiting
+            waiting = still_waiting
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
