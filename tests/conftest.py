@@ -126,6 +126,25 @@ def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **o
     return model.eval()
 
 
+def run_in_own_session(command, *, env, timeout: float, what: str) -> str:
+    """Run ``command`` in a session of its own and return its stderr: past ``timeout`` the whole process group
+    (a launcher and its workers, a compile pool) is killed and the test fails, naming ``what`` did not finish;
+    a non-zero exit fails the test with the end of stderr."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout:g} s")
+    assert process.returncode == 0, f"{what} failed:\n{stderr[-4000:]}"
+    return stderr
+
+
 def tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
     """A patched tiny Llama with a LoRA whose B matrices are non-zero (LoRA's B starts at zero: make the adapter
     do something), for the contrastive training tests."""

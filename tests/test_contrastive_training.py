@@ -17,7 +17,7 @@ from llm2vec_fast.pipeline import embed
 from llm2vec_fast.training.losses import CachedInfoNCELoss, InfoNCELoss
 from llm2vec_fast.training.samplers import OneDatasetBatchSampler
 from llm2vec_fast.training.supervised import train_supervised
-from conftest import tiny_lora_model
+from conftest import run_in_own_session, tiny_lora_model
 
 
 def row(query, positive, negative=None, instruction="", dataset="default"):
@@ -97,8 +97,6 @@ def test_two_processes_train_each_step_on_one_global_batch(tiny_smol, tmp_path):
 
 def _run_two_processes(model_dir, tmp_path, *extra: str) -> list[list]:
     import os
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -112,15 +110,7 @@ def _run_two_processes(model_dir, tmp_path, *extra: str) -> list[list]:
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the two-process run did not finish in 300 s")
-    assert process.returncode == 0, stderr[-4000:]
+    run_in_own_session(command, env=env, timeout=300, what="the two-process run")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 3
     return ranks

@@ -4,8 +4,6 @@ the whole batch."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import pytest
 import torch
 
 from llm2vec_fast.kernels import info_nce_loss
+
+from conftest import run_in_own_session
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from infonce_distributed_worker import (MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS, RUNS, global_batch,  # noqa: E402
@@ -28,15 +28,7 @@ def rank_results(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
                str(WORKER), str(out_dir), str(PER_RANK), str(NEG_PER_RANK), str(DIM)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers
-        process.communicate()
-        pytest.fail("the two-process run did not finish in 240 s")
-    assert process.returncode == 0, stderr[-4000:]
+    run_in_own_session(command, env=env, timeout=240, what="the two-process run")  # the launcher and both workers
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_in_own_session
 from sm90.compile import SM90_MAX_SHARED
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,17 +45,8 @@ def compiled(tmp_path_factory):
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     # Its own session, so that a timeout ends the compile workers too. The limit allows for a loaded machine:
     # measured 2026-12-01 with three gates and other suites sharing the 2 cores, 15-30 s per compile.
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "sm90" / "compile.py"), str(out),
-                             "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=2400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        done = len(out.read_text().splitlines()) if out.exists() else 0
-        pytest.fail(f"the sm_90 compiles took over 2400 s ({done} cases done): is the machine overloaded?")
-    assert proc.returncode == 0, f"the compile run failed:\n{stderr[-4000:]}"
+    run_in_own_session([sys.executable, str(REPO_ROOT / "tests" / "sm90" / "compile.py"), str(out),
+                        "--workers", "2"], env=env, timeout=2400, what="the sm_90 compile run (is the machine overloaded?)")
     results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     assert results, "the case table is empty"
     return {r["name"]: r for r in results}
