@@ -19,10 +19,11 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..dtypes import MODEL_DTYPES
 from ..kernels._dispatch import IMPLEMENTATIONS
 from ..pooling import check_pooling_mode
 from .losses import check_matryoshka
-from .modeling import DEFAULT_LORA_TARGETS, MODEL_DTYPES
+from .modeling import DEFAULT_LORA_TARGETS
 
 MASK_TOKEN_TYPES = ("blank", "eos", "mask")
 REPLACEMENTS = ("default", "all_mask")
