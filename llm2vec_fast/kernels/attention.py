@@ -1598,7 +1598,7 @@ def _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax
     bounds = cu_seqlens.tolist()
     keep = None
     if dropout_p > 0:
-        longest = int(cu_seqlens.diff().max())
+        longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))  # from the bounds read once already
         keep = _seeded_keep_mask(seed, (len(bounds) - 1, q.shape[-2], longest, longest), dropout_p, q.device)
     grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
