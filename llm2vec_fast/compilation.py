@@ -18,8 +18,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BACKENDS_WITHOUT_CODEGEN = ("eager", "aot_eager")
-
 
 class CompilerUnavailableError(RuntimeError):
     """``compile=True`` where no compiler backend works on this machine."""
@@ -54,10 +52,8 @@ def compiler_unavailable_reason(device: torch.device | str | None = None, backen
 
     ``device`` defaults to CPU. The CPU check is a working C++ compiler (what inductor's C++/OpenMP code needs);
     the CUDA check is an importable Triton and a GPU of compute capability 7.0 or newer."""
-    if backend in BACKENDS_WITHOUT_CODEGEN:
-        return None
     if backend != "inductor":
-        return None  # other backends check themselves; we know nothing better to say
+        return None  # eager/aot_eager generate no code; other backends check themselves
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
