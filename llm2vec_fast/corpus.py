@@ -256,6 +256,13 @@ def _id_type(value: Any) -> str:
     return "str"
 
 
+def embedding_column(array: np.ndarray):
+    """A (rows, width) array as Arrow's fixed-size list column, the layout of the Parquet shards."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), int(array.shape[1]))
+
+
 def parquet_shard_bytes(array: np.ndarray, ids: list, rows: list[int], id_type: str, first_row: int = 0) -> bytes:
     """One shard as a Parquet file: columns ``id``, ``row`` (int64, the row number in the input) and
     ``embedding`` (a fixed-size list of the array's dtype), written with fixed settings (row-group size,
@@ -263,12 +270,10 @@ def parquet_shard_bytes(array: np.ndarray, ids: list, rows: list[int], id_type: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = int(array.shape[1])
-    flat = pa.array(np.ascontiguousarray(array).reshape(-1))
     table = pa.table({
         "id": _arrow_ids(ids, id_type, first_row),
         "row": pa.array(rows, type=pa.int64()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "embedding": embedding_column(array),
     })
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=PARQUET_ROW_GROUP_ROWS, compression=PARQUET_COMPRESSION,

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import (CorpusSettings, check_truncate_dim, embed_texts, load_encoder, resolved_instruction,
-                     stored_embeddings)
+from .corpus import (CorpusSettings, check_truncate_dim, embed_texts, embedding_column, load_encoder,
+                     resolved_instruction, stored_embeddings)
 
 OUTPUT_FORMATS = ("numpy", "arrow")
 
@@ -137,6 +137,5 @@ class EmbedBatch:
 
         table = {name: pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values)
                  for name, values in result.items()}
-        table[self.embedding_column] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)),
-                                                                         int(embeddings.shape[1]))
+        table[self.embedding_column] = embedding_column(embeddings)
         return pa.table(table)
