@@ -75,6 +75,7 @@ class LLM2Vec(torch.nn.Module):
         self.name_or_path = name_or_path
         self.max_batch_tokens = max_batch_tokens
         self.packed = packed
+        self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -438,7 +439,7 @@ class LLM2Vec(torch.nn.Module):
         pad_id = self.tokenizer.pad_token_id
         for batch in batches:
             inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id).to(device)
-            backend, started = getattr(self, "_compile_pending", None), time.perf_counter()
+            backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
                 bar.set_description(f"Encoding (compiling, torch.compile backend={backend})")
             if output_value == "token_embeddings":
