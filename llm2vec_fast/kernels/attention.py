@@ -57,6 +57,7 @@ __all__ = [
     "bidirectional_attention_reference",
     "attention_dropout_keep_mask",
     "draw_dropout_seed",
+    "effective_dropout_p",
     "attention_variants",
     "VARIANTS",
     "SUPPORTED_HEAD_DIMS",
@@ -179,7 +180,7 @@ _CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDI
 
 
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int,
-                       has_dropout: bool = False) -> float:
+                       has_dropout: bool = False, philox4x: bool = False) -> float:
     """32-bit registers per thread held by the resident tiles and the fp32 score tiles (16-bit inputs): a rough
     model, calibrated on sm_90 compiles (docs/PERF.md). In dK/dV, warps beyond one per 16 keys add no capacity:
     ``wgmma`` gives each warp 16 rows and Triton replicates the rest (32x64 with 8 warps took 230-255 registers
@@ -196,6 +197,8 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
         resident, scores = block_n * block_d * (2 * 2 + 2 * 4), 4 * block_m * block_n * 4
     if has_dropout:
         scores += (2 if kind == "dkdv" else 1) * block_m * block_n * 4
+        if philox4x:  # PHILOX4X_ESTIMATE
+            pass
     return (resident + scores) / threads_words
 
 
@@ -204,15 +207,17 @@ _REGISTER_LIMIT = {"fwd": 224, "dq": 224, "dkdv": 256}
 
 
 def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int = 1, has_dropout: bool = False,
-                      has_padding: bool = False, is_varlen: bool = False,
-                      banded: bool = False) -> list[tuple[int, int, int, int]]:
+                      has_padding: bool = False, is_varlen: bool = False, banded: bool = False,
+                      philox4x: bool = False) -> list[tuple[int, int, int, int]]:
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of ``kind`` that fit: shared memory for one
     resident tile plus ``num_stages`` streamed pairs of tiles under 200 KB, and a register estimate under the
     spill line; at most ``_MAX_TUNED``, in the order of the candidate list (so the first is the default), never
     none (else the smallest register footprint). fp32 ("ieee") and head_dim 256 have their own lists. The sm_90
     compile gate (tests/test_sm90_compile.py) compiles what this returns. ``banded``: soft-capping, a window,
-    causal or padding="skip" (more registers in dK/dV). ``group``, ``has_padding`` and ``is_varlen`` are accepted
-    so that a calibration can use them; no spill line measured so far depends on them alone."""
+    causal or padding="skip" (more registers in dK/dV). ``philox4x``: dropout="philox4x" (its key tiles must be
+    multiples of 16 keys: every candidate's are). ``group``, ``has_padding`` and ``is_varlen`` are accepted so
+    that a calibration can use them; no spill line measured so far depends on them alone."""
+    philox4x = philox4x and has_dropout
     if kind == "fwd_tma":  # 16-bit, head_dim 64/128, no dropout: the variant falls back to the default elsewhere
         block_d = min(block_d, 128)
     elif dot_precision == "ieee":
@@ -223,7 +228,8 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
 
     def regs(config):
         block_m, block_n, warps, _ = config
-        return _register_estimate("fwd" if kind == "fwd_tma" else kind, block_m, block_n, block_d, warps, has_dropout)
+        return _register_estimate("fwd" if kind == "fwd_tma" else kind, block_m, block_n, block_d, warps, has_dropout,
+                                  philox4x)
 
     def fits(config):
         block_m, block_n, _, stages = config
@@ -249,7 +255,7 @@ def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **fla
 BANDED_FLAGS = ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")
 #: every constexpr of the autotuned kernels (tile sizes aside) is read by the pruning or on record here with the
 #: reason it does not change which configs fit (tests/test_attention_kernel.py checks that the two cover them)
-PRUNE_READS = ("BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN") + BANDED_FLAGS
+PRUNE_READS = ("BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN", "PHILOX4X") + BANDED_FLAGS
 PRUNE_IGNORES = {
     "HEAD_DIM": "BLOCK_D, its power of two, sizes every tile",
     "STORE_LSE": "one row store after the key loop; the sm_90 gate compiles defaults with it and without",
@@ -267,6 +273,7 @@ def _prune(kind: str):
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
             banded=any(bool(named.get(flag, False)) for flag in BANDED_FLAGS),
+            philox4x=bool(named.get("PHILOX4X", False)),
         )
         return kept if _AUTOTUNE else kept[:1]
 
@@ -310,8 +317,9 @@ def _launch(kernel, kind: str, grid, *args, **kwargs):
 
 
 _AUTOTUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "IS_VARLEN", "HAS_PADDING", "HAS_DROPOUT", "GROUP", "DOT_PRECISION"]
-# The band and soft-cap specializations change the work per tile: tuned apart (the window itself is not a key).
-_AUTOTUNE_KEY_BAND = _AUTOTUNE_KEY + ["CAUSAL", "WINDOWED", "SOFTCAP"]
+# The band and soft-cap specializations change the work per tile: tuned apart (the window itself is not a key);
+# so does the dropout RNG (the tma_ws forward has no dropout).
+_AUTOTUNE_KEY_BAND = _AUTOTUNE_KEY + ["CAUSAL", "WINDOWED", "SOFTCAP", "PHILOX4X"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,6 +335,31 @@ def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
     zero = q_idx * 0
     r, _, _, _ = tl.philox(seed, k_idx, q_idx, zero + bh, zero)
     return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _dropout_keep16(seed, bh, q_idx, k_idx, dropout_p):
+    """Keep-mask ``[len(q_idx), len(k_idx)]`` of ``dropout="philox4x"``: one Philox call per query and 16 keys
+    (counter ``(key // 16, query, batch*heads+head, 1)`` under ``seed``) gives four 32-bit words, 16 bytes; the
+    byte of key ``k`` is byte ``k % 4`` (from the least significant) of word ``(k % 16) // 4``, and the key is
+    kept iff that byte is at least ``256 * dropout_p`` (``dropout_p`` a multiple of 1/256, see
+    ``effective_dropout_p``). ``q_idx`` and ``k_idx`` are 1-D int32; ``k_idx`` runs over whole groups of 16 keys
+    (a tile's keys from a multiple of 16), so every element gets the same decision whatever the tile shape."""
+    BLOCK_Q: tl.constexpr = q_idx.shape[0]
+    BLOCK_K: tl.constexpr = k_idx.shape[0]
+    tl.static_assert(BLOCK_K % 16 == 0, "dropout=philox4x needs key tiles of a multiple of 16 keys")
+    GROUPS: tl.constexpr = BLOCK_K // 16
+    group = tl.min(tl.reshape(k_idx, [GROUPS, 16]), 1) // 16  # [GROUPS]: key // 16 of each group of 16 keys
+    c0 = group[None, :] + q_idx[:, None] * 0
+    c1 = q_idx[:, None] + group[None, :] * 0
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + bh, zero + 1)
+    # [Q, G, 2, 2] holds word 2 * x + y at [..., x, y]: flattened, the words in order 0..3
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_Q, GROUPS, 4])
+    shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
+    octets = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [Q, G, word, byte]
+    threshold = tl.to_tensor(dropout_p * 256.0 + 0.5).to(tl.int32)
+    return tl.reshape(octets.to(tl.int32), [BLOCK_Q, BLOCK_K]) >= threshold
 
 
 @triton.jit
@@ -463,7 +496,7 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -492,9 +525,13 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            q_idx = offs_m[:, None] + offs_n[None, :] * 0
-            k_idx = offs_n[None, :] + offs_m[:, None] * 0
-            p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
+            if PHILOX4X:
+                keep = _dropout_keep16(seed, bh, offs_m, offs_n, dropout_p)
+            else:
+                q_idx = offs_m[:, None] + offs_n[None, :] * 0
+                k_idx = offs_n[None, :] + offs_m[:, None] * 0
+                keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            p = tl.where(keep, p, 0.0)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif HEAD_DIM != BLOCK_D:
@@ -521,7 +558,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
@@ -566,17 +603,17 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
             offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
         )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
         offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
         offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
     )
     # l_i >= 1: the running maximum always contributes exp2(0)
     acc = acc * (1.0 / l_i)[:, None]
@@ -702,7 +739,7 @@ def _attn_bwd_dq_inner(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -729,9 +766,13 @@ def _attn_bwd_dq_inner(
                        HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            q_idx = offs_m[:, None] + offs_n[None, :] * 0
-            k_idx = offs_n[None, :] + offs_m[:, None] * 0
-            dp = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), dp * inv_keep, 0.0)
+            if PHILOX4X:
+                keep = _dropout_keep16(seed, bh, offs_m, offs_n, dropout_p)
+            else:
+                q_idx = offs_m[:, None] + offs_n[None, :] * 0
+                k_idx = offs_n[None, :] + offs_m[:, None] * 0
+                keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # d softcap*tanh(x / softcap) / dx = 1 - tanh^2
             ds = ds * (1.0 - t * t)
@@ -756,7 +797,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
     start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
@@ -805,17 +846,17 @@ def _attn_bwd_dq_kernel(
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
             offs_m, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+            BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
         )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
         offs_m, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, kpm_base, stride_ks, stride_vs, stride_ms,
         offs_m, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+        BLOCK_N, HEAD_DIM, BLOCK_D, HAS_PADDING, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
     )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -828,7 +869,7 @@ def _attn_bwd_dkdv_inner(
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -863,9 +904,12 @@ def _attn_bwd_dkdv_inner(
                 p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], window, CAUSAL, WINDOWED), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            q_idx = offs_m[None, :] + offs_n[:, None] * 0
-            k_idx = offs_n[:, None] + offs_m[None, :] * 0
-            keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            if PHILOX4X:  # keys x queries: the transposed (queries x keys) mask
+                keep = tl.trans(_dropout_keep16(seed, bh, offs_m, offs_n, dropout_p))
+            else:
+                q_idx = offs_m[None, :] + offs_n[:, None] * 0
+                k_idx = offs_n[:, None] + offs_m[None, :] * 0
+                keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
             dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
@@ -895,7 +939,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
 ):
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
     start_n, bkvh, b, kvh = _program_tile(max_seqlen, num_kv_heads, BLOCK_N)
@@ -941,17 +985,17 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
                 offs_n, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
             offs_n, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
             offs_n, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
         )
     dk = dk * sm_scale
     if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
@@ -965,7 +1009,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PHILOX4X: tl.constexpr):
     """Writes the keep-mask ``(batch, heads, max_seqlen, max_seqlen)`` the attention kernels use: tests only."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -973,7 +1018,11 @@ def _dropout_mask_kernel(MASK, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexp
     base = MASK + bh.to(tl.int64) * max_seqlen * max_seqlen
     for start in range(0, max_seqlen, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows[:, None] + cols[None, :] * 0, cols[None, :] + rows[:, None] * 0, dropout_p)
+        if PHILOX4X:
+            keep = _dropout_keep16(seed, bh, rows, cols, dropout_p)
+        else:
+            keep = _dropout_keep(seed, bh, rows[:, None] + cols[None, :] * 0, cols[None, :] + rows[:, None] * 0,
+                                 dropout_p)
         in_bounds = (rows[:, None] < max_seqlen) & (cols[None, :] < max_seqlen)
         tl.store(base + rows[:, None] * max_seqlen + cols[None, :], keep.to(tl.int8), mask=in_bounds)
 
@@ -1009,7 +1058,10 @@ def _zero_tail_kernel(X, CU_SEQLENS, batch, total, row_elems, BLOCK_T: tl.conste
 #: 16-bit inputs (fp32 too under the interpreter) at head_dim 64 or 128 on sm_90 or newer, padded or packed, with
 #: padding masks and GQA, without dropout, soft-capping, a window, causal or padding="skip". Other calls run the
 #: default forward, with one warning per reason. Both write the same log-sum-exp: one backward serves both.
-VARIANTS = {"padding": ("mask", "skip"), "forward": ("default", "tma_ws")}
+#: dropout: ``"philox"`` draws one Philox call per (query, key) and uses its first 32-bit word; ``"philox4x"``
+#: uses all 16 bytes of one call for 16 keys (``_dropout_keep16``, as FlashAttention-2's dropout.h), with an
+#: 8-bit threshold: the dropout probability applied is ``effective_dropout_p(p)`` = round(256 p) / 256.
+VARIANTS = {"padding": ("mask", "skip"), "forward": ("default", "tma_ws"), "dropout": ("philox", "philox4x")}
 _VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
 
 
@@ -1029,6 +1081,33 @@ def attention_variants(**choices):
     finally:
         _VARIANT.clear()
         _VARIANT.update(previous)
+
+
+#: dropout="philox4x": the most a quantized dropout probability may differ from the one asked for (relative)
+PHILOX4X_MAX_ERROR = 0.1
+
+
+def effective_dropout_p(dropout_p: float, variant: str | None = None) -> float:
+    """The dropout probability the Triton kernels apply for ``dropout_p`` under the dropout ``variant`` (by
+    default the one selected by :func:`attention_variants`): ``dropout_p`` itself with ``"philox"``; with
+    ``"philox4x"``, whose keep-decisions compare one random byte with an 8-bit threshold, ``t / 256`` for
+    ``t = round(256 * dropout_p)`` (kept values are scaled by ``256 / (256 - t)``, so the expectation stays
+    exact). Raises ``ValueError`` for a ``dropout_p`` in (0, 1) that this moves by more than
+    ``PHILOX4X_MAX_ERROR`` (10%) of itself (below about 0.02 unless near a multiple of 1/256)."""
+    variant = _VARIANT["dropout"] if variant is None else variant
+    if variant not in VARIANTS["dropout"]:
+        raise ValueError(f"unknown dropout variant {variant!r}; choose from {list(VARIANTS['dropout'])}")
+    if variant == "philox" or dropout_p == 0:
+        return float(dropout_p)
+    threshold = math.floor(float(dropout_p) * 256 + 0.5)
+    effective = threshold / 256
+    if not 0 < threshold < 256 or abs(effective - dropout_p) > PHILOX4X_MAX_ERROR * dropout_p:
+        raise ValueError(
+            f'dropout_p={dropout_p!r} cannot be applied by attention_variants(dropout="philox4x"): its 8-bit '
+            f"threshold gives {threshold}/256 = {effective:.5g}, more than {PHILOX4X_MAX_ERROR:.0%} off; use a "
+            'dropout_p within that of a multiple of 1/256, or the default dropout="philox"'
+        )
+    return effective
 
 
 def _real_token_ranges(mask: torch.Tensor) -> torch.Tensor:
@@ -1055,7 +1134,7 @@ class _Problem:
 
     def __init__(
         self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-        logit_softcap=None, window=None, causal=False,
+        logit_softcap=None, window=None, causal=False, dropout_rng=0,
     ):
         self.varlen = cu_seqlens is not None
         if self.varlen:
@@ -1071,7 +1150,9 @@ class _Problem:
         self.group = self.heads // self.kv_heads
         self.block_d = max(16, triton.next_power_of_2(self.head_dim))
         self.sm_scale = float(softmax_scale) if softmax_scale is not None else self.head_dim**-0.5
-        self.dropout_p = float(dropout_p)
+        # dropout_rng: the index in VARIANTS["dropout"] of the forward's dropout variant (the backward gets it too)
+        self.philox4x = VARIANTS["dropout"][dropout_rng] == "philox4x" and dropout_p > 0
+        self.dropout_p = effective_dropout_p(float(dropout_p), VARIANTS["dropout"][dropout_rng])
         self.inv_keep = 1.0 / (1.0 - self.dropout_p)
         self.mask = key_padding_mask
         self.cu_seqlens = cu_seqlens
@@ -1149,6 +1230,7 @@ class _Problem:
             WINDOWED=self.window > 0,
             SOFTCAP=self.softcap is not None,
             PAD_SKIP=self.ranges is not None,
+            PHILOX4X=self.philox4x,
         )
 
 
@@ -1303,20 +1385,20 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
 _FORWARD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor? seed, SymInt max_seqlen, "
     "float softmax_scale, float dropout_p, float logit_softcap, int window, bool causal, bool use_triton, "
-    "bool store_lse) -> (Tensor, Tensor)"
+    "bool store_lse, int dropout_rng=0) -> (Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, "
     "Tensor? seed, SymInt max_seqlen, float softmax_scale, float dropout_p, float logit_softcap, int window, "
-    "bool causal, bool use_triton) -> (Tensor, Tensor, Tensor)"
+    "bool causal, bool use_triton, int dropout_rng=0) -> (Tensor, Tensor, Tensor)"
 )
 
 
 def _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
-                causal) -> _Problem:
+                causal, dropout_rng=0) -> _Problem:
     return _Problem(
         q, k, v, key_padding_mask, cu_seqlens, max_seqlen if cu_seqlens is not None else None, softmax_scale,
-        dropout_p, logit_softcap or None, window or None, causal,
+        dropout_p, logit_softcap or None, window or None, causal, dropout_rng,
     )
 
 
@@ -1326,7 +1408,7 @@ def _op_seed(seed, device) -> torch.Tensor:
 
 @torch.library.custom_op("llm2vec_fast::attention_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
 def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
-                          logit_softcap, window, causal, use_triton, store_lse):
+                          logit_softcap, window, causal, use_triton, store_lse, dropout_rng=0):
     """``(out, lse)``: out contiguous, shaped as q; lse ``(batch, heads, seq)`` / ``(heads, total)`` fp32 when the
     Triton path stores it for the backward, else a 1-element placeholder."""
     if cu_seqlens is not None:
@@ -1337,13 +1419,13 @@ def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqle
         return out.contiguous(), q.new_zeros((1,), dtype=torch.float32)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-                          logit_softcap, window, causal)
+                          logit_softcap, window, causal, dropout_rng)
     return _attention_forward(q, k, v, problem, _op_seed(seed, q.device), store_lse)
 
 
 @_attention_forward_op.register_fake
 def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
-                            logit_softcap, window, causal, use_triton, store_lse):
+                            logit_softcap, window, causal, use_triton, store_lse, dropout_rng=0):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if not (use_triton and store_lse):
         return out, q.new_empty((1,), dtype=torch.float32)
@@ -1354,7 +1436,7 @@ def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seq
 
 @torch.library.custom_op("llm2vec_fast::attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
-                           dropout_p, logit_softcap, window, causal, use_triton):
+                           dropout_p, logit_softcap, window, causal, use_triton, dropout_rng=0):
     """``(dq, dk, dv)``, contiguous. The PyTorch path recomputes the probabilities (the same dropout, drawn again
     from ``seed``) and applies the softmax backward; the Triton path runs the two backward kernels from o and lse."""
     if not use_triton:
@@ -1362,13 +1444,13 @@ def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, se
                                          logit_softcap or None, window or None, causal, seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-                          logit_softcap, window, causal)
+                          logit_softcap, window, causal, dropout_rng)
     return _attention_backward(do, q, k, v, o, lse, problem, _op_seed(seed, q.device))
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
-                             dropout_p, logit_softcap, window, causal, use_triton):
+                             dropout_p, logit_softcap, window, causal, use_triton, dropout_rng=0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -1377,13 +1459,14 @@ def _attention_setup_context(ctx, inputs, output):
     # The mask and cu_seqlens are saved too, so that autograd catches an in-place change between forward and
     # backward instead of the backward silently using the changed values.
     ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask, cu_seqlens, seed)
-    ctx.flags = flags[:-1]  # max_seqlen ... use_triton (store_lse is the forward's own)
+    *flags, _store_lse, dropout_rng = flags
+    ctx.flags = (*flags, dropout_rng)  # max_seqlen ... use_triton, dropout_rng (store_lse is the forward's own)
 
 
 def _attention_backward_formula(ctx, do, dlse):
     q, k, v, o, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
@@ -1794,10 +1877,12 @@ def bidirectional_attention(
     softmax_scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
+    effective_dropout_p(dropout_p)  # a dropout_p the dropout variant cannot apply raises here
     out, _ = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen if cu_seqlens is not None else 0,
         softmax_scale, float(dropout_p), float(logit_softcap) if logit_softcap is not None else 0.0,
         int(window) if window is not None else 0, causal, triton, needs_grad and triton,
+        VARIANTS["dropout"].index(_VARIANT["dropout"]),
     )
     return out
 
@@ -1806,12 +1891,14 @@ def attention_dropout_keep_mask(
     seed: torch.Tensor, batch: int, heads: int, max_seqlen: int, dropout_p: float
 ) -> torch.Tensor:
     """The keep-mask ``(batch, heads, max_seqlen, max_seqlen)`` bool the kernels use for ``seed`` (from
-    :func:`draw_dropout_seed`). For tests and small shapes only: it materializes what the kernels never do.
-    Entry ``[b, h, i, j]`` is query ``i`` and key ``j`` of sequence ``b`` (positions within the sequence when
-    packed)."""
+    :func:`draw_dropout_seed`) under the dropout variant selected by :func:`attention_variants`. For tests and
+    small shapes only: it materializes what the kernels never do. Entry ``[b, h, i, j]`` is query ``i`` and key
+    ``j`` of sequence ``b`` (positions within the sequence when packed). With ``dropout="philox4x"`` the
+    kept values are scaled by ``1 / (1 - effective_dropout_p(dropout_p))``."""
     if not use_triton("auto", seed):
         raise RuntimeError("attention_dropout_keep_mask runs the Triton RNG: needs CUDA or TRITON_INTERPRET=1")
     mask = torch.empty((batch, heads, max_seqlen, max_seqlen), device=seed.device, dtype=torch.int8)
     grid = (triton.cdiv(max_seqlen, 32), batch * heads)
-    _dropout_mask_kernel[grid](mask, seed, max_seqlen, float(dropout_p), BLOCK_M=32, BLOCK_N=64)
+    _dropout_mask_kernel[grid](mask, seed, max_seqlen, effective_dropout_p(float(dropout_p)), BLOCK_M=32,
+                               BLOCK_N=64, PHILOX4X=_VARIANT["dropout"] == "philox4x")
     return mask.bool()
