@@ -714,6 +714,176 @@ def test_tma_forward_falls_back_with_a_warning(kwargs, reason, tma_calls, caplog
     assert any(reason in r.getMessage() and "tma_ws" in r.getMessage() for r in caplog.records), caplog.text
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The dropout variant with 16 keep-decisions per Philox call (dropout="philox4x")
+# ---------------------------------------------------------------------------------------------------------
+
+_U32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(seed: int, counters):
+    """Philox-4x32-10 (Salmon et al. 2011, as ``tl.philox``: key = the seed's low and high words) in numpy,
+    elementwise over four uint64 arrays of 32-bit counters: the four output words."""
+    import numpy as np
+
+    c = [np.asarray(x, dtype=np.uint64) & np.uint64(_U32) for x in counters]
+    k0, k1 = np.uint64(seed & _U32), np.uint64((seed >> 32) & _U32)
+    mul_a, mul_b, m32, s32 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(_U32), np.uint64(32)
+    for _ in range(10):
+        p0, p2 = mul_a * c[0], mul_b * c[2]  # 32 x 32 -> 64-bit products: no overflow in uint64
+        c = [((p2 >> s32) ^ c[1] ^ k0) & m32, p2 & m32, ((p0 >> s32) ^ c[3] ^ k1) & m32, p0 & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c
+
+
+def test_philox4x_keep_mask_is_the_16_bytes_of_one_philox_call():
+    """Every element of the variant's keep-mask, against Philox computed here: key j of query i (head bh) is
+    byte j % 4 of word (j % 16) // 4 of Philox(seed; j // 16, i, bh, 1), kept iff >= round(256 p)."""
+    import numpy as np
+
+    seed_value, batch, heads, seq, p = 2**40 + 12345, 2, 3, 37, 0.1
+    with attention_variants(dropout="philox4x"):
+        keep = attention_dropout_keep_mask(torch.tensor([seed_value], device=DEVICE), batch, heads, seq, p)
+    bh, i, j = np.meshgrid(np.arange(batch * heads), np.arange(seq), np.arange(seq), indexing="ij")
+    words = np.stack(_philox4x32_10(seed_value, (j // 16, i, bh, np.ones_like(i))), -1)
+    word = np.take_along_axis(words, ((j % 16) // 4)[..., None], -1)[..., 0]
+    byte = (word >> (8 * (j % 4)).astype(np.uint64)) & np.uint64(0xFF)
+    expected = torch.from_numpy(byte >= round(256 * p)).reshape(batch, heads, seq, seq)
+    assert torch.equal(keep.cpu(), expected)
+
+
+def test_philox4x_kept_fraction_and_independence():
+    """Over a large mask the kept fraction is 1 - effective p within 6 standard errors, in every one of the 16
+    byte positions too (a wrong shift or word would bias some); the same seed gives the same mask, and the mask
+    is not the default variant's (another use of the RNG)."""
+    p = 0.3
+    p_eff = attn_module.effective_dropout_p(p, "philox4x")
+    assert p_eff == 77 / 256
+    torch.manual_seed(0)
+    seed = draw_dropout_seed(torch.device(DEVICE))
+    with attention_variants(dropout="philox4x"):
+        keep = attention_dropout_keep_mask(seed, 2, 2, 128, p)
+        again = attention_dropout_keep_mask(seed, 2, 2, 128, p)
+    assert torch.equal(keep, again)
+    sigma = math.sqrt(p_eff * (1 - p_eff) / keep.numel())
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p_eff)) < 6 * sigma, f"kept fraction {frac:.4f}, expected {1 - p_eff:.4f}"
+    per_byte = keep.float().reshape(2, 2, 128, 8, 16).mean(dim=(0, 1, 2, 3))
+    assert torch.all((per_byte - (1 - p_eff)).abs() < 6 * 4 * sigma), per_byte  # 16 groups: 4x the error
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0, :, :16], keep[0, 0, :, 16:32]), "key groups must not repeat"
+    default = attention_dropout_keep_mask(seed, 2, 2, 128, p)
+    assert (default != keep).float().mean() > 0.2, "philox4x must not reuse the default variant's numbers"
+
+
+PHILOX4X_CASES = slow_except([
+    pytest.param("padding-s37-d64-gqa2", torch.float32, id="padding-s37-d64-gqa2-fp32"),
+    pytest.param("padding-s37-d64-gqa2", torch.float16, id="padding-s37-d64-gqa2-fp16"),
+    pytest.param("varlen-d64-gqa2", torch.float32, id="varlen-d64-gqa2-fp32"),
+    pytest.param("varlen-d64-gqa2", torch.float16, id="varlen-d64-gqa2-fp16"),
+    pytest.param("s37-d128-mqa", torch.float32, id="s37-d128-mqa-fp32"),
+], "padding-s37-d64-gqa2-fp32")
+
+
+@pytest.mark.parametrize("case,dtype", PHILOX4X_CASES)
+def test_philox4x_dropout_matches_reference(case, dtype):
+    """Forward and dq/dk/dv against the fp64 reference under the variant's keep-mask and effective p: seq 37,
+    padded (left+right padded and fully padded rows), packed and GQA/MQA."""
+    p = 0.1
+    kwargs = {}
+    if case.startswith("varlen"):
+        lengths = [1, 37, 20, 16]
+        q, k, v = _inputs((sum(lengths), 4, 64), (sum(lengths), 2, 64), dtype)
+        kwargs = dict(cu_seqlens=_cu_seqlens(lengths), max_seqlen=37)
+        batch, heads, seq = len(lengths), 4, 37
+    else:
+        head_dim, kv_heads = (128, 1) if case == "s37-d128-mqa" else (64, 2)
+        batch = 3 if case.startswith("padding") else 2
+        q, k, v = _inputs((batch, 37, 4, head_dim), (batch, 37, kv_heads, head_dim), dtype)
+        heads, seq = 4, 37
+        if case.startswith("padding"):
+            kwargs = dict(key_padding_mask=_padding_mask(batch, 37))
+    with attention_variants(dropout="philox4x"):
+        torch.manual_seed(3)
+        keep = attention_dropout_keep_mask(draw_dropout_seed(torch.device(DEVICE)), batch, heads, seq, p)
+        out, *_ = _compare(q, k, v, dtype, keep=keep, dropout_p=attn_module.effective_dropout_p(p), seed=3,
+                           **kwargs)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        assert not torch.equal(out, bidirectional_attention(q, k, v, dropout_p=p, impl="triton", **kwargs)), \
+            "the default variant draws another mask"
+    if "key_padding_mask" in kwargs:
+        assert torch.all(out[~kwargs["key_padding_mask"]] == 0), "padded query rows must be exactly zero"
+
+
+def test_philox4x_backward_uses_its_forwards_variant():
+    """The variant travels with the call: a backward run after the ``attention_variants`` block has closed
+    regenerates the forward's mask (the same gradients as one run inside it), not the default variant's."""
+    q, k, v = _inputs((2, 37, 2, 64), (2, 37, 1, 64), torch.float32)
+    do = torch.randn(2, 37, 2, 64, device=DEVICE)
+    with attention_variants(dropout="philox4x"):
+        torch.manual_seed(5)
+        inside = _grads(bidirectional_attention(q, k, v, dropout_p=0.25, impl="triton"), (q, k, v), do)
+        torch.manual_seed(5)
+        out = bidirectional_attention(q, k, v, dropout_p=0.25, impl="triton")
+    after = _grads(out, (q, k, v), do)
+    for a, b in zip(after, inside):
+        assert torch.equal(a, b)
+
+
+def test_philox4x_effective_dropout_p_and_its_errors():
+    """p is applied as round(256 p) / 256 (the default variant applies p itself); a p that this moves by more
+    than 10% of itself (or to 0 or 1) is refused with an error naming it, before anything runs."""
+    effective = attn_module.effective_dropout_p
+    assert effective(0.1, "philox4x") == 26 / 256 and effective(0.5, "philox4x") == 0.5
+    assert effective(0.0, "philox4x") == 0.0 and effective(0.1, "philox") == 0.1
+    assert effective(0.1) == 0.1  # the default variant, outside any block
+    with attention_variants(dropout="philox4x"):
+        assert effective(0.05) == 13 / 256
+    for bad in (0.01, 0.001, 0.999):
+        with pytest.raises(ValueError, match=f"dropout_p={bad}"):
+            effective(bad, "philox4x")
+    with pytest.raises(ValueError, match="unknown dropout variant"):
+        effective(0.1, "philox8x")
+    q, k, v = _inputs((1, 5, 2, 32), (1, 5, 2, 32), torch.float32)
+    with attention_variants(dropout="philox4x"), pytest.raises(ValueError, match="dropout_p=0.01"):
+        bidirectional_attention(q, k, v, dropout_p=0.01, impl="triton")
+    with pytest.raises(ValueError, match="choose from"):
+        with attention_variants(dropout="philox8x"):
+            pass
+    with attention_variants(dropout="philox4x"):
+        assert attn_module._VARIANT["dropout"] == "philox4x"
+    assert attn_module._VARIANT["dropout"] == "philox"
+
+
+def test_philox4x_key_tiles_are_multiples_of_16():
+    """Each Philox call covers 16 keys of one tile: every key tile a config may have (BLOCK_N: keys in all
+    three kernels) is a multiple of 16, in every candidate list and the interpreter's configs."""
+    lists = [attn_module._FWD_CANDIDATES, attn_module._DQ_CANDIDATES, attn_module._DKDV_CANDIDATES,
+             *attn_module._FP32_CANDIDATES.values(), *attn_module._WIDE_HEAD_CANDIDATES.values(),
+             *attn_module._WIDE_HEAD_DROPOUT_CANDIDATES.values(), list(attn_module._INTERPRETER_CONFIG.values())]
+    bad = [config for configs in lists for config in configs if config[1] % 16]
+    assert not bad, f"configs whose key tile is not a multiple of 16: {bad}"
+
+
+def test_pruning_reads_philox4x():
+    """The PHILOX4X constexpr reaches candidate_configs (it has its own spill lines)."""
+    named = dict(GROUP=1, HAS_DROPOUT=True, HAS_PADDING=False, IS_VARLEN=False, BLOCK_D=64, DOT_PRECISION="tf32",
+                 PHILOX4X=True)
+    for kind, kernel in (("fwd", attn_module._attn_fwd_kernel), ("dq", attn_module._attn_bwd_dq_kernel),
+                         ("dkdv", attn_module._attn_bwd_dkdv_kernel)):
+        assert "PHILOX4X" in kernel.keys, "philox4x configs are tuned apart from the default RNG's"
+        seen = []
+        original = attn_module.candidate_configs
+        try:
+            attn_module.candidate_configs = lambda *a, **kw: seen.append(kw) or original(*a, **kw)
+            attn_module._INTERPRET, interpret = False, attn_module._INTERPRET
+            attn_module._prune(kind)(kernel.configs, named)
+        finally:
+            attn_module.candidate_configs, attn_module._INTERPRET = original, interpret
+        assert seen and seen[0]["philox4x"] is True, kind
+
+
 def test_pruning_reads_every_flag_of_every_kernel():
     """The spill-aware pruning picks configs per flag combination, so every constexpr flag of an autotuned
     kernel must reach it (``_launch`` passes them by keyword), or be on record as not changing which configs

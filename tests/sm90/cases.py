@@ -42,6 +42,9 @@ ATTENTION_VARIANTS = {
     # Gemma-2: logit soft-capping and a sliding window
     "softcap-window-gqa": dict(GROUP=2, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=False, SOFTCAP=True,
                                WINDOWED=True),
+    # dropout="philox4x": 16 keep-decisions per Philox call (every config of the padded one: EVERY_CONFIG)
+    "dropout4x": dict(GROUP=1, IS_VARLEN=False, HAS_PADDING=False, HAS_DROPOUT=True, PHILOX4X=True),
+    "padding-dropout4x-gqa": dict(GROUP=4, IS_VARLEN=False, HAS_PADDING=True, HAS_DROPOUT=True, PHILOX4X=True),
 }
 #: the variants in which every config the pruning keeps is compiled: the most registers without and with
 #: dropout (the pruning keeps different lists for the two)
@@ -70,11 +73,11 @@ ATTENTION_KERNELS = {
 DEFAULT_COVERAGE = {
     torch.bfloat16: {**{variant: (64, 128) for variant in ATTENTION_VARIANTS},
                      **{variant: HEAD_DIMS for variant in ATTENTION_HEAVY}},
-    torch.float16: {"plain": (128,), "padding-dropout-gqa": (64,)},
+    torch.float16: {"plain": (128,), "padding-dropout-gqa": (64,), "padding-dropout4x-gqa": (64,)},
     torch.float32: {"padding-dropout-gqa": (128,)},
 }
-#: where every config autotuning may pick is compiled: bf16, the heavy variants, head_dim 128
-EVERY_CONFIG = {torch.bfloat16: {variant: (128,) for variant in ATTENTION_HEAVY}}
+#: where every config autotuning may pick is compiled: bf16, the heavy variants and philox4x's, head_dim 128
+EVERY_CONFIG = {torch.bfloat16: {variant: (128,) for variant in (*ATTENTION_HEAVY, "padding-dropout4x-gqa")}}
 if os.environ.get("LLM2VEC_FAST_SM90_GATE", "") == "full":
     DEFAULT_COVERAGE = {dtype: {variant: HEAD_DIMS for variant in (*ATTENTION_VARIANTS, *ATTENTION_HEAVY)}
                         for dtype in _DTYPES}
@@ -88,7 +91,7 @@ def attention_dot_precision(dtype) -> str:
 
 def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, variant, flags, config, default):
     block_m, block_n, warps, stages = config
-    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, PAD_SKIP=False)
+    constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, PAD_SKIP=False, PHILOX4X=False)
     if kind == "fwd":
         constexprs["STORE_LSE"] = True
     constexprs.update(flags)
@@ -147,7 +150,7 @@ def tma_attention_cases() -> list[dict]:
     for dtype, coverage in TMA_COVERAGE.items():
         d = _DTYPES[dtype]
         for variant, head_dims in coverage.items():
-            flags = {key: value for key, value in variants[variant].items() if key != "STORE_LSE"}
+            flags = {key: value for key, value in variants[variant].items() if key not in ("STORE_LSE", "PHILOX4X")}
             for head_dim in head_dims:
                 configs = attention.candidate_configs("fwd_tma", head_dim, "tf32", **_prune_flags(flags))
                 every = head_dim in TMA_EVERY_CONFIG.get(dtype, {}).get(variant, ())
@@ -170,7 +173,8 @@ def tma_attention_cases() -> list[dict]:
 def _prune_flags(flags: dict) -> dict:
     return dict(group=flags["GROUP"], has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
                 is_varlen=flags["IS_VARLEN"],
-                banded=any(flags.get(flag, False) for flag in attention.BANDED_FLAGS))
+                banded=any(flags.get(flag, False) for flag in attention.BANDED_FLAGS),
+                philox4x=flags.get("PHILOX4X", False))
 
 
 def _config_case(name, kernel, pointers, floats, constexprs, config, odd=()):
