@@ -15,8 +15,9 @@ import argparse
 
 #: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention), plus
 #: the forward="tma_ws" GPU test: the TMA forward padded, packed and plain at hd 64/128 (6), and the backward
-#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6)
-TEST_COMPILES = 210 + 12
+#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6), and the dropout="philox4x" GPU test:
+#: its three kernels padded at hd 128 and the keep-mask kernel (4)
+TEST_COMPILES = 210 + 12 + 4
 #: seconds per compile on one core of the GPU machine: bf16 attention ~1.3 s, fp32 up to ~5x that
 SECONDS_PER_COMPILE = 1.6
 #: the attention benchmark's rows: (head_dim, kernels it launches, constexpr flags)
@@ -31,6 +32,10 @@ ATTENTION_ROWS = [
     # forward="tma_ws" beside the default: forward at hd 64/128, forward+backward at hd 128
     *[(d, ("fwd_tma",), dict()) for d in (64, 128)],
     (128, ("fwd_tma", "dq", "dkdv"), dict()),
+    # dropout="philox4x" beside the default RNG: forward+backward at hd 64 (FA2's dropout row) and 128 (both RNGs)
+    (64, _TRAIN, dict(has_dropout=True, philox4x=True)),
+    (128, _TRAIN, dict(has_dropout=True)),
+    (128, _TRAIN, dict(has_dropout=True, philox4x=True)),
 ]
 #: MNTP fused: forward, backward frozen and trained head; GEMM variant: its row softmax with and without the
 #: gradient; InfoNCE fused: norms, forward, backward; GEMM variant: its row softmax, two ways

@@ -288,6 +288,33 @@ def test_attention_forward_variants_cuda(benchmark, perf_record, seq, head_dim, 
                 flops=_flops(mode, batch * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
 
 
+#: dropout="philox4x" beside the default RNG, forward+backward at p = 0.1: seq 1K hd 64 (the group of
+#: test_attention_dropout_and_gqa_cuda's row, with FlashAttention-2) and seq 4K hd 128 (the default RNG here too)
+DROPOUT_VARIANT_ROWS = [(1024, 64, "philox4x"), (4096, 128, "philox"), (4096, 128, "philox4x")]
+
+
+@needs_cuda
+@pytest.mark.parametrize("seq,head_dim,variant", [pytest.param(*row, id=f"ours-{row[2]}-s{row[0]}-d{row[1]}")
+                                                  for row in DROPOUT_VARIANT_ROWS])  # "ours": in the warm-up
+def test_attention_dropout_variants_cuda(benchmark, perf_record, seq, head_dim, variant):
+    """dropout="philox4x" (one Philox call per 16 keep-decisions) vs the default "philox" (one per decision),
+    forward+backward with dropout 0.1, recorded in the dropout row's groups so that the table marks the faster."""
+    from llm2vec_fast.kernels.attention import attention_variants
+
+    heads = HIDDEN // head_dim
+    tensors = _padded_inputs(TOKENS // seq, seq, heads, heads, head_dim)
+
+    def fn(q, k, v):
+        with attention_variants(dropout=variant):
+            return bidirectional_attention(q, k, v, dropout_p=0.1)
+
+    seconds, peak = _time_cuda(benchmark, _make_step(fn, tensors, "fwd_bwd"))
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"dropout0.1 seq {seq} d{head_dim}",
+                mode="fwd_bwd", provider="ours" if variant == "philox" else f"ours:dropout={variant}",
+                seconds=seconds, flops=_flops("fwd_bwd", (TOKENS // seq) * heads * seq * seq * head_dim),
+                peak_mib=round(peak, 1))
+
+
 @needs_cuda
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", ["causal", "window512", "softcap50"])

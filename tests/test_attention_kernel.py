@@ -1052,6 +1052,24 @@ def test_gpu_every_candidate_config(head_dim):
 
 
 @pytest.mark.gpu
+def test_gpu_philox4x_dropout():
+    """dropout="philox4x" compiled: bf16, padded, GQA, head_dim 128, against the reference under its keep-mask;
+    and its kept fraction over 8M decisions."""
+    p = 0.1
+    q, k, v = _inputs((2, 300, 8, 128), (2, 300, 2, 128), torch.bfloat16)
+    mask = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
+    mask[1, :7] = False
+    mask[1, 250:] = False
+    with attention_variants(dropout="philox4x"):
+        p_eff = attn_module.effective_dropout_p(p)
+        torch.manual_seed(7)
+        keep = attention_dropout_keep_mask(draw_dropout_seed(q.device), 2, 8, 300, p)
+        _compare(q, k, v, torch.bfloat16, keep=keep, dropout_p=p_eff, seed=7, key_padding_mask=mask)
+        large = attention_dropout_keep_mask(draw_dropout_seed(q.device), 4, 8, 512, p)
+    assert abs(large.float().mean().item() - (1 - p_eff)) < 6 * math.sqrt(p_eff * (1 - p_eff) / large.numel())
+
+
+@pytest.mark.gpu
 def test_gpu_dropout_kept_fraction_large():
     torch.manual_seed(0)
     keep = attention_dropout_keep_mask(draw_dropout_seed(torch.device("cuda")), 4, 8, 512, 0.1)

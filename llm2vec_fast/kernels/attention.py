@@ -149,6 +149,23 @@ _MEASURED_SPILLS = {
     ("dkdv", 128, True, False): _DKDV_64_KEYS,
     ("dkdv", 128, True, True): _DKDV_64_KEYS,
 }
+#: dropout="philox4x" in place of the dropout lines above, keyed (kind, BLOCK_D, banded): its own sm_90 compiles
+#: (Triton 3.9, bf16, plain and padding+dropout+GQA, every config the estimate keeps): the RNG state is 16x
+#: smaller, and the forward's 64x64 w4 s3 and 64x64 w8 s2 that spill with the default RNG do not (hd 128: 242-246
+#: and 182-211 registers), nor at hd 64 128x64 w8 s3 (207-210), so there its forward keeps the order of the list;
+#: at hd 128 128x64 w8 s3 spilled 24 bytes in the plain variant (250 registers, none, with padding+GQA). Those
+#: above the estimate's line spilled (hd 64: 128x128 w8 40 bytes, 128x64 w4 64). dQ at hd 128: 32x32 w4 s2 spilled
+#: 8 bytes (64x64 w8 s2: 242 registers, none); dK/dV at hd 128: 16x64 w4 s2 136 bytes (16x64 w8 s2: 234, none), so
+#: it keeps the default RNG's 32-key tiles; nothing else spilled at hd 64. Banded (not compiled with philox4x):
+#: the default RNG's lines.
+_PHILOX4X_SPILLS = {
+    ("fwd", 128, False): {(128, 64, 8, 3)},
+    **{("fwd", d, True): _FWD_DROPOUT_SPILLS for d in (64, 128)},
+    ("dq", 128, False): {(32, 32, 4, 2)},
+    ("dq", 128, True): {(64, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)},
+    ("dkdv", 128, False): _DKDV_64_KEYS,
+    ("dkdv", 128, True): _DKDV_64_KEYS,
+}
 #: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
 #: to bound compile time
 _MAX_TUNED = 5
@@ -186,7 +203,10 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
     ``wgmma`` gives each warp 16 rows and Triton replicates the rest (32x64 with 8 warps took 230-255 registers
     at head_dim 128, like a 4-warp tile). Dropout holds the Philox state and the
     keep-mask beside the scores (one more score tile; two in dK/dV, which applies it to P^T and dP^T): the
-    forward's 128x128 w8 and 128x64 w4 spilled with it at head_dim 64, dK/dV 32x64 w8 at head_dim 96/128."""
+    forward's 128x128 w8 and 128x64 w4 spilled with it at head_dim 64, dK/dV 32x64 w8 at head_dim 96/128.
+    ``philox4x`` (dropout="philox4x") holds a 16x smaller Philox state but the same keep-mask tile: the same
+    estimate, which its sm_90 compiles bear out (the configs above its line spill, those under it do not;
+    ``_PHILOX4X_SPILLS``); the parameter is there so that a calibration can change that."""
     warps = min(num_warps, max(4, block_n // 16)) if kind == "dkdv" else num_warps
     threads_words = warps * 32 * 4  # bytes per "register across the CTA"
     if kind == "fwd":  # q (16-bit) + fp32 accumulator; scores and probabilities
@@ -197,8 +217,6 @@ def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_
         resident, scores = block_n * block_d * (2 * 2 + 2 * 4), 4 * block_m * block_n * 4
     if has_dropout:
         scores += (2 if kind == "dkdv" else 1) * block_m * block_n * 4
-        if philox4x:  # PHILOX4X_ESTIMATE
-            pass
     return (resident + scores) / threads_words
 
 
@@ -237,7 +255,10 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
         smem = (resident * block_d + max(stages, 1) * 2 * streamed * block_d) * 2
         return smem <= 200 * 1024 and regs(config) <= _REGISTER_LIMIT["fwd" if kind == "fwd_tma" else kind]
 
-    spilled = _MEASURED_SPILLS.get((kind, block_d, has_dropout, banded), ())
+    if philox4x:
+        spilled = _PHILOX4X_SPILLS.get((kind, block_d, banded), ())
+    else:
+        spilled = _MEASURED_SPILLS.get((kind, block_d, has_dropout, banded), ())
     kept = [config for config in candidates if fits(config) and config not in spilled]
     return kept[:_MAX_TUNED] if kept else [min(candidates, key=regs)]
 
