@@ -276,7 +276,9 @@ def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **fla
 BANDED_FLAGS = ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")
 #: every constexpr of the autotuned kernels (tile sizes aside) is read by the pruning or on record here with the
 #: reason it does not change which configs fit (tests/test_attention_kernel.py checks that the two cover them)
-PRUNE_READS = ("BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN", "PHILOX4X") + BANDED_FLAGS
+PRUNE_READS = (
+    "BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN", "PHILOX4X",
+) + BANDED_FLAGS
 PRUNE_IGNORES = {
     "HEAD_DIM": "BLOCK_D, its power of two, sizes every tile",
     "STORE_LSE": "one row store after the key loop; the sm_90 gate compiles defaults with it and without",
