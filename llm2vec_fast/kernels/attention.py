@@ -155,16 +155,17 @@ _MEASURED_SPILLS = {
 #: and 182-211 registers), nor at hd 64 128x64 w8 s3 (207-210), so there its forward keeps the order of the list;
 #: at hd 128 128x64 w8 s3 spilled 24 bytes in the plain variant (250 registers, none, with padding+GQA). Those
 #: above the estimate's line spilled (hd 64: 128x128 w8 40 bytes, 128x64 w4 64). dQ at hd 128: 32x32 w4 s2 spilled
-#: 8 bytes (64x64 w8 s2: 242 registers, none); dK/dV at hd 128: 16x64 w4 s2 136 bytes (16x64 w8 s2: 234, none), so
-#: it keeps the default RNG's 32-key tiles; nothing else spilled at hd 64. Banded (not compiled with philox4x):
-#: the default RNG's lines.
+#: 8 bytes (64x64 w8 s2: 242 registers, none); dK/dV at hd 128: 16x64 w4 s2 136 bytes (16x64 w8 s2: 234, none)
+#: and 16x32 w8 s2 24 bytes at 128 registers with padding+GQA (a local copy for the mask's reshape, not register
+#: pressure), so it keeps only the default RNG's first 32-key tile, 32x32 w8 s2 (164-166 registers); nothing else
+#: spilled at hd 64. Banded (not compiled with philox4x): the default RNG's lines.
 _PHILOX4X_SPILLS = {
     ("fwd", 128, False): {(128, 64, 8, 3)},
     **{("fwd", d, True): _FWD_DROPOUT_SPILLS for d in (64, 128)},
     ("dq", 128, False): {(32, 32, 4, 2)},
     ("dq", 128, True): {(64, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)},
-    ("dkdv", 128, False): _DKDV_64_KEYS,
-    ("dkdv", 128, True): _DKDV_64_KEYS,
+    ("dkdv", 128, False): _DKDV_64_KEYS | {(16, 32, 8, 2)},
+    ("dkdv", 128, True): _DKDV_64_KEYS | {(16, 32, 8, 2)},
 }
 #: at most this many configs per kernel and head_dim are autotuned (in the order above: expected fastest first),
 #: to bound compile time
