@@ -382,7 +382,8 @@ def _dropout_keep16(seed, bh, q_idx, k_idx, dropout_p):
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_Q, GROUPS, 4])
     shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
     octets = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [Q, G, word, byte]
-    threshold = tl.to_tensor(dropout_p * 256.0 + 0.5).to(tl.int32)
+    # a [1, 1] tensor: the interpreter passes dropout_p as a Python float, which has no .to()
+    threshold = (tl.zeros([1, 1], dtype=tl.float32) + (dropout_p * 256.0 + 0.5)).to(tl.int32)
     return tl.reshape(octets.to(tl.int32), [BLOCK_Q, BLOCK_K]) >= threshold
 
 
