@@ -15,8 +15,10 @@ import argparse
 
 #: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention), plus
 #: the forward="tma_ws" GPU test: the TMA forward padded, packed and plain at hd 64/128 (6), and the backward
-#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6)
-TEST_COMPILES = 210 + 12
+#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6); the dkdv="wg64" GPU test: its dK/dV
+#: padded+GQA and packed at hd 64 and plain at hd 128 (3; 2 under Triton 3.6, where hd 128 falls back), and the
+#: forward and dQ at hd 128 MHA (2)
+TEST_COMPILES = 210 + 12 + 5
 #: seconds per compile on one core of the GPU machine: bf16 attention ~1.3 s, fp32 up to ~5x that
 SECONDS_PER_COMPILE = 1.6
 #: the attention benchmark's rows: (head_dim, kernels it launches, constexpr flags)
@@ -31,6 +33,8 @@ ATTENTION_ROWS = [
     # forward="tma_ws" beside the default: forward at hd 64/128, forward+backward at hd 128
     *[(d, ("fwd_tma",), dict()) for d in (64, 128)],
     (128, ("fwd_tma", "dq", "dkdv"), dict()),
+    # dkdv="wg64" beside the default: forward+backward at hd 64/128 (MHA, no mask: only its dK/dV compiles are new)
+    *[(d, ("fwd", "dq", "dkdv_wg64"), dict()) for d in (64, 128)],
 ]
 #: MNTP fused: forward, backward frozen and trained head; GEMM variant: its row softmax with and without the
 #: gradient; InfoNCE fused: norms, forward, backward; GEMM variant: its row softmax, two ways

@@ -982,6 +982,23 @@ def test_gpu_tma_forward_matches_reference(head_dim, tma_calls):
 
 
 @pytest.mark.gpu
+def test_gpu_dkdv_wg64_matches_reference(wg64_calls):
+    """dkdv="wg64" on the GPU, bf16, where its pruning lets it run: head_dim 64 padded with GQA and packed, head_dim
+    128 plain (MHA, no mask; Triton >= 3.9 only, else it falls back); forward and backward against fp64."""
+    q, k, v = _inputs((2, 1000, 8, 64), (2, 1000, 2, 64), torch.bfloat16)
+    mask = torch.ones(2, 1000, dtype=torch.bool, device=DEVICE)
+    mask[1, 700:] = False
+    lengths = [1, 300, 17, 1024]
+    qp, kp, vp = _inputs((sum(lengths), 8, 64), (sum(lengths), 2, 64), torch.bfloat16)
+    q8, k8, v8 = _inputs((2, 1000, 8, 128), (2, 1000, 8, 128), torch.bfloat16)
+    with attention_variants(dkdv="wg64"):
+        _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
+        _compare(qp, kp, vp, torch.bfloat16, cu_seqlens=_cu_seqlens(lengths), max_seqlen=1024)
+        _compare(q8, k8, v8, torch.bfloat16)
+    assert len(wg64_calls) == 2 + bool(attn_module.candidate_configs("dkdv_wg64", 128, "tf32"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_varlen_and_dropout(dtype):
     lengths = [1, 300, 17, 1024, 2]

@@ -108,19 +108,22 @@ _DKDV_CANDIDATES = (
 #: pruning is the sm_90 gate's verdict (``_DKDV_WG64_FITS``), no estimate; where nothing fits, the variant falls
 #: back to the default dK/dV (``_dkdv_wg64_unsupported``).
 _DKDV_WG64_CANDIDATES = ((64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 8, 1))
-#: (BLOCK_D, dropout, banded, plain) -> the wg64 configs that compiled for sm_90 without spills (Triton 3.9,
-#: bf16), fastest expected first; ``plain``: one query head per kv head, no padding mask, not packed. Registers
-#: are the limit: dK + dV of 64 keys hold 64 (head_dim 64) or 128 (128) per thread beside three 64x64 fp32 score
-#: tiles (32 each). Head_dim 64: 64x128 w8 s2 238-247 registers with GQA, padding or varlen (64x64 w4 s2 spilled 8
-#: bytes with padding+GQA); banded (soft-cap+window, padding="skip") only s1 (230-246; s2 spilled 192-200).
-#: Dropout spilled in every tile (56-312 bytes, the Philox state of 32 elements per thread). Head_dim 128 (and 96,
-#: padded to 128): only the plain variant, s1 (251; with GQA 128 bytes spilled, with padding or varlen 120-984).
+#: (BLOCK_D, dropout, banded, plain) -> the wg64 configs that compiled for sm_90 without spills (bf16), fastest
+#: expected first; ``plain``: one query head per kv head, no padding mask, not packed. Registers are the limit: dK
+#: and dV of 64 keys hold 64 (head_dim 64) or 128 (128) per thread beside three 64x64 fp32 score tiles (32 each),
+#: and the two Triton releases we run differ, so the table is per release (``_TRITON_RELEASE``). Head_dim 64:
+#: plain 64x128 w8 s2 209-213 registers, 64x64 w4 s2 218-227; with GQA, padding or varlen 64x128 w8 s2 238-247
+#: under 3.9 (s3 253) but 16-24 bytes spilled under 3.6, where s1 holds (198-204); banded (soft-cap+window,
+#: padding="skip") s1 only (219-246; s2 spilled 192-200 under 3.9). Dropout spilled in every tile (56-312 bytes:
+#: the Philox state of 32 elements per thread). Head_dim 128 (and 96, padded to 128): only plain, s1, only under
+#: 3.9 (251-254; 56-64 bytes spilled under 3.6; with GQA, padding or varlen 120-984 under 3.9).
+_TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
 _DKDV_WG64_FITS = {
-    (64, False, False, False): ((64, 128, 8, 2), (64, 128, 8, 3)),
+    (64, False, False, False): ((64, 128, 8, 2), (64, 128, 8, 3)) if _TRITON_RELEASE >= (3, 9) else ((64, 128, 8, 1),),
     (64, False, False, True): ((64, 128, 8, 2), (64, 64, 4, 2)),
     (64, False, True, False): ((64, 128, 8, 1),),
     (64, False, True, True): ((64, 128, 8, 1),),
-    (128, False, False, True): ((64, 128, 8, 1),),
+    **({(128, False, False, True): ((64, 128, 8, 1),)} if _TRITON_RELEASE >= (3, 9) else {}),
 }
 #: the Hopper forward (``forward="tma_ws"``): the config space of Triton's fused-attention tutorial on sm_90, 128x128
 #: tiles with 8 warps and 128x64 with 4 warps, 2-4 stages (its 8-warp tiles under 128x128 are dropped there);
