@@ -1058,7 +1058,8 @@ _VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
 @contextlib.contextmanager
 def attention_variants(**choices):
     """Use the named kernel variants (see ``VARIANTS``) inside the block, e.g.
-    ``with attention_variants(padding="skip"): ...``. The backward of a call uses the variants of its forward."""
+    ``with attention_variants(padding="skip"): ...``. The variants are read when each kernel launches: a backward
+    run outside the block runs the default variants (keep it inside for ``dkdv``, which only the backward has)."""
     for name, choice in choices.items():
         if name not in VARIANTS:
             raise ValueError(f"unknown attention variant {name!r}; known: {sorted(VARIANTS)}")
