@@ -295,7 +295,8 @@ def _prune(kind: str):
     def prune(configs, named_args, **kwargs):
         named = {**named_args, **kwargs}
         kept = _fitting_configs(
-            "dkdv_wg64" if kind == "dkdv" and named.get("WG64", False) else kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
+            "dkdv_wg64" if kind == "dkdv" and named.get("WG64", False) else kind, configs,
+            named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
             banded=any(bool(named.get(flag, False)) for flag in BANDED_FLAGS),
@@ -1285,8 +1286,11 @@ _warned_wg64: set = set()
 
 
 def _dkdv_wg64_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
-    """Why the ``wg64`` dK/dV cannot run this backward, or None: fp32 on a GPU, or no 64-key warpgroup tile that the
-    sm_90 compiles showed fitting registers at this head_dim with these flags."""
+    """Why the ``wg64`` dK/dV cannot run this backward, or None: a pre-Hopper GPU or fp32 on a GPU (no ``wgmma`` to
+    shape its tiles for), or no 64-key warpgroup tile that the sm_90 compiles of this Triton release showed
+    fitting registers at this head_dim with these flags."""
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "pre-Hopper GPUs (its tiles are shaped for sm_90's wgmma; its register table is sm_90's)"
     if q.dtype == torch.float32 and not _INTERPRET:
         return "fp32 inputs (the variant is for 16-bit tensor-core matmuls)"
     flags = problem.constexprs()
@@ -1297,7 +1301,7 @@ def _dkdv_wg64_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
         what = [name for name, on in (("dropout", flags["HAS_DROPOUT"]), ("soft-cap, window, causal or padding=skip",
                                                                          banded)) if on]
         return (f"head_dim {problem.head_dim}{' with ' + ' and '.join(what) if what else ''} (every 64-key warpgroup "
-                "tile spilled registers there in the sm_90 compiles)")
+                f"tile spilled registers there in the sm_90 compiles of Triton {triton.__version__})")
     return None
 
 
