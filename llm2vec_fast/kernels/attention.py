@@ -112,7 +112,7 @@ _DKDV_WG64_CANDIDATES = ((64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 
 #: expected first; ``plain``: one query head per kv head, no padding mask, not packed. Registers are the limit: dK
 #: and dV of 64 keys hold 64 (head_dim 64) or 128 (128) per thread beside three 64x64 fp32 score tiles (32 each),
 #: and the two Triton releases we run differ, so the table is per release (``_TRITON_RELEASE``). Head_dim 64:
-#: plain 64x128 w8 s2 209-213 registers, 64x64 w4 s2 218-227; with GQA, padding or varlen 64x128 w8 s2 238-247
+#: plain 64x128 w8 s2 209-213 registers, 64x64 w4 s2 191-218; with GQA, padding or varlen 64x128 w8 s2 238-247
 #: under 3.9 (s3 253) but 16-24 bytes spilled under 3.6, where s1 holds (198-204); banded (soft-cap+window,
 #: padding="skip") s1 only (219-246; s2 spilled 192-200 under 3.9). Dropout spilled in every tile (56-312 bytes:
 #: the Philox state of 32 elements per thread). Head_dim 128 (and 96, padded to 128): only plain, s1, only under
