@@ -15,9 +15,11 @@ import argparse
 
 #: distinct compiles of the GPU tests with one config per kernel (issue #10's dry-run count: 140 attention), plus
 #: the forward="tma_ws" GPU test: the TMA forward padded, packed and plain at hd 64/128 (6), and the backward
-#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6), and the dropout="philox4x" GPU test:
-#: its three kernels padded at hd 128 and the keep-mask kernel (4)
-TEST_COMPILES = 210 + 12 + 4
+#: kernels at its GQA-4 flag sets where no other test compiles them (up to 6), the dropout="philox4x" GPU test:
+#: its three kernels padded at hd 128 and the keep-mask kernel (4), and the dkdv="wg64" GPU test: its dK/dV
+#: padded+GQA and packed at hd 64 and plain at hd 128 (3; 2 under Triton 3.6, where hd 128 falls back), and the
+#: forward and dQ at hd 128 MHA (2)
+TEST_COMPILES = 210 + 12 + 4 + 5
 #: seconds per compile on one core of the GPU machine: bf16 attention ~1.3 s, fp32 up to ~5x that
 SECONDS_PER_COMPILE = 1.6
 #: the attention benchmark's rows: (head_dim, kernels it launches, constexpr flags)
@@ -36,6 +38,8 @@ ATTENTION_ROWS = [
     (64, _TRAIN, dict(has_dropout=True, philox4x=True)),
     (128, _TRAIN, dict(has_dropout=True)),
     (128, _TRAIN, dict(has_dropout=True, philox4x=True)),
+    # dkdv="wg64" beside the default: forward+backward at hd 64/128 (MHA, no mask: only its dK/dV compiles are new)
+    *[(d, ("fwd", "dq", "dkdv_wg64"), dict()) for d in (64, 128)],
 ]
 #: MNTP fused: forward, backward frozen and trained head; GEMM variant: its row softmax with and without the
 #: gradient; InfoNCE fused: norms, forward, backward; GEMM variant: its row softmax, two ways

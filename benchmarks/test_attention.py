@@ -316,6 +316,38 @@ def test_attention_dropout_variants_cuda(benchmark, perf_record, seq, head_dim, 
 
 
 @needs_cuda
+@pytest.mark.parametrize("variant", [pytest.param("wg64", id="ours-wg64")])  # "ours": in the warm-up
+@pytest.mark.parametrize("seq,head_dim", [(1024, 64), (4096, 64), (1024, 128), (4096, 128)])
+def test_attention_dkdv_variants_cuda(benchmark, perf_record, seq, head_dim, variant):
+    """dkdv="wg64" (64 keys per warpgroup, 64 queries streamed: m64n64 wgmma) forward+backward on the shapes of
+    test_attention_padded_cuda (MHA, no mask: the variant runs there at head_dim 64, and at 128 under Triton >= 3.9;
+    skipped where it falls back), recorded in its rows' groups beside the default dK/dV ("ours") and FA2."""
+    import triton
+
+    from llm2vec_fast.kernels.attention import attention_variants, candidate_configs
+
+    if not candidate_configs("dkdv_wg64", head_dim, "tf32"):  # it would time the default dK/dV under its name
+        pytest.skip(f"dkdv={variant} falls back to the default dK/dV at head_dim {head_dim} under Triton "
+                    f"{triton.__version__} (no 64-key warpgroup tile fits registers there)")
+    batch, heads = TOKENS // seq, HIDDEN // head_dim
+    tensors = _padded_inputs(batch, seq, heads, heads, head_dim)
+
+    def fn(q, k, v):
+        return bidirectional_attention(q, k, v)
+
+    step = _make_step(fn, tensors, "fwd_bwd")
+
+    def variant_step():  # the variant is read when the backward runs: the whole step inside the block
+        with attention_variants(dkdv=variant):
+            return step()
+
+    seconds, peak = _time_cuda(benchmark, variant_step)
+    perf_record(benchmark, suite="attention (bf16, H200/H100)", case=f"seq {seq} d{head_dim} b{batch} h{heads}",
+                mode="fwd_bwd", provider=f"ours:dkdv={variant}", seconds=seconds,
+                flops=_flops("fwd_bwd", batch * heads * seq * seq * head_dim), peak_mib=round(peak, 1))
+
+
+@needs_cuda
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", ["causal", "window512", "softcap50"])
 def test_attention_band_flags_cuda(benchmark, perf_record, case, provider):

@@ -599,6 +599,12 @@ def test_variant_names_are_checked_and_restored():
     with attention_variants(forward="tma_ws"):
         assert _VARIANT["forward"] == "tma_ws"
     assert _VARIANT["forward"] == "default"
+    with pytest.raises(ValueError, match="choose from"):
+        with attention_variants(dkdv="wg128"):
+            pass
+    with attention_variants(dkdv="wg64"):
+        assert _VARIANT["dkdv"] == "wg64"
+    assert _VARIANT["dkdv"] == "default"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -882,6 +888,131 @@ def test_pruning_reads_philox4x():
         finally:
             attn_module.candidate_configs, attn_module._INTERPRET = original, interpret
         assert seen and seen[0]["philox4x"] is True, kind
+# The dK/dV variant dkdv="wg64": each warpgroup owns 64 keys and streams 64 queries
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wg64_calls(monkeypatch):
+    """Counts the dK/dV launches with ``WG64`` on, so that a test knows the variant ran (and not the fallback)."""
+    calls = []
+    original = attn_module._launch
+
+    def launch(kernel, kind, grid, *args, **kwargs):
+        if kind == "dkdv" and kwargs.get("WG64"):
+            calls.append(1)
+        return original(kernel, kind, grid, *args, **kwargs)
+
+    monkeypatch.setattr(attn_module, "_launch", launch)
+    return calls
+
+
+@pytest.fixture
+def wg64_everywhere(monkeypatch):
+    """The variant's kernel path in every mode, also where the sm_90 compiles make it fall back today (dropout,
+    GQA at head_dim 96): the kernel must be right wherever a later gate lets it run."""
+    monkeypatch.setattr(attn_module, "_dkdv_wg64_unsupported", lambda problem, q: None)
+
+
+WG64_CASES = slow_except(["s37-d64-gqa2", "padding-s37-d64-gqa2", "varlen-d64-mqa", "dropout-s37-d64",
+                          "s37-d96-gqa2"], "s37-d64-gqa2")
+
+
+def _wg64_case(case, dtype):
+    kwargs = {}
+    if case == "varlen-d64-mqa":
+        lengths = [1, 37, 20, 16]
+        q, k, v = _inputs((sum(lengths) + 3, 4, 64), (sum(lengths) + 3, 1, 64), dtype)  # 3 tokens past the end
+        return (q, k, v), dict(cu_seqlens=_cu_seqlens(lengths), max_seqlen=37)
+    head_dim = 96 if "d96" in case else 64
+    batch = 3 if case.startswith("padding") else 2
+    q, k, v = _inputs((batch, 37, 4, head_dim), (batch, 37, 2, head_dim), dtype)
+    if case.startswith("padding"):
+        kwargs = dict(key_padding_mask=_padding_mask(batch, 37))
+    if case.startswith("dropout"):
+        torch.manual_seed(3)
+        kwargs = dict(keep=attention_dropout_keep_mask(draw_dropout_seed(q.device), batch, 4, 37, 0.25),
+                      dropout_p=0.25, seed=3)
+    return (q, k, v), kwargs
+
+
+@pytest.mark.parametrize("dtype", FP16_SLOW)
+@pytest.mark.parametrize("case", WG64_CASES)
+def test_dkdv_wg64_matches_reference(case, dtype, wg64_calls, wg64_everywhere):
+    """dq/dk/dv against the fp64 reference with the variant's dK/dV (interpreter tile 32 queries x 16 keys): odd
+    lengths, GQA/MQA, padding, packed batches, dropout, head_dim 96 (padded to 128 in registers)."""
+    (q, k, v), kwargs = _wg64_case(case, dtype)
+    with attention_variants(dkdv="wg64"):
+        out, dq, dk, dv = _compare(q, k, v, dtype, **kwargs)
+    assert wg64_calls, "the wg64 dK/dV did not run"
+    if "key_padding_mask" in kwargs:
+        mask = kwargs["key_padding_mask"]
+        assert torch.all(dk[~mask] == 0) and torch.all(dv[~mask] == 0), "padded keys must get zero gradients"
+    if "cu_seqlens" in kwargs:
+        assert torch.all(dk[-3:] == 0) and torch.all(dv[-3:] == 0), "tokens past cu_seqlens[-1] must be zero"
+
+
+@pytest.mark.parametrize("config", slow_except([pytest.param((64, 128, 8, 2), id="64x128w8"),
+                                              pytest.param((64, 64, 4, 2), id="64x64w4")], "64x128w8"))
+def test_dkdv_wg64_real_tiles(config, wg64_calls):
+    """The variant's sm_90 tile shapes (64 queries over 64 or 128 keys), forced in the interpreter: 70 tokens give
+    a full query tile and a masked tail, and with 64 keys two key tiles; GQA and padding (key 69 padded)."""
+    import triton
+
+    block_m, block_n, warps, stages = config
+    forced = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    q, k, v = _inputs((2, 70, 4, 64), (2, 70, 2, 64), torch.float32)
+    mask = torch.ones(2, 70, dtype=torch.bool, device=DEVICE)
+    mask[1, 60:] = False
+    with forced_configs(dkdv=forced), attention_variants(dkdv="wg64"):
+        _compare(q, k, v, torch.float32, key_padding_mask=mask)
+    assert wg64_calls
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(head_dim=256), "head_dim 256"),
+    (dict(head_dim=128, kv_heads=1), "head_dim 128"),  # GQA at head_dim 128: every tile spilled
+    (dict(dropout_p=0.1), "with dropout"),
+])
+def test_dkdv_wg64_falls_back_with_a_warning(kwargs, reason, wg64_calls, caplog):
+    """Where no 64-key warpgroup tile fits registers on sm_90 the default dK/dV runs, bit for bit, and says so once."""
+    kwargs = dict(kwargs)
+    head_dim, kv_heads = kwargs.pop("head_dim", 64), kwargs.pop("kv_heads", 2)
+    q, k, v = _inputs((1, 20, 2, head_dim), (1, 20, kv_heads, head_dim), torch.float32)
+    do = torch.randn(1, 20, 2, head_dim, device=DEVICE)
+    attn_module._warned_wg64.clear()
+    with caplog.at_level("WARNING", logger=attn_module.__name__):
+        torch.manual_seed(0)
+        ref = _grads(bidirectional_attention(q, k, v, impl="triton", **kwargs), (q, k, v), do)
+        with attention_variants(dkdv="wg64"):
+            torch.manual_seed(0)
+            got = _grads(bidirectional_attention(q, k, v, impl="triton", **kwargs), (q, k, v), do)
+    assert not wg64_calls
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    messages = [r.getMessage() for r in caplog.records if "wg64" in r.getMessage()]
+    assert len(messages) == 1 and reason in messages[0], caplog.text
+
+
+def test_dkdv_wg64_pruning_reads_the_flag(monkeypatch):
+    """``WG64`` picks the variant's configs (and only those), by the gate's table; the default's are untouched."""
+    import triton
+
+    # the GPU's config list (under the interpreter the kernel holds the interpreter's configs only)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in attn_module._DKDV_CANDIDATES + attn_module._DKDV_WG64_CANDIDATES]
+    named = dict(GROUP=2, HAS_DROPOUT=False, HAS_PADDING=True, IS_VARLEN=False, BLOCK_D=64, DOT_PRECISION="tf32")
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    monkeypatch.setattr(attn_module, "_INTERPRET", False)
+    monkeypatch.setattr(attn_module, "_AUTOTUNE", True)
+    wg64 = [shape(c) for c in attn_module._prune("dkdv")(configs, {**named, "WG64": True})]
+    default = [shape(c) for c in attn_module._prune("dkdv")(configs, {**named, "WG64": False})]
+    assert wg64 == list(attn_module._DKDV_WG64_FITS[(64, False, False, False)])
+    assert default == attn_module.candidate_configs("dkdv", 64, "tf32", group=2, has_padding=True)
+    assert not set(wg64) & set(default)
+    assert all(block_m == 64 and block_n // (warps // 4) == 64 for block_m, block_n, warps, _ in wg64), \
+        "every warpgroup owns 64 keys and streams 64 queries"
+    assert attn_module.candidate_configs("dkdv_wg64", 64, "ieee") == []
 
 
 def test_pruning_reads_every_flag_of_every_kernel():
@@ -1016,6 +1147,23 @@ def test_gpu_tma_forward_matches_reference(head_dim, tma_calls):
         views = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
         _compare(*views, torch.bfloat16)
     assert len(tma_calls) == 3
+
+
+@pytest.mark.gpu
+def test_gpu_dkdv_wg64_matches_reference(wg64_calls):
+    """dkdv="wg64" on the GPU, bf16, where its pruning lets it run: head_dim 64 padded with GQA and packed, head_dim
+    128 plain (MHA, no mask; Triton >= 3.9 only, else it falls back); forward and backward against fp64."""
+    q, k, v = _inputs((2, 1000, 8, 64), (2, 1000, 2, 64), torch.bfloat16)
+    mask = torch.ones(2, 1000, dtype=torch.bool, device=DEVICE)
+    mask[1, 700:] = False
+    lengths = [1, 300, 17, 1024]
+    qp, kp, vp = _inputs((sum(lengths), 8, 64), (sum(lengths), 2, 64), torch.bfloat16)
+    q8, k8, v8 = _inputs((2, 1000, 8, 128), (2, 1000, 8, 128), torch.bfloat16)
+    with attention_variants(dkdv="wg64"):
+        _compare(q, k, v, torch.bfloat16, key_padding_mask=mask)
+        _compare(qp, kp, vp, torch.bfloat16, cu_seqlens=_cu_seqlens(lengths), max_seqlen=1024)
+        _compare(q8, k8, v8, torch.bfloat16)
+    assert len(wg64_calls) == 2 + bool(attn_module.candidate_configs("dkdv_wg64", 128, "tf32"))
 
 
 @pytest.mark.gpu

@@ -5,14 +5,14 @@ fp16/bf16/fp32 at head_dim 64/96/128/256 with padding, varlen, dropout and GQA, 
 pick; the MNTP loss and InfoNCE kernels at their launch configs) for compute capability 9.0, and the checks
 below read the result: it compiles; its shared memory fits one Hopper block (232,448 bytes); configs the kernels
 choose by default spill no registers; 16-bit matmuls with 64-row or larger tiles compile to ``wgmma``; the
-Hopper forward variant (``forward="tma_ws"``) loads through TMA. Each result also records whether a loop was
+Hopper forward variant (``forward="tma_ws"``) loads through TMA; the dK/dV variant (``dkdv="wg64"``) uses ``wgmma``. Each result also records whether a loop was
 warp-specialized (``warp_specialized``): Triton 3.6 and 3.9 keep the tma_ws loop's ``warp_specialize`` attribute
 on sm_90 but do not split it into partitions (their automatic warp specialization is for Blackwell), so no check
 asserts it.
 
 The compiles run in one subprocess (``TRITON_INTERPRET=0``: the interpreter the other tests use has nothing to
 compile), with a fresh Triton cache and a pool of 2 workers. This is CI's longest test, on purpose (it is the
-only check that the kernels build for the GPU they are written for): about 120 compiles of 3-30 s each (bf16
+only check that the kernels build for the GPU they are written for): about 130 compiles of 3-30 s each (bf16
 3-10 s on an idle core, fp32 10-25 s), so 5-10 minutes on 2 cores; ``-k`` cannot shorten it, but
 ``python tests/sm90/compile.py OUT.jsonl --only NAME`` compiles a subset.
 """
@@ -101,6 +101,15 @@ def test_tma_forward_uses_tma_and_wgmma(compiled):
     tma = {name: r for name, r in compiled.items() if r.get("check_tma")}
     assert tma, "no case of the TMA forward was compiled"
     bad = [name for name, r in tma.items() if "error" not in r and not (r["tma"] and r["wgmma"])]
+    assert not bad, _report(bad)
+
+
+def test_wg64_dkdv_uses_wgmma(compiled):
+    """The dK/dV variant ``dkdv="wg64"`` (64 keys per warpgroup, 64 queries) compiles to ``wgmma`` wherever its
+    pruning lets it run, and such cases exist (head_dim 64 under every Triton the gate runs)."""
+    wg64 = {name: r for name, r in compiled.items() if "+wg64-" in name}
+    assert any("-d64-" in name for name in wg64), "no case of the wg64 dK/dV was compiled"
+    bad = [name for name, r in wg64.items() if "error" not in r and not (r["check_wgmma"] and r["wgmma"])]
     assert not bad, _report(bad)
 
 

@@ -103,6 +103,29 @@ _DKDV_CANDIDATES = (
     (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2),
     (16, 32, 8, 2),
 )
+#: the dK/dV variant ``dkdv="wg64"``: each warpgroup (4 warps) owns 64 keys and streams 64 queries, so that on sm_90
+#: S^T and dP^T are m64n64 ``wgmma`` per warpgroup and dK/dV m64n(head_dim), as flash-attention 3's Hopper backward
+#: (64 queries over 128 keys, two MMA warpgroups): 128 keys with 8 warps, 64 with 4; expected fastest first. Its
+#: pruning is the sm_90 gate's verdict (``_DKDV_WG64_FITS``), no estimate; where nothing fits, the variant falls
+#: back to the default dK/dV (``_dkdv_wg64_unsupported``).
+_DKDV_WG64_CANDIDATES = ((64, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 8, 1))
+#: (BLOCK_D, dropout, banded, plain) -> the wg64 configs that compiled for sm_90 without spills (bf16), fastest
+#: expected first; ``plain``: one query head per kv head, no padding mask, not packed. Registers are the limit: dK
+#: and dV of 64 keys hold 64 (head_dim 64) or 128 (128) per thread beside three 64x64 fp32 score tiles (32 each),
+#: and the two Triton releases we run differ, so the table is per release (``_TRITON_RELEASE``). Head_dim 64:
+#: plain 64x128 w8 s2 209-213 registers, 64x64 w4 s2 191-218; with GQA, padding or varlen 64x128 w8 s2 238-247
+#: under 3.9 (s3 253) but 16-24 bytes spilled under 3.6, where s1 holds (198-204); banded (soft-cap+window,
+#: padding="skip") s1 only (219-246; s2 spilled 192-200 under 3.9). Dropout spilled in every tile (56-312 bytes:
+#: the Philox state of 32 elements per thread). Head_dim 128 (and 96, padded to 128): only plain, s1, only under
+#: 3.9 (251-254; 56-64 bytes spilled under 3.6; with GQA, padding or varlen 120-984 under 3.9).
+_TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+_DKDV_WG64_FITS = {
+    (64, False, False, False): ((64, 128, 8, 2), (64, 128, 8, 3)) if _TRITON_RELEASE >= (3, 9) else ((64, 128, 8, 1),),
+    (64, False, False, True): ((64, 128, 8, 2), (64, 64, 4, 2)),
+    (64, False, True, False): ((64, 128, 8, 1),),
+    (64, False, True, True): ((64, 128, 8, 1),),
+    **({(128, False, False, True): ((64, 128, 8, 1),)} if _TRITON_RELEASE >= (3, 9) else {}),
+}
 #: the Hopper forward (``forward="tma_ws"``): the config space of Triton's fused-attention tutorial on sm_90, 128x128
 #: tiles with 8 warps and 128x64 with 4 warps, 2-4 stages (its 8-warp tiles under 128x128 are dropped there);
 #: expected fastest first. 16-bit inputs at head_dim 64 and 128 only (the variant falls back elsewhere).
@@ -171,7 +194,8 @@ _PHILOX4X_SPILLS = {
 #: to bound compile time
 _MAX_TUNED = 5
 # The interpreter runs one small config; different M and N tiles there catch index mistakes.
-_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1), "fwd_tma": (32, 16, 4, 1)}
+_INTERPRETER_CONFIG = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1), "fwd_tma": (32, 16, 4, 1),
+                       "dkdv_wg64": (32, 16, 4, 1)}
 
 
 def _make_configs(kind: str, candidates) -> list:
@@ -194,7 +218,8 @@ def _tma_pre_hook(nargs):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
-_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES, "fwd_tma": _TMA_FWD_CANDIDATES}
+_CANDIDATES = {"fwd": _FWD_CANDIDATES, "dq": _DQ_CANDIDATES, "dkdv": _DKDV_CANDIDATES, "fwd_tma": _TMA_FWD_CANDIDATES,
+               "dkdv_wg64": _DKDV_WG64_CANDIDATES}
 
 
 def _register_estimate(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int,
@@ -237,6 +262,11 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
     multiples of 16 keys: every candidate's are). ``group``, ``has_padding`` and ``is_varlen`` are accepted so
     that a calibration can use them; no spill line measured so far depends on them alone."""
     philox4x = philox4x and has_dropout
+    if kind == "dkdv_wg64":  # 16-bit; the sm_90 compiles' verdict, possibly none (then the variant falls back)
+        if dot_precision == "ieee":  # FMA matmuls: no wgmma to shape the tiles for
+            return []
+        plain = group == 1 and not has_padding and not is_varlen
+        return list(_DKDV_WG64_FITS.get((max(block_d, 64), has_dropout, banded, plain), ()))
     if kind == "fwd_tma":  # 16-bit, head_dim 64/128, no dropout: the variant falls back to the default elsewhere
         block_d = min(block_d, 128)
     elif dot_precision == "ieee":
@@ -266,8 +296,10 @@ def candidate_configs(kind: str, block_d: int, dot_precision: str, *, group: int
 
 def _fitting_configs(kind: str, configs, block_d: int, dot_precision: str, **flags) -> list:
     """The autotuner's ``configs`` that :func:`candidate_configs` keeps (``flags``: its keyword arguments)."""
-    if _INTERPRET:  # one interpreter config, whatever fits on a GPU
-        return list(configs)[:1]
+    if _INTERPRET:  # one interpreter config (the variant's own, where a kernel has several), whatever fits on a GPU
+        shape = _INTERPRETER_CONFIG[kind]
+        own = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == shape]
+        return (own or list(configs))[:1]
     by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
     kept = candidate_configs(kind, block_d, dot_precision, **flags)
     return [by_shape[shape] for shape in kept if shape in by_shape]
@@ -278,7 +310,7 @@ BANDED_FLAGS = ("SOFTCAP", "WINDOWED", "CAUSAL", "PAD_SKIP")
 #: every constexpr of the autotuned kernels (tile sizes aside) is read by the pruning or on record here with the
 #: reason it does not change which configs fit (tests/test_attention_kernel.py checks that the two cover them)
 PRUNE_READS = (
-    "BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN", "PHILOX4X",
+    "BLOCK_D", "DOT_PRECISION", "GROUP", "HAS_DROPOUT", "HAS_PADDING", "IS_VARLEN", "PHILOX4X", "WG64",
 ) + BANDED_FLAGS
 PRUNE_IGNORES = {
     "HEAD_DIM": "BLOCK_D, its power of two, sizes every tile",
@@ -293,7 +325,8 @@ def _prune(kind: str):
     def prune(configs, named_args, **kwargs):
         named = {**named_args, **kwargs}
         kept = _fitting_configs(
-            kind, configs, named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
+            "dkdv_wg64" if kind == "dkdv" and named.get("WG64", False) else kind, configs,
+            named.get("BLOCK_D", 128), named.get("DOT_PRECISION", "tf32"),
             group=int(named.get("GROUP", 1)), has_dropout=bool(named.get("HAS_DROPOUT", False)),
             has_padding=bool(named.get("HAS_PADDING", False)), is_varlen=bool(named.get("IS_VARLEN", False)),
             banded=any(bool(named.get(flag, False)) for flag in BANDED_FLAGS),
@@ -313,7 +346,7 @@ def forced_configs(**configs):
     one (tests: every candidate config must be correct, not only the one the autotuner picks here)."""
     unknown = set(configs) - {"fwd", "dq", "dkdv", "fwd_tma"}
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; expected fwd, dq, dkdv, fwd_tma")
+        raise ValueError(f"unknown kernels {sorted(unknown)}; expected fwd, dq, dkdv (either variant), fwd_tma")
     previous = dict(_FORCED_CONFIGS)
     _FORCED_CONFIGS.update(configs)
     try:
@@ -894,7 +927,7 @@ def _attn_bwd_dkdv_inner(
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr, WG64: tl.constexpr,
 ):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
@@ -927,7 +960,8 @@ def _attn_bwd_dkdv_inner(
         if MASKED:
             if CAUSAL or WINDOWED:  # rows beyond seqlen already have lse = +inf, so p = 0
                 p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], window, CAUSAL, WINDOWED), p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if not WG64:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             if PHILOX4X:  # keys x queries: the transposed (queries x keys) mask
                 keep = tl.trans(_dropout_keep16(seed, bh, offs_m, offs_n, dropout_p))
@@ -936,9 +970,12 @@ def _attn_bwd_dkdv_inner(
                 k_idx = offs_n[:, None] + offs_m[None, :] * 0
                 keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
             dv = tl.dot(tl.where(keep, p_t * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WG64:  # dV's matmul first: P^T's 16-bit copy is dead before dP^T's accumulator lives
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -946,7 +983,8 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES), key=_AUTOTUNE_KEY_BAND, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=_make_configs("dkdv", _DKDV_CANDIDATES) + _make_configs("dkdv_wg64", _DKDV_WG64_CANDIDATES),
+                 key=_AUTOTUNE_KEY_BAND + ["WG64"], prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS, RANGES, SEED,
@@ -964,9 +1002,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr,
+    PAD_SKIP: tl.constexpr, PHILOX4X: tl.constexpr, WG64: tl.constexpr,
 ):
-    """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it."""
+    """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it. ``WG64``: the
+    ``dkdv="wg64"`` variant's configs (64 keys per warpgroup, 64 queries) and its order (dV's matmul before dP^T's)."""
     start_n, bkvh, b, kvh = _program_tile(max_seqlen, num_kv_heads, BLOCK_N)
     if IS_VARLEN:
         row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
@@ -1010,17 +1049,17 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
                 offs_n, offs_d, a, b_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
+                BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X, WG64,
             )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
             offs_n, offs_d, b_full, c_full, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, False, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X, WG64,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, LSE + lse_off, DELTA + lse_off, stride_qs, stride_os,
             offs_n, offs_d, c_full, d, seqlen, first, end, holes, qk_scale, seed, bh, dropout_p, inv_keep, window, cap_in, cap_out,
-            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X,
+            BLOCK_M, HEAD_DIM, BLOCK_D, HAS_DROPOUT, True, DOT_PRECISION, CAUSAL, WINDOWED, SOFTCAP, PAD_SKIP, PHILOX4X, WG64,
         )
     dk = dk * sm_scale
     if HAS_PADDING:  # a padded key is attended by no query: its gradients are zero
@@ -1086,14 +1125,22 @@ def _zero_tail_kernel(X, CU_SEQLENS, batch, total, row_elems, BLOCK_T: tl.conste
 #: dropout: ``"philox"`` draws one Philox call per (query, key) and uses its first 32-bit word; ``"philox4x"``
 #: uses all 16 bytes of one call for 16 keys (``_dropout_keep16``, as FlashAttention-2's dropout.h), with an
 #: 8-bit threshold: the dropout probability applied is ``effective_dropout_p(p)`` = round(256 p) / 256.
-VARIANTS = {"padding": ("mask", "skip"), "forward": ("default", "tma_ws"), "dropout": ("philox", "philox4x")}
+#: dkdv: ``"default"`` streams 16-32 query tiles past 32-128 keys (``_DKDV_CANDIDATES``); ``"wg64"`` gives each warpgroup
+#: 64 keys and streams 64 queries (``_DKDV_WG64_CANDIDATES``: m64n64 ``wgmma`` on sm_90) for 16-bit inputs (fp32 too under
+#: the interpreter) where its tiles fit registers (``_dkdv_wg64_unsupported``); other calls run the default dK/dV, with
+#: one warning per reason. It is read when the backward runs.
+VARIANTS = {
+    "padding": ("mask", "skip"), "forward": ("default", "tma_ws"), "dropout": ("philox", "philox4x"),
+    "dkdv": ("default", "wg64"),
+}
 _VARIANT = {name: choices[0] for name, choices in VARIANTS.items()}
 
 
 @contextlib.contextmanager
 def attention_variants(**choices):
     """Use the named kernel variants (see ``VARIANTS``) inside the block, e.g.
-    ``with attention_variants(padding="skip"): ...``. The backward of a call uses the variants of its forward."""
+    ``with attention_variants(padding="skip"): ...``. The variants are read when each kernel launches: a backward
+    run outside the block runs the default variants (keep it inside for ``dkdv``, which only the backward has)."""
     for name, choice in choices.items():
         if name not in VARIANTS:
             raise ValueError(f"unknown attention variant {name!r}; known: {sorted(VARIANTS)}")
@@ -1345,6 +1392,40 @@ def _attention_forward_tma(q, k, v, problem: _Problem, store_lse: bool):
     return o, lse
 
 
+_warned_wg64: set = set()
+
+
+def _dkdv_wg64_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
+    """Why the ``wg64`` dK/dV cannot run this backward, or None: a pre-Hopper GPU or fp32 on a GPU (no ``wgmma`` to
+    shape its tiles for), or no 64-key warpgroup tile that the sm_90 compiles of this Triton release showed
+    fitting registers at this head_dim with these flags."""
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "pre-Hopper GPUs (its tiles are shaped for sm_90's wgmma; its register table is sm_90's)"
+    if q.dtype == torch.float32 and not _INTERPRET:
+        return "fp32 inputs (the variant is for 16-bit tensor-core matmuls)"
+    flags = problem.constexprs()
+    banded = any(flags[name] for name in BANDED_FLAGS)
+    if not candidate_configs("dkdv_wg64", problem.block_d, "tf32", group=problem.group,
+                             has_dropout=flags["HAS_DROPOUT"], has_padding=flags["HAS_PADDING"],
+                             is_varlen=problem.varlen, banded=banded):
+        what = [name for name, on in (("dropout", flags["HAS_DROPOUT"]), ("soft-cap, window, causal or padding=skip",
+                                                                         banded)) if on]
+        return (f"head_dim {problem.head_dim}{' with ' + ' and '.join(what) if what else ''} (every 64-key warpgroup "
+                f"tile spilled registers there in the sm_90 compiles of Triton {triton.__version__})")
+    return None
+
+
+def _dkdv_wg64(problem: _Problem, q: torch.Tensor) -> bool:
+    """Whether this backward runs the ``wg64`` dK/dV (the variant chosen and supported; else one warning per reason)."""
+    if _VARIANT["dkdv"] != "wg64":
+        return False
+    reason = _dkdv_wg64_unsupported(problem, q)
+    if reason is not None and reason not in _warned_wg64:
+        _warned_wg64.add(reason)
+        logger.warning('attention dkdv="wg64" does not support %s: using the default dK/dV', reason)
+    return reason is None
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -1397,7 +1478,7 @@ def _attention_backward(do, q, k, v, o, lse, problem: _Problem, seed: torch.Tens
             *problem.strides(q), *problem.strides(k), *problem.strides(v), *problem.strides(do),
             *problem.strides(dk), *problem.strides(dv), *problem.lse_strides(lse), stride_mb, stride_ms,
             problem.seqlen, kv_heads, max_seqlen, qk_scale, problem.sm_scale, *common_tail,
-            **problem.constexprs(),
+            **problem.constexprs(), WG64=_dkdv_wg64(problem, q),
         )
     return dq, dk, dv
 

@@ -94,6 +94,8 @@ def _attention_case(kernel, kind, data, fp32, floats, odd, dtype, head_dim, vari
     constexprs = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, PAD_SKIP=False, PHILOX4X=False)
     if kind == "fwd":
         constexprs["STORE_LSE"] = True
+    if kind == "dkdv":
+        constexprs["WG64"] = False
     constexprs.update(flags)
     if kind != "fwd":
         constexprs.pop("STORE_LSE", None)
@@ -167,6 +169,34 @@ def tma_attention_cases() -> list[dict]:
                         constexprs=constexprs, ones=["stride_ms"] if flags["HAS_PADDING"] else [], odd=list(_TMA_ODD),
                         num_warps=warps, num_stages=stages, default=i == 0, check_wgmma=True, check_tma=True,
                     ))
+    return cases
+
+
+#: the dK/dV variant ``dkdv="wg64"`` (64 keys per warpgroup, 64 queries): compiled wherever its pruning keeps a
+#: config (elsewhere it falls back to the default dK/dV: dropout, head_dim 256, head_dim 96/128 beyond the plain
+#: variant; tests/test_attention_kernel.py checks those fallbacks), every config in the heavy padding-gqa. Named
+#: ``<variant>+wg64``, apart from the default dK/dV's ``<variant>-`` names.
+WG64_COVERAGE = {torch.bfloat16: {variant: HEAD_DIMS for variant in (*ATTENTION_VARIANTS, *ATTENTION_HEAVY)},
+                 torch.float16: {"plain": (64, 128), "padding-gqa": (64,)}}
+WG64_EVERY_CONFIG = {torch.bfloat16: {"padding-gqa": HEAD_DIMS}}
+
+
+def wg64_attention_cases() -> list[dict]:
+    """``_attn_bwd_dkdv_kernel`` with ``WG64`` in the configs its pruning keeps (``wgmma`` checked: 64-key tiles)."""
+    kind, data, fp32, floats, odd = ATTENTION_KERNELS["_attn_bwd_dkdv_kernel"]
+    variants = {**ATTENTION_VARIANTS, **ATTENTION_HEAVY}
+    cases = []
+    for dtype, coverage in WG64_COVERAGE.items():
+        for variant, head_dims in coverage.items():
+            flags = dict(variants[variant], WG64=True)
+            for head_dim in head_dims:
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                configs = attention.candidate_configs("dkdv_wg64", block_d, attention_dot_precision(dtype),
+                                                      **_prune_flags(flags))
+                every = head_dim in WG64_EVERY_CONFIG.get(dtype, {}).get(variant, ())
+                for i, config in enumerate(configs if every else configs[:1]):
+                    cases.append(_attention_case("_attn_bwd_dkdv_kernel", kind, data, fp32, floats, odd, dtype,
+                                                 head_dim, f"{variant}+wg64", flags, config, default=i == 0))
     return cases
 
 
@@ -277,4 +307,4 @@ def loss_cases() -> list[dict]:
 
 
 def all_cases() -> list[dict]:
-    return attention_cases() + tma_attention_cases() + loss_cases()
+    return attention_cases() + tma_attention_cases() + wg64_attention_cases() + loss_cases()
