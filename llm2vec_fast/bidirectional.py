@@ -112,7 +112,9 @@ def _check_can_patch(base, bidirectional: bool) -> None:
                 "number (or None for none)"
             )
         window = getattr(config, "sliding_window", None)
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        # 0 is no window to transformers' masks either: they would let a causal token attend to nothing (None is
+        # "no window").
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(
                 f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive number of "
                 "tokens (or None for none)"
