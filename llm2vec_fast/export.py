@@ -171,8 +171,37 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-def model_card(encoder, *, base_model: str, adapters: list[str], dimension: int) -> str:
-    """README.md: what the model is, how it was made, how to load it."""
+def trained_matryoshka_dims(adapters: list[str] | tuple[str, ...]) -> list[int] | None:
+    """The ``matryoshka_dims`` of the last adapter trained with them, as its ``<stage>_settings.json`` records
+    them (local adapter folders; None when no adapter says)."""
+    for adapter in reversed(adapters):
+        for settings in sorted(Path(adapter).glob("*_settings.json")):
+            dims = json.loads(settings.read_text(encoding="utf-8")).get("matryoshka_dims")
+            if dims:
+                return [int(d) for d in dims]
+    return None
+
+
+def _matryoshka_section(dims: list[int] | None) -> str:
+    if not dims:
+        return ""
+    return f"""
+## Matryoshka dimensions
+
+Trained with `matryoshka_dims={dims}` (sentence-transformers' `MatryoshkaLoss`): the leading {", ".join(map(str, dims))}
+dimensions are each an embedding of their own. Truncate with sentence-transformers' `truncate_dim` (cosine
+similarity on the truncated vectors):
+
+```python
+model = SentenceTransformer("path/to/this/directory", trust_remote_code=True, truncate_dim={dims[-1]})
+embeddings = model.encode(["What is RoPE?"], truncate_dim={dims[-1]})  # or per call
+```
+"""
+
+
+def model_card(encoder, *, base_model: str, adapters: list[str], dimension: int,
+               matryoshka_dims: list[int] | None = None) -> str:
+    """README.md: what the model is, how it was made, how to load it (and truncate it, when Matryoshka-trained)."""
     adapter_lines = "".join(f"  {i + 1}. `{a}`\n" for i, a in enumerate(adapters)) or "  (none: the base weights)\n"
     return f"""---
 library_name: sentence-transformers
@@ -216,7 +245,7 @@ Servers: `config.json` carries `is_causal: false` (and `use_bidirectional_attent
 architecture's loaders read it), so vLLM and TEI run the attention bidirectionally; they pool an
 instruction's tokens too (prompt tokens are not left out), so send instructions only with `last_token`-style
 pooling or expect small differences. See llm2vec-fast's docs/integrations.md.
-"""
+{_matryoshka_section(matryoshka_dims)}"""
 
 
 def export_sentence_transformers(
@@ -226,13 +255,15 @@ def export_sentence_transformers(
     base_model: str | None = None,
     adapters: list[str] | tuple[str, ...] = (),
     prompts: dict[str, str] | None = None,
+    matryoshka_dims: list[int] | None = None,
 ) -> Path:
     """Write ``encoder`` (an :class:`~llm2vec_fast.LLM2Vec`) as a sentence-transformers directory ``output``.
 
     ``output`` must not exist or be empty (FileExistsError otherwise); everything is written to a temporary
     directory beside it and moved into place at the end, so a failed export leaves nothing behind. A model whose
     architecture cannot run our bidirectional attention raises ValueError. ``prompts`` default to
-    :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card.
+    :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card, and
+    ``matryoshka_dims`` (default: what the adapters' ``<stage>_settings.json`` record) with ``truncate_dim`` usage.
     Returns the output path.
     """
     from .prompts import default_prompts
@@ -246,8 +277,9 @@ def export_sentence_transformers(
         write_model_files(encoder, staging)
         write_sentence_transformers_files(staging, pooling_mode=encoder.pooling_mode, dimension=dimension,
                                           prompts=default_prompts() if prompts is None else dict(prompts))
-        card = model_card(encoder, base_model=base_model or encoder.name_or_path or "unknown",
-                          adapters=[str(a) for a in adapters], dimension=dimension)
+        adapters = [str(a) for a in adapters]
+        card = model_card(encoder, base_model=base_model or encoder.name_or_path or "unknown", adapters=adapters,
+                          dimension=dimension, matryoshka_dims=matryoshka_dims or trained_matryoshka_dims(adapters))
         (staging / "README.md").write_text(card, encoding="utf-8")
         check_output_dir(output)  # still free: nothing appeared there while we wrote
         if output.exists():
