@@ -1,7 +1,9 @@
-"""Writing files so that a crash never leaves half of one: a temporary sibling, fsynced, renamed over."""
+"""Writing files so that a crash never leaves half of one (a temporary sibling, fsynced, renamed over), and
+reading one by content."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -33,3 +35,12 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file's content, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
