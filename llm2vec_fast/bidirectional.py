@@ -161,28 +161,18 @@ def patch(
             the same kernel in causal mode, with padded or packed batches: causal embedding models with last-token
             pooling (Qwen3-Embedding, e5-mistral, gte-Qwen2) encode padding-free.
 
-    Returns:
-        ``model``, patched in place. Patching again replaces the earlier patch (same result as patching once);
-        ``unpatch(model)`` restores exactly the state before the first patch.
+    Returns ``model``, patched in place: ``config.is_causal = False`` and ``use_cache = False`` on every
+    (sub-)config, our attention implementation, and with ``attention_dropout`` that of the configs and attention
+    modules. Patching again equals patching once; ``unpatch(model)`` restores exactly the state before.
 
-    Changes made (all undone by ``unpatch``): ``config.is_causal = False`` and ``config.use_cache = False`` on every
-    (sub-)config, the attention implementation (``model.set_attn_implementation``), and with ``attention_dropout``
-    the ``attention_dropout`` of the configs and of every attention module.
+    The patched model also takes packed input (one row, no padding): ``position_ids`` ``(1, total)`` restarting
+    at 0 per sequence, or transformers' FlashAttention kwargs ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+    Soft-capping (Gemma-2) and sliding windows go to the kernel with the rule transformers gives the model
+    (``attention_adapter.kernel_window``; docs/models.md lists each family).
 
-    Packed input: the patched model accepts sequences packed into one row with no padding, either as
-    ``position_ids`` of shape ``(1, total)`` restarting at 0 for each sequence (no attention mask, or an all-ones
-    one), or with transformers' FlashAttention kwargs ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, ``(n + 1,)``)
-    and ``max_length_q``/``max_length_k`` passed to ``forward``. Each sequence attends only within itself.
-
-    Attention logit soft-capping (Gemma-2) and sliding windows go to the kernel, with the rule transformers gives
-    the model (``attention_adapter.kernel_window``): |i - j| <= sliding_window once ``config.is_causal`` is False,
-    Gemma-3's own |i - j| < sliding_window for a Gemma-3 built with ``use_bidirectional_attention=True``, and
-    j > i - sliding_window in causal mode. docs/models.md lists what each family gets.
-
-    Errors: encoder-decoder or encoder-only models, models whose attention does not go through transformers'
-    ``AttentionInterface``, attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here. At
-    call time: a key/value cache or ``use_cache=True`` (a patched model cannot decode incrementally), a causal
-    request to a bidirectional patch (or the reverse), mask functions beyond padding and windows (image tokens).
+    Errors: encoder-decoder or encoder-only models, attention outside transformers' ``AttentionInterface``,
+    attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here; a key/value cache, a causal
+    request to a bidirectional patch (or the reverse) and masks beyond padding and windows raise at call time.
     """
     if attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"llm2vec_fast.patch: attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")

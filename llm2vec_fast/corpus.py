@@ -367,7 +367,8 @@ class CorpusSettings:
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):
-            value, minimum, allowed = getattr(self, field.name), field.metadata.get("minimum"), field.metadata.get("choices")
+            value, minimum, allowed = getattr(self, field.name), field.metadata.get("minimum"), field.metadata.get(
+                "choices")
             if minimum is not None and value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                                                or value < minimum):
                 wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
@@ -879,20 +880,16 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
     for record in sorted(records, key=lambda r: r["shard"]):
         k = record["shard"]
+        # The shards must cover rows 0..rows-1 without a gap: a gap means a shard is missing.
+        if record["first_row"] != totals["rows"]:
+            raise RuntimeError(f"shard {k} starts at row {record['first_row']}, expected {totals['rows']}: a shard "
+                               f"is missing in {output}")
         embeddings_name, record_name = shard_names(k, format)
         shards.append({"shard": k, "embeddings": embeddings_name, "ids" if format == "npy" else "record": record_name,
-                       "first_row": record["first_row"], "last_row": record["last_row"], "rows": record["rows"],
-                       "encoded": record["encoded"]})
+                       **{key: record[key] for key in ("first_row", "last_row", "rows", "encoded")}})
         for key in totals:
             totals[key] += record[key]
         bad_rows.extend(record["bad_rows"])
-    # The shards must cover rows 0..rows-1 without a gap: a gap means a shard is missing.
-    expected = 0
-    for shard in shards:
-        if shard["first_row"] != expected:
-            raise RuntimeError(f"shard {shard['shard']} starts at row {shard['first_row']}, expected {expected}: "
-                               f"a shard is missing in {output}")
-        expected = shard["last_row"] + 1
     # The whole run's counts (a resumed run's shards may come from an earlier, more lenient run).
     _check_bad_rows(settings, totals["bad"], totals["rows"], totals["encoded"],
                     bad_rows[0]["problem"] if bad_rows else None)

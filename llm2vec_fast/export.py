@@ -1,25 +1,16 @@
 """Export an LLM2Vec encoder as a sentence-transformers model directory that other tools load.
 
 ``llm2vec-fast export --model BASE [--adapter A ...] --output DIR`` (or :func:`export_sentence_transformers`
-on an :class:`~llm2vec_fast.LLM2Vec`) writes::
-
-    DIR/config.json, model.safetensors     the merged weights; config.json with the bidirectional flags
-    DIR/tokenizer*.json ...                the tokenizer (pad = EOS, left padding, as llm2vec)
-    DIR/llm2vec_config.json                pooling_mode, max_length, doc_max_length, skip_instruction
-    DIR/sentence_bert_config.json          max_seq_length (read by TEI)
-    DIR/modules.json                       0: LLM2VecTransformer (root), 1: LLM2VecPooling (1_Pooling)
-    DIR/1_Pooling/config.json              the pooling mode, in sentence-transformers' Pooling keys too
-    DIR/config_sentence_transformers.json  prompts (LLM2Vec's task instructions), requirements, cosine
-    DIR/README.md                          the model card
+on an :class:`~llm2vec_fast.LLM2Vec`) writes the merged weights (``config.json`` with the bidirectional flags),
+the tokenizer, ``llm2vec_config.json``, ``sentence_bert_config.json``, ``modules.json`` (``LLM2VecTransformer``
+and ``LLM2VecPooling``), ``1_Pooling/config.json``, ``config_sentence_transformers.json`` (prompts,
+requirements, cosine) and the model card; docs/integrations.md lists each file and who reads it.
 
 ``SentenceTransformer(DIR, trust_remote_code=True)`` then runs our bidirectional attention and llm2vec's
-instruction handling, and gives :meth:`LLM2Vec.encode`'s embeddings. Without llm2vec-fast installed it fails
-at once with the ``requirements`` message (pip install llm2vec-fast), never a causal model. Plain transformers
-and the servers read the flags in config.json (see docs/integrations.md for who reads which):
-
-- ``is_causal: false``: transformers 5 (``create_causal_mask`` builds a padding-only mask), vLLM's pooling
-  runner (encoder-only attention for any architecture), TEI's Qwen2;
-- ``use_bidirectional_attention: true``: TEI's Llama, Mistral and Qwen3, transformers' and TEI's Gemma 3.
+instruction handling, and gives :meth:`LLM2Vec.encode`'s embeddings; without llm2vec-fast installed it fails at
+once with the ``requirements`` message, never a causal model. Servers read the flags in config.json:
+``is_causal: false`` (transformers 5, vLLM's pooling runner, TEI's Qwen2) and ``use_bidirectional_attention:
+true`` (TEI's Llama, Mistral and Qwen3, transformers' and TEI's Gemma 3).
 """
 
 from __future__ import annotations
