@@ -66,10 +66,6 @@ def _attention_modules(base) -> list[nn.Module]:
     return [m for m in base.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
 
 
-def _positive_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
-
-
 def _check_can_patch(base, bidirectional: bool) -> None:
     name = type(base).__name__
     configs = _all_configs(base)
@@ -106,7 +102,8 @@ def _check_can_patch(base, bidirectional: bool) -> None:
         )
     for config in configs:
         softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap is not None and not _positive_number(softcap):
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                    or not softcap > 0):
             raise ValueError(
                 f"llm2vec_fast.patch: {name} has attn_logit_softcapping={softcap!r}; a soft-cap must be a positive "
                 "number (or None for none)"

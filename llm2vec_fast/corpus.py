@@ -80,13 +80,6 @@ def input_kind(path: str | Path) -> str:
     raise ValueError(f"unsupported input {path}: the input must be one of {', '.join(SUFFIXES)}")
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for line in handle:
-            yield line
-
-
 def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
               wanted=None) -> Iterator[Row]:
     """Stream the rows of ``path``. ``wanted(index) -> bool`` lets rows be skipped cheaply (not parsed).
@@ -102,23 +95,23 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
         yield from _read_parquet(path, text_field, id_field, wanted)
         return
     index = 0
-    for number, raw in enumerate(_open_lines(path), start=1):
-        if kind == ".jsonl" and not raw.strip():
-            logger.debug("%s:%d: blank line, not a row", path, number)
-            continue
-        if wanted is not None and not wanted(index):
-            index += 1
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            yield Row(index, index, None, f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})")
-        else:
-            if kind == ".txt":
-                yield Row(index, index, line.rstrip("\r\n"))
+    with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if kind == ".jsonl" and not raw.strip():
+                logger.debug("%s:%d: blank line, not a row", path, number)
+                continue
+            if wanted is not None and not wanted(index):
+                index += 1
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield Row(index, index, None,
+                          f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})")
             else:
-                yield _json_row(line, path, number, index, text_field, id_field)
-        index += 1
+                yield (Row(index, index, line.rstrip("\r\n")) if kind == ".txt"
+                       else _json_row(line, path, number, index, text_field, id_field))
+            index += 1
 
 
 def _json_row(line: str, path: Path, number: int, index: int, text_field: str, id_field: str | None) -> Row:
@@ -367,8 +360,8 @@ class CorpusSettings:
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):
-            value, minimum, allowed = getattr(self, field.name), field.metadata.get("minimum"), field.metadata.get(
-                "choices")
+            value, minimum = getattr(self, field.name), field.metadata.get("minimum")
+            allowed = field.metadata.get("choices")
             if minimum is not None and value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                                                or value < minimum):
                 wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
@@ -395,8 +388,16 @@ def _resolved_name(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def _upgraded(stored: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A version-2 run.json as the version-3 settings of the same run (it could only be that)."""
+def _stored_run(output: Path) -> dict[str, Any] | None:
+    """``output``'s run.json: None when there is none, ``{}`` when unreadable (it differs from any settings and
+    is replaced while no shard is complete); a version-2 one as the version-3 settings of the same run (it could
+    only be that)."""
+    try:
+        stored = json.loads((output / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
     if stored and stored.get("format_version") == 2:
         stored = {**stored, "format_version": 3, "format": "npy", "truncate_dim": None, "precision": "float32",
                   "calibration_rows": None, "id_type": None}
@@ -406,7 +407,7 @@ def _upgraded(stored: dict[str, Any] | None) -> dict[str, Any] | None:
 def _resolve_format(settings: CorpusSettings, output: Path) -> str:
     """The output format: the existing run's where the folder holds one (a complete shard or the manifest),
     which an explicit other ``format`` may not change; else ``settings.format`` or parquet."""
-    stored = _upgraded(_read_run_file(output / "run.json")) if output.is_dir() else None
+    stored = _stored_run(output) if output.is_dir() else None
     if stored is not None and (_complete_shards(output) or (output / "manifest.json").is_file()):
         existing = stored.get("format")
         if existing in FORMATS:
@@ -475,21 +476,11 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
     }
 
 
-def _read_run_file(run_file: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(run_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # unreadable: differs from any settings, and is replaced while no shard is complete
-
-
 def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
     """Make ``output`` hold a run with exactly ``pinned`` settings, or refuse (rank 0 only). True when run.json
     was (re)written: what the folder held before belongs to no run."""
     output.mkdir(parents=True, exist_ok=True)
-    run_file = output / "run.json"
-    stored = _upgraded(_read_run_file(run_file))
+    stored = _stored_run(output)
     if stored == pinned:
         return False
     if stored is not None:
@@ -501,7 +492,7 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
                 f"{output} holds {len(done)} complete shard(s) of a run with other settings ({details}). Resume "
                 f"with the same settings and input, or start over: delete {output} or choose another output folder.")
         logger.info("%s holds an earlier run that completed no shard; starting it again with these settings", output)
-    _write_json(run_file, pinned, indent=2)
+    _write_json(output / "run.json", pinned, indent=2)
     return True
 
 
@@ -712,6 +703,7 @@ class _Shards:
     def encode(self, rows: list[Row]) -> tuple[np.ndarray | None, dict[str, Any], list[int]]:
         """(float32 embeddings of the good rows, None when there is none; the shard's record; their row numbers)."""
         good = [r for r in rows if r.text is not None]
+        # In the order the record file has; "dim" is set when the shard is written.
         record = {"shard": rows[0].index // self.settings.shard_size, "first_row": rows[0].index,
                   "last_row": rows[-1].index, "ids": [_json_safe(r.id) for r in good],
                   "bad_rows": [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem}
@@ -824,7 +816,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
                 if settings.precision in ("int8", "uint8") and not ranges_file.is_file():
                     shards.calibrate(ranges_file)
         with _together(rank, world):
-            if rank != 0 and _upgraded(_read_run_file(output / "run.json")) != pinned:
+            if rank != 0 and _stored_run(output) != pinned:
                 raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 "
                                             f"(see {output / 'run.json'})")
             complete = (output / "manifest.json").is_file()

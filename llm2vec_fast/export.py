@@ -84,14 +84,6 @@ def check_can_be_bidirectional(model) -> None:
         raise ValueError(f"cannot export {type(model).__name__} as a bidirectional encoder: {error}") from error
 
 
-def bidirectional_flags(model_type: str | None) -> dict[str, bool]:
-    """The config.json flags by which other tools load a model of ``model_type`` bidirectionally."""
-    flags = {"is_causal": False}
-    if model_type in _BIDIRECTIONAL_ATTENTION_TYPES:
-        flags["use_bidirectional_attention"] = True
-    return flags
-
-
 def write_model_files(encoder, output: str | os.PathLike) -> None:
     """The model (merged, unpatched, with the bidirectional flags in config.json), the tokenizer,
     ``llm2vec_config.json`` and ``sentence_bert_config.json`` into ``output`` (which may exist)."""
@@ -106,7 +98,9 @@ def write_model_files(encoder, output: str | os.PathLike) -> None:
     encoder.save(str(output))
     config_path = Path(output) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.update(bidirectional_flags(config.get("model_type")))
+    config["is_causal"] = False  # the flags by which other tools load it bidirectionally
+    if config.get("model_type") in _BIDIRECTIONAL_ATTENTION_TYPES:
+        config["use_bidirectional_attention"] = True
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _write_json(Path(output) / "sentence_bert_config.json", {"max_seq_length": encoder.max_length,
                                                              "do_lower_case": False})
