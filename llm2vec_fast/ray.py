@@ -60,16 +60,12 @@ def _columns(batch: Any) -> dict[str, Any]:
 class EmbedBatch:
     """Texts of a batch -> their embeddings, with an encoder built once (see the module docstring).
 
-    ``model``, ``adapters`` and the keyword ``settings`` are ``CorpusSettings``' fields and mean what they mean
-    for ``encode_corpus`` (``instruction`` or ``prompt_name``, ``batch_size``/``max_batch_tokens`` to split the
-    batch's texts for the model, ``max_length``, ``doc_max_length``, ``pooling_mode``, ``truncate_dim``,
-    ``normalize``, ``precision``, ``dtype``, ``model_dtype``, ``device``, ``attention_impl``, ``compile``): the
-    encoder is set up by the same code. int8/uint8 need ``ranges``: a ``(2, dim)`` array or the path of a
-    ``quantization-ranges.npy`` (a batch's own range would differ from batch to batch). ``device`` defaults to
-    ``cuda`` where the actor has a GPU, else ``cpu``. ``output_format``: ``numpy`` (a dict of columns, the
-    embeddings as an ``(n, dim)`` array: Ray's tensor column) or ``arrow`` (a ``pyarrow.Table`` whose embedding
-    column is a fixed-size list, as in ``encode_corpus``'s Parquet shards: what pyarrow, pandas and ``datasets``
-    read without Ray).
+    ``model``, ``adapters`` and the keyword ``settings`` are ``CorpusSettings``' fields (``prompt_name``,
+    ``batch_size``, ``truncate_dim``, ``normalize``, ``precision``, ``device``, ``compile``, ...), and the encoder is
+    set up by ``encode_corpus``'s code (``corpus.prepare_encoder``). int8/uint8 need ``ranges``: a ``(2, dim)``
+    array or the path of a run's ``quantization-ranges.npy`` (a batch's own range would differ from batch to
+    batch). ``output_format``: ``numpy`` (the embeddings as an ``(n, dim)`` array, Ray's tensor column) or
+    ``arrow`` (a ``pyarrow.Table`` with the fixed-size list column of ``encode_corpus``'s Parquet shards).
     """
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, text_column: str = "text",
