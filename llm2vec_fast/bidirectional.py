@@ -66,10 +66,6 @@ def _attention_modules(base) -> list[nn.Module]:
     return [m for m in base.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
 
 
-def _positive_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
-
-
 def _check_can_patch(base, bidirectional: bool) -> None:
     name = type(base).__name__
     configs = _all_configs(base)
@@ -106,13 +102,16 @@ def _check_can_patch(base, bidirectional: bool) -> None:
         )
     for config in configs:
         softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap is not None and not _positive_number(softcap):
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                    or not softcap > 0):
             raise ValueError(
                 f"llm2vec_fast.patch: {name} has attn_logit_softcapping={softcap!r}; a soft-cap must be a positive "
                 "number (or None for none)"
             )
         window = getattr(config, "sliding_window", None)
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        # 0 is no window to transformers' masks either: they would let a causal token attend to nothing (None is
+        # "no window").
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(
                 f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive number of "
                 "tokens (or None for none)"
@@ -159,28 +158,18 @@ def patch(
             the same kernel in causal mode, with padded or packed batches: causal embedding models with last-token
             pooling (Qwen3-Embedding, e5-mistral, gte-Qwen2) encode padding-free.
 
-    Returns:
-        ``model``, patched in place. Patching again replaces the earlier patch (same result as patching once);
-        ``unpatch(model)`` restores exactly the state before the first patch.
+    Returns ``model``, patched in place: ``config.is_causal = False`` and ``use_cache = False`` on every
+    (sub-)config, our attention implementation, and with ``attention_dropout`` that of the configs and attention
+    modules. Patching again equals patching once; ``unpatch(model)`` restores exactly the state before.
 
-    Changes made (all undone by ``unpatch``): ``config.is_causal = False`` and ``config.use_cache = False`` on every
-    (sub-)config, the attention implementation (``model.set_attn_implementation``), and with ``attention_dropout``
-    the ``attention_dropout`` of the configs and of every attention module.
+    The patched model also takes packed input (one row, no padding): ``position_ids`` ``(1, total)`` restarting
+    at 0 per sequence, or transformers' FlashAttention kwargs ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+    Soft-capping (Gemma-2) and sliding windows go to the kernel with the rule transformers gives the model
+    (``attention_adapter.kernel_window``; docs/models.md lists each family).
 
-    Packed input: the patched model accepts sequences packed into one row with no padding, either as
-    ``position_ids`` of shape ``(1, total)`` restarting at 0 for each sequence (no attention mask, or an all-ones
-    one), or with transformers' FlashAttention kwargs ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, ``(n + 1,)``)
-    and ``max_length_q``/``max_length_k`` passed to ``forward``. Each sequence attends only within itself.
-
-    Attention logit soft-capping (Gemma-2) and sliding windows go to the kernel, with the rule transformers gives
-    the model (``attention_adapter.kernel_window``): |i - j| <= sliding_window once ``config.is_causal`` is False,
-    Gemma-3's own |i - j| < sliding_window for a Gemma-3 built with ``use_bidirectional_attention=True``, and
-    j > i - sliding_window in causal mode. docs/models.md lists what each family gets.
-
-    Errors: encoder-decoder or encoder-only models, models whose attention does not go through transformers'
-    ``AttentionInterface``, attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here. At
-    call time: a key/value cache or ``use_cache=True`` (a patched model cannot decode incrementally), a causal
-    request to a bidirectional patch (or the reverse), mask functions beyond padding and windows (image tokens).
+    Errors: encoder-decoder or encoder-only models, attention outside transformers' ``AttentionInterface``,
+    attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here; a key/value cache, a causal
+    request to a bidirectional patch (or the reverse) and masks beyond padding and windows raise at call time.
     """
     if attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"llm2vec_fast.patch: attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")

@@ -1,39 +1,15 @@
 """Corpus encoding: a large corpus into embedding shards, resumable, one process or many (torchrun).
 
 ``encode_corpus(source, output, CorpusSettings(model=...))`` is the library function (it returns the manifest);
-``llm2vec-fast encode`` is a thin command line over it (``add_arguments``/``main``).
-
-Input (streamed, memory constant in the corpus size): ``.txt`` (one text per line; an empty line is an empty
-text), ``.jsonl`` (one object per line, text in ``text_field``, id in ``id_field``), ``.parquet`` (columns
-``text_field``/``id_field``); ``.txt.gz``/``.jsonl.gz`` too. Rows are numbered from 0 in file order; a row
-without an id gets its row number as id.
-
-Output in ``output``:
-
-- ``run.json``: the resolved settings (defaults as their values) and the input's size and SHA-256, written
-  before the first shard. A later run with other settings refuses to continue once a shard is complete; while
-  no shard is complete (a run that failed at once) a new run simply replaces it.
-- per shard ``k`` (input rows ``[k * shard_size, (k + 1) * shard_size)``), in the run's format: ``parquet``
-  (the default for a new run) writes ``data/embeddings-0000k.parquet`` (columns ``id``, ``row``: the row number
-  in the input, ``embedding``: a fixed-size list of float16/float32, or int8/uint8 with ``precision``) and
-  ``shard-0000k.json``; ``npy`` writes ``embeddings-0000k.npy`` ``(rows, dim)`` and ``ids-0000k.json`` (the
-  ids). ``data/`` holds the shards only, so that pyarrow, pandas and ``datasets`` read it as one table. The
-  JSON record (row range, bad rows, truncated count) is renamed last and is what marks the shard complete;
-  each file is written to a temporary name, fsynced and renamed (``ShardWriter``), so a shard is never taken
-  as complete while half written. An existing run keeps its format; a different explicit one is an error.
-- with ``precision`` int8/uint8: ``quantization-ranges.npy`` ``(2, dim)``, the ranges of every shard, from
-  the embeddings of the first ``calibration_rows`` good rows.
-- ``manifest.json``, written when every shard is complete: counts (rows, encoded, bad, empty, truncated),
-  model, settings and the shard list.
-
-Killed at any moment and started again with the same command, the run redoes only the shards that are not
-complete; the result equals an uninterrupted run, byte for byte, since each shard is always encoded in the
-same batches. Under torchrun, rank ``r`` of ``W`` encodes the shards ``k`` with ``k % W == r``: the files are
-the same as a one-process run's. Bad rows (undecodable line, invalid JSON, missing or non-string text field)
-stop the run with the file and line, or with ``on_bad_row="skip"`` are listed in the shard's ids file and
-counted in the manifest; nothing is dropped silently, and a run where every row is bad (or more than
-``max_bad_rows``) is an error. Texts longer than ``max_length`` tokens are cut there (after llm2vec's
-``doc_max_length`` word trimming) and counted as truncated.
+``llm2vec-fast encode`` is a thin command line over it, its options ``CorpusSettings``' fields. Input (streamed):
+``.txt``, ``.jsonl``, ``.parquet``, ``.txt.gz``, ``.jsonl.gz``; rows numbered from 0 in file order, a row without
+an id gets its number. Output: ``run.json`` (the resolved settings and the input's SHA-256, pinned), per shard
+``k`` (rows ``[k * shard_size, (k + 1) * shard_size)``) its embeddings (Parquet in ``data/``, or ``.npy``) and a
+JSON record, written last, that marks it complete; ``quantization-ranges.npy`` for int8/uint8; ``manifest.json``
+at the end. Killed and started again, a run redoes only the incomplete shards, and the result equals an
+uninterrupted run byte for byte (each shard is always encoded in the same batches). Under torchrun rank ``r`` of
+``W`` encodes the shards ``k % W == r``. Bad rows stop the run with the file and line, or are listed and counted
+(``on_bad_row="skip"``); nothing is dropped silently. docs/encoding.md has the whole contract.
 """
 
 from __future__ import annotations
@@ -54,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, sha256
 from .kernels._dispatch import IMPLEMENTATIONS
 from .pooling import POOLING_MODES
 from .dtypes import MODEL_DTYPES
@@ -104,13 +80,6 @@ def input_kind(path: str | Path) -> str:
     raise ValueError(f"unsupported input {path}: the input must be one of {', '.join(SUFFIXES)}")
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for line in handle:
-            yield line
-
-
 def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
               wanted=None) -> Iterator[Row]:
     """Stream the rows of ``path``. ``wanted(index) -> bool`` lets rows be skipped cheaply (not parsed).
@@ -126,23 +95,23 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
         yield from _read_parquet(path, text_field, id_field, wanted)
         return
     index = 0
-    for number, raw in enumerate(_open_lines(path), start=1):
-        if kind == ".jsonl" and not raw.strip():
-            logger.debug("%s:%d: blank line, not a row", path, number)
-            continue
-        if wanted is not None and not wanted(index):
-            index += 1
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            yield Row(index, index, None, f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})")
-        else:
-            if kind == ".txt":
-                yield Row(index, index, line.rstrip("\r\n"))
+    with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if kind == ".jsonl" and not raw.strip():
+                logger.debug("%s:%d: blank line, not a row", path, number)
+                continue
+            if wanted is not None and not wanted(index):
+                index += 1
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield Row(index, index, None,
+                          f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})")
             else:
-                yield _json_row(line, path, number, index, text_field, id_field)
-        index += 1
+                yield (Row(index, index, line.rstrip("\r\n")) if kind == ".txt"
+                       else _json_row(line, path, number, index, text_field, id_field))
+            index += 1
 
 
 def _json_row(line: str, path: Path, number: int, index: int, text_field: str, id_field: str | None) -> Row:
@@ -232,28 +201,17 @@ def _complete_shards(output: Path, format: str | None = None) -> list[int]:
     return sorted(found)
 
 
-def _arrow_ids(ids: list, id_type: str, first_row: int):
-    import pyarrow as pa
-
-    for offset, value in enumerate(ids):
-        kind = _id_type(value)
-        if value is not None and kind != id_type:
-            raise CorpusError(
-                f"the id of row {first_row + offset} is {value!r} ({kind}), but this run's ids are {id_type}s (the "
-                f"type of the first row's id): a Parquet column holds one type. Give every row an id of one type, "
-                f"or number the rows (--id-field '').")
-    return pa.array(ids, type={"int": pa.int64(), "str": pa.string(), "float": pa.float64(),
-                               "bool": pa.bool_()}[id_type])
-
-
 def _id_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    return "str"
+    return {bool: "bool", int: "int", float: "float"}.get(type(value), "str")
+
+
+def _check_id(value: Any, row: int, id_type: str) -> None:
+    """A Parquet column holds one type: every id (of a JSON-safe value) must have the first row's."""
+    if value is not None and _id_type(value) != id_type:
+        raise CorpusError(
+            f"the id of row {row} is {value!r} ({_id_type(value)}), but this run's ids are {id_type}s (the type of "
+            f"the first row's id): a Parquet column holds one type. Give every row an id of one type, or number the "
+            f"rows (--id-field '').")
 
 
 def embedding_column(array: np.ndarray):
@@ -263,15 +221,18 @@ def embedding_column(array: np.ndarray):
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), int(array.shape[1]))
 
 
-def parquet_shard_bytes(array: np.ndarray, ids: list, rows: list[int], id_type: str, first_row: int = 0) -> bytes:
+def parquet_shard_bytes(array: np.ndarray, ids: list, rows: list[int], id_type: str) -> bytes:
     """One shard as a Parquet file: columns ``id``, ``row`` (int64, the row number in the input) and
     ``embedding`` (a fixed-size list of the array's dtype), written with fixed settings (row-group size,
     compression; no timestamp is written), so that the same content gives the same bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    for value, row in zip(ids, rows):
+        _check_id(value, row, id_type)
+    types = {"int": pa.int64(), "str": pa.string(), "float": pa.float64(), "bool": pa.bool_()}
     table = pa.table({
-        "id": _arrow_ids(ids, id_type, first_row),
+        "id": pa.array(ids, type=types[id_type]),
         "row": pa.array(rows, type=pa.int64()),
         "embedding": embedding_column(array),
     })
@@ -297,7 +258,7 @@ class ShardWriter:
 
     def embeddings_bytes(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> bytes:
         if self.format == "parquet":
-            return parquet_shard_bytes(array, record["ids"], rows, self.id_type, record["first_row"])
+            return parquet_shard_bytes(array, record["ids"], rows, self.id_type)
         buffer = io.BytesIO()
         np.save(buffer, array)
         return buffer.getvalue()
@@ -308,15 +269,12 @@ class ShardWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda h: h.write(data))
 
-    def write_record(self, k: int, record: dict[str, Any]) -> None:
-        if self.format == "parquet":  # the ids are in the Parquet file
-            record = {key: value for key, value in record.items() if key != "ids"}
-        _write_json(self.output / shard_names(k, self.format)[1], record)
-
     def write_shard(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> None:
         """``record["ids"]`` and ``rows`` are the ids and input row numbers of the array's rows."""
         self.write_embeddings(k, array, record, rows)
-        self.write_record(k, record)
+        if self.format == "parquet":  # the ids are in the Parquet file
+            record = {key: value for key, value in record.items() if key != "ids"}
+        _write_json(self.output / shard_names(k, self.format)[1], record)
 
 
 def load_output(output: str | Path) -> tuple[np.ndarray, list]:
@@ -340,48 +298,76 @@ def load_output(output: str | Path) -> tuple[np.ndarray, list]:
 
 
 # ---------------------------------------------------------------------------------------------------------- settings
+def _setting(default: Any = dataclasses.MISSING, help: str | None = None, **cli: Any):
+    """A ``CorpusSettings`` field and its ``llm2vec-fast encode`` option (``--name-with-dashes``, or ``flags``):
+    ``help``, argparse's ``choices`` and ``metavar``, and the ``minimum`` of an integer (checked by ``validate``)."""
+    metadata = {"help": help, **cli}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=list, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class CorpusSettings:
-    """What to encode with and how. ``None`` means the encoder's own value (its ``llm2vec_config.json``, else
-    llm2vec's defaults); run.json records the resolved values, so an explicit default equals an omitted one."""
+    """What to encode with and how; the command line's options are these fields. ``None`` means the encoder's own
+    value (its ``llm2vec_config.json``, else llm2vec's defaults); run.json records the resolved values, so an
+    explicit default equals an omitted one."""
 
-    model: str  # built-in name (smollm2-135m), hub id or local path
-    adapters: list[str] = dataclasses.field(default_factory=list)  # LoRA adapters merged in order
-    text_field: str = "text"
-    id_field: str | None = "id"  # None or absent: the row number
-    instruction: str = ""  # sentence-transformers' ``prompt``: put before every text, left out of pooling
-    prompt_name: str | None = None  # a named instruction instead (LLM2Vec's MTEB task names, query, document)
-    batch_size: int = 32
-    max_batch_tokens: int | None = None
-    max_length: int | None = None
-    doc_max_length: int | None = None
-    pooling_mode: str | None = None
-    dtype: str = "float32"  # of the stored embeddings: float16 or float32 (with precision float32)
-    truncate_dim: int | None = None  # keep the leading dimensions (Matryoshka), before normalize and precision
-    precision: str = "float32"  # float32 (then dtype), int8, uint8, binary, ubinary: as sentence-transformers'
-    calibration_rows: int = 1000  # int8/uint8: the ranges come from the first this many good rows' embeddings
-    format: str | None = None  # parquet or npy; None: the existing run's format, parquet for a new run
-    model_dtype: str = "auto"  # compute dtype: bf16 on CUDA, fp32 on the CPU
-    shard_size: int = 10000
-    normalize: bool = False
-    device: str | None = None  # default cuda:LOCAL_RANK when CUDA is there, else cpu
-    attention_impl: str = "auto"
-    compile: bool = False  # torch.compile the model (LLM2Vec.compile_model); not pinned: it changes results by rounding only
-    on_bad_row: str = "error"  # "error" stops at the first bad row; "skip" lists it and goes on
-    max_bad_rows: int | None = None  # with "skip": more bad rows than this is an error (None: any, unless all)
+    model: str = _setting(help="base model: built-in name (smollm2-135m), hub id or path")
+    adapters: list[str] = _setting([], "LoRA adapter to merge, in order (repeatable)", flags=("--adapter",),
+                                   metavar="PATH")
+    text_field: str = _setting("text", "text field/column of .jsonl/.parquet (default text)")
+    id_field: str | None = _setting("id", "id field/column (default id; the row number when absent, or with '')")
+    instruction: str = _setting("", "instruction (sentence-transformers' prompt) put before every text, left out "
+                                "of pooling", flags=("--instruction", "--prompt"))
+    prompt_name: str | None = _setting(None, "a named instruction instead: an MTEB task name of LLM2Vec's, query "
+                                       "or document")
+    batch_size: int = _setting(32, minimum=1)
+    max_batch_tokens: int | None = _setting(None, "token budget per batch", minimum=1)
+    max_length: int | None = _setting(None, "max tokens per input (default 512)")
+    doc_max_length: int | None = _setting(None, "llm2vec's word trimming (default 400)")
+    pooling_mode: str | None = _setting(None, "default: the adapter's llm2vec_config.json, else mean",
+                                        choices=POOLING_MODES)
+    dtype: str = _setting("float32", "stored embeddings, with precision float32", choices=("float16", "float32"))
+    truncate_dim: int | None = _setting(None, "keep the first N dimensions (Matryoshka), before --normalize and "
+                                        "--precision", minimum=1, metavar="N")
+    # Checked by validate (no argparse choices), so that a wrong value is one line and exit code 1.
+    precision: str = _setting("float32", "float32 (then --dtype), int8, uint8 (ranges from the first "
+                              "--calibration-rows rows), binary, ubinary (8 dimensions a byte), as "
+                              "sentence-transformers' quantize_embeddings")
+    calibration_rows: int = _setting(1000, "int8/uint8: rows whose embeddings give the ranges (default 1000)",
+                                     minimum=2, metavar="N")
+    format: str | None = _setting(None, "shards: parquet (default for a new run) or npy; a run being resumed keeps "
+                                  "its own", choices=FORMATS)
+    model_dtype: str = _setting("auto", "compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)",
+                                choices=MODEL_DTYPES)
+    shard_size: int = _setting(10000, "rows per shard (default 10000)", minimum=1)
+    normalize: bool = _setting(False, "L2-normalize the embeddings")
+    device: str | None = _setting(None, "default: cuda:LOCAL_RANK when CUDA is there, else cpu")
+    attention_impl: str = _setting("auto", "our attention kernel: auto (Triton on CUDA), triton, or torch (the "
+                                   "PyTorch path)", choices=IMPLEMENTATIONS)
+    # Not pinned in run.json: compiling changes results by rounding only.
+    compile: bool = _setting(False, "torch.compile the model (inductor; the first batch pays the compile, its "
+                             "time is logged)")
+    on_bad_row: str = _setting("error", "stop at a bad row (default), or skip it and list it in the shard and "
+                               "manifest", choices=BAD_ROW_POLICIES)
+    max_bad_rows: int | None = _setting(None, "with --on-bad-row skip: fail when more than N rows are bad "
+                                        "(default: fail only when every row is bad)", minimum=0, metavar="N")
+
+    def __post_init__(self):
+        self.adapters = list(self.adapters)
+        self.id_field = self.id_field or None
 
     def validate(self) -> None:
-        for name in ("batch_size", "shard_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be a positive integer, got {self.max_batch_tokens!r}")
-        if self.truncate_dim is not None and (isinstance(self.truncate_dim, bool)
-                                              or not isinstance(self.truncate_dim, int) or self.truncate_dim < 1):
-            raise ValueError(f"truncate_dim must be a positive integer, got {self.truncate_dim!r}")
-        if not isinstance(self.calibration_rows, int) or self.calibration_rows < 2:
-            raise ValueError(f"calibration_rows must be an integer of 2 or more, got {self.calibration_rows!r}")
+        for field in dataclasses.fields(self):
+            value, minimum = getattr(self, field.name), field.metadata.get("minimum")
+            allowed = field.metadata.get("choices")
+            if minimum is not None and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                               or value < minimum):
+                wanted = "a positive integer" if minimum == 1 else f"an integer of {minimum} or more"
+                raise ValueError(f"{field.name} must be {wanted}, got {value!r}")
+            if allowed is not None and value not in allowed and not (value is None and field.default is None):
+                raise ValueError(f"{field.name} must be one of {list(allowed)}, got {value!r}")
         check_precision(self.precision)
         if self.precision != "float32" and self.dtype != "float32":
             raise ValueError(f"dtype {self.dtype!r} is for float embeddings; with precision {self.precision!r} the "
@@ -389,24 +375,11 @@ class CorpusSettings:
         if self.instruction and self.prompt_name is not None:
             raise ValueError(f"give an instruction (prompt) or a prompt_name, not both (got {self.instruction!r} "
                              f"and {self.prompt_name!r})")
-        if self.max_bad_rows is not None and self.max_bad_rows < 0:
-            raise ValueError(f"max_bad_rows must be 0 or more, got {self.max_bad_rows!r}")
-        choices = {"dtype": ("float16", "float32"), "model_dtype": MODEL_DTYPES, "attention_impl": IMPLEMENTATIONS,
-                   "on_bad_row": BAD_ROW_POLICIES, "pooling_mode": (None, *POOLING_MODES),
-                   "format": (None, *FORMATS)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
-                                 f"got {getattr(self, name)!r}")
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
     """The input by content: size and SHA-256, streamed (a ``touch`` or a copy elsewhere changes nothing)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256(path)}
 
 
 def _resolved_name(name_or_path: str) -> str:
@@ -415,8 +388,16 @@ def _resolved_name(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def _upgraded(stored: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A version-2 run.json as the version-3 settings of the same run (it could only be that)."""
+def _stored_run(output: Path) -> dict[str, Any] | None:
+    """``output``'s run.json: None when there is none, ``{}`` when unreadable (it differs from any settings and
+    is replaced while no shard is complete); a version-2 one as the version-3 settings of the same run (it could
+    only be that)."""
+    try:
+        stored = json.loads((output / "run.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
     if stored and stored.get("format_version") == 2:
         stored = {**stored, "format_version": 3, "format": "npy", "truncate_dim": None, "precision": "float32",
                   "calibration_rows": None, "id_type": None}
@@ -426,7 +407,7 @@ def _upgraded(stored: dict[str, Any] | None) -> dict[str, Any] | None:
 def _resolve_format(settings: CorpusSettings, output: Path) -> str:
     """The output format: the existing run's where the folder holds one (a complete shard or the manifest),
     which an explicit other ``format`` may not change; else ``settings.format`` or parquet."""
-    stored = _upgraded(_read_run_file(output / "run.json")) if output.is_dir() else None
+    stored = _stored_run(output) if output.is_dir() else None
     if stored is not None and (_complete_shards(output) or (output / "manifest.json").is_file()):
         existing = stored.get("format")
         if existing in FORMATS:
@@ -439,16 +420,17 @@ def _resolve_format(settings: CorpusSettings, output: Path) -> str:
     return settings.format or DEFAULT_FORMAT
 
 
-def _first_id_type(source: Path, settings: CorpusSettings) -> str:
-    """The type of the first good row's id, which every id of a Parquet run must have (one column, one type)."""
-    rows = read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None)
-    try:
-        for row in rows:
-            if row.text is not None and row.id is not None:
-                return _id_type(_json_safe(row.id))
-    finally:
-        rows.close()
-    return "int"
+def _ids_type(source: Path, settings: CorpusSettings, *, whole: bool) -> str:
+    """The type of the first good row's id, which every id of a Parquet run must have (one column, one type).
+    With ``whole`` (rank 0, before any encoding) every row is read, so that a mixed input fails at once."""
+    first = None
+    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field):
+        if row.text is not None and row.id is not None:
+            first = first or _id_type(_json_safe(row.id))
+            if not whole:
+                break
+            _check_id(_json_safe(row.id), row.index, first)
+    return first or "int"
 
 
 def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
@@ -457,7 +439,8 @@ def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> s
     return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
 
 
-def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, format: str) -> dict[str, Any]:
+def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, format: str,
+                     id_type: str | None) -> dict[str, Any]:
     """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
     The bad-row policy is not here: it decides whether the run may finish, not what a shard holds. A prompt
     name is pinned as the instruction it names."""
@@ -470,7 +453,7 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
         "adapters": [_resolved_name(str(a)) for a in settings.adapters],
         "input": input_fingerprint(source),
         "text_field": settings.text_field,
-        "id_field": settings.id_field or None,
+        "id_field": settings.id_field,
         "instruction": resolved_instruction(settings, encoder.prompts),
         "batch_size": settings.batch_size,
         "max_batch_tokens": budget,
@@ -484,7 +467,7 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
         "precision": settings.precision,
         "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
         "format": format,
-        "id_type": _first_id_type(source, settings) if format == "parquet" else None,
+        "id_type": id_type,
         "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
         "shard_size": settings.shard_size,
         "normalize": bool(settings.normalize),
@@ -493,21 +476,11 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
     }
 
 
-def _read_run_file(run_file: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(run_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}  # unreadable: differs from any settings, and is replaced while no shard is complete
-
-
 def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
     """Make ``output`` hold a run with exactly ``pinned`` settings, or refuse (rank 0 only). True when run.json
     was (re)written: what the folder held before belongs to no run."""
     output.mkdir(parents=True, exist_ok=True)
-    run_file = output / "run.json"
-    stored = _upgraded(_read_run_file(run_file))
+    stored = _stored_run(output)
     if stored == pinned:
         return False
     if stored is not None:
@@ -519,15 +492,14 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
                 f"{output} holds {len(done)} complete shard(s) of a run with other settings ({details}). Resume "
                 f"with the same settings and input, or start over: delete {output} or choose another output folder.")
         logger.info("%s holds an earlier run that completed no shard; starting it again with these settings", output)
-    _write_json(run_file, pinned, indent=2)
+    _write_json(output / "run.json", pinned, indent=2)
     return True
 
 
 def _distributed():
-    """(rank, world_size, local_rank, group_initialized) from torchrun's environment."""
+    """(rank, world_size, group_initialized) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     initialized = False
     if world > 1:
         import torch.distributed as dist
@@ -536,7 +508,7 @@ def _distributed():
             # Only barriers and error messages cross ranks, so gloo serves on every machine.
             dist.init_process_group("gloo")
             initialized = True
-    return rank, world, local_rank, initialized
+    return rank, world, initialized
 
 
 class OtherRankError(CorpusError):
@@ -586,24 +558,31 @@ def check_truncate_dim(settings: CorpusSettings, dimension: int) -> None:
                          f"{settings.model}: choose at most {dimension}")
 
 
-def load_encoder(settings: CorpusSettings, device):
-    """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``."""
+def check_model(settings: CorpusSettings) -> None:
+    """The model and adapters ``settings`` names resolve (``ModelNotFoundError`` in one line, without hub
+    retries) and ``truncate_dim`` fits the model's config: found before anything heavy happens."""
     from .builtin_models import locate_model
-    from .encoder import LLM2Vec
-    from .dtypes import resolve_dtype
 
-    # A name that resolves nowhere fails here, in one line, without hub retries.
     located = locate_model(settings.model)
-    if settings.truncate_dim is not None:  # found before the weights load, from the config alone
+    for adapter in settings.adapters:
+        if not Path(adapter).expanduser().exists():
+            locate_model(adapter)
+    if settings.truncate_dim is not None:
         try:
             from transformers import AutoConfig
 
             check_truncate_dim(settings, int(AutoConfig.from_pretrained(located).hidden_size))
         except (OSError, AttributeError, KeyError):
             pass  # e.g. an adapter folder as the model: checked once the encoder is loaded
-    for adapter in settings.adapters:
-        if not Path(adapter).expanduser().exists():
-            locate_model(adapter)
+
+
+def load_encoder(settings: CorpusSettings, device):
+    """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``,
+    compiled with ``settings.compile``."""
+    from .encoder import LLM2Vec
+    from .dtypes import resolve_dtype
+
+    check_model(settings)
     model_dtype = settings.model_dtype if settings.model_dtype != "auto" or device.type == "cuda" else "float32"
     encoder = LLM2Vec.from_pretrained(
         settings.model, peft_model_name_or_path=list(settings.adapters) or None, merge_peft=True,
@@ -614,6 +593,26 @@ def load_encoder(settings: CorpusSettings, device):
     if settings.compile:
         encoder.compile_model()
     return encoder
+
+
+def prepare_encoder(settings: CorpusSettings, encoder=None):
+    """The setup that ``encode_corpus`` and the Ray callable share: (the encoder on its device, the device, the
+    instruction of every text). ``encoder`` is moved to the device when given, else loaded (``load_encoder``).
+    The device is ``settings.device``, else ``cuda:LOCAL_RANK`` where CUDA is, else the CPU."""
+    import torch
+
+    if settings.device:
+        device = torch.device(settings.device)
+    elif torch.cuda.is_available():
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    else:
+        device = torch.device("cpu")
+    if encoder is None:
+        encoder = load_encoder(settings, device)
+    else:
+        encoder.model.to(device)
+    check_truncate_dim(settings, int(encoder.model.config.hidden_size))
+    return encoder, device, resolved_instruction(settings, encoder.prompts)
 
 
 class _BatchProgress:
@@ -675,43 +674,81 @@ def _stored_width(settings: CorpusSettings, dim: int) -> tuple[int, np.dtype]:
     return dim, np.dtype(settings.dtype)
 
 
-def _encode_shard(encoder, settings: CorpusSettings, instruction: str, rows: list[Row], device,
-                  progress: _BatchProgress, ranges: np.ndarray | None):
-    """One shard's rows -> (stored array, ids record without its row range, row numbers of the array's rows)."""
-    good = [r for r in rows if r.text is not None]
-    bad = [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem} for r in rows if r.text is None]
-    stats = {"rows": len(rows), "encoded": len(good), "bad": len(bad), "truncated": 0, "empty": 0, "tokens": 0}
-    if good:
-        vectors, encoded = embed_texts(encoder, settings, instruction, [r.text for r in good], device, progress)
-        stats["truncated"] = sum(e.truncated for e in encoded)
-        stats["empty"] = sum(1 for r in good if not r.text.strip())
-        stats["tokens"] = sum(len(e.input_ids) for e in encoded)
-        array = stored_embeddings(vectors, settings, ranges)
-    else:
-        width, dtype = _stored_width(settings, settings.truncate_dim or encoder.model.config.hidden_size)
-        array = np.zeros((0, width), dtype=dtype)
-    record = {"ids": [_json_safe(r.id) for r in good], "bad_rows": bad, "dim": int(array.shape[1]), **stats}
-    return array, record, [r.index for r in good]
+class _Shards:
+    """Reads, encodes and writes shards: the input's rows grouped by shard (the bad-row policy applied as they are
+    read), each shard's good rows encoded in the batches ``encode_tokenized`` makes of exactly them (so that a
+    shard's bytes never depend on which run wrote it), and written with ``writer``."""
 
+    def __init__(self, source: Path, settings: CorpusSettings, encoder, device, instruction: str, writer, progress):
+        self.source, self.settings, self.writer, self.progress = source, settings, writer, progress
+        self.encoder, self.device, self.instruction = encoder, device, instruction
+        self.first_problem = None
 
-def _calibration_ranges(encoder, settings: CorpusSettings, instruction: str, source: Path, device) -> np.ndarray:
-    """int8/uint8: ``(2, dim)`` ranges from the embeddings of the input's first ``calibration_rows`` good rows,
-    so that every shard (and every rank) quantizes with the same buckets."""
-    texts = []
-    rows = read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None)
-    try:
-        for row in rows:
-            if row.text is not None:
-                texts.append(row.text)
-                if len(texts) == settings.calibration_rows:
-                    break
-    finally:
-        rows.close()
-    if len(texts) < 2:
-        raise CorpusError(f"precision {settings.precision!r} needs at least 2 good rows to calibrate its ranges; "
-                          f"{source} has {len(texts)}")
-    logger.info("Calibrating %s ranges on the first %d rows", settings.precision, len(texts))
-    return quantization_ranges(embed_texts(encoder, settings, instruction, texts, device)[0])
+    def rows(self, wanted=None) -> Iterator[list[Row]]:
+        current: list[Row] = []
+        for row in read_rows(self.source, text_field=self.settings.text_field, id_field=self.settings.id_field,
+                             wanted=wanted):
+            if row.text is None:
+                self.progress.bad += 1
+                self.first_problem = self.first_problem or row.problem
+                # This rank's count is a lower bound of the run's: stop as soon as the policy is broken.
+                _check_bad_rows(self.settings, self.progress.bad, 0, 0, self.first_problem)
+            if current and row.index // self.settings.shard_size != current[0].index // self.settings.shard_size:
+                yield current
+                current = []
+            current.append(row)
+        if current:
+            yield current
+
+    def encode(self, rows: list[Row]) -> tuple[np.ndarray | None, dict[str, Any], list[int]]:
+        """(float32 embeddings of the good rows, None when there is none; the shard's record; their row numbers)."""
+        good = [r for r in rows if r.text is not None]
+        # In the order the record file has; "dim" is set when the shard is written.
+        record = {"shard": rows[0].index // self.settings.shard_size, "first_row": rows[0].index,
+                  "last_row": rows[-1].index, "ids": [_json_safe(r.id) for r in good],
+                  "bad_rows": [{"row": r.index, "id": _json_safe(r.id), "problem": r.problem}
+                               for r in rows if r.text is None],
+                  "dim": None, "rows": len(rows), "encoded": len(good), "bad": len(rows) - len(good), "truncated": 0,
+                  "empty": 0, "tokens": 0}
+        numbers = [r.index for r in good]
+        if not good:
+            return None, record, numbers
+        vectors, encoded = embed_texts(self.encoder, self.settings, self.instruction, [r.text for r in good],
+                                       self.device, self.progress)
+        record.update(truncated=sum(e.truncated for e in encoded), empty=sum(1 for r in good if not r.text.strip()),
+                      tokens=sum(len(e.input_ids) for e in encoded))
+        return vectors, record, numbers
+
+    def write(self, vectors: np.ndarray | None, record: dict[str, Any], numbers: list[int],
+              ranges: np.ndarray | None) -> None:
+        if vectors is None:
+            width, dtype = _stored_width(self.settings, self.settings.truncate_dim
+                                         or self.encoder.model.config.hidden_size)
+            array = np.zeros((0, width), dtype=dtype)
+        else:
+            array = stored_embeddings(vectors, self.settings, ranges)
+        self.writer.write_shard(record["shard"], array, {**record, "dim": int(array.shape[1])}, numbers)
+
+    def calibrate(self, ranges_file: Path) -> None:
+        """int8/uint8: ``(2, dim)`` ranges from the embeddings of the input's first ``calibration_rows`` good rows,
+        so that every shard (and every rank) quantizes with the same buckets. Those rows are encoded once: as
+        parts of their shards, which are written here, with the ranges."""
+        encoded, good = [], 0
+        for rows in self.rows():
+            encoded.append(self.encode(rows))
+            good += encoded[-1][1]["encoded"]
+            if good >= self.settings.calibration_rows:
+                break
+        if good < 2:
+            raise CorpusError(f"precision {self.settings.precision!r} needs at least 2 good rows to calibrate its "
+                              f"ranges; {self.source} has {good}")
+        logger.info("Calibrating %s ranges on the first %d rows", self.settings.precision,
+                    min(good, self.settings.calibration_rows))
+        vectors = np.concatenate([v for v, _, _ in encoded if v is not None])[: self.settings.calibration_rows]
+        ranges = quantization_ranges(vectors)
+        atomic_write(ranges_file, lambda h: np.save(h, ranges))
+        for shard in encoded:
+            self.write(*shard, ranges)
 
 
 def _check_bad_rows(settings: CorpusSettings, bad: int, rows: int, encoded: int, first_problem: str | None) -> None:
@@ -742,13 +779,13 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     nowhere, ``ValueError`` for an unknown ``prompt_name``, a ``truncate_dim`` larger than the embedding size or an
     unknown ``precision``.
     """
-    import torch
     from tqdm.auto import tqdm
 
     settings.validate()
     source, output = Path(source), Path(output)
     _check_source_and_output(source, output)
-    if encoder is None:  # a prompt name that names nothing fails before a model loads
+    if encoder is None:  # a model or prompt name that names nothing fails before anything heavy
+        check_model(settings)
         resolved_instruction(settings, default_prompts())
     format = _resolve_format(settings, output)
     if format == "parquet":
@@ -757,107 +794,69 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         except ImportError:
             raise ImportError("the parquet format (the default) needs pyarrow: pip install pyarrow, or write .npy "
                               "shards with --format npy (format='npy')") from None
-    rank, world, local_rank, initialized = _distributed()
+    rank, world, initialized = _distributed()
+    disable = not logger.isEnabledFor(logging.INFO) if show_progress_bar is None else not show_progress_bar
+    bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text", disable=disable,
+               position=rank if world > 1 else None)
     try:
         with _together(rank, world):
-            if settings.device:
-                device = torch.device(settings.device)
-            else:
-                device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-            if encoder is None:
-                encoder = load_encoder(settings, device)
-            else:
-                encoder.model.to(device)
-            dimension = int(encoder.model.config.hidden_size)
-            check_truncate_dim(settings, dimension)
-            instruction = resolved_instruction(settings, encoder.prompts)
-            pinned = _pinned_settings(settings, encoder, device, source, format)
+            encoder, device, instruction = prepare_encoder(settings, encoder)
+            id_type = _ids_type(source, settings, whole=rank == 0) if format == "parquet" else None
+            pinned = _pinned_settings(settings, encoder, device, source, format, id_type)
+            if writer is None:
+                writer = ShardWriter(output, format, id_type)
+            elif writer.format != format:
+                raise ValueError(f"the writer writes {writer.format} shards, but this run's format is {format}")
+            shards = _Shards(source, settings, encoder, device, instruction, writer, _BatchProgress(bar))
             ranges_file = output / RANGES_FILE
             if rank == 0:
                 fresh = _claim_output(output, pinned)
-                if settings.precision in ("int8", "uint8") and (fresh or not ranges_file.is_file()):
-                    ranges = _calibration_ranges(encoder, settings, instruction, source, device)
-                    atomic_write(ranges_file, lambda h: np.save(h, ranges))
-                elif fresh and ranges_file.is_file():
+                if fresh and ranges_file.is_file():
                     ranges_file.unlink()  # an earlier run's that completed no shard
+                if settings.precision in ("int8", "uint8") and not ranges_file.is_file():
+                    shards.calibrate(ranges_file)
         with _together(rank, world):
-            if rank != 0 and _upgraded(_read_run_file(output / "run.json")) != pinned:
+            if rank != 0 and _stored_run(output) != pinned:
                 raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 "
                                             f"(see {output / 'run.json'})")
             complete = (output / "manifest.json").is_file()
             if not complete:
                 ranges = np.load(ranges_file) if settings.precision in ("int8", "uint8") else None
-                if writer is None:
-                    writer = ShardWriter(output, format, pinned["id_type"])
-                elif writer.format != format:
-                    raise ValueError(f"the writer writes {writer.format} shards, but this run's format is {format}")
-                _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world,
-                               tqdm, show_progress_bar)
+                _encode_shards(shards, output, ranges, rank, world)
         if complete:
             logger.info("%s is already complete (manifest.json present); nothing to do", output)
             return json.loads((output / "manifest.json").read_text(encoding="utf-8")) if rank == 0 else {}
         if rank == 0:
-            return _write_manifest(output, settings, pinned, encoder, source, dimension)
+            return _write_manifest(output, settings, pinned, encoder, source, int(encoder.model.config.hidden_size))
         return {}
     finally:
+        bar.close()
         if initialized:
             import torch.distributed as dist
 
             dist.destroy_process_group()
 
 
-def _encode_shards(source, output, settings, instruction, ranges, encoder, device, writer, rank, world, tqdm,
-                   show_progress_bar) -> None:
-    format = writer.format
-
-    def mine(k: int) -> bool:
-        return k % world == rank
-
+def _encode_shards(shards: _Shards, output: Path, ranges: np.ndarray | None, rank: int, world: int) -> None:
+    """This rank's shards (``k % world == rank``) that are not complete, after removing their stale temporary files."""
+    format, shard_size = shards.writer.format, shards.settings.shard_size
     for stale in [*output.glob("*.tmp"), *output.glob("data/*.tmp")]:
         shard = stale.name.split("-")[-1].split(".")[0]
-        if shard.isdigit() and mine(int(shard)):
+        if shard.isdigit() and int(shard) % world == rank:
             stale.unlink()
-    done_before = [k for k in _complete_shards(output, format) if mine(k)]
+    done_before = [k for k in _complete_shards(output, format) if k % world == rank]
     if done_before:
         logger.info("Resuming: %d shard(s) of this rank are already complete", len(done_before))
-
     wanted_by_shard: dict[int, bool] = {}
 
     def wanted(index: int) -> bool:  # asked once per row, answered once per shard
-        k = index // settings.shard_size
+        k = index // shard_size
         if k not in wanted_by_shard:
-            wanted_by_shard[k] = mine(k) and not shard_complete(output, k, format)
+            wanted_by_shard[k] = k % world == rank and not shard_complete(output, k, format)
         return wanted_by_shard[k]
 
-    disable = not logger.isEnabledFor(logging.INFO) if show_progress_bar is None else not show_progress_bar
-    bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text", disable=disable,
-               position=rank if world > 1 else None)
-    progress = _BatchProgress(bar)
-    first_problem = None
-    current: list[Row] = []
-
-    def flush(rows: list[Row]) -> None:
-        k = rows[0].index // settings.shard_size
-        array, record, numbers = _encode_shard(encoder, settings, instruction, rows, device, progress, ranges)
-        writer.write_shard(k, array, {"shard": k, "first_row": rows[0].index, "last_row": rows[-1].index,
-                                      **record}, numbers)
-
-    try:
-        for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field or None,
-                             wanted=wanted):
-            if row.text is None:
-                progress.bad += 1
-                first_problem = first_problem or row.problem
-                # This rank's count is a lower bound of the run's: stop as soon as the policy is broken.
-                _check_bad_rows(settings, progress.bad, 0, 0, first_problem)
-            if current and row.index // settings.shard_size != current[0].index // settings.shard_size:
-                flush(current)
-                current = []
-            current.append(row)
-        if current:
-            flush(current)
-    finally:
-        bar.close()
+    for rows in shards.rows(wanted):
+        shards.write(*shards.encode(rows), ranges)
 
 
 def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path,
@@ -873,20 +872,16 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
     for record in sorted(records, key=lambda r: r["shard"]):
         k = record["shard"]
+        # The shards must cover rows 0..rows-1 without a gap: a gap means a shard is missing.
+        if record["first_row"] != totals["rows"]:
+            raise RuntimeError(f"shard {k} starts at row {record['first_row']}, expected {totals['rows']}: a shard "
+                               f"is missing in {output}")
         embeddings_name, record_name = shard_names(k, format)
         shards.append({"shard": k, "embeddings": embeddings_name, "ids" if format == "npy" else "record": record_name,
-                       "first_row": record["first_row"], "last_row": record["last_row"], "rows": record["rows"],
-                       "encoded": record["encoded"]})
+                       **{key: record[key] for key in ("first_row", "last_row", "rows", "encoded")}})
         for key in totals:
             totals[key] += record[key]
         bad_rows.extend(record["bad_rows"])
-    # The shards must cover rows 0..rows-1 without a gap: a gap means a shard is missing.
-    expected = 0
-    for shard in shards:
-        if shard["first_row"] != expected:
-            raise RuntimeError(f"shard {shard['shard']} starts at row {shard['first_row']}, expected {expected}: "
-                               f"a shard is missing in {output}")
-        expected = shard["last_row"] + 1
     # The whole run's counts (a resumed run's shards may come from an earlier, more lenient run).
     _check_bad_rows(settings, totals["bad"], totals["rows"], totals["encoded"],
                     bad_rows[0]["problem"] if bad_rows else None)
@@ -922,60 +917,24 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model: built-in name (smollm2-135m), hub id or path")
-    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
-                        help="LoRA adapter to merge, in order (repeatable)")
+    """``llm2vec-fast encode``'s options: ``--input``, ``--output`` and every ``CorpusSettings`` field."""
     parser.add_argument("--input", required=True, help="input file: " + ", ".join(SUFFIXES))
     parser.add_argument("--output", required=True, help="output folder (created; resumed if it holds a run)")
-    parser.add_argument("--text-field", default="text", help="text field/column of .jsonl/.parquet (default text)")
-    parser.add_argument("--id-field", default="id", help="id field/column (default id; row number when absent)")
-    parser.add_argument("--instruction", "--prompt", dest="instruction", default="",
-                        help="instruction (sentence-transformers' prompt) put before every text, left out of pooling")
-    parser.add_argument("--prompt-name", default=None,
-                        help="a named instruction instead: an MTEB task name of LLM2Vec's, query or document")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
-    parser.add_argument("--max-length", type=int, default=None, help="max tokens per input (default 512)")
-    parser.add_argument("--doc-max-length", type=int, default=None, help="llm2vec's word trimming (default 400)")
-    parser.add_argument("--pooling-mode", default=None, choices=POOLING_MODES,
-                        help="default: the adapter's llm2vec_config.json, else mean")
-    parser.add_argument("--dtype", default="float32", choices=["float16", "float32"], help="stored embeddings")
-    parser.add_argument("--truncate-dim", type=int, default=None, metavar="N",
-                        help="keep the first N dimensions (Matryoshka), before --normalize and --precision")
-    # Checked by the library (no argparse choices), so that a wrong value is one line and exit code 1.
-    parser.add_argument("--precision", default="float32",
-                        help="float32 (then --dtype), int8, uint8 (ranges from the first --calibration-rows rows), "
-                             "binary, ubinary (8 dimensions a byte), as sentence-transformers' quantize_embeddings")
-    parser.add_argument("--calibration-rows", type=int, default=1000, metavar="N",
-                        help="int8/uint8: rows whose embeddings give the ranges (default 1000)")
-    parser.add_argument("--format", default=None, choices=FORMATS,
-                        help="shards: parquet (default for a new run) or npy; a run being resumed keeps its own")
-    parser.add_argument("--model-dtype", default="auto", choices=MODEL_DTYPES,
-                        help="compute dtype (default auto: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard (default 10000)")
-    parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
-    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is there, else cpu")
-    parser.add_argument("--attention-impl", default="auto", choices=IMPLEMENTATIONS,
-                        help="our attention kernel: auto (Triton on CUDA), triton, or torch (the PyTorch path)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (inductor; the first batch pays the compile, its time is logged)")
-    parser.add_argument("--on-bad-row", default="error", choices=BAD_ROW_POLICIES,
-                        help="stop at a bad row (default), or skip it and list it in the shard and manifest")
-    parser.add_argument("--max-bad-rows", type=int, default=None, metavar="N",
-                        help="with --on-bad-row skip: fail when more than N rows are bad (default: fail only when "
-                             "every row is bad)")
+    for field in dataclasses.fields(CorpusSettings):
+        options = {key: value for key, value in field.metadata.items() if key not in ("flags", "minimum")}
+        if field.type == "bool":
+            options["action"] = "store_true"
+        elif field.type == "list[str]":
+            options.update(action="append", default=[])
+        elif field.default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options.update(default=field.default, type=int if field.type.startswith("int") else str)
+        parser.add_argument(*field.metadata.get("flags", [f"--{field.name.replace('_', '-')}"]), dest=field.name,
+                            **options)
 
 
 def main(args) -> int:
-    settings = CorpusSettings(
-        model=args.model, adapters=list(args.adapter), text_field=args.text_field, id_field=args.id_field or None,
-        instruction=args.instruction, prompt_name=args.prompt_name, batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, max_length=args.max_length, doc_max_length=args.doc_max_length,
-        pooling_mode=args.pooling_mode, dtype=args.dtype, truncate_dim=args.truncate_dim, precision=args.precision,
-        calibration_rows=args.calibration_rows, format=args.format, model_dtype=args.model_dtype,
-        shard_size=args.shard_size, normalize=args.normalize, device=args.device, attention_impl=args.attention_impl,
-        compile=args.compile,
-        on_bad_row=args.on_bad_row, max_bad_rows=args.max_bad_rows,
-    )
+    settings = CorpusSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(CorpusSettings)})
     encode_corpus(args.input, args.output, settings)
     return 0

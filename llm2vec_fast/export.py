@@ -1,25 +1,16 @@
 """Export an LLM2Vec encoder as a sentence-transformers model directory that other tools load.
 
 ``llm2vec-fast export --model BASE [--adapter A ...] --output DIR`` (or :func:`export_sentence_transformers`
-on an :class:`~llm2vec_fast.LLM2Vec`) writes::
-
-    DIR/config.json, model.safetensors     the merged weights; config.json with the bidirectional flags
-    DIR/tokenizer*.json ...                the tokenizer (pad = EOS, left padding, as llm2vec)
-    DIR/llm2vec_config.json                pooling_mode, max_length, doc_max_length, skip_instruction
-    DIR/sentence_bert_config.json          max_seq_length (read by TEI)
-    DIR/modules.json                       0: LLM2VecTransformer (root), 1: LLM2VecPooling (1_Pooling)
-    DIR/1_Pooling/config.json              the pooling mode, in sentence-transformers' Pooling keys too
-    DIR/config_sentence_transformers.json  prompts (LLM2Vec's task instructions), requirements, cosine
-    DIR/README.md                          the model card
+on an :class:`~llm2vec_fast.LLM2Vec`) writes the merged weights (``config.json`` with the bidirectional flags),
+the tokenizer, ``llm2vec_config.json``, ``sentence_bert_config.json``, ``modules.json`` (``LLM2VecTransformer``
+and ``LLM2VecPooling``), ``1_Pooling/config.json``, ``config_sentence_transformers.json`` (prompts,
+requirements, cosine) and the model card; docs/integrations.md lists each file and who reads it.
 
 ``SentenceTransformer(DIR, trust_remote_code=True)`` then runs our bidirectional attention and llm2vec's
-instruction handling, and gives :meth:`LLM2Vec.encode`'s embeddings. Without llm2vec-fast installed it fails
-at once with the ``requirements`` message (pip install llm2vec-fast), never a causal model. Plain transformers
-and the servers read the flags in config.json (see docs/integrations.md for who reads which):
-
-- ``is_causal: false``: transformers 5 (``create_causal_mask`` builds a padding-only mask), vLLM's pooling
-  runner (encoder-only attention for any architecture), TEI's Qwen2;
-- ``use_bidirectional_attention: true``: TEI's Llama, Mistral and Qwen3, transformers' and TEI's Gemma 3.
+instruction handling, and gives :meth:`LLM2Vec.encode`'s embeddings; without llm2vec-fast installed it fails at
+once with the ``requirements`` message, never a causal model. Servers read the flags in config.json:
+``is_causal: false`` (transformers 5, vLLM's pooling runner, TEI's Qwen2) and ``use_bidirectional_attention:
+true`` (TEI's Llama, Mistral and Qwen3, transformers' and TEI's Gemma 3).
 """
 
 from __future__ import annotations
@@ -93,14 +84,6 @@ def check_can_be_bidirectional(model) -> None:
         raise ValueError(f"cannot export {type(model).__name__} as a bidirectional encoder: {error}") from error
 
 
-def bidirectional_flags(model_type: str | None) -> dict[str, bool]:
-    """The config.json flags by which other tools load a model of ``model_type`` bidirectionally."""
-    flags = {"is_causal": False}
-    if model_type in _BIDIRECTIONAL_ATTENTION_TYPES:
-        flags["use_bidirectional_attention"] = True
-    return flags
-
-
 def write_model_files(encoder, output: str | os.PathLike) -> None:
     """The model (merged, unpatched, with the bidirectional flags in config.json), the tokenizer,
     ``llm2vec_config.json`` and ``sentence_bert_config.json`` into ``output`` (which may exist)."""
@@ -115,7 +98,9 @@ def write_model_files(encoder, output: str | os.PathLike) -> None:
     encoder.save(str(output))
     config_path = Path(output) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config.update(bidirectional_flags(config.get("model_type")))
+    config["is_causal"] = False  # the flags by which other tools load it bidirectionally
+    if config.get("model_type") in _BIDIRECTIONAL_ATTENTION_TYPES:
+        config["use_bidirectional_attention"] = True
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _write_json(Path(output) / "sentence_bert_config.json", {"max_seq_length": encoder.max_length,
                                                              "do_lower_case": False})
@@ -171,8 +156,37 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-def model_card(encoder, *, base_model: str, adapters: list[str], dimension: int) -> str:
-    """README.md: what the model is, how it was made, how to load it."""
+def trained_matryoshka_dims(adapters: list[str] | tuple[str, ...]) -> list[int] | None:
+    """The ``matryoshka_dims`` of the last adapter trained with them, as its ``<stage>_settings.json`` records
+    them (local adapter folders; None when no adapter says)."""
+    for adapter in reversed(adapters):
+        for settings in sorted(Path(adapter).glob("*_settings.json")):
+            dims = json.loads(settings.read_text(encoding="utf-8")).get("matryoshka_dims")
+            if dims:
+                return [int(d) for d in dims]
+    return None
+
+
+def _matryoshka_section(dims: list[int] | None) -> str:
+    if not dims:
+        return ""
+    return f"""
+## Matryoshka dimensions
+
+Trained with `matryoshka_dims={dims}` (sentence-transformers' `MatryoshkaLoss`): the leading {", ".join(map(str, dims))}
+dimensions are each an embedding of their own. Truncate with sentence-transformers' `truncate_dim` (cosine
+similarity on the truncated vectors):
+
+```python
+model = SentenceTransformer("path/to/this/directory", trust_remote_code=True, truncate_dim={dims[-1]})
+embeddings = model.encode(["What is RoPE?"], truncate_dim={dims[-1]})  # or per call
+```
+"""
+
+
+def model_card(encoder, *, base_model: str, adapters: list[str], dimension: int,
+               matryoshka_dims: list[int] | None = None) -> str:
+    """README.md: what the model is, how it was made, how to load it (and truncate it, when Matryoshka-trained)."""
     adapter_lines = "".join(f"  {i + 1}. `{a}`\n" for i, a in enumerate(adapters)) or "  (none: the base weights)\n"
     return f"""---
 library_name: sentence-transformers
@@ -216,7 +230,7 @@ Servers: `config.json` carries `is_causal: false` (and `use_bidirectional_attent
 architecture's loaders read it), so vLLM and TEI run the attention bidirectionally; they pool an
 instruction's tokens too (prompt tokens are not left out), so send instructions only with `last_token`-style
 pooling or expect small differences. See llm2vec-fast's docs/integrations.md.
-"""
+{_matryoshka_section(matryoshka_dims)}"""
 
 
 def export_sentence_transformers(
@@ -226,13 +240,15 @@ def export_sentence_transformers(
     base_model: str | None = None,
     adapters: list[str] | tuple[str, ...] = (),
     prompts: dict[str, str] | None = None,
+    matryoshka_dims: list[int] | None = None,
 ) -> Path:
     """Write ``encoder`` (an :class:`~llm2vec_fast.LLM2Vec`) as a sentence-transformers directory ``output``.
 
     ``output`` must not exist or be empty (FileExistsError otherwise); everything is written to a temporary
     directory beside it and moved into place at the end, so a failed export leaves nothing behind. A model whose
     architecture cannot run our bidirectional attention raises ValueError. ``prompts`` default to
-    :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card.
+    :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card, and
+    ``matryoshka_dims`` (default: what the adapters' ``<stage>_settings.json`` record) with ``truncate_dim`` usage.
     Returns the output path.
     """
     from .prompts import default_prompts
@@ -246,8 +262,9 @@ def export_sentence_transformers(
         write_model_files(encoder, staging)
         write_sentence_transformers_files(staging, pooling_mode=encoder.pooling_mode, dimension=dimension,
                                           prompts=default_prompts() if prompts is None else dict(prompts))
-        card = model_card(encoder, base_model=base_model or encoder.name_or_path or "unknown",
-                          adapters=[str(a) for a in adapters], dimension=dimension)
+        adapters = [str(a) for a in adapters]
+        card = model_card(encoder, base_model=base_model or encoder.name_or_path or "unknown", adapters=adapters,
+                          dimension=dimension, matryoshka_dims=matryoshka_dims or trained_matryoshka_dims(adapters))
         (staging / "README.md").write_text(card, encoding="utf-8")
         check_output_dir(output)  # still free: nothing appeared there while we wrote
         if output.exists():

@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 logger = logging.getLogger(__name__)
 
+
 def _prompt_type_value(prompt_type: Any) -> str | None:
     if prompt_type is None:
         return None
@@ -141,36 +142,17 @@ class LLM2VecMTEB(AbsEncoder):
 # --- loading an encoder -------------------------------------------------------------------------------------
 
 
-def load_encoder(
-    model: str,
-    *,
-    adapters: list[str] | tuple[str, ...] = (),
-    pooling_mode: str = "mean",
-    enable_bidirectional: bool = True,
-    max_length: int = 512,
-    dtype: str | None = None,
-    attention_impl: str = "auto",
-):
-    """``LLM2Vec.from_pretrained`` with every adapter merged in order, as the paper evaluates each stage
-    (MNTP merged, then SimCSE or supervised on top)."""
+def load_encoder(model: str, *, adapters: list[str] | tuple[str, ...] = (), pooling_mode: str = "mean",
+                 max_length: int = 512, dtype: str | None = None, **options: Any):
+    """``LLM2Vec.from_pretrained`` (``options``: ``enable_bidirectional``, ``attention_impl``...) with every adapter
+    merged in order, as the paper evaluates each stage (MNTP merged, then SimCSE or supervised on top)."""
+    from .dtypes import resolve_dtype
     from .encoder import LLM2Vec
 
-    kwargs: dict[str, Any] = {}
     if dtype is not None:
-        from .dtypes import resolve_dtype
-
-        kwargs["dtype"] = resolve_dtype(dtype)
-    adapters = [str(a) for a in adapters]
-    return LLM2Vec.from_pretrained(
-        model,
-        peft_model_name_or_path=adapters or None,
-        merge_peft=True,
-        enable_bidirectional=enable_bidirectional,
-        pooling_mode=pooling_mode,
-        max_length=max_length,
-        attention_impl=attention_impl,
-        **kwargs,
-    )
+        options["dtype"] = resolve_dtype(dtype)
+    return LLM2Vec.from_pretrained(model, peft_model_name_or_path=[str(a) for a in adapters] or None, merge_peft=True,
+                                   pooling_mode=pooling_mode, max_length=max_length, **options)
 
 
 def model_display_name(model: str, adapters: list[str] | tuple[str, ...] = ()) -> str:

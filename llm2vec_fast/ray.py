@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import (CorpusSettings, check_truncate_dim, embed_texts, embedding_column, load_encoder,
-                     resolved_instruction, stored_embeddings)
+from . import corpus
+from .corpus import CorpusSettings, embed_texts, embedding_column, stored_embeddings
 
 OUTPUT_FORMATS = ("numpy", "arrow")
+# CorpusSettings' fields that say how a file is read or a run is written, which a batch has no use for.
+_RUN_ONLY = ("text_field", "id_field", "calibration_rows", "format", "shard_size", "on_bad_row", "max_bad_rows")
 
 
 class MissingColumnError(KeyError):
@@ -58,56 +60,40 @@ def _columns(batch: Any) -> dict[str, Any]:
 class EmbedBatch:
     """Texts of a batch -> their embeddings, with an encoder built once (see the module docstring).
 
-    ``model``/``adapters`` and the encoding options mean what they mean for ``encode_corpus``
-    (``CorpusSettings``): ``instruction`` (or ``prompt_name``), ``batch_size``/``max_batch_tokens`` (how the
-    batch's texts are split for the model), ``max_length``, ``doc_max_length``, ``pooling_mode``,
-    ``truncate_dim``, ``normalize``, ``precision`` and ``dtype``. int8/uint8 need ``ranges``: a ``(2, dim)``
-    array or the path of a ``quantization-ranges.npy`` (a batch's own range would differ from batch to batch).
-    ``device`` defaults to ``cuda`` where the actor has a GPU, else ``cpu``. ``output_format``: ``numpy`` (a
-    dict of columns, the embeddings as an ``(n, dim)`` array: Ray's tensor column) or ``arrow`` (a
-    ``pyarrow.Table`` whose embedding column is a fixed-size list, as in ``encode_corpus``'s Parquet shards:
-    what pyarrow, pandas and ``datasets`` read without Ray).
+    ``model``, ``adapters`` and the keyword ``settings`` are ``CorpusSettings``' fields (``prompt_name``,
+    ``batch_size``, ``truncate_dim``, ``normalize``, ``precision``, ``device``, ``compile``, ...), and the encoder is
+    set up by ``encode_corpus``'s code (``corpus.prepare_encoder``). int8/uint8 need ``ranges``: a ``(2, dim)``
+    array or the path of a run's ``quantization-ranges.npy`` (a batch's own range would differ from batch to
+    batch). ``output_format``: ``numpy`` (the embeddings as an ``(n, dim)`` array, Ray's tensor column) or
+    ``arrow`` (a ``pyarrow.Table`` with the fixed-size list column of ``encode_corpus``'s Parquet shards).
     """
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, text_column: str = "text",
                  id_column: str | None = "id", embedding_column: str = "embedding", keep_columns: Sequence[str] = (),
-                 instruction: str = "", prompt_name: str | None = None, batch_size: int = 32,
-                 max_batch_tokens: int | None = None, max_length: int | None = None,
-                 doc_max_length: int | None = None, pooling_mode: str | None = None, truncate_dim: int | None = None,
-                 normalize: bool = False, precision: str = "float32", ranges: Any = None, dtype: str = "float32",
-                 model_dtype: str = "auto", device: str | None = None, attention_impl: str = "auto",
-                 output_format: str = "numpy"):
-        import torch
-
+                 ranges: Any = None, output_format: str = "numpy", **settings: Any):
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-        self.output_format = output_format
-
-        self.settings = CorpusSettings(
-            model=model, adapters=list(adapters), text_field=text_column, id_field=id_column,
-            instruction=instruction, prompt_name=prompt_name, batch_size=batch_size,
-            max_batch_tokens=max_batch_tokens, max_length=max_length, doc_max_length=doc_max_length,
-            pooling_mode=pooling_mode, dtype=dtype, truncate_dim=truncate_dim, precision=precision,
-            normalize=normalize, device=device, model_dtype=model_dtype, attention_impl=attention_impl)
-        self.settings.validate()
+        unused = sorted(set(settings) & set(_RUN_ONLY))
+        if unused:
+            raise TypeError(f"EmbedBatch takes no {unused}: they are settings of a corpus run (the columns are "
+                            f"text_column and id_column)")
         if embedding_column in (text_column, id_column, *keep_columns):
             raise ValueError(f"embedding_column {embedding_column!r} is also an input column it would overwrite")
-        self.text_column, self.id_column = text_column, id_column
+        self.settings = CorpusSettings(model=model, adapters=list(adapters), **settings)
+        self.settings.validate()
+        self.output_format, self.text_column, self.id_column = output_format, text_column, id_column
         self.embedding_column, self.keep_columns = embedding_column, list(keep_columns)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder = load_encoder(self.settings, self.device)
-        dimension = int(self.encoder.model.config.hidden_size)
-        check_truncate_dim(self.settings, dimension)
-        self.instruction = resolved_instruction(self.settings, self.encoder.prompts)
+        self.encoder, self.device, self.instruction = corpus.prepare_encoder(self.settings)
+        self.width = self.settings.truncate_dim or int(self.encoder.model.config.hidden_size)
         self.ranges = None
-        if precision in ("int8", "uint8"):
+        if self.settings.precision in ("int8", "uint8"):
             if ranges is None:
-                raise ValueError(f"precision {precision!r} needs ranges: a (2, dim) array, or the "
-                                 f"quantization-ranges.npy of an llm2vec-fast encode run with --precision {precision}")
+                raise ValueError(f"precision {self.settings.precision!r} needs ranges: a (2, dim) array, or the "
+                                 f"quantization-ranges.npy of an llm2vec-fast encode run with --precision "
+                                 f"{self.settings.precision}")
             self.ranges = np.load(ranges) if isinstance(ranges, (str, Path)) else np.asarray(ranges, np.float32)
-            width = self.settings.truncate_dim or dimension
-            if self.ranges.shape != (2, width):
-                raise ValueError(f"ranges must be (2, {width}) for embeddings of {width} dimensions, got "
+            if self.ranges.shape != (2, self.width):
+                raise ValueError(f"ranges must be (2, {self.width}) for embeddings of {self.width} dimensions, got "
                                  f"{self.ranges.shape}")
 
     def __call__(self, batch: Any) -> dict[str, Any]:
@@ -124,10 +110,8 @@ class EmbedBatch:
                          else f"batch row {position}")
                 raise ValueError(f"column {self.text_column!r} of {where} is "
                                  f"{'null' if text is None else type(text).__name__}, not a string")
-        if texts:
-            vectors, _ = embed_texts(self.encoder, self.settings, self.instruction, texts, self.device)
-        else:
-            vectors = np.zeros((0, self.settings.truncate_dim or self.encoder.model.config.hidden_size), np.float32)
+        vectors = (embed_texts(self.encoder, self.settings, self.instruction, texts, self.device)[0] if texts
+                   else np.zeros((0, self.width), np.float32))
         result = {name: columns[name] for name in ([self.id_column] if self.id_column else []) + self.keep_columns}
         embeddings = stored_embeddings(vectors, self.settings, self.ranges)
         if self.output_format == "numpy":

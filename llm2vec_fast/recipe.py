@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .files import atomic_write_text
+from .files import atomic_write_text, sha256
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +51,13 @@ RECIPES_DIR_ENV = "LLM2VEC_FAST_RECIPES"
 # --- the recipe file ------------------------------------------------------------------------------------------
 
 
-def default_recipes_dir() -> Path:
-    """``$LLM2VEC_FAST_RECIPES``, else ``training/recipes`` under the current directory."""
-    return Path(os.environ.get(RECIPES_DIR_ENV) or Path("training") / "recipes")
-
-
 def find_recipe(name_or_path: str, recipes_dir: str | Path | None = None) -> Path:
     """A recipe JSON file: a path, or a name looked up as ``<recipes_dir>/<name>/recipe.json`` (``-`` -> ``_``;
-    ``recipes_dir`` defaults to ``default_recipes_dir()``)."""
+    ``recipes_dir`` defaults to ``$LLM2VEC_FAST_RECIPES``, else ``training/recipes`` under the current directory)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    root = Path(recipes_dir) if recipes_dir is not None else default_recipes_dir()
+    root = Path(recipes_dir or os.environ.get(RECIPES_DIR_ENV) or Path("training") / "recipes")
     candidate = root / name_or_path.replace("-", "_") / "recipe.json"
     if candidate.is_file():
         return candidate
@@ -171,23 +166,13 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
     return command, {"config": str(config), **settings, "made_from": fingerprint}
 
 
-def _file_digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def adapter_fingerprint(directory: Path) -> str | None:
     """SHA-256 of an adapter's config and weights (None when the folder holds no adapter yet)."""
     config = directory / "adapter_config.json"
     weights = sorted(directory.glob("adapter_model.*"))
     if not config.is_file() or not weights:
         return None
-    return hashlib.sha256("".join(_file_digest(f) for f in [config, *weights]).encode()).hexdigest()
+    return hashlib.sha256("".join(sha256(f) for f in [config, *weights]).encode()).hexdigest()
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -236,7 +221,7 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
     if not (directory / "adapter_config.json").is_file():
         raise RuntimeError(f"stage {stage} finished but wrote no adapter (adapter_config.json) in {directory}")
     marker = {"stage": stage, "settings": settings, "seconds": round(time.monotonic() - started, 1),
-              "adapter_bytes": _adapter_bytes(directory)}
+              "adapter_bytes": sum(p.stat().st_size for p in directory.glob("adapter_model.*"))}
     progress = read_marker(directory / "training_progress.json")  # steps done of planned (max_wall_seconds)
     if progress is not None:
         marker["progress"] = progress
@@ -250,10 +235,6 @@ def run_stage_process(command: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return subprocess.run(command, env=env, check=False).returncode
-
-
-def _adapter_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob("adapter_model.*"))
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
@@ -318,7 +299,7 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
 # --- the report ------------------------------------------------------------------------------------------------
 
 
-def _task_column(spec: str, result: dict[str, Any]) -> str:
+def _task_column(result: dict[str, Any]) -> str:
     sample = f", {result['limit']} sampled" if result.get("limit") else ""
     return f"{result['task']} {result['split']}{sample} ({result['metric']})"
 
@@ -327,12 +308,9 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
                   plot_name: str | None = None) -> str:
     """The markdown block written into RESULTS.md: table, settings, timings."""
     tasks = list(recipe["eval"]["tasks"])
-    header = None
-    lines = []
+    lines = ["| model | " + " | ".join(_task_column(rows[0][1][t]) for t in tasks) + " | average |",
+             "|---|" + "---|" * (len(tasks) + 1)] if rows else []
     for variant, results in rows:
-        if header is None:
-            header = "| model | " + " | ".join(_task_column(t, results[t]) for t in tasks) + " | average |"
-            lines += [header, "|---|" + "---|" * (len(tasks) + 1)]
         scores = [100.0 * results[t]["main_score"] for t in tasks]
         lines.append(f"| {variant['label']} | " + " | ".join(f"{s:.1f}" for s in scores)
                      + f" | {sum(scores) / len(scores):.1f} |")

@@ -341,18 +341,30 @@ def _one_error_line(capsys) -> str:
     return err
 
 
-def test_an_unknown_model_is_one_line_and_fast(tiny_model_dir, uninterrupted, tmp_path, capsys):
-    source, _ = uninterrupted
-    started = time.perf_counter()
+def test_an_unknown_model_is_one_line_before_anything_heavy(tmp_path, capsys, monkeypatch):
+    from llm2vec_fast import corpus
+
+    source = write_jsonl(tmp_path / "input.jsonl", TEXTS[:3])
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("heavy work began before the model name was checked")
+
+    # The output's run.json, pyarrow, the process group, the model's weights: none before the name is checked.
+    for name in ("_resolve_format", "_distributed", "load_encoder"):
+        monkeypatch.setattr(corpus, name, heavy)
     assert run_program(*encode_args("no-such-model", source, tmp_path / "a")) == 1
-    assert time.perf_counter() - started < 20  # no hub retries (conftest sets HF_HUB_OFFLINE=1)
     err = _one_error_line(capsys)
     assert "neither a built-in model (smollm2-135m) nor an existing local path" in err and "HF_HUB_OFFLINE" in err
+    assert run_program(*encode_args(str(tmp_path), source, tmp_path / "a", "--adapter", "no-such-adapter")) == 1
+    assert "holds neither config.json nor adapter_config.json" in _one_error_line(capsys)
     # With the hub allowed but unreachable: one attempt, and the message says the hub could not be reached.
-    result = run_subprocess(encode_args("no-such-model", source, tmp_path / "b"),
-                            env_extra={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
-    err = result.stderr.strip()
-    assert result.returncode == 1 and "\n" not in err and "could not be reached" in err, err
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    assert run_program(*encode_args("no-such-model", source, tmp_path / "b")) == 1
+    assert "could not be reached" in _one_error_line(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_file_as_output_and_an_unsupported_input_are_one_line_each(tiny_model_dir, uninterrupted, tmp_path,
@@ -466,9 +478,9 @@ def test_parquet_shard_bytes_depend_on_content_only():
 
     rng = np.random.default_rng(0)
     for array in (rng.standard_normal((37, 5)).astype(np.float16), rng.integers(-128, 127, (37, 3), dtype=np.int8)):
-        first = parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str", 10)
+        first = parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str")
         time.sleep(1.1)  # a timestamp of seconds would show
-        assert parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str", 10) == first
+        assert parquet_shard_bytes(array, [f"d{i}" for i in range(37)], list(range(10, 47)), "str") == first
         table = pq.read_table(pa.BufferReader(first))
         assert table.schema.field("embedding").type == pa.list_(pa.from_numpy_dtype(array.dtype), array.shape[1])
         np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), array)
@@ -589,14 +601,49 @@ def test_bad_encode_options_are_one_line_and_write_nothing(tiny_model_dir, unint
     assert not (tmp_path / "out").exists()
 
 
-def test_parquet_ids_of_two_types_are_an_error_naming_the_row(tiny_model_dir, tmp_path):
+def counting_encoder(tiny_model_dir):
+    """An encoder that records how many texts each ``encode_tokenized`` call encodes."""
+    from llm2vec_fast import LLM2Vec
+
+    encoder = LLM2Vec.from_pretrained(tiny_model_dir, attention_impl="torch")
+    encoder.encoded, encode_tokenized = [], encoder.encode_tokenized
+    encoder.encode_tokenized = lambda texts, **kwargs: encoder.encoded.append(len(texts)) or encode_tokenized(
+        texts, **kwargs)
+    return encoder
+
+
+def test_parquet_ids_of_two_types_are_an_error_naming_the_row_before_any_encoding(tiny_model_dir, tmp_path):
+    from llm2vec_fast.corpus import encode_corpus
+
     source = tmp_path / "input.jsonl"
-    rows = [{"id": f"doc-{i}", "text": f"text {i}"} for i in range(5)] + [{"text": "no id: its row number"}]
+    rows = [{"id": f"doc-{i}", "text": f"text {i}"} for i in range(25)] + [{"text": "no id: its row number"}]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"the id of row 5 is 5 \(int\), but this run's ids are strs"):
-        run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "out"))
+    encoder = counting_encoder(tiny_model_dir)
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=10, attention_impl="torch")
+    with pytest.raises(ValueError, match=r"the id of row 25 is 25 \(int\), but this run's ids are strs"):
+        encode_corpus(source, tmp_path / "out", settings, encoder=encoder)
+    assert encoder.encoded == [] and not (tmp_path / "out" / "data").exists()  # found while reading, not writing
     # Numbering the rows instead works.
     assert run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "numbered", "--id-field", "")) == 0
+
+
+def test_int8_calibration_rows_are_encoded_once_and_a_resumed_run_has_the_same_bytes(tiny_model_dir, tmp_path):
+    from llm2vec_fast.corpus import encode_corpus
+
+    source = write_jsonl(tmp_path / "input.jsonl")
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=10, attention_impl="torch",
+                              precision="int8", calibration_rows=15)
+    encoder = counting_encoder(tiny_model_dir)
+    encode_corpus(source, tmp_path / "out", settings, encoder=encoder)
+    # The calibration's rows (shards 0 and 1) are encoded as their shards, not a second time.
+    assert sum(encoder.encoded) == len(TEXTS) and len(encoder.encoded) == 5
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out", copy)
+    for name in ("manifest.json", "shard-00000.json", "shard-00003.json"):
+        (copy / name).unlink()
+    encoder.encoded.clear()
+    encode_corpus(source, copy, settings, encoder=encoder)
+    assert encoder.encoded == [10, 10] and folder_bytes(copy) == folder_bytes(tmp_path / "out")
 
 
 def test_parquet_without_pyarrow_says_to_install_it_or_use_npy(tiny_model_dir, uninterrupted, tmp_path, capsys,

@@ -312,3 +312,29 @@ def test_export_merges_an_adapter_and_leaves_the_encoder_as_it_was(tiny_smol, tm
     model = SentenceTransformer(str(path), trust_remote_code=True, device="cpu")
     assert _cosines(model.encode(TEXTS), encoder.encode(TEXTS)).min() >= 0.99999
     assert str(tmp_path / "adapter") in (path / "README.md").read_text()
+
+
+def test_the_card_names_the_matryoshka_dims_the_adapter_was_trained_with(tiny_smol, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    adapter = tmp_path / "simcse"
+    get_peft_model(AutoModel.from_pretrained(tiny_smol), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        adapter)
+    # What run_training writes beside a contrastive adapter: every setting the run used.
+    (adapter / "simcse_settings.json").write_text(json.dumps({"matryoshka_dims": [48, 16], "scale": 20.0}))
+    encoder = LLM2Vec.from_pretrained(tiny_smol, peft_model_name_or_path=str(adapter))
+    path = export_sentence_transformers(encoder, tmp_path / "st", adapters=[str(adapter)])
+    card = (path / "README.md").read_text()
+    assert "matryoshka_dims=[48, 16]" in card and "truncate_dim=16" in card
+    # What the card says works: sentence-transformers' truncate_dim gives the leading dimensions.
+    model = SentenceTransformer(str(path), trust_remote_code=True, device="cpu", truncate_dim=16)
+    full = encoder.encode(TEXTS[:2])
+    np.testing.assert_allclose(model.encode(TEXTS[:2]), full[:, :16], rtol=1e-4, atol=1e-5)
+    # Without Matryoshka training the card says nothing of it; dims given to the export are written too.
+    plain = export_sentence_transformers(LLM2Vec.from_pretrained(tiny_smol), tmp_path / "plain")
+    assert "Matryoshka" not in (plain / "README.md").read_text()
+    given = export_sentence_transformers(LLM2Vec.from_pretrained(tiny_smol), tmp_path / "given",
+                                         matryoshka_dims=[32, 8])
+    assert "matryoshka_dims=[32, 8]" in (given / "README.md").read_text()

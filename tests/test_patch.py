@@ -394,7 +394,7 @@ def test_sliding_window_is_applied_by_the_kernel_not_refused():
 
 
 @pytest.mark.parametrize(("setting", "value"), [("attn_logit_softcapping", 0.0), ("attn_logit_softcapping", -5.0),
-                                                ("sliding_window", -1)])
+                                                ("sliding_window", -1), ("sliding_window", 0)])
 def test_non_positive_softcap_or_window_is_refused(setting, value):
     from transformers import AutoModel, Gemma2Config
 

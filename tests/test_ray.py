@@ -78,6 +78,23 @@ def test_a_batch_without_its_columns_or_with_a_non_text_is_an_error_naming_them(
         EmbedBatch(tiny_model_dir, attention_impl="torch", prompt_name="nope")
 
 
+def test_the_encoder_is_set_up_as_encode_corpus_sets_it_up_compile_included(tiny_model_dir, monkeypatch):
+    from llm2vec_fast import corpus
+    from llm2vec_fast.encoder import LLM2Vec
+    from llm2vec_fast.ray import EmbedBatch
+
+    setups, compiled = [], []
+    prepare = corpus.prepare_encoder
+    monkeypatch.setattr(corpus, "prepare_encoder", lambda settings, encoder=None: setups.append(settings) or prepare(
+        settings, encoder))
+    monkeypatch.setattr(LLM2Vec, "compile_model", lambda self, backend="inductor": compiled.append(backend) or self)
+    embed = EmbedBatch(tiny_model_dir, compile=True, prompt_name="query", **OPTIONS)
+    assert compiled == ["inductor"] and setups == [embed.settings] and embed.settings.compile is True
+    assert embed.instruction == embed.encoder.prompts["query"]
+    with pytest.raises(TypeError, match=r"EmbedBatch takes no \['shard_size'\]"):
+        EmbedBatch(tiny_model_dir, shard_size=10, **OPTIONS)
+
+
 @pytest.mark.slow
 def test_map_batches_with_two_actors_equals_encode_corpus(tiny_model_dir, corpus_run, tmp_path):
     ray = pytest.importorskip("ray", reason="ray not installed")
