@@ -182,9 +182,13 @@ def _patch_interpreter_once_per_launch() -> None:
         return
     original_call = executor.__call__
     launch = {"depth": 0, "patched": set(), "empty": None}
+    langs_by_fn = {}
 
     def langs_of(fn):
-        return {id(value) for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core)}
+        if fn not in langs_by_fn:
+            langs_by_fn[fn] = {id(value) for value in fn.__globals__.values()
+                               if inspect.ismodule(value) and value in (tl, tl.core)}
+        return langs_by_fn[fn]
 
     def _patch_lang(fn):
         langs = langs_of(fn)
@@ -211,8 +215,31 @@ def _patch_interpreter_once_per_launch() -> None:
     executor.__call__ = __call__
 
 
+def _skip_interpreter_overflow_checks_that_assert_nothing() -> None:
+    """Stop Triton's interpreter from computing integer-overflow checks whose assertion it then drops.
+
+    With ``sanitize_overflow`` (the interpreter's default) every int32 ``+``, ``-`` and ``*`` in a kernel is redone
+    in int64 and compared with the int32 range, and the result goes to ``device_assert``, which does nothing unless
+    ``debug`` is set (``TritonSemantic.device_assert`` returns first thing without it; the interpreter's options
+    have ``debug=False``). A third of the interpreter's time went to those dead checks. With ``debug`` on (a caller's
+    choice) the options are left as they are, so the checks run and assert."""
+    import dataclasses
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or getattr(options, "debug", True) or not getattr(options, "sanitize_overflow", False):
+        return
+    if dataclasses.is_dataclass(options):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_once_per_launch()
+    _skip_interpreter_overflow_checks_that_assert_nothing()
 
 
 @pytest.fixture
