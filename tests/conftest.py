@@ -18,6 +18,21 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+def _threads_per_xdist_worker() -> int | None:
+    """The CPU cores shared out among pytest-xdist's workers (``-n N``): None outside xdist. N workers with torch's
+    default of one thread per core each put N times more threads than cores on the machine, and the test's
+    matrices are tiny: a (4, 16, 64) x (64, 128) linear cost 6 ms of CPU with 2 threads on 2 cores under load and
+    0.03 ms with one, the rest spent by OpenMP threads waiting for each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
+if _threads_per_xdist_worker() is not None:
+    torch.set_num_threads(_threads_per_xdist_worker())
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
