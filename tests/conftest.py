@@ -7,6 +7,7 @@ script sets TRITON_INTERPRET=0).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -226,6 +227,7 @@ def _patch_interpreter_once_per_launch() -> None:
                 launch["patched"].clear()
 
     _patch_lang._once_per_launch = True
+    _patch_lang.original, __call__.original = original_patch, original_call
     interpreter._patch_lang = _patch_lang
     executor.__call__ = __call__
 
@@ -255,6 +257,25 @@ def _skip_interpreter_overflow_checks_that_assert_nothing() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_once_per_launch()
     _skip_interpreter_overflow_checks_that_assert_nothing()
+
+
+@contextlib.contextmanager
+def triton_interpreter_as_shipped():
+    """Triton's interpreter without the two shortcuts above, for the tests that check they change no result."""
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    patch_lang, executor_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    options = interpreter.interpreter_builder.options
+    interpreter._patch_lang = getattr(patch_lang, "original", patch_lang)
+    interpreter.GridExecutor.__call__ = getattr(executor_call, "original", executor_call)
+    interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=True)
+    try:
+        yield
+    finally:
+        interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, executor_call
+        interpreter.interpreter_builder.options = options
 
 
 @pytest.fixture
