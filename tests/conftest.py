@@ -304,7 +304,7 @@ def smollm2_path() -> str:
         pytest.skip(f"SmolLM2-135M unavailable: {error}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
     """A tiny random Llama with SmolLM2's tokenizer (its full vocabulary), saved as a HF directory."""
     from transformers import AutoTokenizer
