@@ -348,7 +348,12 @@ def test_an_unknown_model_is_one_line_and_fast(tiny_model_dir, uninterrupted, tm
     assert time.perf_counter() - started < 20  # no hub retries (conftest sets HF_HUB_OFFLINE=1)
     err = _one_error_line(capsys)
     assert "neither a built-in model (smollm2-135m) nor an existing local path" in err and "HF_HUB_OFFLINE" in err
-    # With the hub allowed but unreachable: one attempt, and the message says the hub could not be reached.
+
+
+@pytest.mark.slow  # a new process
+def test_an_unknown_model_with_an_unreachable_hub_is_one_line(uninterrupted, tmp_path):
+    """With the hub allowed but unreachable: one attempt, and the message says the hub could not be reached."""
+    source, _ = uninterrupted
     result = run_subprocess(encode_args("no-such-model", source, tmp_path / "b"),
                             env_extra={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
     err = result.stderr.strip()
