@@ -7,6 +7,7 @@ script sets TRITON_INTERPRET=0).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +18,22 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def _threads_per_xdist_worker() -> int | None:
+    """The CPU cores shared out among pytest-xdist's workers (``-n N``): None outside xdist. N workers with torch's
+    default of one thread per core each put N times more threads than cores on the machine, and the test's
+    matrices are tiny: a (4, 16, 64) x (64, 128) linear cost 6 ms of CPU with 2 threads on 2 cores under load and
+    0.03 ms with one, the rest spent by OpenMP threads waiting for each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
+if _threads_per_xdist_worker() is not None:
+    torch.set_num_threads(_threads_per_xdist_worker())
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -160,6 +177,109 @@ def tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
     return model
 
 
+def _patch_interpreter_once_per_launch() -> None:
+    """Make Triton's interpreter patch ``triton.language`` once per kernel launch, not once per device-function call.
+
+    A launch (``GridExecutor.__call__``) patches the language modules that the kernel's globals hold, for the whole
+    grid, and restores them at its end; every ``@triton.jit`` helper the kernel calls patches the same modules again
+    (``inspect.getmembers`` over them), on every call, in every program instance. The second patch sets what the
+    first already set: 12 s of the 40 s the interpreter took in test_attention_dropout_applies_in_training_only[auto]
+    under cProfile; without the profiler, skipping it saves 30% of the CPU of a padded attention forward and backward.
+    Here a helper's patch is skipped while a launch has already patched every module the helper's globals hold;
+    anything else (another module, a Triton without these internals) goes through Triton's own code unchanged.
+    What the kernels compute is not touched."""
+    import inspect
+
+    try:
+        from triton.runtime import interpreter
+        import triton.language as tl
+    except ImportError:
+        return
+    original_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if original_patch is None or executor is None or getattr(original_patch, "_once_per_launch", False):
+        return
+    original_call = executor.__call__
+    launch = {"depth": 0, "patched": set(), "empty": None}
+    langs_by_fn = {}
+
+    def langs_of(fn):
+        if fn not in langs_by_fn:
+            langs_by_fn[fn] = {id(value) for value in fn.__globals__.values()
+                               if inspect.ismodule(value) and value in (tl, tl.core)}
+        return langs_by_fn[fn]
+
+    def _patch_lang(fn):
+        langs = langs_of(fn)
+        if launch["depth"] and launch["patched"] and langs <= launch["patched"]:
+            return launch["empty"]() if launch["empty"] else None  # the launch's own patch is still in place
+        scope = original_patch(fn)
+        if launch["depth"]:
+            launch["patched"] |= langs
+            scope_type = type(scope)
+            launch["empty"] = scope_type if scope is not None and hasattr(scope_type, "restore") else None
+        return scope
+
+    def __call__(self, *args, **kwargs):
+        launch["depth"] += 1
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            launch["depth"] -= 1
+            if not launch["depth"]:
+                launch["patched"].clear()
+
+    _patch_lang._once_per_launch = True
+    _patch_lang.original, __call__.original = original_patch, original_call
+    interpreter._patch_lang = _patch_lang
+    executor.__call__ = __call__
+
+
+def _skip_interpreter_overflow_checks_that_assert_nothing() -> None:
+    """Stop Triton's interpreter from computing integer-overflow checks whose assertion it then drops.
+
+    With ``sanitize_overflow`` (the interpreter's default) every int32 ``+``, ``-`` and ``*`` in a kernel is redone
+    in int64 and compared with the int32 range, and the result goes to ``device_assert``, which does nothing unless
+    ``debug`` is set (``TritonSemantic.device_assert`` returns first thing without it; the interpreter's options
+    have ``debug=False``). A third of the interpreter's time went to those dead checks. With ``debug`` on (a caller's
+    choice) the options are left as they are, so the checks run and assert."""
+    import dataclasses
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or getattr(options, "debug", True) or not getattr(options, "sanitize_overflow", False):
+        return
+    if dataclasses.is_dataclass(options):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_once_per_launch()
+    _skip_interpreter_overflow_checks_that_assert_nothing()
+
+
+@contextlib.contextmanager
+def triton_interpreter_as_shipped():
+    """Triton's interpreter without the two shortcuts above, for the tests that check they change no result."""
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    patch_lang, executor_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    options = interpreter.interpreter_builder.options
+    interpreter._patch_lang = getattr(patch_lang, "original", patch_lang)
+    interpreter.GridExecutor.__call__ = getattr(executor_call, "original", executor_call)
+    interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=True)
+    try:
+        yield
+    finally:
+        interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, executor_call
+        interpreter.interpreter_builder.options = options
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices on a shared 2-core machine: OpenMP threads waiting on each other cost more than the
@@ -186,7 +306,7 @@ def smollm2_path() -> str:
         pytest.skip(f"SmolLM2-135M unavailable: {error}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
     """A tiny random Llama with SmolLM2's tokenizer (its full vocabulary), saved as a HF directory."""
     from transformers import AutoTokenizer

@@ -49,6 +49,7 @@ def test_the_masked_run_has_false_negatives_to_mask():
     assert _single_process(True)[0] != _single_process(False)[0]
 
 
+@pytest.mark.slow  # the torchrun run: two new processes
 @pytest.mark.parametrize("impl,variant,masked", RUNS, ids=["-".join(map(str, run)) for run in RUNS])
 def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl, variant, masked):
     loss, grad_q, grad_p, grad_n = _single_process(masked)
@@ -62,6 +63,7 @@ def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl, varia
         torch.testing.assert_close(got["negatives"], grad_n[neg_rows], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # the torchrun run: two new processes
 def test_gathered_matryoshka_loss_equals_one_process(rank_results):
     """InfoNCELoss(matryoshka_dims=...) across 2 ranks: each truncation gathered, the weighted sum global."""
     tensors = [t.clone().requires_grad_() for t in global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM)]
@@ -77,6 +79,7 @@ def test_gathered_matryoshka_loss_equals_one_process(rank_results):
             torch.testing.assert_close(got[name], grad[part], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # the torchrun run: two new processes
 def test_ddp_parameter_gradient_is_global_gradient_over_world(rank_results):
     queries, positives, negatives = global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM)
     torch.manual_seed(0)
