@@ -112,7 +112,8 @@ class LLM2Vec(torch.nn.Module):
           ``skip_instruction`` True) come from ``llm2vec_config.json`` in the adapter directory (else the base
           directory); an explicit argument that is not None wins.
         - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``);
-          False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``).
+          False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``), or,
+          where the patch refuses the model, through its own attention unpatched (logged; padded batches only).
         - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
           (call that yourself after ``model.to(device)`` to check the backend of another device).
         - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
@@ -187,9 +188,18 @@ class LLM2Vec(torch.nn.Module):
 
         from .bidirectional import patch
 
-        # enable_bidirectional=False keeps a causal embedding model causal (Qwen3-Embedding, e5-mistral with
-        # last_token pooling) but still runs our kernel, in causal mode, so that its batches can be packed too.
-        patch(model, attention_impl=attention_impl, bidirectional=bool(enable_bidirectional))
+        if enable_bidirectional:
+            patch(model, attention_impl=attention_impl, bidirectional=True)
+        else:
+            # A causal embedding model kept causal (Qwen3-Embedding, e5-mistral with last_token pooling) runs our
+            # kernel in causal mode where the patch applies, so that its batches can be packed too; where the
+            # patch refuses the model (attention sinks, image-token masks, attention outside transformers'
+            # interface), it stays the plain causal model llm2vec would use, and batches are padded.
+            try:
+                patch(model, attention_impl=attention_impl, bidirectional=False)
+            except (ValueError, NotImplementedError) as refusal:
+                logger.warning("enable_bidirectional=False: keeping the model's own causal attention, not "
+                               "llm2vec_fast's (%s); batches are padded, not packed", refusal)
         model.eval()
         encoder = cls(model, tokenizer, name_or_path=name, **settings)
         if compile:
@@ -304,6 +314,8 @@ class LLM2Vec(torch.nn.Module):
         chunk_size: int | None = None,
         max_batch_tokens: int | None = None,
         packed: bool | None = None,
+        ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | None = None,
     ):
         """Embed strings or ``[instruction, text]`` pairs; the result keeps the input order.
 
@@ -317,8 +329,10 @@ class LLM2Vec(torch.nn.Module):
         ``self.prompts``: LLM2Vec's MTEB task names, ``query``, ``document``) is the instruction of every plain
         string (pairs keep their own), left out of pooling; ``truncate_dim`` keeps the leading dimensions
         (Matryoshka) before ``normalize_embeddings``; ``precision`` (``float32``, ``int8``, ``uint8``,
-        ``binary``, ``ubinary``) quantizes the result as ``sentence_transformers.quantize_embeddings`` does (int8
-        ranges calibrated over these embeddings; binary packs 8 dimensions per byte); ``device=["cuda:0",
+        ``binary``, ``ubinary``) quantizes the result as ``sentence_transformers.quantize_embeddings`` does (binary
+        packs 8 dimensions per byte; the int8/uint8 buckets come from ``ranges`` ``(2, dim)``, each dimension's
+        min and max, or from ``calibration_embeddings`` ``(m, dim)`` float, else from these embeddings: give one
+        of them to quantize several calls alike); ``device=["cuda:0",
         "cuda:1"]`` or ``pool=start_multi_process_pool(...)`` encodes in several processes, ``chunk_size`` texts
         at a time.
         """
@@ -335,6 +349,12 @@ class LLM2Vec(torch.nn.Module):
                              f"got {truncate_dim!r}")
         if output_value == "token_embeddings" and (truncate_dim is not None or precision != "float32"):
             raise ValueError("truncate_dim and precision apply to sentence embeddings, not to token_embeddings")
+        if (ranges is not None or calibration_embeddings is not None) and precision not in ("int8", "uint8"):
+            raise ValueError(f"ranges and calibration_embeddings set the int8/uint8 buckets; precision={precision!r} "
+                             "uses none")
+        if ranges is not None and calibration_embeddings is not None:
+            raise ValueError("give ranges or calibration_embeddings, not both: ranges are computed from the "
+                             "calibration embeddings")
         pairs, single = self._as_pairs(sentences)
         if instruction:
             pairs = [(given or instruction, text) for given, text in pairs]
@@ -364,7 +384,8 @@ class LLM2Vec(torch.nn.Module):
         if normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         if precision != "float32":
-            embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision))
+            embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision, ranges=ranges,
+                                                              calibration_embeddings=calibration_embeddings))
         if single:
             embeddings = embeddings[0]
         if convert_to_tensor or not convert_to_numpy:
@@ -426,6 +447,13 @@ class LLM2Vec(torch.nn.Module):
         if self._model_device() != device:
             self.model.to(device)
         packed = self._default_packed(device) if packed is None else packed
+        if packed:
+            from .bidirectional import is_patched
+
+            if not is_patched(self.model):
+                # An unpatched model's attention would let the texts of a packed row see each other.
+                raise ValueError("packed=True needs a model patched by llm2vec_fast (its attention keeps packed "
+                                 "texts apart); this model is not patched: use packed=False")
         budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
                       batch_size * self.max_length)
         if not isinstance(budget, int) or budget < 1:
