@@ -21,7 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import length_sorted_batches
+from .batching import PaddedBatch
 from .builtin_models import resolve_model
+from .compilation import is_compiled
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -41,6 +43,21 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 def _is_pair(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
+    """A padded batch for the compiled model, at least 2 rows by 2 columns: torch.compile specializes a size of 1
+    (a new graph, a second compile of the whole model), so a lone text gets a copy of itself as a second row (its
+    output dropped) and a batch of 1-token texts one more column of left padding. Rows are unchanged otherwise:
+    the same embeddings."""
+    if batch.input_ids.shape[0] == 1:
+        batch = PaddedBatch(*(t.repeat(2, 1) for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                          batch.embed_mask)))
+    if batch.input_ids.shape[1] == 1:
+        left = torch.nn.functional.pad
+        batch = PaddedBatch(left(batch.input_ids, (1, 0), value=pad_id), left(batch.attention_mask, (1, 0)),
+                            left(batch.position_ids, (1, 0)), left(batch.embed_mask, (1, 0)))
+    return batch
 
 
 class LLM2Vec(torch.nn.Module):
@@ -465,8 +482,12 @@ class LLM2Vec(torch.nn.Module):
         bar = tqdm(total=len(encoded), desc="Encoding", unit="text", disable=not show_progress_bar)
         self.model.eval()
         pad_id = self.tokenizer.pad_token_id
+        compiled = is_compiled(self.model)
         for batch in batches:
-            inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id).to(device)
+            inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id)
+            if compiled and not packed:
+                inputs = _at_least_two_by_two(inputs, pad_id)
+            inputs = inputs.to(device)
             backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
                 bar.set_description(f"Encoding (compiling, torch.compile backend={backend})")
@@ -482,7 +503,7 @@ class LLM2Vec(torch.nn.Module):
                 bar.set_description("Encoding")
                 if show_progress_bar:
                     bar.write(message)
-            for index, output in zip(batch, outputs):
+            for index, output in zip(batch, outputs):  # (zip drops the copy _at_least_two_by_two added)
                 results[index] = output
             bar.update(len(batch))
             if progress is not None:

@@ -240,6 +240,27 @@ def test_encoder_compile_gives_eager_embeddings_and_logs_the_compile_time(tiny_s
     assert len(messages) == 1 and "backend=aot_eager" in messages[0] and " s, on the first batch" in messages[0]
 
 
+def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
+    """Batches of 3, 2 and 1 texts, of many widths and of 1-token texts: one graph (a lone text is run as two rows
+    and a 1-token batch gets a column of padding, as torch.compile specializes sizes of 1), eager embeddings."""
+    from torch._dynamo.testing import CompileCounter
+
+    texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
+             "Rotary position embeddings rotate queries and keys.", "A short one.", "x", "y", "z",
+             "Medium length sentence about encoders and batches."]
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    counter = CompileCounter()
+    compiled.compile_model(backend=counter)
+    for batch_size in (3, 2, 1):
+        got = compiled.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+        torch.testing.assert_close(got, eager.encode(texts, batch_size=batch_size, convert_to_tensor=True),
+                                   atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled.encode("x", convert_to_tensor=True), eager.encode("x", convert_to_tensor=True),
+                               atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles"
+
+
 def test_encoder_compile_without_a_compiler_says_why(tiny_smol, monkeypatch):
     monkeypatch.setattr(compilation, "_cpp_compiler_reason", lambda: "no C++ compiler (simulated)")
     with pytest.raises(compilation.CompilerUnavailableError, match="simulated"):
