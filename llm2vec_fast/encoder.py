@@ -60,6 +60,12 @@ def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
     return batch
 
 
+def _weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Each parameter's and buffer's storage and version counter: changes when one is updated in place or
+    replaced."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 class LLM2Vec(torch.nn.Module):
     """A bidirectional decoder turned text encoder, llm2vec's ``LLM2Vec`` made fast.
 
@@ -93,6 +99,7 @@ class LLM2Vec(torch.nn.Module):
         self.max_batch_tokens = max_batch_tokens
         self.packed = packed
         self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
+        self._frozen_weights: tuple | None = None  # what compile_model(freeze=True) compiled in (see there)
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -223,17 +230,36 @@ class LLM2Vec(torch.nn.Module):
             encoder.compile_model(backend="inductor" if compile is True else compile)
         return encoder
 
-    def compile_model(self, backend: str = "inductor") -> "LLM2Vec":
-        """``torch.compile`` the model in place (``llm2vec_fast.compilation.compile_model``: fullgraph, sequence
-        lengths dynamic from the first batch, so new lengths do not recompile). Call it after moving the model to
-        its device: the check that a compiler backend works there (a C++ compiler on CPU, Triton on CUDA) raises
-        ``CompilerUnavailableError`` saying why. The first batch pays the compile; ``encode`` logs how long it
-        took."""
+    def compile_model(self, backend: str = "inductor", *, freeze: bool = True) -> "LLM2Vec":
+        """``torch.compile`` the model in place for encoding (``llm2vec_fast.compilation.compile_model``:
+        fullgraph, sequence lengths and batch sizes dynamic from the first batch, so new shapes do not recompile).
+        Call it after moving the model to its device: the check that a compiler backend works there (a C++
+        compiler on CPU, Triton on CUDA) raises ``CompilerUnavailableError`` saying why. The first batch pays the
+        compile; ``encode`` logs how long it took.
+
+        ``freeze`` (inductor's ``freezing``): the weights become constants of the compiled inference graph, which
+        lets inductor fold them and pre-pack the CPU matrix products. The graph then keeps the weights it was
+        compiled with, so ``encode`` refuses to run once a parameter has changed in place or been replaced
+        (``load_state_dict``, an optimizer step, merging an adapter); call ``compile_model`` again (it clears
+        torch.compile's caches, ``torch._dynamo.reset()``, and recompiles) or compile with ``freeze=False``.
+        Training compiles through the Trainer's ``torch_compile``, never frozen."""
         from .compilation import compile_model
 
-        compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
+        if self._frozen_weights is not None:
+            logger.info("recompiling a frozen model: clearing torch.compile's caches (torch._dynamo.reset())")
+            torch._dynamo.reset()
+        options = {"options": {"freezing": True}} if freeze and backend == "inductor" else {}
+        compile_model(self.model, dynamic=True, fullgraph=True, backend=backend, **options)
+        self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
         self._compile_pending = backend
         return self
+
+    def _check_frozen_weights(self) -> None:
+        if self._frozen_weights is not None and _weights_fingerprint(self.model) != self._frozen_weights:
+            raise RuntimeError(
+                "the model's weights changed (updated, replaced or moved) after compile_model(freeze=True) made them "
+                "constants of the compiled graph, which would encode with the old weights: call compile_model() "
+                "again to recompile with the new ones, or compile_model(freeze=False)")
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
         """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
@@ -463,6 +489,7 @@ class LLM2Vec(torch.nn.Module):
         device = torch.device(device) if device is not None else self._model_device()
         if self._model_device() != device:
             self.model.to(device)
+        self._check_frozen_weights()
         packed = self._default_packed(device) if packed is None else packed
         if packed:
             from .bidirectional import is_patched
