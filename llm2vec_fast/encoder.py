@@ -9,6 +9,7 @@ that an embedding does not depend on the batch size or on the other texts of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -100,6 +101,7 @@ class LLM2Vec(torch.nn.Module):
         self.packed = packed
         self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
         self._frozen_weights: tuple | None = None  # what compile_model(freeze=True) compiled in (see there)
+        self._inductor_freezing = False
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -248,11 +250,20 @@ class LLM2Vec(torch.nn.Module):
         if self._frozen_weights is not None:
             logger.info("recompiling a frozen model: clearing torch.compile's caches (torch._dynamo.reset())")
             torch._dynamo.reset()
-        options = {"options": {"freezing": True}} if freeze and backend == "inductor" else {}
-        compile_model(self.model, dynamic=True, fullgraph=True, backend=backend, **options)
+        compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
         self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
+        # inductor reads `freezing` from its global config when a graph compiles (on a call, lazily; a per-compile
+        # options={"freezing": True} is not seen there), so encode sets it around its calls of the model.
+        self._inductor_freezing = self._frozen_weights is not None and backend == "inductor"
         self._compile_pending = backend
         return self
+
+    def _compile_settings(self):
+        if not self._inductor_freezing:
+            return contextlib.nullcontext()
+        from torch._inductor import config
+
+        return config.patch(freezing=True)
 
     def _check_frozen_weights(self) -> None:
         if self._frozen_weights is not None and _weights_fingerprint(self.model) != self._frozen_weights:
@@ -518,10 +529,11 @@ class LLM2Vec(torch.nn.Module):
             backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
                 bar.set_description(f"Encoding (compiling, torch.compile backend={backend})")
-            if output_value == "token_embeddings":
-                outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
-            else:
-                outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
+            with self._compile_settings():
+                if output_value == "token_embeddings":
+                    outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
+                else:
+                    outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
             if backend is not None:
                 self._compile_pending = None
                 message = (f"compiling the model (torch.compile backend={backend}) took "
