@@ -1,12 +1,20 @@
-"""Encoding with the model compiled (``LLM2Vec.compile_model``, inductor) vs eager, ours, SmolLM2-135M, CPU fp32.
+"""Encoding with the model compiled (``LLM2Vec.compile_model``, inductor) vs eager, ours, SmolLM2-135M, CPU fp32,
+and llm2vec 0.2.3 beside them.
 
 The texts are ``benchmarks/test_encode.py``'s mix (Wikipedia sentences and SciFact abstracts), encoded with the
-CPU default (length-sorted padded batches). Rounds of the two are interleaved so that a shared machine's load hits
-both alike; the compiled encoder first encodes every text once (that call compiles, and its time is recorded as
-the ``compile`` row), so the timed rounds measure steady state. Beside each time: GFLOP/s of useful work, 2 x the
-non-embedding parameters x tokens, plus attention 4 x layers x hidden x sum(length^2) (no padding counted).
+CPU default (length-sorted padded batches). Rounds of the providers are interleaved so that a shared machine's load
+hits all alike; each compiled encoder first encodes every text once (that call compiles, and its time is recorded
+as the ``first encode (compiles)`` row, with the number of graphs dynamo built), so the timed rounds measure steady
+state. Beside each time: GFLOP/s of useful work, 2 x the non-embedding parameters x tokens, plus attention
+4 x layers x hidden x sum(length^2) (no padding counted; the padded tokens' share is in the notes), and the load
+average before and after.
 
-    python -m pytest benchmarks/test_encode_compile.py -s --benchmark-columns=min,median,rounds
+- ``ours compiled``: ``compile=True`` (inductor, frozen weights: ``compile_model(freeze=True)``, the default);
+- ``ours compiled, not frozen``: ``compile_model(freeze=False)``, with ``ENCODE_COMPILE_BENCH_UNFROZEN=1``;
+- ``llm2vec-0.2.3``: with ``LLM2VEC_VENV_PYTHON`` (as in ``benchmarks/test_encode.py``).
+
+    LLM2VEC_VENV_PYTHON=.venv-llm2vec/bin/python \
+        python -m pytest benchmarks/test_encode_compile.py -s --benchmark-columns=min,median,rounds
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import time
 import pytest
 import torch
 from conftest import record
-from test_encode import BATCH_SIZE, _texts, smollm2_dir, texts  # noqa: F401  (fixtures)
+from test_encode import BATCH_SIZE, _Llm2vecWorker, _texts, smollm2_dir, texts  # noqa: F401  (fixtures)
 
 ROUNDS = int(os.environ.get("ENCODE_COMPILE_BENCH_ROUNDS", "3"))
 SUITE = "encode compiled (SmolLM2-135M, CPU fp32)"
@@ -35,29 +43,65 @@ def _useful_flops(encoder, texts: list[str]) -> tuple[int, float]:
     return tokens, 2.0 * params * tokens + attention
 
 
+def _padded_tokens(encoder, texts: list[str]) -> int:
+    """Tokens the padded batches of one encode compute, padding included."""
+    from llm2vec_fast.batching import length_sorted_batches
+
+    lengths = [len(e.input_ids) for e in encoder.text_tokenizer([("", t) for t in texts])]
+    batches = length_sorted_batches(lengths, batch_size=BATCH_SIZE, max_batch_tokens=BATCH_SIZE * encoder.max_length,
+                                    max_padding=encoder.max_padding)
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def _load() -> str:
+    return "load " + "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def test_encode_compiled_vs_eager_cpu(benchmark, texts, smollm2_dir):  # noqa: F811
+    import torch._dynamo.utils
+
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.compilation import compiler_unavailable_reason
 
     reason = compiler_unavailable_reason("cpu")
     if reason is not None:
         pytest.skip(f"inductor cannot compile here: {reason}")
-    eager = LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean")
-    compiled = LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean", compile=True)
+    load_before = _load()
+    encoders = {"ours eager": LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean"),
+                "ours compiled": LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean", compile=True)}
+    if os.environ.get("ENCODE_COMPILE_BENCH_UNFROZEN") == "1":
+        encoders["ours compiled, not frozen"] = LLM2Vec.from_pretrained(
+            smollm2_dir, pooling_mode="mean").compile_model(freeze=False)
+    eager = encoders["ours eager"]
     tokens, flops = _useful_flops(eager, texts)
+    padded = _padded_tokens(eager, texts)
     eager.encode(texts[:8], batch_size=BATCH_SIZE, device="cpu")  # warm-up
-    start = time.perf_counter()
-    compiled.encode(texts, batch_size=BATCH_SIZE, device="cpu")  # compiles (every batch shape of the timed runs)
-    compile_seconds = time.perf_counter() - start
-    times: dict[str, list[float]] = {"ours eager": [], "ours compiled": []}
-    for _ in range(ROUNDS):
-        for provider, encoder in (("ours eager", eager), ("ours compiled", compiled)):
+    first: dict[str, tuple[float, int]] = {}
+    for provider, encoder in encoders.items():
+        if provider != "ours eager":
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             start = time.perf_counter()
-            encoder.encode(texts, batch_size=BATCH_SIZE, device="cpu")
-            times[provider].append(time.perf_counter() - start)
-    a = torch.as_tensor(eager.encode(texts[:16], batch_size=BATCH_SIZE, device="cpu"))
-    b = torch.as_tensor(compiled.encode(texts[:16], batch_size=BATCH_SIZE, device="cpu"))
-    max_diff = float((a - b).abs().max())
+            encoder.encode(texts, batch_size=BATCH_SIZE, device="cpu")  # compiles (every batch shape of the rounds)
+            first[provider] = (time.perf_counter() - start,
+                               torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs)
+    python = os.environ.get("LLM2VEC_VENV_PYTHON")
+    worker = _Llm2vecWorker(python, smollm2_dir, texts) if python else None
+    times: dict[str, list[float]] = {provider: [] for provider in encoders}
+    try:
+        for _ in range(ROUNDS):
+            for provider, encoder in encoders.items():
+                start = time.perf_counter()
+                encoder.encode(texts, batch_size=BATCH_SIZE, device="cpu")
+                times[provider].append(time.perf_counter() - start)
+            if worker is not None:
+                times.setdefault("llm2vec-0.2.3", []).append(worker.time_once())
+    finally:
+        if worker is not None:
+            worker.close()
+    load_after = _load()
+    reference = torch.as_tensor(eager.encode(texts[:16], batch_size=BATCH_SIZE, device="cpu"))
+    max_diff = {p: float((torch.as_tensor(e.encode(texts[:16], batch_size=BATCH_SIZE, device="cpu")) - reference)
+                         .abs().max()) for p, e in encoders.items() if p != "ours eager"}
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # times are taken above, interleaved
     case = f"{len(texts)} texts {tokens} tok"
     medians = {p: statistics.median(v) for p, v in times.items()}
@@ -65,9 +109,11 @@ def test_encode_compiled_vs_eager_cpu(benchmark, texts, smollm2_dir):  # noqa: F
         record(benchmark, suite=SUITE, case=case, mode="encode", provider=provider, seconds=seconds,
                gflops_per_s=flops / seconds / 1e9, tokens_per_s=tokens / seconds,
                note=f"{flops / seconds / 1e9:.1f} GFLOP/s useful, {tokens / seconds:.0f} tokens/s, "
-                    f"rounds {len(times[provider])} {[round(t, 2) for t in times[provider]]}")
-    speedup = medians["ours eager"] / medians["ours compiled"]
-    record(benchmark, suite=SUITE, case=case, mode="first encode (compiles)", provider="ours compiled",
-           seconds=compile_seconds,
-           note=f"compiled/eager speed-up {speedup:.2f}x; max |eager - compiled| {max_diff:.2e}")
-    assert max_diff < 1e-3, f"compiled embeddings differ from eager by {max_diff}"
+                    f"{medians['ours eager'] / seconds:.2f}x eager, rounds {len(times[provider])} "
+                    f"{[round(t, 2) for t in times[provider]]}, {load_before} -> {load_after}, "
+                    f"padded batches compute {padded} tokens ({padded / tokens - 1:.1%} padding)")
+    for provider, (seconds, graphs) in first.items():
+        record(benchmark, suite=SUITE, case=case, mode="first encode (compiles)", provider=provider,
+               seconds=seconds, note=f"{graphs} graph(s) compiled; max |eager - compiled| {max_diff[provider]:.2e}")
+    for provider, diff in max_diff.items():
+        assert diff < 1e-3, f"{provider} embeddings differ from eager by {diff}"

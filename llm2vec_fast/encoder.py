@@ -9,6 +9,7 @@ that an embedding does not depend on the batch size or on the other texts of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import length_sorted_batches
+from .batching import PaddedBatch
 from .builtin_models import resolve_model
+from .compilation import is_compiled
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -41,6 +44,27 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 def _is_pair(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
+    """A padded batch for the compiled model, at least 2 rows by 2 columns: torch.compile specializes a size of 1
+    (a new graph, a second compile of the whole model), so a lone text gets a copy of itself as a second row (its
+    output dropped) and a batch of 1-token texts one more column of left padding. Rows are unchanged otherwise:
+    the same embeddings."""
+    if batch.input_ids.shape[0] == 1:
+        batch = PaddedBatch(*(t.repeat(2, 1) for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                          batch.embed_mask)))
+    if batch.input_ids.shape[1] == 1:
+        left = torch.nn.functional.pad
+        batch = PaddedBatch(left(batch.input_ids, (1, 0), value=pad_id), left(batch.attention_mask, (1, 0)),
+                            left(batch.position_ids, (1, 0)), left(batch.embed_mask, (1, 0)))
+    return batch
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Each parameter's and buffer's storage and version counter: changes when one is updated in place or
+    replaced."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 class LLM2Vec(torch.nn.Module):
@@ -76,6 +100,8 @@ class LLM2Vec(torch.nn.Module):
         self.max_batch_tokens = max_batch_tokens
         self.packed = packed
         self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
+        self._frozen_weights: tuple | None = None  # what compile_model(freeze=True) compiled in (see there)
+        self._inductor_freezing = False
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -112,7 +138,8 @@ class LLM2Vec(torch.nn.Module):
           ``skip_instruction`` True) come from ``llm2vec_config.json`` in the adapter directory (else the base
           directory); an explicit argument that is not None wins.
         - ``enable_bidirectional``: patch the model with our bidirectional attention (``llm2vec_fast.patch``);
-          False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``).
+          False keeps it causal, through the same kernel in causal mode (``patch(..., bidirectional=False)``), or,
+          where the patch refuses the model, through its own attention unpatched (logged; padded batches only).
         - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
           (call that yourself after ``model.to(device)`` to check the backend of another device).
         - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
@@ -187,26 +214,63 @@ class LLM2Vec(torch.nn.Module):
 
         from .bidirectional import patch
 
-        # enable_bidirectional=False keeps a causal embedding model causal (Qwen3-Embedding, e5-mistral with
-        # last_token pooling) but still runs our kernel, in causal mode, so that its batches can be packed too.
-        patch(model, attention_impl=attention_impl, bidirectional=bool(enable_bidirectional))
+        if enable_bidirectional:
+            patch(model, attention_impl=attention_impl, bidirectional=True)
+        else:
+            # A causal embedding model kept causal (Qwen3-Embedding, e5-mistral with last_token pooling) runs our
+            # kernel in causal mode where the patch applies, so that its batches can be packed too; where the
+            # patch refuses the model (attention sinks, image-token masks, attention outside transformers'
+            # interface), it stays the plain causal model llm2vec would use, and batches are padded.
+            try:
+                patch(model, attention_impl=attention_impl, bidirectional=False)
+            except (ValueError, NotImplementedError) as refusal:
+                logger.warning("enable_bidirectional=False: keeping the model's own causal attention, not "
+                               "llm2vec_fast's (%s); batches are padded, not packed", refusal)
         model.eval()
         encoder = cls(model, tokenizer, name_or_path=name, **settings)
         if compile:
             encoder.compile_model(backend="inductor" if compile is True else compile)
         return encoder
 
-    def compile_model(self, backend: str = "inductor") -> "LLM2Vec":
-        """``torch.compile`` the model in place (``llm2vec_fast.compilation.compile_model``: fullgraph, sequence
-        lengths dynamic from the first batch, so new lengths do not recompile). Call it after moving the model to
-        its device: the check that a compiler backend works there (a C++ compiler on CPU, Triton on CUDA) raises
-        ``CompilerUnavailableError`` saying why. The first batch pays the compile; ``encode`` logs how long it
-        took."""
+    def compile_model(self, backend: str = "inductor", *, freeze: bool = True) -> "LLM2Vec":
+        """``torch.compile`` the model in place for encoding (``llm2vec_fast.compilation.compile_model``:
+        fullgraph, sequence lengths and batch sizes dynamic from the first batch, so new shapes do not recompile).
+        Call it after moving the model to its device: the check that a compiler backend works there (a C++
+        compiler on CPU, Triton on CUDA) raises ``CompilerUnavailableError`` saying why. The first batch pays the
+        compile; ``encode`` logs how long it took.
+
+        ``freeze`` (inductor's ``freezing``): the weights become constants of the compiled inference graph, which
+        lets inductor fold them and pre-pack the CPU matrix products. The graph then keeps the weights it was
+        compiled with, so ``encode`` refuses to run once a parameter has changed in place or been replaced
+        (``load_state_dict``, an optimizer step, merging an adapter); call ``compile_model`` again (it clears
+        torch.compile's caches, ``torch._dynamo.reset()``, and recompiles) or compile with ``freeze=False``.
+        Training compiles through the Trainer's ``torch_compile``, never frozen."""
         from .compilation import compile_model
 
+        if self._frozen_weights is not None:
+            logger.info("recompiling a frozen model: clearing torch.compile's caches (torch._dynamo.reset())")
+            torch._dynamo.reset()
         compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
+        self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
+        # inductor reads `freezing` from its global config when a graph compiles (on a call, lazily; a per-compile
+        # options={"freezing": True} is not seen there), so encode sets it around its calls of the model.
+        self._inductor_freezing = self._frozen_weights is not None and backend == "inductor"
         self._compile_pending = backend
         return self
+
+    def _compile_settings(self):
+        if not self._inductor_freezing:
+            return contextlib.nullcontext()
+        from torch._inductor import config
+
+        return config.patch(freezing=True)
+
+    def _check_frozen_weights(self) -> None:
+        if self._frozen_weights is not None and _weights_fingerprint(self.model) != self._frozen_weights:
+            raise RuntimeError(
+                "the model's weights changed (updated, replaced or moved) after compile_model(freeze=True) made them "
+                "constants of the compiled graph, which would encode with the old weights: call compile_model() "
+                "again to recompile with the new ones, or compile_model(freeze=False)")
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
         """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
@@ -304,6 +368,8 @@ class LLM2Vec(torch.nn.Module):
         chunk_size: int | None = None,
         max_batch_tokens: int | None = None,
         packed: bool | None = None,
+        ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | None = None,
     ):
         """Embed strings or ``[instruction, text]`` pairs; the result keeps the input order.
 
@@ -317,8 +383,10 @@ class LLM2Vec(torch.nn.Module):
         ``self.prompts``: LLM2Vec's MTEB task names, ``query``, ``document``) is the instruction of every plain
         string (pairs keep their own), left out of pooling; ``truncate_dim`` keeps the leading dimensions
         (Matryoshka) before ``normalize_embeddings``; ``precision`` (``float32``, ``int8``, ``uint8``,
-        ``binary``, ``ubinary``) quantizes the result as ``sentence_transformers.quantize_embeddings`` does (int8
-        ranges calibrated over these embeddings; binary packs 8 dimensions per byte); ``device=["cuda:0",
+        ``binary``, ``ubinary``) quantizes the result as ``sentence_transformers.quantize_embeddings`` does (binary
+        packs 8 dimensions per byte; the int8/uint8 buckets come from ``ranges`` ``(2, dim)``, each dimension's
+        min and max, or from ``calibration_embeddings`` ``(m, dim)`` float, else from these embeddings: give one
+        of them to quantize several calls alike); ``device=["cuda:0",
         "cuda:1"]`` or ``pool=start_multi_process_pool(...)`` encodes in several processes, ``chunk_size`` texts
         at a time.
         """
@@ -335,6 +403,12 @@ class LLM2Vec(torch.nn.Module):
                              f"got {truncate_dim!r}")
         if output_value == "token_embeddings" and (truncate_dim is not None or precision != "float32"):
             raise ValueError("truncate_dim and precision apply to sentence embeddings, not to token_embeddings")
+        if (ranges is not None or calibration_embeddings is not None) and precision not in ("int8", "uint8"):
+            raise ValueError(f"ranges and calibration_embeddings set the int8/uint8 buckets; precision={precision!r} "
+                             "uses none")
+        if ranges is not None and calibration_embeddings is not None:
+            raise ValueError("give ranges or calibration_embeddings, not both: ranges are computed from the "
+                             "calibration embeddings")
         pairs, single = self._as_pairs(sentences)
         if instruction:
             pairs = [(given or instruction, text) for given, text in pairs]
@@ -364,7 +438,8 @@ class LLM2Vec(torch.nn.Module):
         if normalize_embeddings:
             embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         if precision != "float32":
-            embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision))
+            embeddings = torch.from_numpy(quantize_embeddings(embeddings.numpy(), precision, ranges=ranges,
+                                                              calibration_embeddings=calibration_embeddings))
         if single:
             embeddings = embeddings[0]
         if convert_to_tensor or not convert_to_numpy:
@@ -425,7 +500,15 @@ class LLM2Vec(torch.nn.Module):
         device = torch.device(device) if device is not None else self._model_device()
         if self._model_device() != device:
             self.model.to(device)
+        self._check_frozen_weights()
         packed = self._default_packed(device) if packed is None else packed
+        if packed:
+            from .bidirectional import is_patched
+
+            if not is_patched(self.model):
+                # An unpatched model's attention would let the texts of a packed row see each other.
+                raise ValueError("packed=True needs a model patched by llm2vec_fast (its attention keeps packed "
+                                 "texts apart); this model is not patched: use packed=False")
         budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
                       batch_size * self.max_length)
         if not isinstance(budget, int) or budget < 1:
@@ -437,15 +520,20 @@ class LLM2Vec(torch.nn.Module):
         bar = tqdm(total=len(encoded), desc="Encoding", unit="text", disable=not show_progress_bar)
         self.model.eval()
         pad_id = self.tokenizer.pad_token_id
+        compiled = is_compiled(self.model)
         for batch in batches:
-            inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id).to(device)
+            inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id)
+            if compiled and not packed:
+                inputs = _at_least_two_by_two(inputs, pad_id)
+            inputs = inputs.to(device)
             backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
                 bar.set_description(f"Encoding (compiling, torch.compile backend={backend})")
-            if output_value == "token_embeddings":
-                outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
-            else:
-                outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
+            with self._compile_settings():
+                if output_value == "token_embeddings":
+                    outputs = [states.cpu() for states in text_token_states(self.model, inputs)]
+                else:
+                    outputs = list(embed(self.model, inputs, self.pooling_mode).cpu())
             if backend is not None:
                 self._compile_pending = None
                 message = (f"compiling the model (torch.compile backend={backend}) took "
@@ -454,7 +542,7 @@ class LLM2Vec(torch.nn.Module):
                 bar.set_description("Encoding")
                 if show_progress_bar:
                     bar.write(message)
-            for index, output in zip(batch, outputs):
+            for index, output in zip(batch, outputs):  # (zip drops the copy _at_least_two_by_two added)
                 results[index] = output
             bar.update(len(batch))
             if progress is not None:

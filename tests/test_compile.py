@@ -240,6 +240,55 @@ def test_encoder_compile_gives_eager_embeddings_and_logs_the_compile_time(tiny_s
     assert len(messages) == 1 and "backend=aot_eager" in messages[0] and " s, on the first batch" in messages[0]
 
 
+@pytest.mark.slow  # encoders and aot_eager graphs: 65 s on the loaded 2-core machine
+def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
+    """Batches of 3, 2 and 1 texts, of many widths and of 1-token texts: one graph (a lone text is run as two rows
+    and a 1-token batch gets a column of padding, as torch.compile specializes sizes of 1), eager embeddings."""
+    from torch._dynamo.testing import CompileCounter
+
+    texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
+             "Rotary position embeddings rotate queries and keys.", "A short one.", "x", "y", "z",
+             "Medium length sentence about encoders and batches."]
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    counter = CompileCounter()
+    compiled.compile_model(backend=counter)
+    for batch_size in (3, 2, 1):
+        got = compiled.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+        torch.testing.assert_close(got, eager.encode(texts, batch_size=batch_size, convert_to_tensor=True),
+                                   atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled.encode("x", convert_to_tensor=True), eager.encode("x", convert_to_tensor=True),
+                               atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles"
+
+
+@pytest.mark.slow  # four encoders and three aot_eager compiles
+def test_a_frozen_compiled_encoder_refuses_changed_weights_until_compiled_again(tiny_smol):
+    """compile_model(freeze=True) makes the weights constants of the graph: encoding after they changed would use
+    the old ones, so it is refused, and compiling again encodes with the new weights."""
+    texts = ["Rotary position embeddings rotate queries and keys.", "A short one.", "x"]
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled.compile_model(backend="aot_eager", freeze=True)
+    before = compiled.encode(texts, convert_to_tensor=True)
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    torch.testing.assert_close(before, eager.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        for model in (compiled.model, eager.model):
+            model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match=r"weights changed .* call compile_model\(\) again"):
+        compiled.encode(texts)
+    compiled.compile_model(backend="aot_eager", freeze=True)
+    after = compiled.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(after, eager.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(after, before, atol=1e-3)
+    unfrozen = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch").compile_model(
+        backend="aot_eager", freeze=False)
+    unfrozen.encode(texts)
+    with torch.no_grad():
+        unfrozen.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    torch.testing.assert_close(unfrozen.encode(texts, convert_to_tensor=True), after, atol=1e-5, rtol=1e-4)
+
+
 def test_encoder_compile_without_a_compiler_says_why(tiny_smol, monkeypatch):
     monkeypatch.setattr(compilation, "_cpp_compiler_reason", lambda: "no C++ compiler (simulated)")
     with pytest.raises(compilation.CompilerUnavailableError, match="simulated"):

@@ -86,6 +86,36 @@ def test_precision_matches_sentence_transformers(encoder, precision):
     assert isinstance(as_tensor, torch.Tensor) and np.array_equal(as_tensor.numpy(), ours)
 
 
+@pytest.mark.parametrize("precision", ["int8", "uint8"])
+def test_int8_calibration_is_shared_by_several_calls(encoder, precision):
+    """One calibration quantizes every call alike, as sentence-transformers' ranges / calibration_embeddings do:
+    the halves of a list quantized apart equal the whole list quantized at once."""
+    quantization = pytest.importorskip("sentence_transformers.util.quantization")
+
+    calibration = encoder.encode(TEXTS, normalize_embeddings=True, truncate_dim=20)
+    ranges = np.stack([calibration.min(axis=0), calibration.max(axis=0)])
+    whole = encoder.encode(TEXTS, normalize_embeddings=True, truncate_dim=20, precision=precision, ranges=ranges)
+    halves = np.concatenate([encoder.encode(part, normalize_embeddings=True, truncate_dim=20, precision=precision,
+                                            ranges=ranges) for part in (TEXTS[:4], TEXTS[4:])])
+    # Batches of other texts round the floats differently: a value at a bucket edge may land one bucket over.
+    assert (np.abs(halves.astype(np.int16) - whole.astype(np.int16)) <= 1).all() and (halves == whole).mean() > 0.97
+    single = encoder.encode(TEXTS[2], normalize_embeddings=True, truncate_dim=20, precision=precision,
+                            calibration_embeddings=calibration)
+    assert single.shape == (20,) and (np.abs(single.astype(np.int16) - whole[2].astype(np.int16)) <= 1).all()
+    theirs = quantization.quantize_embeddings(encoder.encode(TEXTS[:4], normalize_embeddings=True, truncate_dim=20),
+                                              precision=precision, calibration_embeddings=calibration)
+    assert (np.abs(whole[:4].astype(np.int16) - theirs.astype(np.int16)) <= 1).all()
+    # Calibrated on their own, four texts get other buckets than with the shared calibration.
+    alone = encoder.encode(TEXTS[:4], normalize_embeddings=True, truncate_dim=20, precision=precision)
+    assert (np.abs(alone.astype(np.int16) - whole[:4].astype(np.int16)) > 1).mean() > 0.5
+    with pytest.raises(ValueError, match=r"ranges must be \(2, 20\)"):
+        encoder.encode(TEXTS, truncate_dim=20, precision=precision, ranges=ranges[:, :10])
+    with pytest.raises(ValueError, match="not both"):
+        encoder.encode(TEXTS, truncate_dim=20, precision=precision, ranges=ranges, calibration_embeddings=calibration)
+    with pytest.raises(ValueError, match="precision='binary' uses none"):
+        encoder.encode(TEXTS, truncate_dim=20, precision="binary", ranges=ranges)
+
+
 def test_bad_options_are_refused_before_encoding(encoder):
     with pytest.raises(ValueError, match="unknown prompt_name 'SciFakt'"):
         encoder.encode(TEXTS, prompt_name="SciFakt")

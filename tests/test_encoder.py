@@ -367,3 +367,42 @@ def test_doc_max_length_keeps_the_first_tokens_of_a_single_long_word(tokenizer):
     assert encoded.truncated and text_tokens and set(kept) == {"a"}
     # doc_max_length counts the text's tokens alone (llm2vec's rule); after the instruction they may split otherwise
     assert len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= 8
+
+
+@pytest.fixture(scope="module")
+def tiny_sinks_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny random GPT-OSS (learned attention sinks: the patch refuses it) with SmolLM2's tokenizer, saved."""
+    from transformers import AutoModel, AutoTokenizer, GptOssConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = GptOssConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=4, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_sinks") / "model"
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_enable_bidirectional_false_keeps_a_model_the_patch_refuses_causal_and_unpatched(tiny_sinks_dir, caplog):
+    from transformers import AutoModel, AutoTokenizer
+
+    from llm2vec_fast import LLM2Vec, is_patched
+
+    with pytest.raises(NotImplementedError, match="attention sinks"):  # bidirectional needs the patch
+        LLM2Vec.from_pretrained(tiny_sinks_dir, pooling_mode="last_token")
+    with caplog.at_level("WARNING", logger="llm2vec_fast.encoder"):
+        encoder = LLM2Vec.from_pretrained(tiny_sinks_dir, enable_bidirectional=False, pooling_mode="last_token")
+    assert not is_patched(encoder.model)
+    assert "keeping the model's own causal attention" in caplog.text and "attention sinks" in caplog.text
+    texts = ["A man is playing a guitar.", "x", "The quick brown fox jumps over the lazy dog near the river bank."]
+    ours = encoder.encode(texts, batch_size=3, convert_to_tensor=True)  # one left-padded batch
+    plain = AutoModel.from_pretrained(tiny_sinks_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sinks_dir)
+    with torch.no_grad():
+        expected = torch.stack([plain(input_ids=tokenizer(t, return_tensors="pt").input_ids).last_hidden_state[0, -1]
+                                for t in texts])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="packed=True needs a model patched by llm2vec_fast"):
+        encoder.encode(texts, packed=True)

@@ -1922,6 +1922,7 @@ _CAUSAL_PACKING_MESSAGE = (
     "sequence) and ending at total_tokens, so that every token belongs to exactly one sequence, in order"
 )
 _warned_fallback: set = set()
+_INLINE_UNDER_COMPILE = True
 
 
 def bidirectional_attention(
@@ -1982,6 +1983,11 @@ def bidirectional_attention(
             logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
     softmax_scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (_INLINE_UNDER_COMPILE and not triton and not needs_grad and cu_seqlens is None and dropout_p == 0
+            and logit_softcap is None and torch.compiler.is_compiling()):
+        # Compiled inference on the PyTorch path: SDPA (the CPU flash kernel) and the padding fill traced into the
+        # graph, where inductor fuses the layouts and the fill around them, instead of an opaque op.
+        return _torch_attention(q, k, v, key_padding_mask, None, softmax_scale, 0.0, None, window, causal)
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     effective_dropout_p(dropout_p)  # a dropout_p the dropout variant cannot apply raises here
     out, _ = torch.ops.llm2vec_fast.attention_forward(
