@@ -224,3 +224,57 @@ def test_bad_labels_still_raise_under_compile():
     compiled = torch.compile(_mntp_call("torch"), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=f"label {VOCAB + 5} is outside the vocabulary"):
         compiled(hidden, weight, bias, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention op's CPU path: ATen's flash attention forward with the log-sum-exps, its flash backward
+# ---------------------------------------------------------------------------------------------------------------
+
+ATTENTION_CPU_CASES = {
+    "padded-gqa": dict(padded=True),
+    "padded-causal-window": dict(padded=True, causal=True, window=5),
+    "unpadded-causal": dict(causal=True),
+    "packed-gqa": dict(packed=True),
+    "packed-window": dict(packed=True, window=4),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CPU_CASES), ids=list(ATTENTION_CPU_CASES))
+def test_attention_cpu_path_backward_is_flash_from_the_stored_lse_and_matches_the_reference(case, monkeypatch):
+    """Outputs and dq/dk/dv against the fp64 reference (fp32, seq 23, GQA 6/2 heads, rows left- and right-padded
+    and one fully padded; packed with an empty sequence and a tail past ``cu_seqlens[-1]``), and the backward is
+    ATen's flash backward from the forward's log-sum-exps: the explicit (seq x seq) recomputation never runs."""
+    from llm2vec_fast.kernels import attention as attn
+    from llm2vec_fast.kernels.attention import bidirectional_attention, bidirectional_attention_reference
+
+    flags = dict(ATTENTION_CPU_CASES[case])
+    padded, packed = flags.pop("padded", False), flags.pop("packed", False)
+    gen = torch.Generator().manual_seed(7)
+    kwargs = {}
+    if packed:
+        cu = torch.tensor([0, 9, 9, 10, 23, 27], dtype=torch.int32)
+        shape_q, shape_kv = (30, 6, 16), (30, 2, 16)
+        kwargs = dict(cu_seqlens=cu, max_seqlen=13)
+    else:
+        shape_q, shape_kv = (4, 23, 6, 16), (4, 23, 2, 16)
+        if padded:
+            mask = torch.ones(4, 23, dtype=torch.bool)
+            mask[0, :5], mask[1, 17:], mask[3] = False, False, False
+            kwargs = dict(key_padding_mask=mask)
+    q, k, v = (torch.randn(s, generator=gen).requires_grad_() for s in (shape_q, shape_kv, shape_kv))
+    explicit = []
+    monkeypatch.setattr(attn, "_explicit_backward", lambda *a: explicit.append(1))
+    out = bidirectional_attention(q, k, v, impl="torch", **kwargs, **flags)
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert not explicit
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = bidirectional_attention_reference(*wide, **kwargs, **flags)
+    want = torch.autograd.grad(ref, wide, grad_out.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    if packed:
+        assert all(torch.all(g[27:] == 0) for g in grads)  # tokens past cu_seqlens[-1]
+    if padded:
+        assert all(torch.all(g[~mask] == 0) for g in (out, grads[0]))

@@ -1328,10 +1328,13 @@ def _op_seed(seed, device) -> torch.Tensor:
 def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
                           logit_softcap, window, causal, use_triton, store_lse):
     """``(out, lse)``: out contiguous, shaped as q; lse ``(batch, heads, seq)`` / ``(heads, total)`` fp32 when the
-    Triton path stores it for the backward, else a 1-element placeholder."""
+    Triton path, or the CPU path without dropout and soft-capping (ATen's CPU flash attention), stores it for the
+    backward, else a 1-element placeholder."""
     if cu_seqlens is not None:
         _check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0], causal)
     if not use_triton:
+        if store_lse and _cpu_flash(q, dropout_p, logit_softcap):
+            return _cpu_flash_forward(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, window or None, causal)
         out = _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap or None,
                                window or None, causal, seed)
         return out.contiguous(), q.new_zeros((1,), dtype=torch.float32)
@@ -1345,7 +1348,7 @@ def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqle
 def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
                             logit_softcap, window, causal, use_triton, store_lse):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if not (use_triton and store_lse):
+    if not (store_lse and (use_triton or _cpu_flash(q, dropout_p, logit_softcap))):
         return out, q.new_empty((1,), dtype=torch.float32)
     if cu_seqlens is not None:
         return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -1355,9 +1358,13 @@ def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seq
 @torch.library.custom_op("llm2vec_fast::attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
                            dropout_p, logit_softcap, window, causal, use_triton):
-    """``(dq, dk, dv)``, contiguous. The PyTorch path recomputes the probabilities (the same dropout, drawn again
-    from ``seed``) and applies the softmax backward; the Triton path runs the two backward kernels from o and lse."""
+    """``(dq, dk, dv)``, contiguous. The Triton path runs the two backward kernels from o and lse, and so does the
+    CPU path where its forward stored lse (ATen's CPU flash-attention backward); otherwise the PyTorch path
+    recomputes the probabilities (the same dropout, drawn again from ``seed``) and applies the softmax backward."""
     if not use_triton:
+        if lse.dim() > 1 and _cpu_flash(q, dropout_p, logit_softcap):  # the forward stored the log-sum-exps
+            return _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, softmax_scale,
+                                       window or None, causal)
         return _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p,
                                          logit_softcap or None, window or None, causal, seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -1540,6 +1547,94 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
     if key_padding_mask is not None:
         out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
     return out
+
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_flash(q, dropout_p, logit_softcap) -> bool:
+    """Whether the PyTorch path runs ATen's CPU flash attention, which returns the log-sum-exps (so that the
+    backward is a flash backward from them, not a recomputation through ``(seq, seq)`` probabilities): on CPU,
+    without dropout (its keep-mask is ours, drawn from the seed) and soft-capping (which SDPA cannot express)."""
+    return q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and dropout_p == 0 and not logit_softcap
+
+
+def _visible_keys(key_padding_mask, seq, window, causal, device) -> torch.Tensor | None:
+    """The bool mask ``(batch or 1, 1, seq or 1, seq)`` of the keys each query attends to (True = visible), or
+    None when every key is. Padded query rows attend to everything (their output is zeroed): a fully masked row
+    would be NaN in SDPA, forward and backward, so there is none."""
+    band = _band_mask(seq, window, causal, device)
+    if key_padding_mask is None:
+        return None if band is None else band[None, None]
+    if band is None:
+        # A sequence with no real token attends to all its keys (then is zeroed); every other sequence sees
+        # exactly its key mask, broadcast over queries.
+        return (key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True))[:, None, None, :]
+    return ((band & key_padding_mask[:, None, :]) | ~key_padding_mask[:, :, None])[:, None]
+
+
+def _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal, backward=None):
+    """One padded batch ``(batch, seq, heads, dim)`` through ATen's CPU flash attention: ``(out, lse)``, or with
+    ``backward = (do, o, lse)`` the gradients ``(dq, dk, dv)``. GQA: K/V heads repeated for the call (ATen's
+    kernel needs equal heads), their gradients summed back over each group."""
+    batch, seq, heads, dim = q.shape
+    group = heads // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if group > 1:
+        kt, vt = (t.repeat_interleave(group, dim=1) for t in (kt, vt))
+    visible = _visible_keys(key_padding_mask, seq, window, causal, q.device)
+    is_causal = causal and window is None and key_padding_mask is None
+    mask = None
+    if visible is not None and not is_causal:
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    if backward is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2)
+        if key_padding_mask is not None:
+            out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+        return out.contiguous(), lse
+    do, o, lse = backward
+    if key_padding_mask is not None:  # padded rows are zeroed in the output: no gradient flows through them
+        do = do.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.transpose(1, 2), qt, kt, vt, o.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if group > 1:
+        dk, dv = (g.reshape(batch, heads // group, group, seq, dim).sum(dim=2) for g in (dk, dv))
+    return tuple(g.transpose(1, 2).contiguous() for g in (dq, dk, dv))
+
+
+def _cpu_flash_forward(q, k, v, key_padding_mask, cu_seqlens, scale, window, causal):
+    """The CPU path with the log-sum-exps: ``(out, lse)``, lse ``(batch, heads, seq)`` padded or ``(heads,
+    total)`` packed (one call per sequence; zero past ``cu_seqlens[-1]``), fp32, as the Triton path stores it."""
+    if cu_seqlens is None:
+        out, lse = _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal)
+        return out, lse.float().contiguous()
+    out = q.new_zeros(q.shape)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            piece, piece_lse = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window,
+                                               causal)
+            out[lo:hi] = piece[0]
+            lse[:, lo:hi] = piece_lse[0]
+    return out, lse
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, scale, window, causal):
+    """The gradients of :func:`_cpu_flash_forward` from its output and log-sum-exps (no recomputed scores)."""
+    if cu_seqlens is None:
+        return _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal, backward=(do, o, lse))
+    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            pieces = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window, causal,
+                                     backward=(do[None, lo:hi], o[None, lo:hi], lse[None, :, lo:hi].contiguous()))
+            for grad, piece in zip(grads, pieces):
+                grad[lo:hi] = piece[0]
+    return tuple(grads)
 
 
 def _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, logit_softcap, window, causal):
@@ -1797,7 +1892,7 @@ def bidirectional_attention(
     out, _ = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen if cu_seqlens is not None else 0,
         softmax_scale, float(dropout_p), float(logit_softcap) if logit_softcap is not None else 0.0,
-        int(window) if window is not None else 0, causal, triton, needs_grad and triton,
+        int(window) if window is not None else 0, causal, triton, needs_grad,
     )
     return out
 
