@@ -278,3 +278,29 @@ def test_attention_cpu_path_backward_is_flash_from_the_stored_lse_and_matches_th
         assert all(torch.all(g[27:] == 0) for g in grads)  # tokens past cu_seqlens[-1]
     if padded:
         assert all(torch.all(g[~mask] == 0) for g in (out, grads[0]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mntp_torch_path_takes_the_gradients_in_the_forward(reduction, monkeypatch):
+    """"mean"/"sum" on the PyTorch path: the gradients come from the forward's logits (the backward only scales
+    them, no logits recomputed), the same as the float64 reference, the incoming gradient applied; nothing
+    extra is kept for a forward without grad."""
+    from llm2vec_fast.kernels import mntp_loss
+    from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss_reference
+
+    hidden, weight, bias, labels = mntp_inputs(seed=3)
+    monkeypatch.setattr(mntp_loss, "_chunked_backward", lambda *a: pytest.fail("the backward recomputed logits"))
+    loss = masked_next_token_loss(hidden, weight, labels, bias=bias, reduction=reduction, logit_softcap=3.0,
+                                  impl="torch", chunk_rows=4)
+    grads = torch.autograd.grad(loss * 1.7, (hidden, weight, bias))
+    wide = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref = masked_next_token_loss_reference(wide[0], wide[1], labels, bias=wide[2], reduction=reduction,
+                                           logit_softcap=3.0)
+    want = torch.autograd.grad(ref * 1.7, wide)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        outputs = torch.ops.llm2vec_fast.masked_next_token_loss(
+            hidden, weight, bias, labels, 1, -100, reduction, 3.0, "torch", 4, False, False, False)
+    assert all(t.numel() == 0 for t in outputs[6:]) and outputs[5].numel() == labels.numel() - labels.shape[0]
