@@ -241,3 +241,15 @@ def test_max_wall_seconds_is_checked_in_one_place_for_every_stage_and_the_guard(
     for build in (MNTPArguments, ContrastiveArguments, WallClockGuard):
         with pytest.raises(ValueError, match=message):
             build(max_wall_seconds=seconds)
+
+
+def test_packed_batches_send_a_bucketed_max_length_computed_once_per_batch():
+    """``PackedBatch.model_inputs`` gives max_length_q/k as the longest length rounded up to a power of two (>= 16),
+    so that a compiled model, which specializes on that int, sees one value per bucket; the adapter's in-graph
+    bound is the same function, so a bucketed value passes through unchanged."""
+    from llm2vec_fast.batching import max_length_bucket, pack_batch
+
+    for lengths, bound in (((3, 5), 16), ((17, 2), 32), ((32,), 32), ((33, 1), 64), ((100, 7), 128)):
+        inputs = pack_batch([[5] * n for n in lengths], [[1] * n for n in lengths]).model_inputs()
+        assert inputs["max_length_q"] == inputs["max_length_k"] == bound, (lengths, inputs["max_length_q"])
+        assert max_length_bucket(bound) == bound
