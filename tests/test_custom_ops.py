@@ -304,3 +304,18 @@ def test_mntp_torch_path_takes_the_gradients_in_the_forward(reduction, monkeypat
         outputs = torch.ops.llm2vec_fast.masked_next_token_loss(
             hidden, weight, bias, labels, 1, -100, reduction, 3.0, "torch", 4, False, False, False)
     assert all(t.numel() == 0 for t in outputs[6:]) and outputs[5].numel() == labels.numel() - labels.shape[0]
+
+
+def test_attention_torch_path_dropout_mask_is_drawn_without_a_host_sync():
+    """The PyTorch path's keep-mask comes from the seed tensor on its device: it traces into one graph (reading
+    the seed to the host would break it, and on CUDA stall the stream), is the same for the same seed, keeps
+    about 1 - p, and another seed draws another mask."""
+    from llm2vec_fast.kernels.attention import _seeded_keep_mask
+
+    seed, shape = torch.tensor([1234], dtype=torch.int64), (2, 3, 40, 40)
+    mask = _seeded_keep_mask(seed, shape, 0.25, "cpu")
+    traced = torch.compile(_seeded_keep_mask, fullgraph=True, backend="eager")(seed, shape, 0.25, "cpu")
+    assert torch.equal(traced, mask) and torch.equal(_seeded_keep_mask(seed.clone(), shape, 0.25, "cpu"), mask)
+    assert abs(mask.float().mean().item() - 0.75) < 0.02
+    other = _seeded_keep_mask(torch.tensor([1235]), shape, 0.25, "cpu")
+    assert abs((other == mask).float().mean().item() - (0.75**2 + 0.25**2)) < 0.02  # independent draws

@@ -1484,11 +1484,29 @@ def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tens
     return visible
 
 
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)  # SplitMix64's constants as signed int64 (products wrap)
+_SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_SPLITMIX_MUL2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: the sign bits are masked off)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def _seeded_keep_mask(seed: torch.Tensor, shape: tuple, dropout_p: float, device) -> torch.Tensor:
-    """The PyTorch path's dropout keep-mask, drawn from ``seed`` (so that its backward draws the same again)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed.reshape(-1)[0]))
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    """The PyTorch path's dropout keep-mask, drawn from ``seed`` (so that its backward draws the same again) on
+    the seed's device without a host sync: a counter-based generator, SplitMix64's output function of
+    ``seed + gamma * (index + 1)`` per entry, whose top 24 bits are the uniform number compared with
+    ``dropout_p``. (Reading the seed to the host for a ``torch.Generator`` would stall the CUDA stream and
+    break a compiled graph.)"""
+    index = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64).view(shape)
+    z = seed.reshape(()).to(device=device, dtype=torch.int64) + index * _SPLITMIX_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MUL1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MUL2
+    z = z ^ _shift_right(z, 31)
+    uniform = _shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+    return uniform >= dropout_p
 
 
 def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal,
