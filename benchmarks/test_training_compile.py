@@ -173,7 +173,7 @@ def _triplets(n: int, seed: int):
 def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     from torch._dynamo.utils import counters
 
-    from llm2vec_fast.training.collators import ContrastiveCollator
+    from llm2vec_fast.training.collators import GROUPS, ContrastiveCollator
     from llm2vec_fast.training.losses import InfoNCELoss
     from llm2vec_fast.training.modeling import load_base_model, load_tokenizer
 
@@ -183,7 +183,7 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     tokenizer = load_tokenizer(path)
     collator = ContrastiveCollator(tokenizer, max_length=48, packed=True)
     batches = [collator(_triplets(TRIPLETS, seed)) for seed in (0, 1)]
-    tokens = sum(int(chunk["input_ids"].numel()) for b in batches for group in b.values() for chunk in group)
+    tokens = sum(int(chunk["input_ids"].numel()) for b in batches for group in GROUPS if group in b for chunk in b[group])
     model = _lora(load_base_model(path, dtype=torch.float32, attention_impl="torch"))
     loss = InfoNCELoss("mean", scale=50.0, impl="torch")
     torch._dynamo.reset()
