@@ -1658,42 +1658,54 @@ def _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, scale
 def _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, logit_softcap, window, causal):
     """dq, dk, dv of :func:`bidirectional_attention_reference` for one padded batch ``(batch, seq, heads, dim)``,
     computed in fp32 (fp64 stays fp64): the softmax backward written out (a custom op's implementation runs below
-    autograd, so it cannot ask autograd for it)."""
+    autograd, so it cannot ask autograd for it). GQA without repeating K/V: the ``group`` query heads of a K/V
+    head are stacked along the rows, ``(batch, kv_heads, group * seq, dim)``, so that every product is one
+    batched GEMM per K/V head and dK/dV come out summed over the group; masks apply to the
+    ``(batch, kv_heads, group, seq, seq)`` view of the scores."""
     dtype = q.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     batch, seq, heads, dim = q.shape
-    group = heads // k.shape[2]
-    qt = q.to(compute).transpose(1, 2)
-    kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
-    dot = do.to(compute).transpose(1, 2)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+
+    def stacked(t):  # (batch, seq, heads, dim) -> (batch, kv_heads, group * seq, dim), in the compute dtype
+        return t.to(compute).transpose(1, 2).reshape(batch, kv_heads, group * seq, dim)
+
+    qg, dog = stacked(q), stacked(do)
+    kt = k.to(compute).transpose(1, 2)
+    vt = v.to(compute).transpose(1, 2)
+    scores = torch.matmul(qg, kt.transpose(-1, -2)).mul_(scale)
+    grid = scores.view(batch, kv_heads, group, seq, seq)
     capped = None
     if logit_softcap is not None:
         capped = torch.tanh(scores / logit_softcap)
         scores = capped * logit_softcap
+        grid = scores.view(batch, kv_heads, group, seq, seq)
     band = _band_mask(seq, window, causal, q.device)
     if band is not None:
-        scores = scores.masked_fill(~band, float("-inf"))
+        grid.masked_fill_(~band, float("-inf"))
     if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        scores = scores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-        dot = dot.masked_fill(~key_padding_mask[:, None, :, None], 0.0)  # padded rows are zeroed in the output
+        padded_rows = ~key_padding_mask[:, None, None, :, None]
+        grid.masked_fill_(~key_padding_mask[:, None, None, None, :], float("-inf"))
+        grid.masked_fill_(padded_rows, 0.0)
+        dog = dog.view(batch, kv_heads, group, seq, dim).masked_fill(padded_rows, 0.0).view_as(dog)  # zeroed rows
     probs = torch.softmax(scores, dim=-1)
-    dropped = probs if keep is None else probs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
-    dv = torch.matmul(dropped.transpose(-1, -2), dot)
-    dprobs = torch.matmul(dot, vt.transpose(-1, -2))
-    if keep is not None:
-        dprobs = dprobs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    keep_grid = None if keep is None else keep.view(batch, kv_heads, group, seq, seq)
+    dropped = probs
+    if keep_grid is not None:
+        dropped = (probs.view_as(keep_grid).masked_fill(~keep_grid, 0.0) / (1.0 - dropout_p)).view_as(probs)
+    dv = torch.matmul(dropped.transpose(-1, -2), dog)
+    dprobs = torch.matmul(dog, vt.transpose(-1, -2))
+    if keep_grid is not None:
+        dprobs = (dprobs.view_as(keep_grid).masked_fill(~keep_grid, 0.0) / (1.0 - dropout_p)).view_as(probs)
     dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True))
     if key_padding_mask is not None:
-        dscores = dscores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        dscores = dscores.view_as(grid).masked_fill(padded_rows, 0.0).view_as(probs)
     if capped is not None:
         dscores = dscores * (1.0 - capped * capped)
     dscores = dscores * scale
-    dq = torch.matmul(dscores, kt)
-    dk = torch.matmul(dscores.transpose(-1, -2), qt)
-    dk, dv = (g.reshape(batch, heads // group, group, seq, dim).sum(dim=2) for g in (dk, dv))
+    dq = torch.matmul(dscores, kt).view(batch, heads, seq, dim)
+    dk = torch.matmul(dscores.transpose(-1, -2), qg)
     return tuple(g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv))
 
 
