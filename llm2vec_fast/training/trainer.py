@@ -102,7 +102,8 @@ class WallClockGuard(TrainerCallback):
     def __init__(self, max_wall_seconds: float):
         check_max_wall_seconds(max_wall_seconds)
         if max_wall_seconds is None:
-            raise ValueError("WallClockGuard needs max_wall_seconds (None means no guard: add none)")
+            raise ValueError("WallClockGuard needs max_wall_seconds; for no limit add no guard "
+                             "(add_wall_clock_guard adds none for None)")
         self.max_wall_seconds = float(max_wall_seconds)
         self.started: float | None = None
         self.stopped_at: int | None = None
