@@ -64,8 +64,12 @@ def _lora(model):
 
 
 def _interleaved(steps: dict, rounds: int):
-    """Median seconds per provider, rounds interleaved; each provider's first calls (warm-up, compilation) are
-    made before and timed apart."""
+    """Median wall seconds per provider, and median CPU seconds of this process (``time.process_time``), rounds
+    interleaved; each provider's first calls (warm-up, compilation) are made before and timed apart.
+
+    On a machine shared with other jobs the wall time of a step measures the load as much as the step; with one
+    thread (``OMP_NUM_THREADS=1``) the process's CPU time is the step's own compute and varies much less. With
+    several threads it also counts OpenMP's spin-waits, so read the wall time there."""
     first = {}
     for provider, calls in steps.items():
         start = time.perf_counter()
@@ -73,24 +77,32 @@ def _interleaved(steps: dict, rounds: int):
             call()
         first[provider] = time.perf_counter() - start
     times = {provider: [] for provider in steps}
+    cpu = {provider: [] for provider in steps}
     for _ in range(rounds):
         for provider, calls in steps.items():
             for call in calls:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call()
                 times[provider].append(time.perf_counter() - start)
-    return {provider: statistics.median(values) for provider, values in times.items()}, first
+                cpu[provider].append(time.process_time() - start_cpu)
+    print(f"\nper-step wall seconds: {({p: [round(t, 3) for t in v] for p, v in times.items()})}"
+          f"\nper-step CPU seconds: {({p: [round(t, 3) for t in v] for p, v in cpu.items()})}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    medians = {provider: statistics.median(values) for provider, values in times.items()}
+    return medians, first, {provider: statistics.median(values) for provider, values in cpu.items()}
 
 
-def _report(benchmark, suite, case, medians, first, tokens, graphs):
+def _report(benchmark, suite, case, medians, first, tokens, graphs, cpu):
     eager, compiled = medians["ours"], medians["compiled"]
     for provider, label in (("ours", "eager"), ("compiled", "torch.compile")):
         record(benchmark if provider == "ours" else None, suite=suite, case=case, mode="fwd+bwd", provider=provider,
                seconds=medians[provider],
-               note=f"{label}; {tokens / medians[provider]:.0f} tokens/s; first calls {first[provider]:.1f} s"
-                    + (f" ({graphs} graphs compiled)" if provider == "compiled" else ""))
-    print(f"\n{suite} / {case}: eager {eager:.3f} s, compiled {compiled:.3f} s per step -> {eager / compiled:.2f}x; "
-          f"first compiled calls {first['compiled']:.1f} s (eager {first['ours']:.1f} s), {graphs} graphs")
+               note=f"{label}; {tokens / medians[provider]:.0f} tokens/s; CPU {cpu[provider]:.3f} s; first calls "
+                    f"{first[provider]:.1f} s" + (f" ({graphs} graphs compiled)" if provider == "compiled" else ""))
+    print(f"\n{suite} / {case}: eager {eager:.3f} s, compiled {compiled:.3f} s per step -> {eager / compiled:.2f}x "
+          f"(CPU seconds: eager {cpu['ours']:.3f}, compiled {cpu['compiled']:.3f} -> "
+          f"{cpu['ours'] / cpu['compiled']:.2f}x); first compiled calls {first['compiled']:.1f} s "
+          f"(eager {first['ours']:.1f} s), {graphs} graphs")
 
 
 def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, block_size, rounds, suite):
@@ -128,10 +140,10 @@ def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, b
         if device == "cuda":
             torch.cuda.synchronize()
 
-    medians, first = _interleaved({"ours": [lambda: step(model)], "compiled": [lambda: step(compiled)]}, rounds)
+    medians, first, cpu = _interleaved({"ours": [lambda: step(model)], "compiled": [lambda: step(compiled)]}, rounds)
     benchmark.pedantic(step, args=(compiled,), rounds=1, warmup_rounds=0)
     _report(benchmark, suite, f"{blocks} x {block_size} tokens, 20% masked", medians, first,
-            batch["input_ids"].numel(), counters["stats"]["unique_graphs"])
+            batch["input_ids"].numel(), counters["stats"]["unique_graphs"], cpu)
 
 
 def test_mntp_step_compiled_vs_eager_cpu(benchmark):
@@ -161,7 +173,7 @@ def _triplets(n: int, seed: int):
 def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     from torch._dynamo.utils import counters
 
-    from llm2vec_fast.training.collators import ContrastiveCollator
+    from llm2vec_fast.training.collators import GROUPS, ContrastiveCollator
     from llm2vec_fast.training.losses import InfoNCELoss
     from llm2vec_fast.training.modeling import load_base_model, load_tokenizer
 
@@ -171,7 +183,7 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     tokenizer = load_tokenizer(path)
     collator = ContrastiveCollator(tokenizer, max_length=48, packed=True)
     batches = [collator(_triplets(TRIPLETS, seed)) for seed in (0, 1)]
-    tokens = sum(int(chunk["input_ids"].numel()) for b in batches for group in b.values() for chunk in group)
+    tokens = sum(int(chunk["input_ids"].numel()) for b in batches for group in GROUPS if group in b for chunk in b[group])
     model = _lora(load_base_model(path, dtype=torch.float32, attention_impl="torch"))
     loss = InfoNCELoss("mean", scale=50.0, impl="torch")
     torch._dynamo.reset()
@@ -183,7 +195,8 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
 
     steps = {provider: [lambda b=b, e=encoder: step(e, b) for b in batches]
              for provider, encoder in (("ours", model), ("compiled", compiled))}
-    medians, first = _interleaved(steps, ROUNDS)
+    medians, first, cpu = _interleaved(steps, ROUNDS)
     benchmark.pedantic(step, args=(compiled, batches[0]), rounds=1, warmup_rounds=0)
     _report(benchmark, "supervised contrastive step, compiled vs eager (SmolLM2-135M, LoRA r16, fp32, CPU)",
-            f"{TRIPLETS} SNLI triplets, packed", medians, first, tokens // len(batches), counters["stats"]["unique_graphs"])
+            f"{TRIPLETS} SNLI triplets, packed", medians, first, tokens // len(batches), counters["stats"]["unique_graphs"],
+            cpu)

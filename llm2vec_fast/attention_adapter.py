@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from . import transformers_compat as compat
+from .batching import max_length_bucket
 from .kernels.attention import bidirectional_attention
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -
                         "llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length")
     if not on_cuda:
         return cu, seq
-    return cu, max(16, 1 << (int(longest) - 1).bit_length())
+    return cu, max_length_bucket(longest)  # already one when it comes from PackedBatch.model_inputs
 
 
 def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = False) -> tuple[torch.Tensor, int]:

@@ -65,15 +65,25 @@ class PackedBatch:
         return chunks
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for a patched model: packed ids and positions plus transformers' varlen kwargs."""
+        """Keyword arguments for a patched model: packed ids and positions plus transformers' varlen kwargs.
+        ``max_length_q``/``max_length_k`` are :func:`max_length_bucket` of the longest text, computed here once
+        per batch (a bound, as flash-attention's ``max_seqlen`` may be): a compiled model specializes on this
+        Python int, so it sees one value per power of two instead of one per longest length."""
+        bound = max_length_bucket(self.max_seqlen)
         return {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
             "cu_seq_lens_q": self.cu_seqlens,
             "cu_seq_lens_k": self.cu_seqlens,
-            "max_length_q": self.max_seqlen,
-            "max_length_k": self.max_seqlen,
+            "max_length_q": bound,
+            "max_length_k": bound,
         }
+
+
+def max_length_bucket(longest: int) -> int:
+    """``longest`` rounded up to a power of two, at least 16: the packed-length bound a compiled graph gets (the
+    Triton kernel's grid: at most 2x idle programs; eager calls read the exact length from ``cu_seqlens``)."""
+    return max(16, 1 << (int(longest) - 1).bit_length())
 
 
 def _moved(batch, device):

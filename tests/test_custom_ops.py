@@ -224,3 +224,98 @@ def test_bad_labels_still_raise_under_compile():
     compiled = torch.compile(_mntp_call("torch"), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=f"label {VOCAB + 5} is outside the vocabulary"):
         compiled(hidden, weight, bias, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention op's CPU path: ATen's flash attention forward with the log-sum-exps, its flash backward
+# ---------------------------------------------------------------------------------------------------------------
+
+ATTENTION_CPU_CASES = {
+    "padded-gqa": dict(padded=True),
+    "padded-causal-window": dict(padded=True, causal=True, window=5),
+    "unpadded-causal": dict(causal=True),
+    "packed-gqa": dict(packed=True),
+    "packed-window": dict(packed=True, window=4),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CPU_CASES), ids=list(ATTENTION_CPU_CASES))
+def test_attention_cpu_path_backward_is_flash_from_the_stored_lse_and_matches_the_reference(case, monkeypatch):
+    """Outputs and dq/dk/dv against the fp64 reference (fp32, seq 23, GQA 6/2 heads, rows left- and right-padded
+    and one fully padded; packed with an empty sequence and a tail past ``cu_seqlens[-1]``), and the backward is
+    ATen's flash backward from the forward's log-sum-exps: the explicit (seq x seq) recomputation never runs."""
+    from llm2vec_fast.kernels import attention as attn
+    from llm2vec_fast.kernels.attention import bidirectional_attention, bidirectional_attention_reference
+
+    flags = dict(ATTENTION_CPU_CASES[case])
+    padded, packed = flags.pop("padded", False), flags.pop("packed", False)
+    gen = torch.Generator().manual_seed(7)
+    kwargs = {}
+    if packed:
+        cu = torch.tensor([0, 9, 9, 10, 23, 27], dtype=torch.int32)
+        shape_q, shape_kv = (30, 6, 16), (30, 2, 16)
+        kwargs = dict(cu_seqlens=cu, max_seqlen=13)
+    else:
+        shape_q, shape_kv = (4, 23, 6, 16), (4, 23, 2, 16)
+        if padded:
+            mask = torch.ones(4, 23, dtype=torch.bool)
+            mask[0, :5], mask[1, 17:], mask[3] = False, False, False
+            kwargs = dict(key_padding_mask=mask)
+    q, k, v = (torch.randn(s, generator=gen).requires_grad_() for s in (shape_q, shape_kv, shape_kv))
+    explicit = []
+    monkeypatch.setattr(attn, "_explicit_backward", lambda *a: explicit.append(1))
+    out = bidirectional_attention(q, k, v, impl="torch", **kwargs, **flags)
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert not explicit
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = bidirectional_attention_reference(*wide, **kwargs, **flags)
+    want = torch.autograd.grad(ref, wide, grad_out.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    if packed:
+        assert all(torch.all(g[27:] == 0) for g in grads)  # tokens past cu_seqlens[-1]
+    if padded:
+        assert all(torch.all(g[~mask] == 0) for g in (out, grads[0]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mntp_torch_path_takes_the_gradients_in_the_forward(reduction, monkeypatch):
+    """"mean"/"sum" on the PyTorch path: the gradients come from the forward's logits (the backward only scales
+    them, no logits recomputed), the same as the float64 reference, the incoming gradient applied; nothing
+    extra is kept for a forward without grad."""
+    from llm2vec_fast.kernels import mntp_loss
+    from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss_reference
+
+    hidden, weight, bias, labels = mntp_inputs(seed=3)
+    monkeypatch.setattr(mntp_loss, "_chunked_backward", lambda *a: pytest.fail("the backward recomputed logits"))
+    loss = masked_next_token_loss(hidden, weight, labels, bias=bias, reduction=reduction, logit_softcap=3.0,
+                                  impl="torch", chunk_rows=4)
+    grads = torch.autograd.grad(loss * 1.7, (hidden, weight, bias))
+    wide = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref = masked_next_token_loss_reference(wide[0], wide[1], labels, bias=wide[2], reduction=reduction,
+                                           logit_softcap=3.0)
+    want = torch.autograd.grad(ref * 1.7, wide)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        outputs = torch.ops.llm2vec_fast.masked_next_token_loss(
+            hidden, weight, bias, labels, 1, -100, reduction, 3.0, "torch", 4, False, False, False)
+    assert all(t.numel() == 0 for t in outputs[6:]) and outputs[5].numel() == labels.numel() - labels.shape[0]
+
+
+def test_attention_torch_path_dropout_mask_is_drawn_without_a_host_sync():
+    """The PyTorch path's keep-mask comes from the seed tensor on its device: it traces into one graph (reading
+    the seed to the host would break it, and on CUDA stall the stream), is the same for the same seed, keeps
+    about 1 - p, and another seed draws another mask."""
+    from llm2vec_fast.kernels.attention import _seeded_keep_mask
+
+    seed, shape = torch.tensor([1234], dtype=torch.int64), (2, 3, 40, 40)
+    mask = _seeded_keep_mask(seed, shape, 0.25, "cpu")
+    traced = torch.compile(_seeded_keep_mask, fullgraph=True, backend="eager")(seed, shape, 0.25, "cpu")
+    assert torch.equal(traced, mask) and torch.equal(_seeded_keep_mask(seed.clone(), shape, 0.25, "cpu"), mask)
+    assert abs(mask.float().mean().item() - 0.75) < 0.02
+    other = _seeded_keep_mask(torch.tensor([1235]), shape, 0.25, "cpu")
+    assert abs((other == mask).float().mean().item() - (0.75**2 + 0.25**2)) < 0.02  # independent draws

@@ -65,7 +65,8 @@ def test_gathered_loss_and_gradients_equal_one_process(rank_results, impl, varia
 
 @pytest.mark.slow  # the torchrun run: two new processes
 def test_gathered_matryoshka_loss_equals_one_process(rank_results):
-    """InfoNCELoss(matryoshka_dims=...) across 2 ranks: each truncation gathered, the weighted sum global."""
+    """InfoNCELoss(matryoshka_dims=...) across 2 ranks: the documents gathered once, truncated per dim, the
+    weighted sum global."""
     tensors = [t.clone().requires_grad_() for t in global_batch(WORLD, PER_RANK, NEG_PER_RANK, DIM)]
     loss = sum(w * info_nce_loss(*(t[:, :d] for t in tensors), scale=50.0, impl="torch")
                for d, w in zip(MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS))
@@ -77,6 +78,9 @@ def test_gathered_matryoshka_loss_equals_one_process(rank_results):
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         for name, grad, part in zip(("queries", "positives", "negatives"), grads, (rows, rows, neg_rows)):
             torch.testing.assert_close(got[name], grad[part], rtol=1e-4, atol=1e-6)
+        # Gathered once for every dim: the collectives of one plain InfoNCE loss, forward and backward.
+        calls = got["collectives"]
+        assert calls["matryoshka"] == calls["plain"] and len(calls["plain"]) > 0, calls
 
 
 @pytest.mark.slow  # the torchrun run: two new processes

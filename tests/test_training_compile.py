@@ -204,3 +204,52 @@ def test_torch_compile_mntp_run_logs_compile_time_and_matches_eager(tmp_path, ca
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-5, atol=1e-6)
     timing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch_compile: step")]
     assert len(timing) == 3 and "compilation included" in timing[0], timing
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_an_mntp_run_checks_the_compiler_once(tmp_path, monkeypatch):
+    """The stage checks torch_compile's backend before anything is loaded; the Trainer it builds then does not
+    probe the compiler a second time for the same arguments."""
+    from llm2vec_fast.training import mntp, trainer
+
+    from test_mntp_training import train
+
+    calls = []
+    monkeypatch.setattr(trainer, "compiler_unavailable_reason", lambda device, backend: calls.append(backend))
+
+    def stop(built, *args):
+        assert isinstance(built, trainer.LLM2VecTrainer)
+        raise _StopBeforeTraining
+    monkeypatch.setattr(mntp, "run_training", stop)
+    with pytest.raises(_StopBeforeTraining):
+        train(_mntp_config(tmp_path, torch_compile=True))
+    assert calls == ["inductor"]
+
+
+@pytest.mark.parametrize("seconds", [True, float("nan"), "600", 0, -5.0])
+def test_max_wall_seconds_is_checked_in_one_place_for_every_stage_and_the_guard(seconds):
+    """One check for the MNTP and contrastive settings (as code builds them; a config file goes through the typed
+    parser first) and the WallClockGuard: a bool (True would be a one-second limit), NaN, a string or a
+    non-positive number is refused with the same message."""
+    from llm2vec_fast.training.arguments import ContrastiveArguments, MNTPArguments
+    from llm2vec_fast.training.trainer import WallClockGuard
+
+    message = r"max_wall_seconds must be a positive number of seconds or null, got"
+    for build in (MNTPArguments, ContrastiveArguments, WallClockGuard):
+        with pytest.raises(ValueError, match=message):
+            build(max_wall_seconds=seconds)
+
+
+def test_packed_batches_send_a_bucketed_max_length_computed_once_per_batch():
+    """``PackedBatch.model_inputs`` gives max_length_q/k as the longest length rounded up to a power of two (>= 16),
+    so that a compiled model, which specializes on that int, sees one value per bucket; the adapter's in-graph
+    bound is the same function, so a bucketed value passes through unchanged."""
+    from llm2vec_fast.batching import max_length_bucket, pack_batch
+
+    for lengths, bound in (((3, 5), 16), ((17, 2), 32), ((32,), 32), ((33, 1), 64), ((100, 7), 128)):
+        inputs = pack_batch([[5] * n for n in lengths], [[1] * n for n in lengths]).model_inputs()
+        assert inputs["max_length_q"] == inputs["max_length_k"] == bound, (lengths, inputs["max_length_q"])
+        assert max_length_bucket(bound) == bound

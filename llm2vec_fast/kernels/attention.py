@@ -1516,10 +1516,13 @@ def _op_seed(seed, device) -> torch.Tensor:
 def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
                           logit_softcap, window, causal, use_triton, store_lse, dropout_rng=0):
     """``(out, lse)``: out contiguous, shaped as q; lse ``(batch, heads, seq)`` / ``(heads, total)`` fp32 when the
-    Triton path stores it for the backward, else a 1-element placeholder."""
+    Triton path, or the CPU path without dropout and soft-capping (ATen's CPU flash attention), stores it for the
+    backward, else a 1-element placeholder."""
     if cu_seqlens is not None:
         _check_cu_seqlens_values(cu_seqlens, max_seqlen, q.shape[0], causal)
     if not use_triton:
+        if store_lse and _cpu_flash(q, dropout_p, logit_softcap):
+            return _cpu_flash_forward(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, window or None, causal)
         out = _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap or None,
                                window or None, causal, seed)
         return out.contiguous(), q.new_zeros((1,), dtype=torch.float32)
@@ -1533,7 +1536,7 @@ def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqle
 def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p,
                             logit_softcap, window, causal, use_triton, store_lse, dropout_rng=0):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if not (use_triton and store_lse):
+    if not (store_lse and (use_triton or _cpu_flash(q, dropout_p, logit_softcap))):
         return out, q.new_empty((1,), dtype=torch.float32)
     if cu_seqlens is not None:
         return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -1543,9 +1546,13 @@ def _attention_forward_fake(q, k, v, key_padding_mask, cu_seqlens, seed, max_seq
 @torch.library.custom_op("llm2vec_fast::attention_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
                            dropout_p, logit_softcap, window, causal, use_triton, dropout_rng=0):
-    """``(dq, dk, dv)``, contiguous. The PyTorch path recomputes the probabilities (the same dropout, drawn again
-    from ``seed``) and applies the softmax backward; the Triton path runs the two backward kernels from o and lse."""
+    """``(dq, dk, dv)``, contiguous. The Triton path runs the two backward kernels from o and lse, and so does the
+    CPU path where its forward stored lse (ATen's CPU flash-attention backward); otherwise the PyTorch path
+    recomputes the probabilities (the same dropout, drawn again from ``seed``) and applies the softmax backward."""
     if not use_triton:
+        if lse.dim() > 1 and _cpu_flash(q, dropout_p, logit_softcap):  # the forward stored the log-sum-exps
+            return _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, softmax_scale,
+                                       window or None, causal)
         return _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p,
                                          logit_softcap or None, window or None, causal, seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -1666,11 +1673,29 @@ def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tens
     return visible
 
 
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)  # SplitMix64's constants as signed int64 (products wrap)
+_SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_SPLITMIX_MUL2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: the sign bits are masked off)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def _seeded_keep_mask(seed: torch.Tensor, shape: tuple, dropout_p: float, device) -> torch.Tensor:
-    """The PyTorch path's dropout keep-mask, drawn from ``seed`` (so that its backward draws the same again)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed.reshape(-1)[0]))
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    """The PyTorch path's dropout keep-mask, drawn from ``seed`` (so that its backward draws the same again) on
+    the seed's device without a host sync: a counter-based generator, SplitMix64's output function of
+    ``seed + gamma * (index + 1)`` per entry, whose top 24 bits are the uniform number compared with
+    ``dropout_p``. (Reading the seed to the host for a ``torch.Generator`` would stall the CUDA stream and
+    break a compiled graph.)"""
+    index = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64).view(shape)
+    z = seed.reshape(()).to(device=device, dtype=torch.int64) + index * _SPLITMIX_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MUL1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MUL2
+    z = z ^ _shift_right(z, 31)
+    uniform = _shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+    return uniform >= dropout_p
 
 
 def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap, window, causal,
@@ -1731,45 +1756,145 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
     return out
 
 
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_flash(q, dropout_p, logit_softcap) -> bool:
+    """Whether the PyTorch path runs ATen's CPU flash attention, which returns the log-sum-exps (so that the
+    backward is a flash backward from them, not a recomputation through ``(seq, seq)`` probabilities): on CPU,
+    without dropout (its keep-mask is ours, drawn from the seed) and soft-capping (which SDPA cannot express)."""
+    return q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and dropout_p == 0 and not logit_softcap
+
+
+def _visible_keys(key_padding_mask, seq, window, causal, device) -> torch.Tensor | None:
+    """The bool mask ``(batch or 1, 1, seq or 1, seq)`` of the keys each query attends to (True = visible), or
+    None when every key is. Padded query rows attend to everything (their output is zeroed): a fully masked row
+    would be NaN in SDPA, forward and backward, so there is none."""
+    band = _band_mask(seq, window, causal, device)
+    if key_padding_mask is None:
+        return None if band is None else band[None, None]
+    if band is None:
+        # A sequence with no real token attends to all its keys (then is zeroed); every other sequence sees
+        # exactly its key mask, broadcast over queries.
+        return (key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True))[:, None, None, :]
+    return ((band & key_padding_mask[:, None, :]) | ~key_padding_mask[:, :, None])[:, None]
+
+
+def _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal, backward=None):
+    """One padded batch ``(batch, seq, heads, dim)`` through ATen's CPU flash attention: ``(out, lse)``, or with
+    ``backward = (do, o, lse)`` the gradients ``(dq, dk, dv)``. GQA: K/V heads repeated for the call (ATen's
+    kernel needs equal heads), their gradients summed back over each group."""
+    batch, seq, heads, dim = q.shape
+    group = heads // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if group > 1:
+        kt, vt = (t.repeat_interleave(group, dim=1) for t in (kt, vt))
+    visible = _visible_keys(key_padding_mask, seq, window, causal, q.device)
+    is_causal = causal and window is None and key_padding_mask is None
+    mask = None
+    if visible is not None and not is_causal:
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    if backward is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2)
+        if key_padding_mask is not None:
+            out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+        return out.contiguous(), lse
+    do, o, lse = backward
+    if key_padding_mask is not None:  # padded rows are zeroed in the output: no gradient flows through them
+        do = do.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.transpose(1, 2), qt, kt, vt, o.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if group > 1:
+        dk, dv = (g.reshape(batch, heads // group, group, seq, dim).sum(dim=2) for g in (dk, dv))
+    return tuple(g.transpose(1, 2).contiguous() for g in (dq, dk, dv))
+
+
+def _cpu_flash_forward(q, k, v, key_padding_mask, cu_seqlens, scale, window, causal):
+    """The CPU path with the log-sum-exps: ``(out, lse)``, lse ``(batch, heads, seq)`` padded or ``(heads,
+    total)`` packed (one call per sequence; zero past ``cu_seqlens[-1]``), fp32, as the Triton path stores it."""
+    if cu_seqlens is None:
+        out, lse = _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal)
+        return out, lse.float().contiguous()
+    out = q.new_zeros(q.shape)
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            piece, piece_lse = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window,
+                                               causal)
+            out[lo:hi] = piece[0]
+            lse[:, lo:hi] = piece_lse[0]
+    return out, lse
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, scale, window, causal):
+    """The gradients of :func:`_cpu_flash_forward` from its output and log-sum-exps (no recomputed scores)."""
+    if cu_seqlens is None:
+        return _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal, backward=(do, o, lse))
+    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            pieces = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window, causal,
+                                     backward=(do[None, lo:hi], o[None, lo:hi], lse[None, :, lo:hi].contiguous()))
+            for grad, piece in zip(grads, pieces):
+                grad[lo:hi] = piece[0]
+    return tuple(grads)
+
+
 def _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, logit_softcap, window, causal):
     """dq, dk, dv of :func:`bidirectional_attention_reference` for one padded batch ``(batch, seq, heads, dim)``,
     computed in fp32 (fp64 stays fp64): the softmax backward written out (a custom op's implementation runs below
-    autograd, so it cannot ask autograd for it)."""
+    autograd, so it cannot ask autograd for it). GQA without repeating K/V: the ``group`` query heads of a K/V
+    head are stacked along the rows, ``(batch, kv_heads, group * seq, dim)``, so that every product is one
+    batched GEMM per K/V head and dK/dV come out summed over the group; masks apply to the
+    ``(batch, kv_heads, group, seq, seq)`` view of the scores."""
     dtype = q.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     batch, seq, heads, dim = q.shape
-    group = heads // k.shape[2]
-    qt = q.to(compute).transpose(1, 2)
-    kt = k.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
-    dot = do.to(compute).transpose(1, 2)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+
+    def stacked(t):  # (batch, seq, heads, dim) -> (batch, kv_heads, group * seq, dim), in the compute dtype
+        return t.to(compute).transpose(1, 2).reshape(batch, kv_heads, group * seq, dim)
+
+    qg, dog = stacked(q), stacked(do)
+    kt = k.to(compute).transpose(1, 2)
+    vt = v.to(compute).transpose(1, 2)
+    scores = torch.matmul(qg, kt.transpose(-1, -2)).mul_(scale)
+    grid = scores.view(batch, kv_heads, group, seq, seq)
     capped = None
     if logit_softcap is not None:
         capped = torch.tanh(scores / logit_softcap)
         scores = capped * logit_softcap
+        grid = scores.view(batch, kv_heads, group, seq, seq)
     band = _band_mask(seq, window, causal, q.device)
     if band is not None:
-        scores = scores.masked_fill(~band, float("-inf"))
+        grid.masked_fill_(~band, float("-inf"))
     if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        scores = scores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-        dot = dot.masked_fill(~key_padding_mask[:, None, :, None], 0.0)  # padded rows are zeroed in the output
+        padded_rows = ~key_padding_mask[:, None, None, :, None]
+        grid.masked_fill_(~key_padding_mask[:, None, None, None, :], float("-inf"))
+        grid.masked_fill_(padded_rows, 0.0)
+        dog = dog.view(batch, kv_heads, group, seq, dim).masked_fill(padded_rows, 0.0).view_as(dog)  # zeroed rows
     probs = torch.softmax(scores, dim=-1)
-    dropped = probs if keep is None else probs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
-    dv = torch.matmul(dropped.transpose(-1, -2), dot)
-    dprobs = torch.matmul(dot, vt.transpose(-1, -2))
-    if keep is not None:
-        dprobs = dprobs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    keep_grid = None if keep is None else keep.view(batch, kv_heads, group, seq, seq)
+    dropped = probs
+    if keep_grid is not None:
+        dropped = (probs.view_as(keep_grid).masked_fill(~keep_grid, 0.0) / (1.0 - dropout_p)).view_as(probs)
+    dv = torch.matmul(dropped.transpose(-1, -2), dog)
+    dprobs = torch.matmul(dog, vt.transpose(-1, -2))
+    if keep_grid is not None:
+        dprobs = (dprobs.view_as(keep_grid).masked_fill(~keep_grid, 0.0) / (1.0 - dropout_p)).view_as(probs)
     dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True))
     if key_padding_mask is not None:
-        dscores = dscores.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        dscores = dscores.view_as(grid).masked_fill(padded_rows, 0.0).view_as(probs)
     if capped is not None:
         dscores = dscores * (1.0 - capped * capped)
     dscores = dscores * scale
-    dq = torch.matmul(dscores, kt)
-    dk = torch.matmul(dscores.transpose(-1, -2), qt)
-    dk, dv = (g.reshape(batch, heads // group, group, seq, dim).sum(dim=2) for g in (dk, dv))
+    dq = torch.matmul(dscores, kt).view(batch, heads, seq, dim)
+    dk = torch.matmul(dscores.transpose(-1, -2), qg)
     return tuple(g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv))
 
 
@@ -1993,7 +2118,7 @@ def bidirectional_attention(
     out, _ = torch.ops.llm2vec_fast.attention_forward(
         q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen if cu_seqlens is not None else 0,
         softmax_scale, float(dropout_p), float(logit_softcap) if logit_softcap is not None else 0.0,
-        int(window) if window is not None else 0, causal, triton, needs_grad and triton,
+        int(window) if window is not None else 0, causal, triton, needs_grad,
         VARIANTS["dropout"].index(_VARIANT["dropout"]),
     )
     return out

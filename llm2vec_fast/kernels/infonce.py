@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -592,6 +593,8 @@ def info_nce_loss(
     positive_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
     variant: str = "auto",
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Cosine-similarity InfoNCE: query i's target is column i of ``[positives; negatives]``.
 
@@ -618,6 +621,11 @@ def info_nce_loss(
             the backward recomputes the scores slab by slab), ``"gemm"`` (per slab of rows three cuBLAS GEMMs,
             the row softmax in Triton, gradients taken in the forward), or ``"auto"`` (today ``"fused"``; to
             change only on a GPU measurement). The PyTorch path has one algorithm and ignores it.
+        matryoshka_dims: optional leading dimensions ``d`` (sentence-transformers' ``MatryoshkaLoss``): the loss
+            is then the sum over ``d`` of ``weight_d *`` the loss on the embeddings' first ``d`` dimensions (the
+            cosine of the truncated vectors). The documents and ids are gathered across ranks once, at full
+            dimension, and truncated per ``d``; the global value is reduced once.
+        matryoshka_weights: one weight per ``matryoshka_dims`` entry (default 1 each).
 
     Returns:
         a 0-dim float32 tensor, the mean over queries of the cross-entropy. Rows whose every document but the
@@ -653,9 +661,14 @@ def info_nce_loss(
             label_offset, total_rows = rank * queries.shape[0], world * queries.shape[0]
     docs = positives if negatives is None or negatives.shape[0] == 0 else torch.cat([positives, negatives], dim=0)
     want_grad = torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad)
-    loss = torch.ops.llm2vec_fast.info_nce_loss(queries.contiguous(), docs.contiguous(),
-                                                None if doc_ids is None else doc_ids.contiguous(), float(scale),
-                                                label_offset, total_rows, path, want_grad)[0]
+    doc_ids = None if doc_ids is None else doc_ids.contiguous()
+    loss = None
+    for dim, weight in _matryoshka_terms(matryoshka_dims, matryoshka_weights, queries.shape[1]):
+        q, d = (queries, docs) if dim is None else (queries[:, :dim], docs[:, :dim])
+        term = torch.ops.llm2vec_fast.info_nce_loss(q.contiguous(), d.contiguous(), doc_ids, float(scale),
+                                                    label_offset, total_rows, path, want_grad)[0]
+        term = term if weight is None else weight * term
+        loss = term if loss is None else loss + term
     if total_rows != queries.shape[0]:
         import torch.distributed as dist
 
@@ -664,6 +677,24 @@ def info_nce_loss(
         dist.all_reduce(global_loss)
         loss = loss + (global_loss - loss.detach())
     return loss
+
+
+def _matryoshka_terms(dims, weights, size):
+    """``[(dim, weight)]`` of the loss's terms: ``[(None, None)]`` (the whole embedding, unweighted) without
+    ``dims``."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights were given without matryoshka_dims")
+        return [(None, None)]
+    dims = list(dims)
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if not dims or len(weights) != len(dims):
+        raise ValueError(f"matryoshka_dims needs at least one dim and one weight per dim, got dims {dims}, "
+                         f"weights {weights}")
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= size:
+            raise ValueError(f"matryoshka_dims must be ints in [1, {size}] (the embedding size), got {dims}")
+    return list(zip(dims, weights))
 
 
 def info_nce_loss_reference(queries, positives, negatives=None, *, scale=20.0, positive_ids=None,

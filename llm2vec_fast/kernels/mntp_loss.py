@@ -415,27 +415,79 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows):
+def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows,
+                     need_dh=False, need_dw=False, need_db=False):
     """The PyTorch path's forward: the valid rows gathered (a host sync, free on CPU), logits built and
-    discarded one row chunk at a time. Returns ``(loss, order, src, targets, count, lse)`` with the bookkeeping at
-    its full static length ``batch * (seq - shift)`` (``lse`` is 0 past the ``count`` labelled rows)."""
+    discarded one row chunk at a time. Returns ``(loss, order, src, targets, count, lse, early_dh, early_dw,
+    early_db)`` with the bookkeeping at its full static length ``batch * (seq - shift)``.
+
+    For "mean"/"sum" with a gradient to take (:func:`_early`), the gradients of the loss are taken here, from
+    the chunk's logits while they exist (``softmax - one_hot``: two more GEMMs per chunk), so that the backward
+    only scales them by the incoming gradient instead of computing the logits again; ``lse`` is then not needed
+    and empty. Otherwise ``lse`` is the per-row log-sum-exp (0 past the ``count`` labelled rows) for the
+    backward's recomputation, and ``early_*`` are empty."""
     batch, seq_len, hidden_size = hidden.shape
     hidden2d = hidden.reshape(batch * seq_len, hidden_size)
     order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
     n_valid = int(count.item())
     compute_dtype = _compute_dtype(weight.dtype)
     n_rows = batch * (seq_len - shift)
+    early = _early(reduction, need_dh, need_dw, need_db)
     lse = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
     per_row = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
     w = weight.to(compute_dtype)  # once, not per chunk: for a 16-bit head this is a full copy of it
+    early_dh, early_dw, early_db = (hidden.new_empty(0) for _ in range(3))  # distinct: op outputs never alias
+    if early:
+        row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        if need_dh:
+            early_dh = torch.zeros(hidden2d.shape, device=hidden.device, dtype=compute_dtype)
+        if need_dw:
+            early_dw = torch.zeros(w.shape, device=w.device, dtype=compute_dtype)
+        if need_db:
+            early_db = torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype)
     for start in range(0, n_valid, chunk_rows):
         stop = min(start + chunk_rows, n_valid)
-        z, _ = _chunk_logits(hidden2d[src[start:stop]], w, bias, logit_softcap, compute_dtype)
-        lse[start:stop] = torch.logsumexp(z, dim=-1)
-        per_row[start:stop] = lse[start:stop] - z.gather(1, targets[start:stop, None])[:, 0]
-        del z
+        h = hidden2d[src[start:stop]].to(compute_dtype)
+        z, t = _chunk_logits(h, w, bias, logit_softcap, compute_dtype)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        lse[start:stop] = chunk_lse
+        per_row[start:stop] = chunk_lse - z.gather(1, targets[start:stop, None])[:, 0]
+        if early:
+            dz = torch.exp(z.sub_(chunk_lse[:, None]))  # softmax, in place of the logits
+            dz[torch.arange(dz.shape[0]), targets[start:stop]] -= 1.0
+            if t is not None:
+                dz.mul_(1.0 - t * t)
+            dz.mul_(row_scale)
+            if need_dh:
+                early_dh.index_add_(0, src[start:stop], dz @ w)
+            if need_dw:
+                early_dw.addmm_(dz.t(), h)
+            if need_db:
+                early_db += dz.sum(0)
+            del dz
+        del z, t
     per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
-    return _reduce(per_position, reduction, count), order, src, targets, count, lse
+    if early:
+        lse = hidden.new_empty(0, dtype=compute_dtype)
+        early_dh = early_dh.view(batch, seq_len, hidden_size) if need_dh else early_dh
+    return (_reduce(per_position, reduction, count), order, src, targets, count, lse, early_dh, early_dw,
+            early_db)
+
+
+def _early(reduction, need_dh, need_dw, need_db):
+    """Whether the PyTorch path and the GEMM variant take the gradients in the forward: "mean"/"sum" (the
+    per-row upstream gradient is one number), and some gradient is needed."""
+    return reduction != "none" and (need_dh or need_dw or need_db)
+
+
+def _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, need_dh, need_dw, need_db):
+    """The backward of a forward that took the gradients (:func:`_early`): they scaled by the incoming one."""
+    factor = grad_output.float() if grad_output.dtype != torch.float64 else grad_output
+    grad_hidden = (early_dh * factor).to(hidden.dtype) if need_dh else None
+    # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
+    grad_weight = (early_dw * factor.to(early_dw.dtype)).to(weight.dtype) if need_dw else None
+    grad_bias = (early_db * factor).to(bias.dtype) if need_db else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift, reduction,
@@ -545,11 +597,6 @@ def _gemm_dtypes(hidden, weight):
     return compute_dtype, acc_dtype, dw_dtype
 
 
-def _gemm_early(reduction, need_dh, need_dw, need_db):
-    """Whether the GEMM variant takes the gradients in the forward ("mean"/"sum": three GEMMs per chunk)."""
-    return reduction != "none" and (need_dh or need_dw or need_db)
-
-
 def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows,
                   need_dh, need_dw, need_db):
     """The GEMM variant's forward: the labelled rows compacted and counted (one host sync, ``count.item()``, as
@@ -562,7 +609,7 @@ def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap,
     order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
     n_valid = int(count.item())  # the variant's one host sync: the chunks are sized on the host
     compute_dtype, acc_dtype, _ = _gemm_dtypes(hidden, weight)
-    early = _gemm_early(reduction, need_dh, need_dw, need_db)
+    early = _early(reduction, need_dh, need_dw, need_db)
     grads = {name for name, needed in zip(("hidden", "weight", "bias"), (need_dh, need_dw, need_db)) if needed}
     row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     lse, target_logit, dh, dw, db = _gemm_chunks(hidden2d[src[:n_valid]], weight, bias, targets[:n_valid],
@@ -590,13 +637,9 @@ def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap,
 def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw, early_db,
                    shift, reduction, logit_softcap, chunk_rows, need_dh, need_dw, need_db):
     batch, seq_len, hidden_size = hidden.shape
-    if _gemm_early(reduction, need_dh, need_dw, need_db):
-        factor = grad_output.float()
-        grad_hidden = (early_dh * factor).to(hidden.dtype) if need_dh else None
-        # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
-        grad_weight = (early_dw * factor.to(early_dw.dtype)).to(weight.dtype) if need_dw else None
-        grad_bias = (early_db * factor).to(bias.dtype) if need_db else None
-        return grad_hidden, grad_weight, grad_bias
+    if _early(reduction, need_dh, need_dw, need_db):
+        return _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, need_dh, need_dw,
+                               need_db)
     # "none": the per-position gradients are known only now; the logits are recomputed (one more host sync).
     compute_dtype, _, _ = _gemm_dtypes(hidden, weight)
     n_valid = int(count.item())
@@ -677,8 +720,8 @@ def _mntp_forward_op(
     if path == "gemm":
         return _gemm_forward(hidden, weight.contiguous(), bias, labels, shift, reduction, logit_softcap,
                              ignore_index, chunk_rows, grad_hidden, grad_weight, grad_bias)
-    return (*_chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index,
-                              chunk_rows), empty, empty.clone(), empty.clone())
+    return _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows,
+                            grad_hidden, grad_weight, grad_bias)
 
 
 @_mntp_forward_op.register_fake
@@ -692,8 +735,10 @@ def _(hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softca
     count = labels.new_empty(1, dtype=torch.int32)
     lse = hidden.new_empty(n_rows, dtype=dtype)
     early = [hidden.new_empty(0) for _ in range(3)]
-    if path == "gemm" and _gemm_early(reduction, grad_hidden, grad_weight, grad_bias):
-        _, acc_dtype, dw_dtype = _gemm_dtypes(hidden, weight)
+    if path in ("gemm", "torch") and _early(reduction, grad_hidden, grad_weight, grad_bias):
+        _, acc_dtype, dw_dtype = _gemm_dtypes(hidden, weight) if path == "gemm" else (None, dtype, dtype)
+        if path == "torch":
+            lse = hidden.new_empty(0, dtype=dtype)
         if grad_hidden:
             early[0] = hidden.new_empty(hidden.shape, dtype=acc_dtype)
         if grad_weight:
@@ -719,6 +764,9 @@ def _mntp_backward_op(
         grads = _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw,
                                early_db, shift, reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight,
                                grad_bias)
+    elif _early(reduction, grad_hidden, grad_weight, grad_bias):
+        grads = _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, grad_hidden,
+                                grad_weight, grad_bias)
     else:
         grads = _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
                                   reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)

@@ -35,6 +35,15 @@ def _help(text: str, **metadata) -> dict[str, Any]:
     return {"help": text, **metadata}
 
 
+def check_max_wall_seconds(value) -> None:
+    """The stages' ``max_wall_seconds``: None (no limit) or a positive number of seconds (not a bool, not NaN).
+    The one check, for the config dataclasses and :class:`~llm2vec_fast.training.trainer.WallClockGuard`."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got {value!r}")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata=_help("hub id, local directory or 'smollm2-135m'"))
@@ -94,9 +103,7 @@ class MNTPArguments:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {self.block_size}")
-        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
-            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
-                             f"{self.max_wall_seconds}")
+        check_max_wall_seconds(self.max_wall_seconds)
 
 
 @dataclass
@@ -150,9 +157,7 @@ class ContrastiveArguments:
         self.matryoshka_dims = None if self.matryoshka_dims in (None, [None]) else self.matryoshka_dims
         self.matryoshka_weights = None if self.matryoshka_weights in (None, [None]) else self.matryoshka_weights
         check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
-        if self.max_wall_seconds is not None and not self.max_wall_seconds > 0:
-            raise ValueError(f"max_wall_seconds must be a positive number of seconds or null, got "
-                             f"{self.max_wall_seconds}")
+        check_max_wall_seconds(self.max_wall_seconds)
 
 
 STAGE_ARGUMENTS = {"mntp": MNTPArguments, "simcse": ContrastiveArguments, "supervised": ContrastiveArguments}

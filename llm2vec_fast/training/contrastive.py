@@ -71,8 +71,7 @@ def train_contrastive(model_args, data_args, args, training_args, rows, *, stage
 
     set_seed(training_args.seed)
     check_matryoshka_fits(model_args.model_name_or_path, args)
-    if training_args.torch_compile:
-        check_torch_compile(training_args)  # before any model is loaded
+    check_torch_compile(training_args)  # before any model is loaded
     if training_args.per_device_train_batch_size < 2:
         raise ValueError("per_device_train_batch_size must be at least 2 (in-batch negatives), got "
                          f"{training_args.per_device_train_batch_size}")

@@ -149,20 +149,14 @@ class InfoNCELoss(nn.Module):
         gather = self.gather_across_ranks and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         positive_ids, negative_ids = ids  # the Trainer moved them with the batch; info_nce_loss checks them
-        if self.matryoshka_dims is None:
-            return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl,
-                                 positive_ids=positive_ids, negative_ids=negative_ids)
-        size = reps[0].shape[-1]
-        if self.matryoshka_dims[0] > size:
+        if self.matryoshka_dims is not None and self.matryoshka_dims[0] > reps[0].shape[-1]:
             raise ValueError(f"matryoshka_dims {list(self.matryoshka_dims)}: {self.matryoshka_dims[0]} is larger "
-                             f"than the embedding size {size}")
-        loss = None
-        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
-            term = weight * info_nce_loss(*(None if r is None else r[:, :dim] for r in reps), scale=self.scale,
-                                          gather_across_ranks=gather, impl=self.impl, positive_ids=positive_ids,
-                                          negative_ids=negative_ids)
-            loss = term if loss is None else loss + term
-        return loss
+                             f"than the embedding size {reps[0].shape[-1]}")
+        # Matryoshka in the same call: the documents and ids are gathered across ranks once, at full size, and
+        # truncated per dim there.
+        return info_nce_loss(*reps, scale=self.scale, gather_across_ranks=gather, impl=self.impl,
+                             positive_ids=positive_ids, negative_ids=negative_ids,
+                             matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
 
     @staticmethod
     def text_ids(inputs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

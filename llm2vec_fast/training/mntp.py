@@ -78,8 +78,7 @@ def train_mntp(model_args, data_args, mntp_args, training_args) -> TrainingRun:
     from transformers import set_seed
 
     set_seed(training_args.seed)
-    if training_args.torch_compile:
-        check_torch_compile(training_args)  # before any data or model is loaded
+    check_torch_compile(training_args)  # before any data or model is loaded
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_blocks, eval_blocks = prepare_blocks(data_args, mntp_args, tokenizer)  # before any model is loaded
     model = build_mntp_model(model_args, mntp_args, tokenizer)

@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..compilation import CompilerUnavailableError, compiler_unavailable_reason
+from .arguments import check_max_wall_seconds
 from .losses import MNTPModel
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class LLM2VecTrainer(Trainer):
 
     def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None and training_args.torch_compile:
+        if training_args is not None:
             check_torch_compile(training_args)
         super().__init__(*args, **kwargs)
         if self.args.torch_compile:
@@ -99,8 +100,10 @@ class WallClockGuard(TrainerCallback):
     stopped after (None when the run finished its steps in time)."""
 
     def __init__(self, max_wall_seconds: float):
-        if not max_wall_seconds > 0:
-            raise ValueError(f"max_wall_seconds must be a positive number of seconds, got {max_wall_seconds}")
+        check_max_wall_seconds(max_wall_seconds)
+        if max_wall_seconds is None:
+            raise ValueError("WallClockGuard needs max_wall_seconds; for no limit add no guard "
+                             "(add_wall_clock_guard adds none for None)")
         self.max_wall_seconds = float(max_wall_seconds)
         self.started: float | None = None
         self.stopped_at: int | None = None
@@ -125,15 +128,28 @@ def add_wall_clock_guard(trainer: Trainer, max_wall_seconds: float | None) -> Wa
     return guard
 
 
+_COMPILE_CHECKED = "_llm2vec_fast_compile_checked"  # set on TrainingArguments once their backend was checked
+
+
 def check_torch_compile(training_args) -> None:
     """Raise :class:`~llm2vec_fast.compilation.CompilerUnavailableError`, saying why and what to do, where
-    ``torch_compile`` is set but its backend cannot generate code on the training device."""
+    ``torch_compile`` is set but its backend cannot generate code on the training device.
+
+    Checked once per ``training_args`` (device and backend): the stages check before any data or model is
+    loaded, and :class:`LLM2VecTrainer` (for callers that build it themselves) does not probe the compiler
+    again for the same arguments."""
+    if not training_args.torch_compile:
+        return
     backend = training_args.torch_compile_backend or "inductor"
+    key = (str(training_args.device), backend)
+    if getattr(training_args, _COMPILE_CHECKED, None) == key:
+        return
     reason = compiler_unavailable_reason(training_args.device, backend)
     if reason is not None:
         raise CompilerUnavailableError(
             f"torch_compile is set but torch.compile(backend={backend!r}) cannot work here: {reason}. Train without "
             "it (torch_compile false) or with torch_compile_backend aot_eager (no code generation)")
+    object.__setattr__(training_args, _COMPILE_CHECKED, key)  # not a field: to_dict and saved settings skip it
 
 
 class CompileTimeCallback(TrainerCallback):

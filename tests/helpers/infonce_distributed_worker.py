@@ -31,6 +31,24 @@ def global_ids(world: int, per_rank: int, negatives_per_rank: int):
             torch.randint(0, 4, (world * negatives_per_rank,), generator=generator))
 
 
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce", "reduce_scatter_tensor",
+               "reduce_scatter_single")
+
+
+def counting_collectives(calls: list):
+    """Wraps torch.distributed's collectives so that each call appends its name to ``calls``; returns an undo."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    return lambda: [setattr(dist, name, fn) for name, fn in originals.items()]
+
+
 MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS = (64, 16, 5), (1.0, 0.5, 2.0)
 RUNS = [("torch", "auto", False), ("triton", "fused", False), ("torch", "auto", True), ("triton", "fused", True),
         ("triton", "gemm", True)]
@@ -58,11 +76,19 @@ def main() -> None:
     # The Matryoshka loss module gathers each truncation's slices: the value and gradients of the global sum.
     from llm2vec_fast.training.losses import InfoNCELoss
 
-    q, p, n = (t[r].clone().requires_grad_() for t, r in ((queries, rows), (positives, rows), (negatives, neg_rows)))
-    loss = InfoNCELoss(scale=50.0, impl="torch", matryoshka_dims=MATRYOSHKA_DIMS,
-                       matryoshka_weights=MATRYOSHKA_WEIGHTS).score(q, p, n)
-    loss.backward()
-    result["matryoshka"] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad, "negatives": n.grad}
+    collectives = {}
+    for name, dims in (("plain", None), ("matryoshka", MATRYOSHKA_DIMS)):
+        q, p, n = (t[r].clone().requires_grad_() for t, r in ((queries, rows), (positives, rows),
+                                                               (negatives, neg_rows)))
+        calls = []
+        undo = counting_collectives(calls)
+        loss = InfoNCELoss(scale=50.0, impl="torch", matryoshka_dims=dims,
+                           matryoshka_weights=MATRYOSHKA_WEIGHTS if dims else None).score(q, p, n)
+        loss.backward()
+        undo()
+        collectives[name] = calls
+    result["matryoshka"] = {"loss": loss.detach(), "queries": q.grad, "positives": p.grad, "negatives": n.grad,
+                            "collectives": collectives}
 
     # A linear encoder under DDP: the averaged parameter gradient is that of the global loss / world size.
     torch.manual_seed(0)
