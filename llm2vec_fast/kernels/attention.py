@@ -421,6 +421,19 @@ def _dropout_keep16(seed, bh, q_idx, k_idx, dropout_p):
 
 
 @triton.jit
+def _dropout_keep_tile(seed, bh, offs_m, offs_n, dropout_p, PHILOX4X: tl.constexpr):
+    """The (queries x keys) keep-mask of the query offsets ``offs_m`` and key offsets ``offs_n``, drawn by the
+    dropout variant in use (``PHILOX4X``: 16 decisions per Philox call)."""
+    if PHILOX4X:
+        keep = _dropout_keep16(seed, bh, offs_m, offs_n, dropout_p)
+    else:
+        q_idx = offs_m[:, None] + offs_n[None, :] * 0
+        k_idx = offs_n[None, :] + offs_m[:, None] * 0
+        keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+    return keep
+
+
+@triton.jit
 def _tanh(x):
     """tanh through exp2 of a non-positive argument (no overflow; every backend and the interpreter have exp2);
     absolute error ~1e-7, which is what the soft-capped logits need."""
@@ -583,12 +596,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            if PHILOX4X:
-                keep = _dropout_keep16(seed, bh, offs_m, offs_n, dropout_p)
-            else:
-                q_idx = offs_m[:, None] + offs_n[None, :] * 0
-                k_idx = offs_n[None, :] + offs_m[:, None] * 0
-                keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            keep = _dropout_keep_tile(seed, bh, offs_m, offs_n, dropout_p, PHILOX4X)
             p = tl.where(keep, p, 0.0)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
@@ -824,12 +832,7 @@ def _attn_bwd_dq_inner(
                        HAS_PADDING, MASKED, CAUSAL, WINDOWED, PAD_SKIP)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            if PHILOX4X:
-                keep = _dropout_keep16(seed, bh, offs_m, offs_n, dropout_p)
-            else:
-                q_idx = offs_m[:, None] + offs_n[None, :] * 0
-                k_idx = offs_n[None, :] + offs_m[:, None] * 0
-                keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            keep = _dropout_keep_tile(seed, bh, offs_m, offs_n, dropout_p, PHILOX4X)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # d softcap*tanh(x / softcap) / dx = 1 - tanh^2

@@ -453,18 +453,9 @@ def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softc
         lse[start:stop] = chunk_lse
         per_row[start:stop] = chunk_lse - z.gather(1, targets[start:stop, None])[:, 0]
         if early:
-            dz = torch.exp(z.sub_(chunk_lse[:, None]))  # softmax, in place of the logits
-            dz[torch.arange(dz.shape[0]), targets[start:stop]] -= 1.0
-            if t is not None:
-                dz.mul_(1.0 - t * t)
-            dz.mul_(row_scale)
-            if need_dh:
-                early_dh.index_add_(0, src[start:stop], dz @ w)
-            if need_dw:
-                early_dw.addmm_(dz.t(), h)
-            if need_db:
-                early_db += dz.sum(0)
-            del dz
+            _add_chunk_gradients(z, t, chunk_lse, targets[start:stop], row_scale, src[start:stop], h, w,
+                                 early_dh if need_dh else None, early_dw if need_dw else None,
+                                 early_db if need_db else None)
         del z, t
     per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
     if early:
@@ -490,6 +481,22 @@ def _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early
     return grad_hidden, grad_weight, grad_bias
 
 
+def _add_chunk_gradients(z, t, chunk_lse, chunk_targets, row_scale, chunk_src, h, w, dh, dw, db):
+    """Adds one chunk's ``(softmax - one_hot) * row_scale`` (through the soft-cap's tanh where ``t`` is given) to
+    d hidden, d weight and d bias, each where it is not None. The softmax is computed in place of the logits ``z``."""
+    dz = torch.exp(z.sub_(chunk_lse[:, None]))
+    dz[torch.arange(dz.shape[0]), chunk_targets] -= 1.0
+    if t is not None:
+        dz.mul_(1.0 - t * t)
+    dz.mul_(row_scale)
+    if dh is not None:
+        dh.index_add_(0, chunk_src, dz @ w)
+    if dw is not None:
+        dw.addmm_(dz.t(), h)
+    if db is not None:
+        db += dz.sum(0)
+
+
 def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift, reduction,
                       logit_softcap, chunk_rows, need_dh, need_dw, need_db):
     batch, seq_len, hidden_size = hidden.shape
@@ -506,18 +513,9 @@ def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, co
         stop = min(start + chunk_rows, n_valid)
         h = hidden2d[src[start:stop]].to(compute_dtype)
         z, t = _chunk_logits(h, w, bias, logit_softcap, compute_dtype)
-        dz = torch.exp(z.sub_(lse[start:stop, None]))
-        dz[torch.arange(dz.shape[0]), targets[start:stop]] -= 1.0
-        if t is not None:
-            dz.mul_(1.0 - t * t)
-        dz.mul_(grad_rows[start:stop, None].to(compute_dtype))
-        if need_dh:
-            dh.index_add_(0, src[start:stop], dz @ w)
-        if need_dw:
-            dw.addmm_(dz.t(), h)
-        if need_db:
-            db += dz.sum(0)
-        del z, dz
+        _add_chunk_gradients(z, t, lse[start:stop], targets[start:stop], grad_rows[start:stop, None].to(compute_dtype),
+                             src[start:stop], h, w, dh, dw, db)
+        del z, t
     grad_hidden = dh.view(batch, seq_len, -1).to(hidden.dtype) if need_dh else None
     grad_weight = dw.to(weight.dtype) if need_dw else None
     grad_bias = db.to(bias.dtype) if need_db else None
