@@ -110,7 +110,11 @@ def _check_can_patch(base, bidirectional: bool) -> None:
             )
         window = getattr(config, "sliding_window", None)
         # 0 is no window to transformers' masks either: they would let a causal token attend to nothing (None is
-        # "no window").
+        # "no window"). A value no layer uses (Qwen2's sliding_window=0 beside use_sliding_window=False, which
+        # makes every layer "full_attention") is not checked.
+        layer_types = getattr(config, "layer_types", None) or ("sliding_attention",)
+        if getattr(config, "use_sliding_window", True) is False or "sliding_attention" not in layer_types:
+            window = None
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(
                 f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive number of "

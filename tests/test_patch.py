@@ -407,6 +407,20 @@ def test_non_positive_softcap_or_window_is_refused(setting, value):
     assert model.config._attn_implementation == "eager" and not hasattr(model.config, "is_causal")
 
 
+def test_a_window_no_layer_uses_is_not_checked():
+    """Qwen2-MoE's config defaults to sliding_window=0 with use_sliding_window=False (every layer full attention):
+    nothing slides, so the patch must not refuse the 0."""
+    from transformers import AutoModel, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=2, num_experts_per_tok=1)
+    assert config.sliding_window == 0 and config.use_sliding_window is False
+    model = patch(AutoModel.from_config(config, attn_implementation="eager"), attention_impl="torch")
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.isfinite(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state).all()
+
+
 def test_attention_sinks_are_refused_at_patch_time():
     from transformers import AutoModel, GptOssConfig
 
