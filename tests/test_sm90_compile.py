@@ -12,9 +12,9 @@ asserts it.
 
 The compiles run in one subprocess (``TRITON_INTERPRET=0``: the interpreter the other tests use has nothing to
 compile), with a fresh Triton cache and a pool of 2 workers. This is CI's longest test, on purpose (it is the
-only check that the kernels build for the GPU they are written for): about 150 compiles (153 under Triton 3.9) of 3-30 s each (bf16
-3-10 s on an idle core, fp32 10-25 s), so 5-10 minutes on 2 cores; ``-k`` cannot shorten it, but
-``python tests/sm90/compile.py OUT.jsonl --only NAME`` compiles a subset.
+only check that the kernels build for the GPU they are written for): about 150 compiles (153 under Triton 3.9)
+of 3-30 s each (bf16 3-10 s on an idle core, fp32 10-25 s), so 5-10 minutes on 2 cores; ``-k`` cannot shorten
+it, but ``python tests/sm90/compile.py OUT.jsonl --only NAME`` compiles a subset.
 """
 
 from __future__ import annotations
