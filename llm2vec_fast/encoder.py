@@ -259,11 +259,17 @@ class LLM2Vec(torch.nn.Module):
         return self
 
     def _compile_settings(self):
-        if not self._inductor_freezing:
-            return contextlib.nullcontext()
-        from torch._inductor import config
+        """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so encode sets them around
+        its calls of a compiled model: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``)
+        stay constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
+        one, tracing the whole model a second time; and inductor's ``freezing`` where it applies."""
+        settings = contextlib.ExitStack()
+        settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        if self._inductor_freezing:
+            from torch._inductor import config
 
-        return config.patch(freezing=True)
+            settings.enter_context(config.patch(freezing=True))
+        return settings
 
     def _check_frozen_weights(self) -> None:
         if self._frozen_weights is not None and _weights_fingerprint(self.model) != self._frozen_weights:

@@ -262,6 +262,23 @@ def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
     assert counter.frame_count == 1, f"{counter.frame_count} compiles"
 
 
+def test_compiled_encoder_traces_float_attributes_as_constants(tiny_smol):
+    """Under dynamic=True, dynamo would make the model's float attributes (RMSNorm epsilons, attention scaling,
+    nn.Embedding.norm_type) graph inputs, which inductor specializes by tracing the whole model again: the graph
+    encode compiles takes no float inputs."""
+    float_inputs = []
+
+    def backend(gm, example_inputs):
+        float_inputs.extend(node.name for node in gm.graph.nodes if node.op == "placeholder"
+                            and node.name.endswith(("norm_type", "variance_epsilon", "scaling")))
+        return gm.forward
+
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled.compile_model(backend=backend)
+    compiled.encode(["Rotary position embeddings rotate queries and keys.", "A short one."])
+    assert float_inputs == [], float_inputs
+
+
 @pytest.mark.slow  # four encoders and three aot_eager compiles
 def test_a_frozen_compiled_encoder_refuses_changed_weights_until_compiled_again(tiny_smol):
     """compile_model(freeze=True) makes the weights constants of the graph: encoding after they changed would use
