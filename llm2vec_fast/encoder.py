@@ -212,8 +212,10 @@ class LLM2Vec(torch.nn.Module):
                         skip_instruction=skip_instruction)
         settings.update({k: v for k, v in explicit.items() if v is not None})
 
-        from .bidirectional import patch
+        from .bidirectional import IMPLEMENTATIONS, patch
 
+        if attention_impl not in IMPLEMENTATIONS:  # a wrong argument is an error, not a refusal to fall back from
+            raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")
         if enable_bidirectional:
             patch(model, attention_impl=attention_impl, bidirectional=True)
         else:

@@ -406,3 +406,6 @@ def test_enable_bidirectional_false_keeps_a_model_the_patch_refuses_causal_and_u
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="packed=True needs a model patched by llm2vec_fast"):
         encoder.encode(texts, packed=True)
+    # A wrong argument is not a refusal of the model: it is an error, not a silent causal fallback.
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        LLM2Vec.from_pretrained(tiny_sinks_dir, enable_bidirectional=False, attention_impl="trition")
