@@ -1734,22 +1734,8 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
             out = torch.cat(pieces + [out[end:]], 0) if end < q.shape[0] else torch.cat(pieces, 0)
         return out
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    mask = None
-    band = None if (causal and window is None) else _band_mask(q.shape[1], window, causal, q.device)
-    if key_padding_mask is not None:
-        if band is None and not causal:
-            # A sequence with no real token attends to all its keys (then is zeroed), so that SDPA never sees a
-            # fully masked row (NaN); every other sequence sees exactly its key mask, broadcast over queries.
-            keys = key_padding_mask | ~key_padding_mask.any(dim=1, keepdim=True)
-            mask = keys[:, None, None, :]
-        else:
-            # Padded query rows attend to everything (then are zeroed): a real row always sees itself, a padded
-            # one might see no real key in its band, and a fully masked row is NaN in SDPA, forward and backward.
-            band = band if band is not None else _band_mask(q.shape[1], None, True, q.device)
-            mask = (band & key_padding_mask[:, None, :]) | ~key_padding_mask[:, :, None]
-            mask = mask[:, None]
-    elif band is not None:
-        mask = band
+    plain_causal = causal and window is None and key_padding_mask is None  # SDPA's is_causal, no mask
+    mask = None if plain_causal else _visible_keys(key_padding_mask, q.shape[1], window, causal, q.device)
     out = F.scaled_dot_product_attention(
         qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=softmax_scale,
         enable_gqa=k.shape[2] != q.shape[2],
