@@ -20,11 +20,12 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -496,19 +497,46 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
     return True
 
 
-def _distributed():
-    """(rank, world_size, group_initialized) from torchrun's environment."""
+_runs_in_this_process = 0
+
+
+def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] | None]:
+    """(rank, world_size, gather) from torchrun's environment: ``gather(message)`` returns every rank's message in
+    rank order (None for one process).
+
+    Only error messages cross ranks. Under torchrun they go through its rendezvous store, the TCP key-value store
+    that every rank already reaches, and not through a process group of our own: a gloo group's worker threads and
+    sockets, torn down by each rank as it finished, now and then aborted a rank at exit ("terminate called without
+    an active exception"). A process group the program initialized itself is used as it is.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    initialized = False
-    if world > 1:
-        import torch.distributed as dist
+    if world == 1:
+        return rank, world, None
+    import torch.distributed as dist
 
-        if not dist.is_initialized():
-            # Only barriers and error messages cross ranks, so gloo serves on every machine.
-            dist.init_process_group("gloo")
-            initialized = True
-    return rank, world, initialized
+    if dist.is_initialized():
+        def gather(message: str | None) -> list[str | None]:
+            gathered: list[str | None] = [None] * world
+            dist.all_gather_object(gathered, message)
+            return gathered
+
+        return rank, world, gather
+    from torch.distributed.constants import default_pg_timeout
+    from torch.distributed.elastic.utils.store import synchronize
+
+    global _runs_in_this_process
+    _runs_in_this_process += 1  # every rank runs encode_corpus the same number of times, so this names one run
+    store = next(dist.rendezvous("env://"))[0]
+    steps = itertools.count()
+
+    def gather(message: str | None) -> list[str | None]:
+        key = f"llm2vec_fast/encode_corpus/{_runs_in_this_process}/{next(steps)}/"
+        sent = json.dumps(message).encode()
+        return [json.loads(data) for data in synchronize(store, sent, rank, world, key,
+                                                         timeout=default_pg_timeout.total_seconds())]
+
+    return rank, world, gather
 
 
 class OtherRankError(CorpusError):
@@ -516,29 +544,21 @@ class OtherRankError(CorpusError):
 
 
 @contextlib.contextmanager
-def _together(rank: int, world: int):
+def _together(rank: int, world: int, gather: Callable[[str | None], list[str | None]] | None):
     """A step that all ranks finish together: its end is a barrier that also carries each rank's error, so that
     a rank that fails (a bad row, other settings) stops every rank instead of leaving them at a barrier."""
     try:
         yield
     except BaseException as error:
-        if world > 1:
+        if gather is not None:
             with contextlib.suppress(Exception):  # the rank's own error is the one to raise
-                _gather_errors(world, f"{type(error).__name__}: {error}")
+                gather(f"{type(error).__name__}: {error}")
         raise
-    if world > 1:
-        failed = [(r, message) for r, message in enumerate(_gather_errors(world, None)) if message is not None]
+    if gather is not None:
+        failed = [(r, message) for r, message in enumerate(gather(None)) if message is not None]
         if failed:
             r, message = failed[0]
             raise OtherRankError(f"rank {r} of {world} stopped, so rank {rank} stops too: {message}")
-
-
-def _gather_errors(world: int, message: str | None) -> list[str | None]:
-    import torch.distributed as dist
-
-    gathered: list[str | None] = [None] * world
-    dist.all_gather_object(gathered, message)
-    return gathered
 
 
 def _check_source_and_output(source: Path, output: Path) -> None:
@@ -794,12 +814,12 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         except ImportError:
             raise ImportError("the parquet format (the default) needs pyarrow: pip install pyarrow, or write .npy "
                               "shards with --format npy (format='npy')") from None
-    rank, world, initialized = _distributed()
+    rank, world, gather = _distributed()
     disable = not logger.isEnabledFor(logging.INFO) if show_progress_bar is None else not show_progress_bar
     bar = tqdm(desc=f"Encoding (rank {rank})" if world > 1 else "Encoding", unit="text", disable=disable,
                position=rank if world > 1 else None)
     try:
-        with _together(rank, world):
+        with _together(rank, world, gather):
             encoder, device, instruction = prepare_encoder(settings, encoder)
             id_type = _ids_type(source, settings, whole=rank == 0) if format == "parquet" else None
             pinned = _pinned_settings(settings, encoder, device, source, format, id_type)
@@ -815,7 +835,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
                     ranges_file.unlink()  # an earlier run's that completed no shard
                 if settings.precision in ("int8", "uint8") and not ranges_file.is_file():
                     shards.calibrate(ranges_file)
-        with _together(rank, world):
+        with _together(rank, world, gather):
             if rank != 0 and _stored_run(output) != pinned:
                 raise SettingsConflictError(f"rank {rank} resolved other settings than rank 0 "
                                             f"(see {output / 'run.json'})")
@@ -831,10 +851,6 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         return {}
     finally:
         bar.close()
-        if initialized:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _encode_shards(shards: _Shards, output: Path, ranges: np.ndarray | None, rank: int, world: int) -> None:

@@ -192,6 +192,22 @@ def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp
 
 
 @pytest.mark.slow  # new processes that load the model
+def test_under_torchrun_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    # The ranks exchange their errors through torchrun's rendezvous store (no process group of their own): row 14
+    # is in shard 1, rank 1's; rank 0 learns of it at the end of its shards and stops with rank 1's message.
+    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
+    lines[14] = '{"id": "doc-14", "text": "broken'
+    source = tmp_path / "input.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run_subprocess(encode_args(tiny_model_dir, source, tmp_path / "out"), torchrun=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "BadRowError" in output and "input.jsonl:15: invalid JSON" in output, output
+    assert "rank 1 of 2 stopped, so rank 0 stops too: BadRowError: " in output, output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow  # new processes that load the model
 def test_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     # Two ranks of a program that calls encode_corpus in its own process group and goes on after an error, so
     # that the failed rank's process stays alive (tests/helpers/corpus_rank.py). Shards of 10 rows alternate
