@@ -81,11 +81,13 @@ def input_kind(path: str | Path) -> str:
 
 
 def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
-              wanted=None) -> Iterator[Row]:
+              wanted=None, digest=None) -> Iterator[Row]:
     """Stream the rows of ``path``. ``wanted(index) -> bool`` lets rows be skipped cheaply (not parsed).
 
     Bad rows are yielded with ``text=None`` and ``problem`` saying what is wrong, so the caller decides.
     A whitespace-only line of a .jsonl file is not a row (it is logged); in a .txt file it is an empty text.
+    ``digest`` (a ``hashlib`` object; not for .parquet) is fed every byte of the file as it is read, so that one
+    pass both hashes and parses the input.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,7 +97,9 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
         yield from _read_parquet(path, text_field, id_field, wanted)
         return
     index = 0
-    with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as lines:
+    with open(path, "rb") as handle:
+        stream = handle if digest is None else io.BufferedReader(_Digesting(handle, digest))
+        lines = gzip.GzipFile(fileobj=stream) if str(path).lower().endswith(".gz") else stream
         for number, raw in enumerate(lines, start=1):
             if kind == ".jsonl" and not raw.strip():
                 logger.debug("%s:%d: blank line, not a row", path, number)
@@ -112,6 +116,23 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
                 yield (Row(index, index, line.rstrip("\r\n")) if kind == ".txt"
                        else _json_row(line, path, number, index, text_field, id_field))
             index += 1
+        while digest is not None and stream.read(1 << 22):  # whatever follows the last line, hashed too
+            pass
+
+
+class _Digesting(io.RawIOBase):
+    """A binary file that feeds ``digest`` with every byte read from it."""
+
+    def __init__(self, handle, digest):
+        self.handle, self.digest = handle, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.handle.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
 
 
 def _json_row(line: str, path: Path, number: int, index: int, text_field: str, id_field: str | None) -> Row:
@@ -377,11 +398,6 @@ class CorpusSettings:
                              f"and {self.prompt_name!r})")
 
 
-def input_fingerprint(path: Path) -> dict[str, Any]:
-    """The input by content: size and SHA-256, streamed (a ``touch`` or a copy elsewhere changes nothing)."""
-    return {"size": path.stat().st_size, "sha256": sha256(path)}
-
-
 def _resolved_name(name_or_path: str) -> str:
     """A local path as an absolute path (``runs/mntp`` and ``/abs/runs/mntp`` are one adapter); names as given."""
     path = Path(name_or_path).expanduser()
@@ -420,17 +436,20 @@ def _resolve_format(settings: CorpusSettings, output: Path) -> str:
     return settings.format or DEFAULT_FORMAT
 
 
-def _ids_type(source: Path, settings: CorpusSettings, *, whole: bool) -> str:
-    """The type of the first good row's id, which every id of a Parquet run must have (one column, one type).
-    With ``whole`` (rank 0, before any encoding) every row is read, so that a mixed input fails at once."""
-    first = None
-    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field):
+def _scan_input(source: Path, settings: CorpusSettings, *, ids: bool) -> tuple[dict[str, Any], str | None]:
+    """(the input by content: size and SHA-256, so that a ``touch`` or a copy elsewhere changes nothing; with
+    ``ids``, a Parquet run's id type). The id type is the first good row's, which every id must have (one column,
+    one type): every row is read, so that a mixed input fails before any encoding, in the pass that hashes a text
+    input (a Parquet input is hashed apart: pyarrow reads it)."""
+    digest = hashlib.sha256() if ids and input_kind(source) != ".parquet" else None
+    id_type = None
+    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field, digest=digest) \
+            if ids else ():
         if row.text is not None and row.id is not None:
-            first = first or _id_type(_json_safe(row.id))
-            if not whole:
-                break
-            _check_id(_json_safe(row.id), row.index, first)
-    return first or "int"
+            id_type = id_type or _id_type(_json_safe(row.id))
+            _check_id(_json_safe(row.id), row.index, id_type)
+    fingerprint = {"size": source.stat().st_size, "sha256": digest.hexdigest() if digest else sha256(source)}
+    return fingerprint, (id_type or "int") if ids else None
 
 
 def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
@@ -439,7 +458,7 @@ def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> s
     return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
 
 
-def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, format: str,
+def _pinned_settings(settings: CorpusSettings, encoder, device, fingerprint: dict[str, Any], format: str,
                      id_type: str | None) -> dict[str, Any]:
     """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
     The bad-row policy is not here: it decides whether the run may finish, not what a shard holds. A prompt
@@ -451,7 +470,7 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
         "format_version": FORMAT_VERSION,
         "model": _resolved_name(settings.model),
         "adapters": [_resolved_name(str(a)) for a in settings.adapters],
-        "input": input_fingerprint(source),
+        "input": fingerprint,
         "text_field": settings.text_field,
         "id_field": settings.id_field,
         "instruction": resolved_instruction(settings, encoder.prompts),
@@ -801,8 +820,8 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     try:
         with _together(rank, world):
             encoder, device, instruction = prepare_encoder(settings, encoder)
-            id_type = _ids_type(source, settings, whole=rank == 0) if format == "parquet" else None
-            pinned = _pinned_settings(settings, encoder, device, source, format, id_type)
+            fingerprint, id_type = _scan_input(source, settings, ids=format == "parquet")
+            pinned = _pinned_settings(settings, encoder, device, fingerprint, format, id_type)
             if writer is None:
                 writer = ShardWriter(output, format, id_type)
             elif writer.format != format:
