@@ -215,11 +215,9 @@ def shard_complete(output: Path, k: int, format: str = "npy") -> bool:
 def _complete_shards(output: Path, format: str | None = None) -> list[int]:
     """Shards with their record written (of ``format``, else of any format)."""
     patterns = {"npy": "ids-*.json", "parquet": "shard-*.json"}
-    found = set()
-    for name, pattern in patterns.items():
-        if format in (None, name):
-            found.update(int(p.stem.split("-")[1]) for p in output.glob(pattern) if p.stem.split("-")[1].isdigit())
-    return sorted(found)
+    numbers = [p.stem.split("-")[1] for name, pattern in patterns.items() if format in (None, name)
+               for p in output.glob(pattern)]
+    return sorted({int(n) for n in numbers if n.isdigit()})
 
 
 def _id_type(value: Any) -> str:
@@ -452,14 +450,8 @@ def _scan_input(source: Path, settings: CorpusSettings, *, ids: bool) -> tuple[d
     return fingerprint, (id_type or "int") if ids else None
 
 
-def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
-    """The instruction of every text: ``settings.instruction``, or ``prompts[settings.prompt_name]`` (ValueError
-    for a name that is not there), or none."""
-    return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
-
-
-def _pinned_settings(settings: CorpusSettings, encoder, device, fingerprint: dict[str, Any], format: str,
-                     id_type: str | None) -> dict[str, Any]:
+def _pinned_settings(settings: CorpusSettings, encoder, device, instruction: str, fingerprint: dict[str, Any],
+                     format: str, id_type: str | None) -> dict[str, Any]:
     """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
     The bad-row policy is not here: it decides whether the run may finish, not what a shard holds. A prompt
     name is pinned as the instruction it names."""
@@ -473,14 +465,11 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, fingerprint: dic
         "input": fingerprint,
         "text_field": settings.text_field,
         "id_field": settings.id_field,
-        "instruction": resolved_instruction(settings, encoder.prompts),
+        "instruction": instruction,
         "batch_size": settings.batch_size,
         "max_batch_tokens": budget,
-        "max_length": encoder.max_length,
-        "doc_max_length": encoder.doc_max_length,
-        "pooling_mode": encoder.pooling_mode,
-        "skip_instruction": encoder.skip_instruction,
-        "max_padding": encoder.max_padding,
+        **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode", "skip_instruction",
+                                                  "max_padding")},
         "dtype": settings.dtype if settings.precision == "float32" else None,
         "truncate_dim": settings.truncate_dim,
         "precision": settings.precision,
@@ -631,7 +620,7 @@ def prepare_encoder(settings: CorpusSettings, encoder=None):
     else:
         encoder.model.to(device)
     check_truncate_dim(settings, int(encoder.model.config.hidden_size))
-    return encoder, device, resolved_instruction(settings, encoder.prompts)
+    return encoder, device, resolve_prompt(encoder.prompts, settings.instruction or None, settings.prompt_name)
 
 
 class _BatchProgress:
@@ -684,13 +673,9 @@ def stored_embeddings(vectors: np.ndarray, settings: CorpusSettings, ranges: np.
     return vectors.astype(np.float16 if settings.dtype == "float16" else np.float32)
 
 
-def _stored_width(settings: CorpusSettings, dim: int) -> tuple[int, np.dtype]:
-    """Columns and dtype of the stored array for embeddings of ``dim`` dimensions (after truncation)."""
-    if settings.precision in ("binary", "ubinary"):
-        return (dim + 7) // 8, np.dtype(np.int8 if settings.precision == "binary" else np.uint8)
-    if settings.precision in ("int8", "uint8"):
-        return dim, np.dtype(settings.precision)
-    return dim, np.dtype(settings.dtype)
+def _no_rows_stored(settings: CorpusSettings, dim: int) -> np.ndarray:
+    """What a shard stores for no embedding of ``dim`` dimensions: its width and dtype, from the conversion itself."""
+    return stored_embeddings(np.zeros((0, dim), np.float32), settings, np.zeros((2, dim), np.float32))
 
 
 class _Shards:
@@ -740,12 +725,8 @@ class _Shards:
 
     def write(self, vectors: np.ndarray | None, record: dict[str, Any], numbers: list[int],
               ranges: np.ndarray | None) -> None:
-        if vectors is None:
-            width, dtype = _stored_width(self.settings, self.settings.truncate_dim
-                                         or self.encoder.model.config.hidden_size)
-            array = np.zeros((0, width), dtype=dtype)
-        else:
-            array = stored_embeddings(vectors, self.settings, ranges)
+        array = (_no_rows_stored(self.settings, self.settings.truncate_dim or self.encoder.model.config.hidden_size)
+                 if vectors is None else stored_embeddings(vectors, self.settings, ranges))
         self.writer.write_shard(record["shard"], array, {**record, "dim": int(array.shape[1])}, numbers)
 
     def calibrate(self, ranges_file: Path) -> None:
@@ -805,7 +786,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     _check_source_and_output(source, output)
     if encoder is None:  # a model or prompt name that names nothing fails before anything heavy
         check_model(settings)
-        resolved_instruction(settings, default_prompts())
+        resolve_prompt(default_prompts(), settings.instruction or None, settings.prompt_name)
     format = _resolve_format(settings, output)
     if format == "parquet":
         try:
@@ -821,7 +802,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
         with _together(rank, world):
             encoder, device, instruction = prepare_encoder(settings, encoder)
             fingerprint, id_type = _scan_input(source, settings, ids=format == "parquet")
-            pinned = _pinned_settings(settings, encoder, device, fingerprint, format, id_type)
+            pinned = _pinned_settings(settings, encoder, device, instruction, fingerprint, format, id_type)
             if writer is None:
                 writer = ShardWriter(output, format, id_type)
             elif writer.format != format:
@@ -885,7 +866,7 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
     bad_rows = []
     embedding_dim = settings.truncate_dim or dimension
-    dim, dtype = _stored_width(settings, embedding_dim)
+    stored = _no_rows_stored(settings, embedding_dim)
     records = [json.loads((output / shard_names(k, format)[1]).read_text(encoding="utf-8"))
                for k in _complete_shards(output, format)]
     # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
@@ -919,9 +900,9 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
         "settings": pinned,
         "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
         "format": format,
-        "dim": dim,  # columns of the stored embeddings (bytes per row for binary/ubinary)
+        "dim": stored.shape[1],  # columns of the stored embeddings (bytes per row for binary/ubinary)
         "embedding_dim": embedding_dim,  # dimensions (after truncate_dim)
-        "dtype": dtype.name,
+        "dtype": stored.dtype.name,
         "precision": settings.precision,
         "quantization_ranges": RANGES_FILE if settings.precision in ("int8", "uint8") else None,
         "counts": totals,
