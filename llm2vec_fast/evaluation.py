@@ -126,20 +126,13 @@ def _scifact_dataset(data_dir: Path, split: str, limit: int | None):
         extra = {d["_id"] for d in _sample(others, max(len(wanted), 4 * len(queries)))}
         corpus = [d for d in corpus if d["_id"] in wanted or d["_id"] in extra]
         relevant = {q["_id"]: relevant[q["_id"]] for q in queries}
-    return {
-        "default": {
-            split: {
-                "corpus": Dataset.from_dict({
-                    "id": [d["_id"] for d in corpus],
-                    "title": [d.get("title", "") for d in corpus],
-                    "text": [d["text"] for d in corpus],
-                }),
-                "queries": Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
-                "relevant_docs": relevant,
-                "top_ranked": None,
-            }
-        }
-    }
+    return {"default": {split: {
+        "corpus": Dataset.from_dict({"id": [d["_id"] for d in corpus], "title": [d.get("title", "") for d in corpus],
+                                     "text": [d["text"] for d in corpus]}),
+        "queries": Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
+        "relevant_docs": relevant,
+        "top_ranked": None,
+    }}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,23 +146,21 @@ class OfflineTask:
     subset: str = "default"
 
 
-OFFLINE_TASKS: dict[str, OfflineTask] = {
-    "STSBenchmark": OfflineTask(
-        "STSBenchmark", "dev", ("dev",), _sts_dataset("stsbenchmark", {"dev": "dev.jsonl"})),
-    "SICK-R": OfflineTask(
-        "SICK-R", "trial", ("trial", "train"), _sts_dataset("sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
-    "Banking77Classification": OfflineTask(
-        "Banking77Classification", "test", ("test",),
-        _classification_dataset(_labelled_rows("text", "category"), "banking77",
-                                {"train": "train.csv", "test": "test.csv"}, None)),
-    "AmazonCounterfactualClassification": OfflineTask(
-        "AmazonCounterfactualClassification", "test", ("test", "validation"),
-        _classification_dataset(
-            _labelled_rows("sentence", "is_counterfactual", "\t"), "amazon_counterfactual_en",
-            {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"}, "en"),
-        subset="en"),
-    "SciFact": OfflineTask("SciFact", "test", ("test",), _scifact_dataset),
-}
+OFFLINE_TASKS: dict[str, OfflineTask] = {task.mteb_name: task for task in (
+    OfflineTask("STSBenchmark", "dev", ("dev",), _sts_dataset("stsbenchmark", {"dev": "dev.jsonl"})),
+    OfflineTask("SICK-R", "trial", ("trial", "train"),
+                _sts_dataset("sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
+    OfflineTask("Banking77Classification", "test", ("test",),
+                _classification_dataset(_labelled_rows("text", "category"), "banking77",
+                                        {"train": "train.csv", "test": "test.csv"}, None)),
+    OfflineTask("AmazonCounterfactualClassification", "test", ("test", "validation"),
+                _classification_dataset(_labelled_rows("sentence", "is_counterfactual", "\t"),
+                                        "amazon_counterfactual_en",
+                                        {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"},
+                                        "en"),
+                subset="en"),
+    OfflineTask("SciFact", "test", ("test",), _scifact_dataset),
+)}
 
 
 def parse_offline_task(spec: str) -> tuple[OfflineTask, str]:
@@ -205,17 +196,9 @@ def build_task(spec: str, data_dir: str | Path, *, limit: int | None = None,
     return task, split
 
 
-def evaluate_offline(
-    model: Any,
-    tasks: list[str],
-    *,
-    data_dir: str | Path,
-    output_dir: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 32,
-    samples_per_label: int | None = None,
-    n_experiments: int | None = None,
-) -> dict[str, dict[str, Any]]:
+def evaluate_offline(model: Any, tasks: list[str], *, data_dir: str | Path, output_dir: str | Path | None = None,
+                     limit: int | None = None, batch_size: int = 32, samples_per_label: int | None = None,
+                     n_experiments: int | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate an mteb encoder (e.g. :class:`llm2vec_fast.mteb.LLM2VecMTEB`) on local-file tasks.
 
     Returns ``{spec: {"main_score", "metric", "split", "subset", "scores", "limit"}}`` and, with
@@ -233,16 +216,9 @@ def evaluate_offline(
         elapsed = time.monotonic() - started
         subset = task.hf_subsets[0]
         subset_scores = dict(scores[subset])
-        results[spec] = {
-            "task": task.metadata.name,
-            "split": split,
-            "subset": subset,
-            "metric": task.metadata.main_score,
-            "main_score": float(subset_scores["main_score"]),
-            "limit": limit,
-            "seconds": round(elapsed, 1),
-            "scores": subset_scores,
-        }
+        results[spec] = {"task": task.metadata.name, "split": split, "subset": subset,
+                         "metric": task.metadata.main_score, "main_score": float(subset_scores["main_score"]),
+                         "limit": limit, "seconds": round(elapsed, 1), "scores": subset_scores}
         if output_dir is not None:
             output = Path(output_dir)
             output.mkdir(parents=True, exist_ok=True)
