@@ -27,6 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,51 +61,40 @@ def _sample(rows: list[Any], limit: int | None, seed: int = SEED) -> list[Any]:
 # --- loaders: data_dir, split, limit -> task.dataset ---------------------------------------------------------
 
 
-def _sts_dataset(folder: str, files: dict[str, str]) -> Callable[[Path, str, int | None], Any]:
-    def load(data_dir: Path, split: str, limit: int | None):
-        from datasets import Dataset
+def _sts_dataset(folder: str, files: dict[str, str], data_dir: Path, split: str, limit: int | None):
+    """``split``'s .jsonl file of ``folder`` (sentence1, sentence2, a numeric score) as mteb's STS dataset."""
+    from datasets import Dataset
 
-        rows = _sample(_read_jsonl(_require(data_dir / folder / files[split])), limit)
-        for row in rows:
-            if not isinstance(row.get("score"), (int, float)):
-                raise ValueError(f"{folder}/{files[split]}: row without a numeric score: {row}")
-        columns = {key: [row[key] for row in rows] for key in ("sentence1", "sentence2")}
-        columns["score"] = [float(row["score"]) for row in rows]
-        return {split: Dataset.from_dict(columns)}
-
-    return load
+    rows = _sample(_read_jsonl(_require(data_dir / folder / files[split])), limit)
+    for row in rows:
+        if not isinstance(row.get("score"), (int, float)):
+            raise ValueError(f"{folder}/{files[split]}: row without a numeric score: {row}")
+    columns = {key: [row[key] for row in rows] for key in ("sentence1", "sentence2")}
+    columns["score"] = [float(row["score"]) for row in rows]
+    return {split: Dataset.from_dict(columns)}
 
 
-def _labelled_rows(text: str, label: str, delimiter: str = ",") -> Callable[[Path], list[tuple[str, str]]]:
-    """A reader of (text, label) pairs from the columns ``text`` and ``label`` of a CSV/TSV file with a header."""
-    def read(path: Path) -> list[tuple[str, str]]:
-        with open(_require(path), newline="", encoding="utf-8") as handle:
-            return [(row[text], row[label]) for row in csv.DictReader(handle, delimiter=delimiter)]
+def _classification_dataset(folder: str, files: dict[str, str], columns: tuple[str, str], delimiter: str,
+                            subset: str | None, data_dir: Path, split: str, limit: int | None):
+    """(text, label) pairs from the ``columns`` of ``folder``'s CSV/TSV files with a header, as mteb's
+    classification dataset: the train split and ``split``, labels numbered in the train split's sorted order."""
+    from datasets import Dataset, DatasetDict
 
-    return read
+    def read(name: str) -> list[tuple[str, str]]:
+        with open(_require(data_dir / folder / name), newline="", encoding="utf-8") as handle:
+            return [(row[columns[0]], row[columns[1]]) for row in csv.DictReader(handle, delimiter=delimiter)]
 
+    train, evaluated = read(files["train"]), _sample(read(files[split]), limit)
+    index = {label: i for i, label in enumerate(sorted({label for _, label in train}))}
+    unknown = {label for _, label in evaluated} - set(index)
+    if unknown:
+        raise ValueError(f"{folder}/{files[split]} has labels missing from the train split: {sorted(unknown)}")
 
-def _classification_dataset(
-    reader: Callable[[Path], list[tuple[str, str]]], folder: str, files: dict[str, str], subset: str | None
-) -> Callable[[Path, str, int | None], Any]:
-    def load(data_dir: Path, split: str, limit: int | None):
-        from datasets import Dataset, DatasetDict
+    def as_dataset(rows):
+        return Dataset.from_dict({"text": [t for t, _ in rows], "label": [index[label] for _, label in rows]})
 
-        train = reader(data_dir / folder / files["train"])
-        evaluated = _sample(reader(data_dir / folder / files[split]), limit)
-        labels = sorted({label for _, label in train})
-        index = {label: i for i, label in enumerate(labels)}
-        unknown = {label for _, label in evaluated} - set(index)
-        if unknown:
-            raise ValueError(f"{folder}/{files[split]} has labels missing from the train split: {sorted(unknown)}")
-
-        def as_dataset(rows):
-            return Dataset.from_dict({"text": [t for t, _ in rows], "label": [index[label] for _, label in rows]})
-
-        splits = DatasetDict({"train": as_dataset(train), split: as_dataset(evaluated)})
-        return {subset: splits} if subset else splits
-
-    return load
+    splits = DatasetDict({"train": as_dataset(train), split: as_dataset(evaluated)})
+    return {subset: splits} if subset else splits
 
 
 def _scifact_dataset(data_dir: Path, split: str, limit: int | None):
@@ -147,17 +137,16 @@ class OfflineTask:
 
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {task.mteb_name: task for task in (
-    OfflineTask("STSBenchmark", "dev", ("dev",), _sts_dataset("stsbenchmark", {"dev": "dev.jsonl"})),
+    OfflineTask("STSBenchmark", "dev", ("dev",), partial(_sts_dataset, "stsbenchmark", {"dev": "dev.jsonl"})),
     OfflineTask("SICK-R", "trial", ("trial", "train"),
-                _sts_dataset("sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
+                partial(_sts_dataset, "sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
     OfflineTask("Banking77Classification", "test", ("test",),
-                _classification_dataset(_labelled_rows("text", "category"), "banking77",
-                                        {"train": "train.csv", "test": "test.csv"}, None)),
+                partial(_classification_dataset, "banking77", {"train": "train.csv", "test": "test.csv"},
+                        ("text", "category"), ",", None)),
     OfflineTask("AmazonCounterfactualClassification", "test", ("test", "validation"),
-                _classification_dataset(_labelled_rows("sentence", "is_counterfactual", "\t"),
-                                        "amazon_counterfactual_en",
-                                        {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"},
-                                        "en"),
+                partial(_classification_dataset, "amazon_counterfactual_en",
+                        {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"},
+                        ("sentence", "is_counterfactual"), "\t", "en"),
                 subset="en"),
     OfflineTask("SciFact", "test", ("test",), _scifact_dataset),
 )}
