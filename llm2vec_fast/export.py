@@ -223,15 +223,9 @@ pooling or expect small differences. See llm2vec-fast's docs/integrations.md.
 {_matryoshka_section(matryoshka_dims)}"""
 
 
-def export_sentence_transformers(
-    encoder,
-    output: str | os.PathLike,
-    *,
-    base_model: str | None = None,
-    adapters: list[str] | tuple[str, ...] = (),
-    prompts: dict[str, str] | None = None,
-    matryoshka_dims: list[int] | None = None,
-) -> Path:
+def export_sentence_transformers(encoder, output: str | os.PathLike, *, base_model: str | None = None,
+                                 adapters: list[str] | tuple[str, ...] = (), prompts: dict[str, str] | None = None,
+                                 matryoshka_dims: list[int] | None = None) -> Path:
     """Write ``encoder`` (an :class:`~llm2vec_fast.LLM2Vec`) as a sentence-transformers directory ``output``.
 
     ``output`` must not exist or be empty (FileExistsError otherwise); everything is written to a temporary
