@@ -94,6 +94,8 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
         raise FileNotFoundError(f"input file {path} does not exist")
     kind = input_kind(path)
     if kind == ".parquet":
+        if digest is not None:
+            raise ValueError(f"{path}: read_rows hashes text inputs only (pyarrow reads a .parquet file itself)")
         yield from _read_parquet(path, text_field, id_field, wanted)
         return
     index = 0
