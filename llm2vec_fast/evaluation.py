@@ -59,8 +59,6 @@ def _sample(rows: list[Any], limit: int | None, seed: int = SEED) -> list[Any]:
 
 
 # --- loaders: data_dir, split, limit -> task.dataset ---------------------------------------------------------
-
-
 def _sts_dataset(folder: str, files: dict[str, str], data_dir: Path, split: str, limit: int | None):
     """``split``'s .jsonl file of ``folder`` (sentence1, sentence2, a numeric score) as mteb's STS dataset."""
     from datasets import Dataset

@@ -262,8 +262,6 @@ def export_sentence_transformers(encoder, output: str | os.PathLike, *, base_mod
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, hub name or 'smollm2-135m'")
     parser.add_argument("--adapter", action="append", default=[],

@@ -115,8 +115,6 @@ class LLM2VecMTEB(AbsEncoder):
 
 
 # --- loading an encoder -------------------------------------------------------------------------------------
-
-
 def load_encoder(model: str, *, adapters: list[str] | tuple[str, ...] = (), pooling_mode: str = "mean",
                  max_length: int = 512, dtype: str | None = None, **options: Any):
     """``LLM2Vec.from_pretrained`` (``options``: ``enable_bidirectional``, ``attention_impl``...) with every adapter
@@ -139,8 +137,6 @@ def model_display_name(model: str, adapters: list[str] | tuple[str, ...] = ()) -
 
 
 # --- online evaluation through mteb --------------------------------------------------------------------------
-
-
 def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, batch_size: int = 32,
                   overwrite: bool = False) -> tuple[dict[str, float], list[str]]:
     """Run mteb on ``task_names``; returns (task -> main score, tasks whose data could not be loaded).
@@ -168,8 +164,6 @@ def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, 
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, hub name or 'smollm2-135m'")
     parser.add_argument("--adapter", action="append", default=[],

@@ -49,8 +49,6 @@ RECIPES_DIR_ENV = "LLM2VEC_FAST_RECIPES"
 
 
 # --- the recipe file ------------------------------------------------------------------------------------------
-
-
 def find_recipe(name_or_path: str, recipes_dir: str | Path | None = None) -> Path:
     """A recipe JSON file: a path, or a name looked up as ``<recipes_dir>/<name>/recipe.json`` (``-`` -> ``_``;
     ``recipes_dir`` defaults to ``$LLM2VEC_FAST_RECIPES``, else ``training/recipes`` under the current directory)."""
@@ -122,8 +120,6 @@ def _fill(value: Any, context: dict[str, str]) -> Any:
 
 
 # --- training stages --------------------------------------------------------------------------------------------
-
-
 def stage_order(recipe: dict[str, Any]) -> list[str]:
     return [stage for stage in STAGES if stage in recipe["stages"]]
 
@@ -237,8 +233,6 @@ def run_stage_process(command: list[str]) -> int:
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
-
-
 def variants(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """What is evaluated: the causal base, bidirectional untrained, then each stage with its inputs merged."""
     found = [
@@ -292,8 +286,6 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
 
 
 # --- the report ------------------------------------------------------------------------------------------------
-
-
 def _task_column(result: dict[str, Any]) -> str:
     sample = f", {result['limit']} sampled" if result.get("limit") else ""
     return f"{result['task']} {result['split']}{sample} ({result['metric']})"
@@ -384,8 +376,6 @@ def _plot(recipe: dict[str, Any], rows: list[tuple[dict, dict]], path: Path) -> 
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
-
-
 def run_recipe(recipe: dict[str, Any], output: Path, data_dir: Path, report_dir: Path, *,
                train: bool = True) -> dict[str, Any]:
     """Train and evaluate everything that is not done yet; returns ``{variant: results}``."""
