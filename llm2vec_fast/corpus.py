@@ -441,15 +441,15 @@ def _scan_input(source: Path, settings: CorpusSettings, *, ids: bool) -> tuple[d
     ``ids``, a Parquet run's id type). The id type is the first good row's, which every id must have (one column,
     one type): every row is read, so that a mixed input fails before any encoding, in the pass that hashes a text
     input (a Parquet input is hashed apart: pyarrow reads it)."""
-    digest = hashlib.sha256() if ids and input_kind(source) != ".parquet" else None
+    if not ids:
+        return {"size": source.stat().st_size, "sha256": sha256(source)}, None
+    digest = hashlib.sha256() if input_kind(source) != ".parquet" else None
     id_type = None
-    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field, digest=digest) \
-            if ids else ():
+    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field, digest=digest):
         if row.text is not None and row.id is not None:
             id_type = id_type or _id_type(_json_safe(row.id))
             _check_id(_json_safe(row.id), row.index, id_type)
-    fingerprint = {"size": source.stat().st_size, "sha256": digest.hexdigest() if digest else sha256(source)}
-    return fingerprint, (id_type or "int") if ids else None
+    return {"size": source.stat().st_size, "sha256": digest.hexdigest() if digest else sha256(source)}, id_type or "int"
 
 
 def _pinned_settings(settings: CorpusSettings, encoder, device, instruction: str, fingerprint: dict[str, Any],
