@@ -47,23 +47,6 @@ class PackedBatch:
     def to(self, device) -> "PackedBatch":
         return _moved(self, device)
 
-    def split(self, texts_per_chunk: int) -> list["PackedBatch"]:
-        """Consecutive chunks of at most ``texts_per_chunk`` texts, each a packed batch of its own (offsets
-        from 0). Reads ``cu_seqlens`` on the host: split before moving to a device."""
-        if texts_per_chunk < 1:
-            raise ValueError(f"texts_per_chunk must be positive, got {texts_per_chunk}")
-        bounds = self.cu_seqlens.tolist()
-        chunks = []
-        for first in range(0, len(bounds) - 1, texts_per_chunk):
-            last = min(first + texts_per_chunk, len(bounds) - 1)
-            lo, hi = bounds[first], bounds[last]
-            chunks.append(PackedBatch(
-                self.input_ids[..., lo:hi], self.position_ids[..., lo:hi], self.embed_mask[lo:hi],
-                self.cu_seqlens[first:last + 1] - lo,
-                max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1])),
-            ))
-        return chunks
-
     def model_inputs(self) -> dict:
         """Keyword arguments for a patched model: packed ids and positions plus transformers' varlen kwargs.
         ``max_length_q``/``max_length_k`` are :func:`max_length_bucket` of the longest text, computed here once

@@ -39,10 +39,8 @@ def _base_model(model: nn.Module):
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
-    raise TypeError(
-        f"llm2vec_fast.patch: no transformers PreTrainedModel found inside {type(model).__name__}; "
-        "patch works on Hugging Face models (bare, ...ForCausalLM, or PEFT-wrapped)"
-    )
+    raise TypeError(f"llm2vec_fast.patch: no transformers PreTrainedModel found inside {type(model).__name__}; "
+                    "patch works on Hugging Face models (bare, ...ForCausalLM, or PEFT-wrapped)")
 
 
 def _all_configs(base) -> list:
@@ -70,14 +68,11 @@ def _check_can_patch(base, bidirectional: bool) -> None:
     name = type(base).__name__
     configs = _all_configs(base)
     if any(getattr(c, "is_encoder_decoder", False) for c in configs):
-        raise ValueError(
-            f"llm2vec_fast.patch: {name} is an encoder-decoder model; patch makes decoder-only LLMs bidirectional"
-        )
+        raise ValueError(f"llm2vec_fast.patch: {name} is an encoder-decoder model; patch makes decoder-only LLMs "
+                         "bidirectional")
     if not compat.routes_attention_through_interface(base):
-        raise ValueError(
-            f"llm2vec_fast.patch: {name} does not call attention through transformers' AttentionInterface "
-            "(ALL_ATTENTION_FUNCTIONS), so its attention cannot be replaced"
-        )
+        raise ValueError(f"llm2vec_fast.patch: {name} does not call attention through transformers' "
+                         "AttentionInterface (ALL_ATTENTION_FUNCTIONS), so its attention cannot be replaced")
     modules = _attention_modules(base)
     if not modules:
         raise ValueError(f"llm2vec_fast.patch: no self-attention modules with an is_causal flag found in {name}")
@@ -85,29 +80,22 @@ def _check_can_patch(base, bidirectional: bool) -> None:
     # get our kernel with its own rule; without such a flag, no causal module means an encoder.
     own_bidirectional_mode = any(getattr(c, "use_bidirectional_attention", False) is True for c in configs)
     if not any(bool(m.is_causal) for m in modules) and (not bidirectional or not own_bidirectional_mode):
-        raise ValueError(
-            f"llm2vec_fast.patch: {name} has no causal attention (an encoder-only model?): it is bidirectional already"
-        )
+        raise ValueError(f"llm2vec_fast.patch: {name} has no causal attention (an encoder-only model?): it is "
+                         "bidirectional already")
     if not bidirectional and not all(compat.supports_flash_attention_masks(m) for m in base.modules()
                                      if hasattr(m, "_supports_flash_attn")):
-        raise NotImplementedError(
-            f"llm2vec_fast.patch: {name} needs attention masks beyond causality and a sliding window (bidirectional "
-            "image-token masks; transformers refuses FlashAttention for it too), which the llm2vec_fast causal mode "
-            "does not apply"
-        )
+        raise NotImplementedError(f"llm2vec_fast.patch: {name} needs attention masks beyond causality and a sliding "
+                                  "window (bidirectional image-token masks; transformers refuses FlashAttention for it "
+                                  "too), which the llm2vec_fast causal mode does not apply")
     if any(getattr(m, "sinks", None) is not None for m in modules):
-        raise NotImplementedError(
-            f"llm2vec_fast.patch: {name} adds learned attention sinks to the softmax (GPT-OSS `sinks`), which the "
-            "llm2vec_fast kernel does not implement"
-        )
+        raise NotImplementedError(f"llm2vec_fast.patch: {name} adds learned attention sinks to the softmax (GPT-OSS "
+                                  "`sinks`), which the llm2vec_fast kernel does not implement")
     for config in configs:
         softcap = getattr(config, "attn_logit_softcapping", None)
         if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                     or not softcap > 0):
-            raise ValueError(
-                f"llm2vec_fast.patch: {name} has attn_logit_softcapping={softcap!r}; a soft-cap must be a positive "
-                "number (or None for none)"
-            )
+            raise ValueError(f"llm2vec_fast.patch: {name} has attn_logit_softcapping={softcap!r}; a soft-cap must be a "
+                             "positive number (or None for none)")
         window = getattr(config, "sliding_window", None)
         # 0 is no window to transformers' masks either: they would let a causal token attend to nothing (None is
         # "no window"). A value no layer uses (Qwen2's sliding_window=0 beside use_sliding_window=False, which
@@ -116,10 +104,8 @@ def _check_can_patch(base, bidirectional: bool) -> None:
         if getattr(config, "use_sliding_window", True) is False or "sliding_attention" not in layer_types:
             window = None
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(
-                f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive number of "
-                "tokens (or None for none)"
-            )
+            raise ValueError(f"llm2vec_fast.patch: {name} has sliding_window={window!r}; a window must be a positive "
+                             "number of tokens (or None for none)")
 
 
 def _set_attribute(record: list, obj: Any, attribute: str, value: Any) -> None:
@@ -194,18 +180,11 @@ def patch(
     from transformers import PreTrainedModel
 
     record: list = []
-    implementations = [
-        (m.config, compat.own_attn_implementation(m.config))
-        for m in base.modules()
-        if isinstance(m, PreTrainedModel)
-    ]
+    models = [m for m in base.modules() if isinstance(m, PreTrainedModel)]
+    implementations = [(m.config, compat.own_attn_implementation(m.config)) for m in models]
     name = (ATTENTION_NAMES if bidirectional else CAUSAL_ATTENTION_NAMES)[attention_impl]
     base.set_attn_implementation(name)
-    unset = [
-        type(m).__name__
-        for m in base.modules()
-        if isinstance(m, PreTrainedModel) and compat.attn_implementation(m.config) != name
-    ]
+    unset = [type(m).__name__ for m in models if compat.attn_implementation(m.config) != name]
     if unset:
         _restore_implementations(base, implementations)
         raise ValueError(f"llm2vec_fast.patch: could not set the attention implementation of {sorted(set(unset))}")

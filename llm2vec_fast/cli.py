@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import logging
 import sys
 
@@ -40,28 +41,18 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
                         help="logging level (default INFO)")
 
 
-class _QuietParser(argparse.ArgumentParser):
-    def error(self, message):  # leave the report to the full parser
-        raise ValueError(message)
-
-
 def _chosen_words(argv: list[str]) -> list[str]:
     """The subcommand words (``encode``, or ``train mntp``) after the global options, however those are spelt
     (``--log-level DEBUG``, ``--log-level=DEBUG``, ``--log DEBUG``): the global options are parsed by argparse
     itself, and the first words that follow them name the subcommand."""
-    globals_only = _QuietParser(add_help=False)
+    globals_only = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     _add_global_options(globals_only)
     globals_only.add_argument("words", nargs=argparse.REMAINDER)
     try:
         known, _ = globals_only.parse_known_args(argv)
-    except ValueError:  # a bad global option: the full parser reports it
+    except argparse.ArgumentError:  # a bad global option: the full parser reports it
         return []
-    words = []
-    for word in known.words[:2]:
-        if word.startswith("-"):
-            break
-        words.append(word)
-    return words
+    return list(itertools.takewhile(lambda word: not word.startswith("-"), known.words[:2]))
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

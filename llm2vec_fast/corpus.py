@@ -82,21 +82,27 @@ def input_kind(path: str | Path) -> str:
 
 
 def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
-              wanted=None) -> Iterator[Row]:
+              wanted=None, digest=None) -> Iterator[Row]:
     """Stream the rows of ``path``. ``wanted(index) -> bool`` lets rows be skipped cheaply (not parsed).
 
     Bad rows are yielded with ``text=None`` and ``problem`` saying what is wrong, so the caller decides.
     A whitespace-only line of a .jsonl file is not a row (it is logged); in a .txt file it is an empty text.
+    ``digest`` (a ``hashlib`` object; not for .parquet) is fed every byte of the file as it is read, so that one
+    pass both hashes and parses the input.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     kind = input_kind(path)
     if kind == ".parquet":
+        if digest is not None:
+            raise ValueError(f"{path}: read_rows hashes text inputs only (pyarrow reads a .parquet file itself)")
         yield from _read_parquet(path, text_field, id_field, wanted)
         return
     index = 0
-    with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rb") as lines:
+    with open(path, "rb") as handle:
+        stream = handle if digest is None else io.BufferedReader(_Digesting(handle, digest))
+        lines = gzip.GzipFile(fileobj=stream) if str(path).lower().endswith(".gz") else stream
         for number, raw in enumerate(lines, start=1):
             if kind == ".jsonl" and not raw.strip():
                 logger.debug("%s:%d: blank line, not a row", path, number)
@@ -113,6 +119,23 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
                 yield (Row(index, index, line.rstrip("\r\n")) if kind == ".txt"
                        else _json_row(line, path, number, index, text_field, id_field))
             index += 1
+        while digest is not None and stream.read(1 << 22):  # whatever follows the last line, hashed too
+            pass
+
+
+class _Digesting(io.RawIOBase):
+    """A binary file that feeds ``digest`` with every byte read from it."""
+
+    def __init__(self, handle, digest):
+        self.handle, self.digest = handle, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.handle.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
 
 
 def _json_row(line: str, path: Path, number: int, index: int, text_field: str, id_field: str | None) -> Row:
@@ -195,11 +218,9 @@ def shard_complete(output: Path, k: int, format: str = "npy") -> bool:
 def _complete_shards(output: Path, format: str | None = None) -> list[int]:
     """Shards with their record written (of ``format``, else of any format)."""
     patterns = {"npy": "ids-*.json", "parquet": "shard-*.json"}
-    found = set()
-    for name, pattern in patterns.items():
-        if format in (None, name):
-            found.update(int(p.stem.split("-")[1]) for p in output.glob(pattern) if p.stem.split("-")[1].isdigit())
-    return sorted(found)
+    numbers = [p.stem.split("-")[1] for name, pattern in patterns.items() if format in (None, name)
+               for p in output.glob(pattern)]
+    return sorted({int(n) for n in numbers if n.isdigit()})
 
 
 def _id_type(value: Any) -> str:
@@ -378,11 +399,6 @@ class CorpusSettings:
                              f"and {self.prompt_name!r})")
 
 
-def input_fingerprint(path: Path) -> dict[str, Any]:
-    """The input by content: size and SHA-256, streamed (a ``touch`` or a copy elsewhere changes nothing)."""
-    return {"size": path.stat().st_size, "sha256": sha256(path)}
-
-
 def _resolved_name(name_or_path: str) -> str:
     """A local path as an absolute path (``runs/mntp`` and ``/abs/runs/mntp`` are one adapter); names as given."""
     path = Path(name_or_path).expanduser()
@@ -421,27 +437,24 @@ def _resolve_format(settings: CorpusSettings, output: Path) -> str:
     return settings.format or DEFAULT_FORMAT
 
 
-def _ids_type(source: Path, settings: CorpusSettings, *, whole: bool) -> str:
-    """The type of the first good row's id, which every id of a Parquet run must have (one column, one type).
-    With ``whole`` (rank 0, before any encoding) every row is read, so that a mixed input fails at once."""
-    first = None
-    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field):
+def _scan_input(source: Path, settings: CorpusSettings, *, ids: bool) -> tuple[dict[str, Any], str | None]:
+    """(the input by content: size and SHA-256, so that a ``touch`` or a copy elsewhere changes nothing; with
+    ``ids``, a Parquet run's id type). The id type is the first good row's, which every id must have (one column,
+    one type): every row is read, so that a mixed input fails before any encoding, in the pass that hashes a text
+    input (a Parquet input is hashed apart: pyarrow reads it)."""
+    if not ids:
+        return {"size": source.stat().st_size, "sha256": sha256(source)}, None
+    digest = hashlib.sha256() if input_kind(source) != ".parquet" else None
+    id_type = None
+    for row in read_rows(source, text_field=settings.text_field, id_field=settings.id_field, digest=digest):
         if row.text is not None and row.id is not None:
-            first = first or _id_type(_json_safe(row.id))
-            if not whole:
-                break
-            _check_id(_json_safe(row.id), row.index, first)
-    return first or "int"
+            id_type = id_type or _id_type(_json_safe(row.id))
+            _check_id(_json_safe(row.id), row.index, id_type)
+    return {"size": source.stat().st_size, "sha256": digest.hexdigest() if digest else sha256(source)}, id_type or "int"
 
 
-def resolved_instruction(settings: CorpusSettings, prompts: dict[str, str]) -> str:
-    """The instruction of every text: ``settings.instruction``, or ``prompts[settings.prompt_name]`` (ValueError
-    for a name that is not there), or none."""
-    return resolve_prompt(prompts, settings.instruction or None, settings.prompt_name)
-
-
-def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, format: str,
-                     id_type: str | None) -> dict[str, Any]:
+def _pinned_settings(settings: CorpusSettings, encoder, device, instruction: str, fingerprint: dict[str, Any],
+                     format: str, id_type: str | None) -> dict[str, Any]:
     """Everything that decides the output's bytes, resolved: what run.json pins and a resume must repeat.
     The bad-row policy is not here: it decides whether the run may finish, not what a shard holds. A prompt
     name is pinned as the instruction it names."""
@@ -452,17 +465,14 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, source: Path, fo
         "format_version": FORMAT_VERSION,
         "model": _resolved_name(settings.model),
         "adapters": [_resolved_name(str(a)) for a in settings.adapters],
-        "input": input_fingerprint(source),
+        "input": fingerprint,
         "text_field": settings.text_field,
         "id_field": settings.id_field,
-        "instruction": resolved_instruction(settings, encoder.prompts),
+        "instruction": instruction,
         "batch_size": settings.batch_size,
         "max_batch_tokens": budget,
-        "max_length": encoder.max_length,
-        "doc_max_length": encoder.doc_max_length,
-        "pooling_mode": encoder.pooling_mode,
-        "skip_instruction": encoder.skip_instruction,
-        "max_padding": encoder.max_padding,
+        **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode", "skip_instruction",
+                                                  "max_padding")},
         "dtype": settings.dtype if settings.precision == "float32" else None,
         "truncate_dim": settings.truncate_dim,
         "precision": settings.precision,
@@ -632,7 +642,7 @@ def prepare_encoder(settings: CorpusSettings, encoder=None):
     else:
         encoder.model.to(device)
     check_truncate_dim(settings, int(encoder.model.config.hidden_size))
-    return encoder, device, resolved_instruction(settings, encoder.prompts)
+    return encoder, device, resolve_prompt(encoder.prompts, settings.instruction or None, settings.prompt_name)
 
 
 class _BatchProgress:
@@ -685,13 +695,9 @@ def stored_embeddings(vectors: np.ndarray, settings: CorpusSettings, ranges: np.
     return vectors.astype(np.float16 if settings.dtype == "float16" else np.float32)
 
 
-def _stored_width(settings: CorpusSettings, dim: int) -> tuple[int, np.dtype]:
-    """Columns and dtype of the stored array for embeddings of ``dim`` dimensions (after truncation)."""
-    if settings.precision in ("binary", "ubinary"):
-        return (dim + 7) // 8, np.dtype(np.int8 if settings.precision == "binary" else np.uint8)
-    if settings.precision in ("int8", "uint8"):
-        return dim, np.dtype(settings.precision)
-    return dim, np.dtype(settings.dtype)
+def _no_rows_stored(settings: CorpusSettings, dim: int) -> np.ndarray:
+    """What a shard stores for no embedding of ``dim`` dimensions: its width and dtype, from the conversion itself."""
+    return stored_embeddings(np.zeros((0, dim), np.float32), settings, np.zeros((2, dim), np.float32))
 
 
 class _Shards:
@@ -741,12 +747,8 @@ class _Shards:
 
     def write(self, vectors: np.ndarray | None, record: dict[str, Any], numbers: list[int],
               ranges: np.ndarray | None) -> None:
-        if vectors is None:
-            width, dtype = _stored_width(self.settings, self.settings.truncate_dim
-                                         or self.encoder.model.config.hidden_size)
-            array = np.zeros((0, width), dtype=dtype)
-        else:
-            array = stored_embeddings(vectors, self.settings, ranges)
+        array = (_no_rows_stored(self.settings, self.settings.truncate_dim or self.encoder.model.config.hidden_size)
+                 if vectors is None else stored_embeddings(vectors, self.settings, ranges))
         self.writer.write_shard(record["shard"], array, {**record, "dim": int(array.shape[1])}, numbers)
 
     def calibrate(self, ranges_file: Path) -> None:
@@ -806,7 +808,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     _check_source_and_output(source, output)
     if encoder is None:  # a model or prompt name that names nothing fails before anything heavy
         check_model(settings)
-        resolved_instruction(settings, default_prompts())
+        resolve_prompt(default_prompts(), settings.instruction or None, settings.prompt_name)
     format = _resolve_format(settings, output)
     if format == "parquet":
         try:
@@ -821,8 +823,8 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     try:
         with _together(rank, world, gather):
             encoder, device, instruction = prepare_encoder(settings, encoder)
-            id_type = _ids_type(source, settings, whole=rank == 0) if format == "parquet" else None
-            pinned = _pinned_settings(settings, encoder, device, source, format, id_type)
+            fingerprint, id_type = _scan_input(source, settings, ids=format == "parquet")
+            pinned = _pinned_settings(settings, encoder, device, instruction, fingerprint, format, id_type)
             if writer is None:
                 writer = ShardWriter(output, format, id_type)
             elif writer.format != format:
@@ -882,7 +884,7 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
     bad_rows = []
     embedding_dim = settings.truncate_dim or dimension
-    dim, dtype = _stored_width(settings, embedding_dim)
+    stored = _no_rows_stored(settings, embedding_dim)
     records = [json.loads((output / shard_names(k, format)[1]).read_text(encoding="utf-8"))
                for k in _complete_shards(output, format)]
     # By shard number, not file name: past 99,999 shards the names no longer sort in shard order.
@@ -916,9 +918,9 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
         "settings": pinned,
         "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
         "format": format,
-        "dim": dim,  # columns of the stored embeddings (bytes per row for binary/ubinary)
+        "dim": stored.shape[1],  # columns of the stored embeddings (bytes per row for binary/ubinary)
         "embedding_dim": embedding_dim,  # dimensions (after truncate_dim)
-        "dtype": dtype.name,
+        "dtype": stored.dtype.name,
         "precision": settings.precision,
         "quantization_ranges": RANGES_FILE if settings.precision in ("int8", "uint8") else None,
         "counts": totals,

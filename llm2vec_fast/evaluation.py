@@ -27,6 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,53 +59,40 @@ def _sample(rows: list[Any], limit: int | None, seed: int = SEED) -> list[Any]:
 
 
 # --- loaders: data_dir, split, limit -> task.dataset ---------------------------------------------------------
+def _sts_dataset(folder: str, files: dict[str, str], data_dir: Path, split: str, limit: int | None):
+    """``split``'s .jsonl file of ``folder`` (sentence1, sentence2, a numeric score) as mteb's STS dataset."""
+    from datasets import Dataset
+
+    rows = _sample(_read_jsonl(_require(data_dir / folder / files[split])), limit)
+    for row in rows:
+        if not isinstance(row.get("score"), (int, float)):
+            raise ValueError(f"{folder}/{files[split]}: row without a numeric score: {row}")
+    columns = {key: [row[key] for row in rows] for key in ("sentence1", "sentence2")}
+    columns["score"] = [float(row["score"]) for row in rows]
+    return {split: Dataset.from_dict(columns)}
 
 
-def _sts_dataset(folder: str, files: dict[str, str]) -> Callable[[Path, str, int | None], Any]:
-    def load(data_dir: Path, split: str, limit: int | None):
-        from datasets import Dataset
+def _classification_dataset(folder: str, files: dict[str, str], columns: tuple[str, str], delimiter: str,
+                            subset: str | None, data_dir: Path, split: str, limit: int | None):
+    """(text, label) pairs from the ``columns`` of ``folder``'s CSV/TSV files with a header, as mteb's
+    classification dataset: the train split and ``split``, labels numbered in the train split's sorted order."""
+    from datasets import Dataset, DatasetDict
 
-        rows = _sample(_read_jsonl(_require(data_dir / folder / files[split])), limit)
-        for row in rows:
-            if not isinstance(row.get("score"), (int, float)):
-                raise ValueError(f"{folder}/{files[split]}: row without a numeric score: {row}")
-        columns = {key: [row[key] for row in rows] for key in ("sentence1", "sentence2")}
-        columns["score"] = [float(row["score"]) for row in rows]
-        return {split: Dataset.from_dict(columns)}
+    def read(name: str) -> list[tuple[str, str]]:
+        with open(_require(data_dir / folder / name), newline="", encoding="utf-8") as handle:
+            return [(row[columns[0]], row[columns[1]]) for row in csv.DictReader(handle, delimiter=delimiter)]
 
-    return load
+    train, evaluated = read(files["train"]), _sample(read(files[split]), limit)
+    index = {label: i for i, label in enumerate(sorted({label for _, label in train}))}
+    unknown = {label for _, label in evaluated} - set(index)
+    if unknown:
+        raise ValueError(f"{folder}/{files[split]} has labels missing from the train split: {sorted(unknown)}")
 
+    def as_dataset(rows):
+        return Dataset.from_dict({"text": [t for t, _ in rows], "label": [index[label] for _, label in rows]})
 
-def _labelled_rows(text: str, label: str, delimiter: str = ",") -> Callable[[Path], list[tuple[str, str]]]:
-    """A reader of (text, label) pairs from the columns ``text`` and ``label`` of a CSV/TSV file with a header."""
-    def read(path: Path) -> list[tuple[str, str]]:
-        with open(_require(path), newline="", encoding="utf-8") as handle:
-            return [(row[text], row[label]) for row in csv.DictReader(handle, delimiter=delimiter)]
-
-    return read
-
-
-def _classification_dataset(
-    reader: Callable[[Path], list[tuple[str, str]]], folder: str, files: dict[str, str], subset: str | None
-) -> Callable[[Path, str, int | None], Any]:
-    def load(data_dir: Path, split: str, limit: int | None):
-        from datasets import Dataset, DatasetDict
-
-        train = reader(data_dir / folder / files["train"])
-        evaluated = _sample(reader(data_dir / folder / files[split]), limit)
-        labels = sorted({label for _, label in train})
-        index = {label: i for i, label in enumerate(labels)}
-        unknown = {label for _, label in evaluated} - set(index)
-        if unknown:
-            raise ValueError(f"{folder}/{files[split]} has labels missing from the train split: {sorted(unknown)}")
-
-        def as_dataset(rows):
-            return Dataset.from_dict({"text": [t for t, _ in rows], "label": [index[label] for _, label in rows]})
-
-        splits = DatasetDict({"train": as_dataset(train), split: as_dataset(evaluated)})
-        return {subset: splits} if subset else splits
-
-    return load
+    splits = DatasetDict({"train": as_dataset(train), split: as_dataset(evaluated)})
+    return {subset: splits} if subset else splits
 
 
 def _scifact_dataset(data_dir: Path, split: str, limit: int | None):
@@ -126,20 +114,13 @@ def _scifact_dataset(data_dir: Path, split: str, limit: int | None):
         extra = {d["_id"] for d in _sample(others, max(len(wanted), 4 * len(queries)))}
         corpus = [d for d in corpus if d["_id"] in wanted or d["_id"] in extra]
         relevant = {q["_id"]: relevant[q["_id"]] for q in queries}
-    return {
-        "default": {
-            split: {
-                "corpus": Dataset.from_dict({
-                    "id": [d["_id"] for d in corpus],
-                    "title": [d.get("title", "") for d in corpus],
-                    "text": [d["text"] for d in corpus],
-                }),
-                "queries": Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
-                "relevant_docs": relevant,
-                "top_ranked": None,
-            }
-        }
-    }
+    return {"default": {split: {
+        "corpus": Dataset.from_dict({"id": [d["_id"] for d in corpus], "title": [d.get("title", "") for d in corpus],
+                                     "text": [d["text"] for d in corpus]}),
+        "queries": Dataset.from_dict({"id": [q["_id"] for q in queries], "text": [q["text"] for q in queries]}),
+        "relevant_docs": relevant,
+        "top_ranked": None,
+    }}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,23 +134,20 @@ class OfflineTask:
     subset: str = "default"
 
 
-OFFLINE_TASKS: dict[str, OfflineTask] = {
-    "STSBenchmark": OfflineTask(
-        "STSBenchmark", "dev", ("dev",), _sts_dataset("stsbenchmark", {"dev": "dev.jsonl"})),
-    "SICK-R": OfflineTask(
-        "SICK-R", "trial", ("trial", "train"), _sts_dataset("sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
-    "Banking77Classification": OfflineTask(
-        "Banking77Classification", "test", ("test",),
-        _classification_dataset(_labelled_rows("text", "category"), "banking77",
-                                {"train": "train.csv", "test": "test.csv"}, None)),
-    "AmazonCounterfactualClassification": OfflineTask(
-        "AmazonCounterfactualClassification", "test", ("test", "validation"),
-        _classification_dataset(
-            _labelled_rows("sentence", "is_counterfactual", "\t"), "amazon_counterfactual_en",
-            {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"}, "en"),
-        subset="en"),
-    "SciFact": OfflineTask("SciFact", "test", ("test",), _scifact_dataset),
-}
+OFFLINE_TASKS: dict[str, OfflineTask] = {task.mteb_name: task for task in (
+    OfflineTask("STSBenchmark", "dev", ("dev",), partial(_sts_dataset, "stsbenchmark", {"dev": "dev.jsonl"})),
+    OfflineTask("SICK-R", "trial", ("trial", "train"),
+                partial(_sts_dataset, "sick", {"trial": "trial.jsonl", "train": "train.jsonl"})),
+    OfflineTask("Banking77Classification", "test", ("test",),
+                partial(_classification_dataset, "banking77", {"train": "train.csv", "test": "test.csv"},
+                        ("text", "category"), ",", None)),
+    OfflineTask("AmazonCounterfactualClassification", "test", ("test", "validation"),
+                partial(_classification_dataset, "amazon_counterfactual_en",
+                        {"train": "EN_train.tsv", "test": "EN_test.tsv", "validation": "EN_valid.tsv"},
+                        ("sentence", "is_counterfactual"), "\t", "en"),
+                subset="en"),
+    OfflineTask("SciFact", "test", ("test",), _scifact_dataset),
+)}
 
 
 def parse_offline_task(spec: str) -> tuple[OfflineTask, str]:
@@ -205,17 +183,9 @@ def build_task(spec: str, data_dir: str | Path, *, limit: int | None = None,
     return task, split
 
 
-def evaluate_offline(
-    model: Any,
-    tasks: list[str],
-    *,
-    data_dir: str | Path,
-    output_dir: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 32,
-    samples_per_label: int | None = None,
-    n_experiments: int | None = None,
-) -> dict[str, dict[str, Any]]:
+def evaluate_offline(model: Any, tasks: list[str], *, data_dir: str | Path, output_dir: str | Path | None = None,
+                     limit: int | None = None, batch_size: int = 32, samples_per_label: int | None = None,
+                     n_experiments: int | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate an mteb encoder (e.g. :class:`llm2vec_fast.mteb.LLM2VecMTEB`) on local-file tasks.
 
     Returns ``{spec: {"main_score", "metric", "split", "subset", "scores", "limit"}}`` and, with
@@ -233,16 +203,9 @@ def evaluate_offline(
         elapsed = time.monotonic() - started
         subset = task.hf_subsets[0]
         subset_scores = dict(scores[subset])
-        results[spec] = {
-            "task": task.metadata.name,
-            "split": split,
-            "subset": subset,
-            "metric": task.metadata.main_score,
-            "main_score": float(subset_scores["main_score"]),
-            "limit": limit,
-            "seconds": round(elapsed, 1),
-            "scores": subset_scores,
-        }
+        results[spec] = {"task": task.metadata.name, "split": split, "subset": subset,
+                         "metric": task.metadata.main_score, "main_score": float(subset_scores["main_score"]),
+                         "limit": limit, "seconds": round(elapsed, 1), "scores": subset_scores}
         if output_dir is not None:
             output = Path(output_dir)
             output.mkdir(parents=True, exist_ok=True)

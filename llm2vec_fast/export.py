@@ -30,13 +30,6 @@ from .pooling import POOLING_MODES
 
 logger = logging.getLogger(__name__)
 
-MODULES_FILE = "modules.json"
-POOLING_DIR = "1_Pooling"
-ST_CONFIG_FILE = "config_sentence_transformers.json"
-ST_MODULE = "llm2vec_fast.sentence_transformers"
-TRANSFORMER_CLASS = f"{ST_MODULE}.LLM2VecTransformer"
-POOLING_CLASS = f"{ST_MODULE}.LLM2VecPooling"
-
 # model_type -> whether some loader reads use_bidirectional_attention for it (TEI: llama, mistral, qwen3,
 # gemma3; transformers: gemma3_text). is_causal is written for every architecture.
 _BIDIRECTIONAL_ATTENTION_TYPES = {"llama", "mistral", "qwen3", "gemma3", "gemma3_text"}
@@ -110,19 +103,16 @@ def pooling_config(pooling_mode: str, dimension: int) -> dict[str, Any]:
     """1_Pooling/config.json: sentence-transformers' Pooling keys (read by TEI and vLLM) and our exact mode."""
     if pooling_mode not in POOLING_MODES:
         raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {pooling_mode!r}")
-    config: dict[str, Any] = {"word_embedding_dimension": int(dimension)}
-    config.update({flag: flag == _ST_POOLING_KEYS[pooling_mode] for flag in _ST_POOLING_FLAGS})
     # Instructions are left out of pooling, as llm2vec does (sentence-transformers' include_prompt=False).
-    config["include_prompt"] = False
-    config["llm2vec_pooling_mode"] = pooling_mode
-    return config
+    return {"word_embedding_dimension": int(dimension),
+            **{flag: flag == _ST_POOLING_KEYS[pooling_mode] for flag in _ST_POOLING_FLAGS},
+            "include_prompt": False, "llm2vec_pooling_mode": pooling_mode}
 
 
 def sentence_transformers_config(prompts: dict[str, str]) -> dict[str, Any]:
     versions = {"llm2vec_fast": _package_version("llm2vec-fast") or "0.1.0",
                 "transformers": _package_version("transformers"), "pytorch": _package_version("torch")}
-    st_version = _package_version("sentence-transformers")
-    if st_version:
+    if st_version := _package_version("sentence-transformers"):
         versions["sentence_transformers"] = st_version
     return {
         "__version__": versions,
@@ -143,13 +133,13 @@ def write_sentence_transformers_files(output: str | os.PathLike, *, pooling_mode
                                       prompts: dict[str, str]) -> None:
     """modules.json, 1_Pooling/config.json and config_sentence_transformers.json."""
     output = Path(output)
-    _write_json(output / MODULES_FILE, [
-        {"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_CLASS},
-        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": POOLING_CLASS},
+    _write_json(output / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "llm2vec_fast.sentence_transformers.LLM2VecTransformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "llm2vec_fast.sentence_transformers.LLM2VecPooling"},
     ])
-    (output / POOLING_DIR).mkdir(exist_ok=True)
-    _write_json(output / POOLING_DIR / "config.json", pooling_config(pooling_mode, dimension))
-    _write_json(output / ST_CONFIG_FILE, sentence_transformers_config(prompts))
+    (output / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(output / "1_Pooling" / "config.json", pooling_config(pooling_mode, dimension))
+    _write_json(output / "config_sentence_transformers.json", sentence_transformers_config(prompts))
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -233,15 +223,9 @@ pooling or expect small differences. See llm2vec-fast's docs/integrations.md.
 {_matryoshka_section(matryoshka_dims)}"""
 
 
-def export_sentence_transformers(
-    encoder,
-    output: str | os.PathLike,
-    *,
-    base_model: str | None = None,
-    adapters: list[str] | tuple[str, ...] = (),
-    prompts: dict[str, str] | None = None,
-    matryoshka_dims: list[int] | None = None,
-) -> Path:
+def export_sentence_transformers(encoder, output: str | os.PathLike, *, base_model: str | None = None,
+                                 adapters: list[str] | tuple[str, ...] = (), prompts: dict[str, str] | None = None,
+                                 matryoshka_dims: list[int] | None = None) -> Path:
     """Write ``encoder`` (an :class:`~llm2vec_fast.LLM2Vec`) as a sentence-transformers directory ``output``.
 
     ``output`` must not exist or be empty (FileExistsError otherwise); everything is written to a temporary
@@ -278,8 +262,6 @@ def export_sentence_transformers(
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, hub name or 'smollm2-135m'")
     parser.add_argument("--adapter", action="append", default=[],

@@ -58,17 +58,9 @@ class LLM2VecMTEB(AbsEncoder):
         texts everywhere (the causal/bidirectional baselines of the recipe can be run either way).
     """
 
-    def __init__(
-        self,
-        encoder: Any,
-        *,
-        model_name: str = "llm2vec-fast/encoder",
-        revision: str | None = None,
-        instructions: dict[str, str] | None = None,
-        use_instructions: bool = True,
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-    ) -> None:
+    def __init__(self, encoder: Any, *, model_name: str = "llm2vec-fast/encoder", revision: str | None = None,
+                 instructions: dict[str, str] | None = None, use_instructions: bool = True, batch_size: int = 32,
+                 show_progress_bar: bool | None = None) -> None:
         if not callable(getattr(encoder, "encode", None)):
             raise TypeError(f"encoder must have an encode(sentences, ...) method, got {type(encoder).__name__}")
         if "/" not in model_name:
@@ -80,15 +72,9 @@ class LLM2VecMTEB(AbsEncoder):
         self.use_instructions = use_instructions
         self.batch_size = batch_size
         self.show_progress_bar = show_progress_bar
-        self.mteb_model_meta = ModelMeta.create_empty(
-            {
-                "name": model_name,
-                "revision": revision or "local",
-                "similarity_fn_name": ScoringFunction.COSINE,
-                "use_instructions": use_instructions,
-                "framework": ["PyTorch"],
-            }
-        )
+        self.mteb_model_meta = ModelMeta.create_empty({
+            "name": model_name, "revision": revision or "local", "similarity_fn_name": ScoringFunction.COSINE,
+            "use_instructions": use_instructions, "framework": ["PyTorch"]})
 
     def instruction_for(self, task_metadata: Any, prompt_type: Any = None) -> str:
         """The instruction for one side of a task: empty for retrieval documents and without instructions."""
@@ -108,16 +94,8 @@ class LLM2VecMTEB(AbsEncoder):
             logger.info("No LLM2Vec instruction for %s; using mteb's task prompt %r", name, prompt)
         return format_instruction(prompt or "")
 
-    def encode(
-        self,
-        inputs: Any,
-        *,
-        task_metadata: Any,
-        hf_split: str,
-        hf_subset: str,
-        prompt_type: Any = None,
-        **kwargs: Any,
-    ) -> np.ndarray:
+    def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str, prompt_type: Any = None,
+               **kwargs: Any) -> np.ndarray:
         texts: list[str] = []
         for batch in inputs:
             if "text" not in batch:
@@ -127,21 +105,16 @@ class LLM2VecMTEB(AbsEncoder):
         sentences: list[Any] = [[instruction, text] for text in texts] if instruction else list(texts)
         logger.debug("%s %s/%s %s: %d texts, instruction %r", task_metadata.name, hf_subset, hf_split,
                      _prompt_type_value(prompt_type), len(texts), instruction)
-        embeddings = self.model.encode(
-            sentences,
-            batch_size=int(kwargs.get("batch_size") or self.batch_size),
-            show_progress_bar=kwargs.get("show_progress_bar", self.show_progress_bar),
-            convert_to_numpy=True,
-        )
-        embeddings = np.asarray(embeddings, dtype=np.float32)
+        embeddings = np.asarray(self.model.encode(
+            sentences, batch_size=int(kwargs.get("batch_size") or self.batch_size),
+            show_progress_bar=kwargs.get("show_progress_bar", self.show_progress_bar), convert_to_numpy=True,
+        ), dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
             raise RuntimeError(f"encoder returned shape {embeddings.shape} for {len(texts)} texts")
         return embeddings
 
 
 # --- loading an encoder -------------------------------------------------------------------------------------
-
-
 def load_encoder(model: str, *, adapters: list[str] | tuple[str, ...] = (), pooling_mode: str = "mean",
                  max_length: int = 512, dtype: str | None = None, **options: Any):
     """``LLM2Vec.from_pretrained`` (``options``: ``enable_bidirectional``, ``attention_impl``...) with every adapter
@@ -164,8 +137,6 @@ def model_display_name(model: str, adapters: list[str] | tuple[str, ...] = ()) -
 
 
 # --- online evaluation through mteb --------------------------------------------------------------------------
-
-
 def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, batch_size: int = 32,
                   overwrite: bool = False) -> tuple[dict[str, float], list[str]]:
     """Run mteb on ``task_names``; returns (task -> main score, tasks whose data could not be loaded).
@@ -185,21 +156,14 @@ def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, 
             logger.warning("Could not load %s from the hub (%s: %s)", name, type(error).__name__, error)
             unavailable.append(name)
             continue
-        result = mteb.evaluate(
-            wrapper,
-            task,
-            cache=cache,
-            encode_kwargs={"batch_size": batch_size},
-            overwrite_strategy="always" if overwrite else "only-missing",
-        )
+        result = mteb.evaluate(wrapper, task, cache=cache, encode_kwargs={"batch_size": batch_size},
+                               overwrite_strategy="always" if overwrite else "only-missing")
         for task_result in result.task_results:
             scores[task_result.task_name] = float(task_result.get_score())
     return scores, unavailable
 
 
 # --- command line ---------------------------------------------------------------------------------------------
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="base model: HF directory, hub name or 'smollm2-135m'")
     parser.add_argument("--adapter", action="append", default=[],
@@ -239,14 +203,11 @@ def main(args) -> int:
     if args.limit is not None and not args.offline:
         logger.warning("--limit applies to offline tasks only")
 
-    encoder = load_encoder(
-        args.model, adapters=args.adapter, pooling_mode=args.pooling_mode, enable_bidirectional=not args.causal,
-        max_length=args.max_length, dtype=args.dtype, attention_impl=args.attention_impl,
-    )
-    wrapper = LLM2VecMTEB(
-        encoder, model_name=model_display_name(args.model, args.adapter), use_instructions=not args.no_instructions,
-        batch_size=args.batch_size,
-    )
+    encoder = load_encoder(args.model, adapters=args.adapter, pooling_mode=args.pooling_mode,
+                           enable_bidirectional=not args.causal, max_length=args.max_length, dtype=args.dtype,
+                           attention_impl=args.attention_impl)
+    wrapper = LLM2VecMTEB(encoder, model_name=model_display_name(args.model, args.adapter),
+                          use_instructions=not args.no_instructions, batch_size=args.batch_size)
     started = time.monotonic()
     scores: dict[str, float] = {}
     offline_names = list(task_names)
@@ -258,21 +219,12 @@ def main(args) -> int:
     if offline_names:
         if not args.data_dir:
             raise ValueError(f"tasks {offline_names} need local data: pass --data-dir or set LLM2VEC_FAST_SHARED_DATA")
-        offline = evaluation.evaluate_offline(
-            wrapper, offline_names, data_dir=args.data_dir, output_dir=output / "offline", limit=args.limit,
-            batch_size=args.batch_size,
-        )
+        offline = evaluation.evaluate_offline(wrapper, offline_names, data_dir=args.data_dir, limit=args.limit,
+                                              output_dir=output / "offline", batch_size=args.batch_size)
         scores.update({name: result["main_score"] for name, result in offline.items()})
-    summary = {
-        "model": args.model,
-        "adapters": args.adapter,
-        "pooling_mode": args.pooling_mode,
-        "bidirectional": not args.causal,
-        "instructions": not args.no_instructions,
-        "offline_tasks": offline_names,
-        "scores": scores,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    summary = {"model": args.model, "adapters": args.adapter, "pooling_mode": args.pooling_mode,
+               "bidirectional": not args.causal, "instructions": not args.no_instructions,
+               "offline_tasks": offline_names, "scores": scores, "seconds": round(time.monotonic() - started, 1)}
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     for name, score in scores.items():
         logger.info("%s: %.4f", name, score)

@@ -95,13 +95,8 @@ def _worker(device: str, encoder, settings: dict | None, threads: int, inputs, o
             outputs.put((chunk, None, traceback.format_exc()))
 
 
-def encode_multi_process(
-    pairs: list[tuple[str, str]],
-    pool: dict[str, Any],
-    *,
-    chunk_size: int | None = None,
-    **encode_kwargs: Any,
-):
+def encode_multi_process(pairs: list[tuple[str, str]], pool: dict[str, Any], *, chunk_size: int | None = None,
+                         **encode_kwargs: Any):
     """``[instruction, text]`` pairs through the processes of ``pool``: a ``(n, dim)`` float32 CPU tensor in input
     order (a list of per-text tensors for ``output_value="token_embeddings"``). ``encode_kwargs`` go to each
     process's ``LLM2Vec.encode`` (batch_size, output_value, max_batch_tokens, packed)."""

@@ -24,8 +24,8 @@ import torch
 from .batching import PackedBatch, PaddedBatch, pack_batch, pad_batch, positions_from_mask
 from .pooling import pool, pool_segments
 
-__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "hidden_states", "last_hidden_state", "text_token_states",
-           "wrap_for_model", "split_at_separator"]
+__all__ = ["SEPARATOR", "EncodedText", "TextTokenizer", "collate", "embed", "hidden_states", "last_hidden_state",
+           "text_token_states", "wrap_for_model", "split_at_separator"]
 
 SEPARATOR = "!@#$%^&*()"
 

@@ -31,7 +31,7 @@ def format_instruction(instruction: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _instruction_table() -> tuple[tuple[str, str], ...]:
+def _instruction_table() -> tuple[tuple[str, str], ...]:  # read once; a tuple, so that no caller can change it
     text = resources.files("llm2vec_fast.resources").joinpath("task_to_instructions.json").read_text(encoding="utf-8")
     return tuple(json.loads(text)["instructions"].items())
 
@@ -41,17 +41,10 @@ def task_instructions() -> dict[str, str]:
     return dict(_instruction_table())
 
 
-@functools.lru_cache(maxsize=1)
-def _prompt_table() -> tuple[tuple[str, str], ...]:
-    table = {name: format_instruction(value) + " " for name, value in _instruction_table()}
-    table[QUERY_PROMPT_NAME] = table[_QUERY_TASK]
-    table[DOCUMENT_PROMPT_NAME] = ""
-    return tuple(table.items())
-
-
 def default_prompts() -> dict[str, str]:
     """Prompt name -> instruction (a fresh dict on every call): LLM2Vec's task instructions, ``query``, ``document``."""
-    return dict(_prompt_table())
+    table = {name: format_instruction(value) + " " for name, value in _instruction_table()}
+    return {**table, QUERY_PROMPT_NAME: table[_QUERY_TASK], DOCUMENT_PROMPT_NAME: ""}
 
 
 def resolve_prompt(prompts: dict[str, str], prompt: str | None, prompt_name: str | None) -> str:

@@ -37,13 +37,8 @@ def quantization_ranges(calibration: np.ndarray) -> np.ndarray:
     return np.stack([calibration.min(axis=0), calibration.max(axis=0)])
 
 
-def quantize_embeddings(
-    embeddings: np.ndarray,
-    precision: str,
-    *,
-    ranges: np.ndarray | None = None,
-    calibration_embeddings: np.ndarray | None = None,
-) -> np.ndarray:
+def quantize_embeddings(embeddings: np.ndarray, precision: str, *, ranges: np.ndarray | None = None,
+                        calibration_embeddings: np.ndarray | None = None) -> np.ndarray:
     """float ``(n, dim)`` or ``(dim,)`` -> the same rows in ``precision`` (see the module docstring).
 
     ``ranges`` ``(2, dim)`` or ``calibration_embeddings`` ``(m, dim)`` fix the int8/uint8 buckets; without

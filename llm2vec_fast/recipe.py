@@ -49,8 +49,6 @@ RECIPES_DIR_ENV = "LLM2VEC_FAST_RECIPES"
 
 
 # --- the recipe file ------------------------------------------------------------------------------------------
-
-
 def find_recipe(name_or_path: str, recipes_dir: str | Path | None = None) -> Path:
     """A recipe JSON file: a path, or a name looked up as ``<recipes_dir>/<name>/recipe.json`` (``-`` -> ``_``;
     ``recipes_dir`` defaults to ``$LLM2VEC_FAST_RECIPES``, else ``training/recipes`` under the current directory)."""
@@ -122,8 +120,6 @@ def _fill(value: Any, context: dict[str, str]) -> Any:
 
 
 # --- training stages --------------------------------------------------------------------------------------------
-
-
 def stage_order(recipe: dict[str, Any]) -> list[str]:
     return [stage for stage in STAGES if stage in recipe["stages"]]
 
@@ -222,8 +218,7 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
         raise RuntimeError(f"stage {stage} finished but wrote no adapter (adapter_config.json) in {directory}")
     marker = {"stage": stage, "settings": settings, "seconds": round(time.monotonic() - started, 1),
               "adapter_bytes": sum(p.stat().st_size for p in directory.glob("adapter_model.*"))}
-    progress = read_marker(directory / "training_progress.json")  # steps done of planned (max_wall_seconds)
-    if progress is not None:
+    if (progress := read_marker(directory / "training_progress.json")) is not None:  # steps done of planned
         marker["progress"] = progress
     atomic_write_text(directory / STAGE_MARKER, json.dumps(marker, indent=2) + "\n")
     return marker
@@ -238,8 +233,6 @@ def run_stage_process(command: list[str]) -> int:
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
-
-
 def variants(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """What is evaluated: the causal base, bidirectional untrained, then each stage with its inputs merged."""
     found = [
@@ -270,11 +263,9 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
         logger.info("Evaluation settings or adapters changed since %s: evaluating again", result_file)
     adapters = [str(output / stage) for stage in variant["stages"]]
     started = time.monotonic()
-    encoder = load_encoder(
-        recipe["model"], adapters=adapters, pooling_mode=settings.get("pooling_mode", "mean"),
-        enable_bidirectional=variant["bidirectional"], max_length=settings.get("max_length", 512),
-        attention_impl=settings.get("attention_impl", "auto"),
-    )
+    encoder = load_encoder(recipe["model"], adapters=adapters, pooling_mode=settings.get("pooling_mode", "mean"),
+                           enable_bidirectional=variant["bidirectional"], max_length=settings.get("max_length", 512),
+                           attention_impl=settings.get("attention_impl", "auto"))
     wrapper = LLM2VecMTEB(encoder, model_name=model_display_name(recipe["model"], adapters),
                           use_instructions=settings.get("instructions", True),
                           batch_size=settings.get("batch_size", 32))
@@ -284,9 +275,7 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
         results.update(evaluate_offline(
             wrapper, [spec], data_dir=data_dir, output_dir=output / "eval" / variant["name"],
             limit=task_settings.get("limit", settings.get("limit")), batch_size=settings.get("batch_size", 32),
-            samples_per_label=task_settings.get("samples_per_label"),
-            n_experiments=task_settings.get("n_experiments"),
-        ))
+            samples_per_label=task_settings.get("samples_per_label"), n_experiments=task_settings.get("n_experiments")))
     del wrapper, encoder
     gc.collect()
     stored = {"variant": variant, "eval": settings, "adapters": adapters_used, "results": results,
@@ -297,8 +286,6 @@ def evaluate_variant(recipe: dict[str, Any], variant: dict[str, Any], output: Pa
 
 
 # --- the report ------------------------------------------------------------------------------------------------
-
-
 def _task_column(result: dict[str, Any]) -> str:
     sample = f", {result['limit']} sampled" if result.get("limit") else ""
     return f"{result['task']} {result['split']}{sample} ({result['metric']})"
@@ -327,8 +314,7 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
            f"{'on' if recipe['eval'].get('instructions', True) else 'off'}; scores ×100 "
            f"(Spearman of cosine for STS, accuracy for classification).", "", *lines, ""]
     if stage_markers:
-        out.append("| stage | trained on top of | seconds | steps done of planned | adapter size |")
-        out.append("|---|---|---|---|---|")
+        out += ["| stage | trained on top of | seconds | steps done of planned | adapter size |", "|" + "---|" * 5]
         for stage, marker in stage_markers.items():
             merged = ", ".join(Path(p).name for p in marker["settings"].get("merge_adapters", [])) or "base"
             progress = marker.get("progress")
@@ -336,9 +322,7 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
                 + (" (stopped by max_wall_seconds)" if progress.get("stopped_by_wall_clock") else "")
             out.append(f"| {stage} | {merged} | {marker['seconds']:.0f} | {steps} | "
                        f"{marker['adapter_bytes'] / 2**20:.1f} MiB |")
-        out.append("")
-        out.append("Stage settings (overrides of each stage's config file):")
-        out.append("")
+        out += ["", "Stage settings (overrides of each stage's config file):", ""]
         for stage, marker in stage_markers.items():
             shown = {k: v for k, v in marker["settings"].items() if k not in ("output_dir", "merge_adapters")}
             out.append(f"- `{stage}`: `{json.dumps(shown)}`")
@@ -392,8 +376,6 @@ def _plot(recipe: dict[str, Any], rows: list[tuple[dict, dict]], path: Path) -> 
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
-
-
 def run_recipe(recipe: dict[str, Any], output: Path, data_dir: Path, report_dir: Path, *,
                train: bool = True) -> dict[str, Any]:
     """Train and evaluate everything that is not done yet; returns ``{variant: results}``."""
@@ -403,9 +385,9 @@ def run_recipe(recipe: dict[str, Any], output: Path, data_dir: Path, report_dir:
     atomic_write_text(output / "recipe.json", json.dumps(recipe, indent=2) + "\n")
     context = {"data_dir": str(data_dir.resolve()), "output": str(output.resolve()),
                "recipe_dir": str(Path(recipe["path"]).parent.resolve())}
-    steps = [("eval", v) for v in variants(recipe)[:2]]
-    for stage in stage_order(recipe):
-        steps += [("train", stage), ("eval", next(v for v in variants(recipe) if v["name"] == stage))]
+    evaluated = variants(recipe)  # the two untrained ones, then one a stage, each evaluated after its training
+    steps = [("eval", v) for v in evaluated[:2]]
+    steps += [step for v in evaluated[2:] for step in (("train", v["name"]), ("eval", v))]
     rows: list[tuple[dict, dict]] = []
     markers: dict[str, dict] = {}
     with tqdm(steps, desc="recipe", unit="step") as progress:

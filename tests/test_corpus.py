@@ -3,6 +3,7 @@ kill-and-resume, torchrun ranks, resolved settings, and the errors a user meets.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -641,6 +642,30 @@ def test_parquet_ids_of_two_types_are_an_error_naming_the_row_before_any_encodin
     assert encoder.encoded == [] and not (tmp_path / "out" / "data").exists()  # found while reading, not writing
     # Numbering the rows instead works.
     assert run_in_process(*encode_args(tiny_model_dir, source, tmp_path / "numbered", "--id-field", "")) == 0
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_run_reads_its_input_once_to_pin_it_and_once_to_encode_it(tiny_model_dir, tmp_path, monkeypatch, suffix):
+    """The Parquet id type is found in the pass that hashes the input, not in a pass of its own."""
+    import builtins
+    import gzip
+
+    from llm2vec_fast.corpus import encode_corpus
+
+    source = tmp_path / f"input{suffix}"
+    write_jsonl(tmp_path / "input.jsonl")
+    if suffix.endswith(".gz"):
+        source.write_bytes(gzip.compress((tmp_path / "input.jsonl").read_bytes()))
+    opened, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *args, **kwargs: (
+        opened.append(file) if Path(str(file)) == source else None) or real_open(file, *args, **kwargs))
+    encoder = counting_encoder(tiny_model_dir)
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=10, attention_impl="torch")
+    manifest = encode_corpus(source, tmp_path / "out", settings, encoder=encoder)
+    assert len(opened) == 2 and manifest["counts"]["encoded"] == len(TEXTS)
+    pinned = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+    assert pinned["id_type"] == "str" and pinned["input"] == {
+        "size": source.stat().st_size, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
 
 
 def test_int8_calibration_rows_are_encoded_once_and_a_resumed_run_has_the_same_bytes(tiny_model_dir, tmp_path):
