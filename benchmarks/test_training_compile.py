@@ -20,6 +20,7 @@ printed apart. ``ours`` is eager, so the table's ``speedup`` column of the ``com
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import os
@@ -111,6 +112,7 @@ def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, b
 
     from llm2vec_fast import patch
     from llm2vec_fast.training.collators import MNTPDataCollator, resolve_mask_token
+    from llm2vec_fast.training.lora_graph import training_compile_settings
     from llm2vec_fast.training.losses import MNTPLoss, MNTPModel
     from llm2vec_fast.training.modeling import load_tokenizer
 
@@ -135,7 +137,8 @@ def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, b
     compiled = torch.compile(model)
 
     def step(module):
-        module(**batch)["loss"].backward()
+        with training_compile_settings() if module is compiled else contextlib.nullcontext():
+            module(**batch)["loss"].backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -174,6 +177,7 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     from torch._dynamo.utils import counters
 
     from llm2vec_fast.training.collators import GROUPS, ContrastiveCollator
+    from llm2vec_fast.training.lora_graph import training_compile_settings
     from llm2vec_fast.training.losses import InfoNCELoss
     from llm2vec_fast.training.modeling import load_base_model, load_tokenizer
 
@@ -190,7 +194,8 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     compiled = torch.compile(model)
 
     def step(encoder, batch):
-        loss(encoder, batch).backward()
+        with training_compile_settings() if encoder is compiled else contextlib.nullcontext():
+            loss(encoder, batch).backward()
         model.zero_grad(set_to_none=True)
 
     steps = {provider: [lambda b=b, e=encoder: step(e, b) for b in batches]
