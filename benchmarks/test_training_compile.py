@@ -10,7 +10,10 @@ SmolLM2-135M, patched bidirectional, a fresh LoRA r=16 on all linear layers (LoR
   50; ``compiled`` is ``torch.compile(encoder)``, the model each group's forward calls (the loss stays eager, as
   in the Trainer). Two batches alternate, so that the steady state includes a new packed length every step.
 
-A step is forward + backward (no optimizer step, identical in both). Rounds are interleaved (eager, compiled,
+The compiled calls run under :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`, as the Trainer's
+steps do: peft's LoRA linears fused into one op each by inductor's pre-grad pass (``lora_linears_fused`` is
+printed), float attributes traced as constants. A step is forward + backward (no optimizer step and no
+zero_grad's cost difference: the optimizer is the same on both sides and not timed). Rounds are interleaved (eager, compiled,
 eager, ...) so that a busy machine slows both alike; the first compiled calls (compilation) are timed and
 printed apart. ``ours`` is eager, so the table's ``speedup`` column of the ``compiled`` row is eager / compiled
 (> 1: compiling is faster).
@@ -99,11 +102,18 @@ def _report(benchmark, suite, case, medians, first, tokens, graphs, cpu):
         record(benchmark if provider == "ours" else None, suite=suite, case=case, mode="fwd+bwd", provider=provider,
                seconds=medians[provider],
                note=f"{label}; {tokens / medians[provider]:.0f} tokens/s; CPU {cpu[provider]:.3f} s; first calls "
-                    f"{first[provider]:.1f} s" + (f" ({graphs} graphs compiled)" if provider == "compiled" else ""))
+                    f"{first[provider]:.1f} s" + (f" ({graphs} graphs compiled, {_fused()} LoRA linears fused)"
+                                            if provider == "compiled" else ""))
     print(f"\n{suite} / {case}: eager {eager:.3f} s, compiled {compiled:.3f} s per step -> {eager / compiled:.2f}x "
           f"(CPU seconds: eager {cpu['ours']:.3f}, compiled {cpu['compiled']:.3f} -> "
           f"{cpu['ours'] / cpu['compiled']:.2f}x); first compiled calls {first['compiled']:.1f} s "
-          f"(eager {first['ours']:.1f} s), {graphs} graphs")
+          f"(eager {first['ours']:.1f} s), {graphs} graphs, {_fused()} LoRA linears fused")
+
+
+def _fused() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["lora_linears_fused"]
 
 
 def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, block_size, rounds, suite):

@@ -266,18 +266,21 @@ def _within_twice_eager_error(got, want, reference, what, floor=1e-6):
     assert got_error <= 2 * eager_error + floor, f"{what}: error {got_error:.3g}, eager's {eager_error:.3g}"
 
 
-def _peft_linear(x, weight, bias, lora_a, lora_b, scale):
+def _peft_linear(x, x_lora, weight, bias, lora_a, lora_b, scale):
     linear = torch.nn.functional.linear
-    return linear(x, weight, bias) + linear(linear(x, lora_a), lora_b) * scale
+    return linear(x, weight, bias) + linear(linear(x if x_lora is None else x_lora, lora_a), lora_b) * scale
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mm"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_lora_linear_op_matches_peft_s_linear_forward_and_backward(with_bias, input_grad, onednn, monkeypatch):
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+def test_lora_linear_op_matches_peft_s_linear_forward_and_backward(with_bias, input_grad, dropout, onednn,
+                                                                   monkeypatch):
     """The fused op against peft's composition (fp32 eager and an fp64 reference) on odd shapes: output and the
-    gradients of x (where it needs one), A and B; the frozen base weight and bias get none. Both products of
-    the frozen weight: oneDNN's (where built in) and torch.mm."""
+    gradients of x (where it needs one), A and B; the frozen base weight and bias get none. The adapter's input
+    is x itself or LoRA dropout of x (a tensor of its own, with its own gradient). Both products of the frozen
+    weight: oneDNN's (where built in) and torch.mm."""
     from llm2vec_fast.training import lora_graph
     from llm2vec_fast.training.lora_graph import lora_linear
 
@@ -290,13 +293,16 @@ def test_lora_linear_op_matches_peft_s_linear_forward_and_backward(with_bias, in
     weight, bias = torch.randn(29, 37, generator=gen) / 6, (torch.randn(29, generator=gen) if with_bias else None)
     lora_a, lora_b = torch.randn(5, 37, generator=gen) / 6, torch.randn(29, 5, generator=gen) / 2
     grad = torch.randn(3, 7, 29, generator=gen)
+    keep = (torch.rand(3, 7, 37, generator=gen) > 0.3) / 0.7
     results = {}
     for name, fn, dtype in (("fused", lora_linear, torch.float32), ("eager", _peft_linear, torch.float32),
                             ("reference", _peft_linear, torch.float64)):
-        leaves = [t.to(dtype, copy=True).requires_grad_(need) for t, need in ((x, input_grad), (lora_a, True), (lora_b, True))]
+        leaves = [t.to(dtype, copy=True).requires_grad_(need)
+                  for t, need in ((x, input_grad), (lora_a, True), (lora_b, True))]
+        x_lora = leaves[0] * keep.to(dtype) if dropout else None
         frozen = [weight.to(dtype), None if bias is None else bias.to(dtype)]
-        args = (leaves[0], frozen[0], leaves[1], leaves[2], 1.7, frozen[1]) if fn is lora_linear else \
-            (leaves[0], frozen[0], frozen[1], leaves[1], leaves[2], 1.7)
+        args = (leaves[0], frozen[0], leaves[1], leaves[2], 1.7, frozen[1], x_lora) if fn is lora_linear else \
+            (leaves[0], x_lora, frozen[0], frozen[1], leaves[1], leaves[2], 1.7)
         out = fn(*args)
         out.backward(grad.to(dtype))
         results[name] = [out.detach()] + [leaf.grad for leaf in leaves]
@@ -315,13 +321,17 @@ def test_lora_linear_ops_pass_opcheck():
     weight, bias = torch.randn(13, 11, generator=gen), torch.randn(13, generator=gen)
     lora_a = torch.randn(3, 11, generator=gen, requires_grad=True)
     lora_b = torch.randn(13, 3, generator=gen, requires_grad=True)
+    x_lora = torch.randn(2, 5, 11, generator=gen, requires_grad=True)
     for b in (None, bias):
-        torch.library.opcheck(torch.ops.llm2vec_fast.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5))
+        for second in (None, x_lora):
+            torch.library.opcheck(torch.ops.llm2vec_fast.lora_linear.default,
+                                  (x, second, weight, b, lora_a, lora_b, 0.5))
     xa = torch.randn(10, 3, generator=gen)
     for input_grad in (True, False):
-        torch.library.opcheck(torch.ops.llm2vec_fast.lora_linear_backward.default,
-                              (torch.randn(2, 5, 13, generator=gen), x.detach(), weight, lora_a.detach(),
-                               lora_b.detach(), xa, 0.5, input_grad))
+        for lora_input_grad in (True, False):
+            torch.library.opcheck(torch.ops.llm2vec_fast.lora_linear_backward.default,
+                                  (torch.randn(2, 5, 13, generator=gen), x.detach(), weight, lora_a.detach(),
+                                   lora_b.detach(), xa, 0.5, input_grad, lora_input_grad))
 
 
 def test_lora_linear_refuses_a_trainable_base_weight_and_shapes_that_do_not_fit():
@@ -333,6 +343,8 @@ def test_lora_linear_refuses_a_trainable_base_weight_and_shapes_that_do_not_fit(
         lora_linear(x, weight.requires_grad_(), lora_a, lora_b, 1.0)
     with pytest.raises(ValueError, match=r"shapes do not fit.*lora_a \(2, 7\)"):
         lora_linear(x, weight.detach(), torch.randn(2, 7), lora_b, 1.0)
+    with pytest.raises(ValueError, match=r"x_lora \(4, 5\) must have x's shape \(4, 6\)"):
+        lora_linear(x, weight.detach(), lora_a, lora_b, 1.0, x_lora=torch.randn(4, 5))
 
 
 def _fusing_backend(counts):
@@ -358,7 +370,8 @@ def _hidden_and_lora_grads(model, fn, ids):
 def test_the_graph_pass_fuses_every_lora_linear_with_eager_s_outputs_and_gradients():
     """fuse_lora_linears on the dynamo graph of a tiny LoRA Llama (all 7 projections, 2 layers; then autograd
     through aot_eager): 14 linears fused, the hidden states and every LoRA gradient within twice eager fp32's
-    error against fp64. With LoRA dropout in training (a second input) nothing is fused and results are eager's."""
+    error against fp64. With LoRA dropout in training (the adapter's own input) they are fused too, with the
+    unfused compiled graph's results (the same dropout masks from the same seed); a frozen adapter is not."""
     import copy
 
     model = _lora(build_tiny_model("llama", num_hidden_layers=2))
@@ -377,10 +390,28 @@ def test_the_graph_pass_fuses_every_lora_linear_with_eager_s_outputs_and_gradien
     from llm2vec_fast.training.modeling import add_lora
 
     dropout = add_lora(build_tiny_model("llama", num_hidden_layers=1), r=4, alpha=8, dropout=0.1).train()
+    for name, parameter in dropout.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    runs = []
+    for backend in (_fusing_backend(counts), "aot_eager"):
+        counts.clear()
+        torch._dynamo.reset()
+        torch.manual_seed(5)
+        with torch._dynamo.config.patch(specialize_float=True):
+            runs.append(_hidden_and_lora_grads(dropout, torch.compile(dropout, backend=backend), ids))
+        if backend != "aot_eager":
+            assert counts == [7]
+    for index, (g, w) in enumerate(zip(*runs)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"tensor {index}")
+
+    frozen = _lora(build_tiny_model("llama", num_hidden_layers=1))
+    for name, parameter in frozen.named_parameters():
+        parameter.requires_grad_("lora_B" in name and "q_proj" in name)  # only q_proj's B trains: nothing fuses
     counts.clear()
     torch._dynamo.reset()
     with torch._dynamo.config.patch(specialize_float=True):
-        torch.compile(dropout, backend=_fusing_backend(counts))(input_ids=ids, attention_mask=torch.ones_like(ids))
+        torch.compile(frozen, backend=_fusing_backend(counts))(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert counts == [0]
 
 
