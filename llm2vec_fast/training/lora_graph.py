@@ -17,9 +17,10 @@ inductor's ``pre_grad_custom_pass`` and dynamo's ``specialize_float`` (float mod
 ``scaling``, which the pass needs as a number, RMSNorm's epsilon and ``nn.Embedding.norm_type`` stay constants;
 with dynamic shapes they would otherwise become graph inputs, see the encoder's ``_compile_settings``).
 
-The pass leaves a LoRA linear unfused where the pattern is not exactly that: a trainable base weight or bias, a
-frozen adapter, a scale that is not a constant, an adapter input of another shape or dtype (casts between mixed
-dtypes), several adapters summed, DoRA.
+The pass rewrites CPU graphs only: on CUDA it has not been measured yet (no GPU was lent to the task that wrote
+it), so there inductor keeps peft's graph. It leaves a LoRA linear unfused where the pattern is not exactly that:
+a trainable base weight or bias, a frozen adapter, a scale that is not a constant, an adapter input of another
+shape or dtype (casts between mixed dtypes), several adapters summed, DoRA.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ def _match(add) -> tuple | None:
             if x_lora is not None and (_example(x_lora) is None or _example(x_lora).shape != x_value.shape
                                        or _example(x_lora).dtype != x_value.dtype):
                 continue
+            if x_value.device.type != "cpu":
+                continue  # measured on CPU only: on CUDA inductor keeps peft's graph (see the module docstring)
             if w_value.requires_grad or (bias is not None and _example(bias).requires_grad) \
                     or not (a_value.requires_grad and b_value.requires_grad) \
                     or len({v.dtype for v in values}) != 1 or w_value.dim() != 2 \

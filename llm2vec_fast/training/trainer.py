@@ -43,7 +43,7 @@ class LLM2VecTrainer(Trainer):
     :class:`~llm2vec_fast.compilation.CompilerUnavailableError` before anything is built; the first steps' times
     (compilation included) are logged. The training and evaluation steps run under
     :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`: float attributes traced as constants
-    (one trace, not two) and, with inductor, peft's LoRA linears fused into one op each.
+    and, with inductor on CPU, peft's LoRA linears fused into one op each.
     """
 
     def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
