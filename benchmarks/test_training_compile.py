@@ -12,7 +12,8 @@ SmolLM2-135M, patched bidirectional, a fresh LoRA r=16 on all linear layers (LoR
 
 The compiled calls run under :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`, as the Trainer's
 steps do: peft's LoRA linears fused into one op each by inductor's pre-grad pass (``lora_linears_fused`` is
-printed), float attributes traced as constants. A step is forward + backward (no optimizer step and no
+printed; 0 when inductor's caches served graphs compiled by an earlier run, which skips the pass), float
+attributes traced as constants. A step is forward + backward (no optimizer step and no
 zero_grad's cost difference: the optimizer is the same on both sides and not timed). Rounds are interleaved (eager, compiled,
 eager, ...) so that a busy machine slows both alike; the first compiled calls (compilation) are timed and
 printed apart. ``ours`` is eager, so the table's ``speedup`` column of the ``compiled`` row is eager / compiled
