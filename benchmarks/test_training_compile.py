@@ -10,7 +10,11 @@ SmolLM2-135M, patched bidirectional, a fresh LoRA r=16 on all linear layers (LoR
   50; ``compiled`` is ``torch.compile(encoder)``, the model each group's forward calls (the loss stays eager, as
   in the Trainer). Two batches alternate, so that the steady state includes a new packed length every step.
 
-A step is forward + backward (no optimizer step, identical in both). Rounds are interleaved (eager, compiled,
+The compiled calls run under :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`, as the Trainer's
+steps do: peft's LoRA linears fused into one op each by inductor's pre-grad pass (``lora_linears_fused`` is
+printed; 0 when inductor's caches served graphs compiled by an earlier run, which skips the pass), float
+attributes traced as constants. A step is forward + backward (no optimizer step and no
+zero_grad's cost difference: the optimizer is the same on both sides and not timed). Rounds are interleaved (eager, compiled,
 eager, ...) so that a busy machine slows both alike; the first compiled calls (compilation) are timed and
 printed apart. ``ours`` is eager, so the table's ``speedup`` column of the ``compiled`` row is eager / compiled
 (> 1: compiling is faster).
@@ -20,6 +24,7 @@ printed apart. ``ours`` is eager, so the table's ``speedup`` column of the ``com
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import os
@@ -98,11 +103,18 @@ def _report(benchmark, suite, case, medians, first, tokens, graphs, cpu):
         record(benchmark if provider == "ours" else None, suite=suite, case=case, mode="fwd+bwd", provider=provider,
                seconds=medians[provider],
                note=f"{label}; {tokens / medians[provider]:.0f} tokens/s; CPU {cpu[provider]:.3f} s; first calls "
-                    f"{first[provider]:.1f} s" + (f" ({graphs} graphs compiled)" if provider == "compiled" else ""))
+                    f"{first[provider]:.1f} s" + (f" ({graphs} graphs compiled, {_fused()} LoRA linears fused)"
+                                            if provider == "compiled" else ""))
     print(f"\n{suite} / {case}: eager {eager:.3f} s, compiled {compiled:.3f} s per step -> {eager / compiled:.2f}x "
           f"(CPU seconds: eager {cpu['ours']:.3f}, compiled {cpu['compiled']:.3f} -> "
           f"{cpu['ours'] / cpu['compiled']:.2f}x); first compiled calls {first['compiled']:.1f} s "
-          f"(eager {first['ours']:.1f} s), {graphs} graphs")
+          f"(eager {first['ours']:.1f} s), {graphs} graphs, {_fused()} LoRA linears fused")
+
+
+def _fused() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["lora_linears_fused"]
 
 
 def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, block_size, rounds, suite):
@@ -111,6 +123,7 @@ def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, b
 
     from llm2vec_fast import patch
     from llm2vec_fast.training.collators import MNTPDataCollator, resolve_mask_token
+    from llm2vec_fast.training.lora_graph import training_compile_settings
     from llm2vec_fast.training.losses import MNTPLoss, MNTPModel
     from llm2vec_fast.training.modeling import load_tokenizer
 
@@ -135,7 +148,8 @@ def _mntp_step(benchmark, *, device, dtype, attention_impl, loss_impl, blocks, b
     compiled = torch.compile(model)
 
     def step(module):
-        module(**batch)["loss"].backward()
+        with training_compile_settings() if module is compiled else contextlib.nullcontext():
+            module(**batch)["loss"].backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -174,6 +188,7 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     from torch._dynamo.utils import counters
 
     from llm2vec_fast.training.collators import GROUPS, ContrastiveCollator
+    from llm2vec_fast.training.lora_graph import training_compile_settings
     from llm2vec_fast.training.losses import InfoNCELoss
     from llm2vec_fast.training.modeling import load_base_model, load_tokenizer
 
@@ -190,7 +205,8 @@ def test_contrastive_step_compiled_vs_eager_cpu(benchmark):
     compiled = torch.compile(model)
 
     def step(encoder, batch):
-        loss(encoder, batch).backward()
+        with training_compile_settings() if encoder is compiled else contextlib.nullcontext():
+            loss(encoder, batch).backward()
         model.zero_grad(set_to_none=True)
 
     steps = {provider: [lambda b=b, e=encoder: step(e, b) for b in batches]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..compilation import CompilerUnavailableError, compiler_unavailable_reason
 from .arguments import check_max_wall_seconds
+from .lora_graph import training_compile_settings
 from .losses import MNTPModel
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ class LLM2VecTrainer(Trainer):
     contrastive stages the encoder, whose forward every chunk calls (GradCache's loop and hooks stay eager).
     Where the backend cannot generate code here (no C++ compiler on CPU, no Triton on CUDA) this raises
     :class:`~llm2vec_fast.compilation.CompilerUnavailableError` before anything is built; the first steps' times
-    (compilation included) are logged.
+    (compilation included) are logged. The training and evaluation steps run under
+    :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`: float attributes traced as constants
+    and, with inductor on CPU, peft's LoRA linears fused into one op each.
     """
 
     def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
@@ -54,6 +58,17 @@ class LLM2VecTrainer(Trainer):
         # The losses are per-batch means; without this the Trainer would count labelled tokens (and all-gather
         # the count under DDP) on every step for nothing.
         self.model_accepts_loss_kwargs = False
+
+    def _compile_settings(self):
+        return training_compile_settings() if self.args.torch_compile else contextlib.nullcontext()
+
+    def training_step(self, *args, **kwargs):
+        with self._compile_settings():  # around the backward too: GradCache's re-encoding calls the model there
+            return super().training_step(*args, **kwargs)
+
+    def prediction_step(self, *args, **kwargs):
+        with self._compile_settings():
+            return super().prediction_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss is None:
