@@ -46,14 +46,11 @@ def _is_pair(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
 
 
-def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
-    """A padded batch for the compiled model, at least 2 rows by 2 columns: torch.compile specializes a size of 1
-    (a new graph, a second compile of the whole model), so a lone text gets a copy of itself as a second row (its
-    output dropped) and a batch of 1-token texts one more column of left padding. Rows are unchanged otherwise:
-    the same embeddings."""
-    if batch.input_ids.shape[0] == 1:
-        batch = PaddedBatch(*(t.repeat(2, 1) for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
-                                                          batch.embed_mask)))
+def _at_least_two_columns(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
+    """A padded batch for the compiled model, at least 2 columns: SDPA's shape check specializes a sequence length
+    of 1 (a second graph, a second compile of the whole model), so a batch of 1-token texts gets one more column of
+    left padding (the same embeddings). A batch of one row needs nothing: the compiled model is traced with
+    size-oblivious batch sizes (see ``LLM2Vec._compile_settings``), so a lone text runs once, as one row."""
     if batch.input_ids.shape[1] == 1:
         left = torch.nn.functional.pad
         batch = PaddedBatch(left(batch.input_ids, (1, 0), value=pad_id), left(batch.attention_mask, (1, 0)),
@@ -256,17 +253,28 @@ class LLM2Vec(torch.nn.Module):
         self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
         # inductor reads `freezing` from its global config when a graph compiles (on a call, lazily; a per-compile
         # options={"freezing": True} is not seen there), so encode sets it around its calls of the model.
-        self._inductor_freezing = self._frozen_weights is not None and backend == "inductor"
+        self._inductor_freezing = self._frozen_weights is not None
         self._compile_pending = backend
         return self
 
     def _compile_settings(self):
-        """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so encode sets them around
-        its calls of a compiled model: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``)
-        stay constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
-        one, tracing the whole model a second time; and inductor's ``freezing`` where it applies."""
+        """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so ``encode`` and
+        ``forward`` set them around their calls of a compiled model (a no-op context for an eager one):
+
+        - ``specialize_float``: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``) stay
+          constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
+          one, tracing the whole model a second time;
+        - ``backed_size_oblivious`` (with ``unify_view_symbols_bso_meta`` for the reshapes of the attention
+          output): dynamic sizes are not specialized at 0 and 1, so a batch of one text runs in the graph the
+          other batches use, as one row, instead of a second graph or a duplicated row;
+        - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it."""
         settings = contextlib.ExitStack()
+        if not is_compiled(self.model):
+            return settings
+        import torch.fx.experimental._config as fx_config
+
         settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        settings.enter_context(fx_config.patch(backed_size_oblivious=True, unify_view_symbols_bso_meta=True))
         if self._inductor_freezing:
             from torch._inductor import config
 
@@ -532,7 +540,7 @@ class LLM2Vec(torch.nn.Module):
         for batch in batches:
             inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id)
             if compiled and not packed:
-                inputs = _at_least_two_by_two(inputs, pad_id)
+                inputs = _at_least_two_columns(inputs, pad_id)
             inputs = inputs.to(device)
             backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
@@ -550,7 +558,7 @@ class LLM2Vec(torch.nn.Module):
                 bar.set_description("Encoding")
                 if show_progress_bar:
                     bar.write(message)
-            for index, output in zip(batch, outputs):  # (zip drops the copy _at_least_two_by_two added)
+            for index, output in zip(batch, outputs):
                 results[index] = output
             bar.update(len(batch))
             if progress is not None:
@@ -567,8 +575,16 @@ class LLM2Vec(torch.nn.Module):
     def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
         """llm2vec's forward: padded features (``input_ids``, ``attention_mask``, ``embed_mask``; optional
         ``position_ids``, else counted from each row's first real token) -> pooled ``(batch, dim)`` fp32, as
-        ``encode`` pools them, left padding included."""
+        ``encode`` pools them, left padding included.
+
+        A compiled model runs as ``encode`` runs it (the same graph and settings, frozen after
+        ``compile_model(freeze=True)``), so that a first call here compiles the graph ``encode`` then uses. Without
+        gradients, a frozen graph refuses weights changed since it was compiled, as ``encode`` does; with gradients
+        (training) inductor compiles a training graph, which reads the live weights and is never frozen."""
         features = dict(sentence_feature)
         if not self.skip_instruction:
             features.pop("embed_mask", None)
-        return embed(self.model, features, self.pooling_mode)
+        if not torch.is_grad_enabled():
+            self._check_frozen_weights()
+        with self._compile_settings():
+            return embed(self.model, features, self.pooling_mode)
