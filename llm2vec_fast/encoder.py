@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .batching import length_sorted_batches
 from .batching import PaddedBatch
 from .builtin_models import resolve_model
-from .compilation import is_compiled
+from .compilation import compute_rotary_once, is_compiled
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+# Inductor settings for a frozen encoding graph, compile_model's default (measured in docs/PERF.md, "Encoding
+# compiled vs eager"): cpp.enable_concat_linear, a freezing pass, runs the linears of one input with equal weight
+# shapes (k/v, gate/up) as one matrix product.
+INDUCTOR_FROZEN_OPTIONS = {"cpp.enable_concat_linear": True}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -46,11 +50,20 @@ def _is_pair(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
 
 
-def _at_least_two_columns(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
-    """A padded batch for the compiled model, at least 2 columns: SDPA's shape check specializes a sequence length
-    of 1 (a second graph, a second compile of the whole model), so a batch of 1-token texts gets one more column of
-    left padding (the same embeddings). A batch of one row needs nothing: the compiled model is traced with
-    size-oblivious batch sizes (see ``LLM2Vec._compile_settings``), so a lone text runs once, as one row."""
+def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
+    """A padded batch for the compiled model, at least 2 rows by 2 columns: torch.compile specializes a size of 1
+    (a new graph, a second compile of the whole model), so a lone text gets a copy of itself as a second row (its
+    output dropped) and a batch of 1-token texts one more column of left padding. Rows are unchanged otherwise:
+    the same embeddings.
+
+    The copy is not free: it doubles the cost of that batch (a pad row would cost the same, the matrix products
+    are dense). It is the cheapest way to one graph found: tracing sizes size-oblivious
+    (``backed_size_oblivious``) lets dynamo's graph take one row, but inductor's fake-tensor stride computation
+    of a view then guards ``batch >= 2`` and a lone text compiles a second graph (minutes on CPU). In the encode
+    benchmark the copies are 19 of 3,611 tokens (docs/PERF.md)."""
+    if batch.input_ids.shape[0] == 1:
+        batch = PaddedBatch(*(t.repeat(2, 1) for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                          batch.embed_mask)))
     if batch.input_ids.shape[1] == 1:
         left = torch.nn.functional.pad
         batch = PaddedBatch(left(batch.input_ids, (1, 0), value=pad_id), left(batch.attention_mask, (1, 0)),
@@ -99,6 +112,7 @@ class LLM2Vec(torch.nn.Module):
         self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
         self._frozen_weights: tuple | None = None  # what compile_model(freeze=True) compiled in (see there)
         self._inductor_freezing = False
+        self._inductor_options: dict[str, Any] = {}
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -231,7 +245,8 @@ class LLM2Vec(torch.nn.Module):
             encoder.compile_model(backend="inductor" if compile is True else compile)
         return encoder
 
-    def compile_model(self, backend: str = "inductor", *, freeze: bool = True) -> "LLM2Vec":
+    def compile_model(self, backend: str = "inductor", *, freeze: bool = True,
+                      options: dict[str, Any] | None = None) -> "LLM2Vec":
         """``torch.compile`` the model in place for encoding (``llm2vec_fast.compilation.compile_model``:
         fullgraph, sequence lengths and batch sizes dynamic from the first batch, so new shapes do not recompile).
         Call it after moving the model to its device: the check that a compiler backend works there (a C++
@@ -243,17 +258,31 @@ class LLM2Vec(torch.nn.Module):
         compiled with, so ``encode`` refuses to run once a parameter has changed in place or been replaced
         (``load_state_dict``, an optimizer step, merging an adapter); call ``compile_model`` again (it clears
         torch.compile's caches, ``torch._dynamo.reset()``, and recompiles) or compile with ``freeze=False``.
-        Training compiles through the Trainer's ``torch_compile``, never frozen."""
+        Training compiles through the Trainer's ``torch_compile``, never frozen.
+
+        ``options``: inductor config settings (``torch._inductor.config`` names, e.g. ``{"cpp.enable_concat_linear":
+        True}``) set around the compiled calls, as inductor reads them when a graph compiles; default
+        ``INDUCTOR_FROZEN_OPTIONS`` when frozen, none otherwise. The rotary embedding's ``(cos, sin)`` are
+        computed once per forward, not per layer (``compilation.compute_rotary_once``)."""
         from .compilation import compile_model
 
+        chosen = dict(INDUCTOR_FROZEN_OPTIONS if options is None and freeze else options or {})
+        if chosen:
+            from torch._inductor import config
+
+            unknown = sorted(set(chosen) - set(config.get_config_copy()))
+            if unknown:
+                raise ValueError(f"compile_model options {unknown} are not torch._inductor.config settings")
         if self._frozen_weights is not None:
             logger.info("recompiling a frozen model: clearing torch.compile's caches (torch._dynamo.reset())")
             torch._dynamo.reset()
+        compute_rotary_once(self.model)
         compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
         self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
         # inductor reads `freezing` from its global config when a graph compiles (on a call, lazily; a per-compile
         # options={"freezing": True} is not seen there), so encode sets it around its calls of the model.
         self._inductor_freezing = self._frozen_weights is not None
+        self._inductor_options = chosen
         self._compile_pending = backend
         return self
 
@@ -264,21 +293,15 @@ class LLM2Vec(torch.nn.Module):
         - ``specialize_float``: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``) stay
           constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
           one, tracing the whole model a second time;
-        - ``backed_size_oblivious`` (with ``unify_view_symbols_bso_meta`` for the reshapes of the attention
-          output): dynamic sizes are not specialized at 0 and 1, so a batch of one text runs in the graph the
-          other batches use, as one row, instead of a second graph or a duplicated row;
-        - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it."""
+        - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it, and its ``options``."""
         settings = contextlib.ExitStack()
         if not is_compiled(self.model):
             return settings
-        import torch.fx.experimental._config as fx_config
-
         settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
-        settings.enter_context(fx_config.patch(backed_size_oblivious=True, unify_view_symbols_bso_meta=True))
-        if self._inductor_freezing:
+        if self._inductor_freezing or self._inductor_options:
             from torch._inductor import config
 
-            settings.enter_context(config.patch(freezing=True))
+            settings.enter_context(config.patch({**self._inductor_options, "freezing": self._inductor_freezing}))
         return settings
 
     def _check_frozen_weights(self) -> None:
@@ -540,7 +563,7 @@ class LLM2Vec(torch.nn.Module):
         for batch in batches:
             inputs = collate([encoded[i] for i in batch], packed=packed, pad_id=pad_id)
             if compiled and not packed:
-                inputs = _at_least_two_columns(inputs, pad_id)
+                inputs = _at_least_two_by_two(inputs, pad_id)
             inputs = inputs.to(device)
             backend, started = self._compile_pending, time.perf_counter()
             if backend is not None:
@@ -558,7 +581,7 @@ class LLM2Vec(torch.nn.Module):
                 bar.set_description("Encoding")
                 if show_progress_bar:
                     bar.write(message)
-            for index, output in zip(batch, outputs):
+            for index, output in zip(batch, outputs):  # (zip drops the copy _at_least_two_by_two added)
                 results[index] = output
             bar.update(len(batch))
             if progress is not None:

@@ -242,9 +242,8 @@ def test_encoder_compile_gives_eager_embeddings_and_logs_the_compile_time(tiny_s
 
 @pytest.mark.slow  # encoders and aot_eager graphs: 65 s on the loaded 2-core machine
 def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
-    """Batches of 3, 2 and 1 texts, of many widths and of 1-token texts: one graph (batch sizes are traced
-    size-oblivious, and a 1-token batch gets a column of padding, as SDPA specializes a length of 1), eager
-    embeddings."""
+    """Batches of 3, 2 and 1 texts, of many widths and of 1-token texts: one graph (a lone text is run as two rows
+    and a 1-token batch gets a column of padding, as torch.compile specializes sizes of 1), eager embeddings."""
     from torch._dynamo.testing import CompileCounter
 
     texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
@@ -263,37 +262,10 @@ def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
     assert counter.frame_count == 1, f"{counter.frame_count} compiles"
 
 
-def test_a_lone_text_runs_once_as_one_row_in_the_compiled_graph(tiny_smol, monkeypatch):
-    """A batch of one text reaches the compiled model as one row (not duplicated into two, which doubled its
-    cost) and reuses the graph of the wider batches."""
-    from torch._dynamo.testing import CompileCounter
-
-    from llm2vec_fast import encoder as encoder_module
-
-    rows = []
-    embed = encoder_module.embed
-    monkeypatch.setattr(encoder_module, "embed", lambda model, batch, mode: rows.append(
-        tuple(batch.input_ids.shape)) or embed(model, batch, mode))
-    texts = ["Rotary position embeddings rotate queries and keys.", "Padded batches hold texts of similar lengths.",
-             "Medium length sentence about encoders and batches."]  # similar lengths: batches of 2 texts and 1
-    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
-    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
-    counter = CompileCounter()
-    compiled.compile_model(backend=counter)
-    got = compiled.encode(texts, batch_size=2, convert_to_tensor=True)
-    assert [r[0] for r in rows] == [2, 1], rows
-    alone = compiled.encode(texts[2], convert_to_tensor=True)
-    assert rows[-1][0] == 1 and counter.frame_count == 1, (rows, counter.frame_count)
-    rows.clear()
-    torch.testing.assert_close(got, eager.encode(texts, batch_size=2, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(alone, eager.encode(texts[2], convert_to_tensor=True), atol=1e-5, rtol=1e-4)
-
-
 def test_forward_of_a_compiled_encoder_runs_as_encode_does(tiny_smol):
     """LLM2Vec.forward on a model compiled with compile_model(freeze=True) traces with encode's settings (frozen,
-    float attributes constant, size-oblivious batch sizes) whichever is called first, refuses changed weights
+    float attributes constant) whichever is called first, refuses changed weights
     without gradients as encode does, and gives eager's embeddings."""
-    import torch.fx.experimental._config as fx_config
     from torch._inductor import config as inductor_config
 
     from llm2vec_fast.pipeline import collate
@@ -301,8 +273,7 @@ def test_forward_of_a_compiled_encoder_runs_as_encode_does(tiny_smol):
     seen = []
 
     def backend(gm, example_inputs):
-        seen.append((inductor_config.freezing, torch._dynamo.config.specialize_float,
-                     fx_config.backed_size_oblivious))
+        seen.append((inductor_config.freezing, torch._dynamo.config.specialize_float))
         return gm.forward
 
     texts = ["Rotary position embeddings rotate queries and keys.", "A short one."]
@@ -315,13 +286,34 @@ def test_forward_of_a_compiled_encoder_runs_as_encode_does(tiny_smol):
     with torch.no_grad():
         got = compiled(features)
         torch.testing.assert_close(got, eager(features), atol=1e-5, rtol=1e-4)
-    assert seen == [(True, True, True)], seen
+    assert seen == [(True, True)], seen
     torch.testing.assert_close(compiled.encode(texts, convert_to_tensor=True), got, atol=1e-5, rtol=1e-4)
     assert len(seen) == 1, seen  # encode ran the graph forward compiled
     with torch.no_grad():
         compiled.model.layers[0].mlp.up_proj.weight.mul_(1.5)
         with pytest.raises(RuntimeError, match=r"weights changed .* call compile_model\(\) again"):
             compiled(features)
+
+
+@pytest.mark.slow  # one inductor compile of a tiny model: ~25 s on the loaded 2-core machine
+def test_inductor_frozen_encoder_matches_eager_and_computes_rotary_once(tiny_smol):
+    """compile=True (inductor, frozen, with INDUCTOR_FROZEN_OPTIONS and the rotary hook) gives eager's
+    embeddings, for batches of several texts and of one; the graph computes cos/sin in one kernel, not in each
+    layer's, and concatenates the k/v and gate/up linears."""
+    from torch._inductor.utils import run_and_get_code
+
+    texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
+             "Rotary position embeddings rotate queries and keys.", "Padded batches hold texts of similar lengths.",
+             "Medium length sentence about encoders and batches."]
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch", compile=True)
+    got, codes = run_and_get_code(compiled.encode, texts, batch_size=2, convert_to_tensor=True)
+    torch.testing.assert_close(got, eager.encode(texts, batch_size=2, convert_to_tensor=True), atol=2e-5, rtol=1e-4)
+    code = "\n".join(codes)
+    kernels = code.split("async_compile.cpp_pybinding(")[1:]
+    assert "torch.ops.llm2vec_fast.materialize" in code
+    assert sum(".cos()" in k or "std::cos" in k for k in kernels) == 1, "cos/sin evaluated in more than one kernel"
+    assert "split_with_sizes" in code  # the concatenated linears, split again
 
 
 def test_compiled_encoder_traces_float_attributes_as_constants(tiny_smol):
