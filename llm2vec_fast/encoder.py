@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
-# Inductor settings for a frozen encoding graph, compile_model's default (measured in docs/PERF.md, "Encoding
-# compiled vs eager"): cpp.enable_concat_linear, a freezing pass, runs the linears of one input with equal weight
-# shapes (k/v, gate/up) as one matrix product.
-INDUCTOR_FROZEN_OPTIONS = {"cpp.enable_concat_linear": True}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -261,12 +257,12 @@ class LLM2Vec(torch.nn.Module):
         Training compiles through the Trainer's ``torch_compile``, never frozen.
 
         ``options``: inductor config settings (``torch._inductor.config`` names, e.g. ``{"cpp.enable_concat_linear":
-        True}``) set around the compiled calls, as inductor reads them when a graph compiles; default
-        ``INDUCTOR_FROZEN_OPTIONS`` when frozen, none otherwise. The rotary embedding's ``(cos, sin)`` are
-        computed once per forward, not per layer (``compilation.compute_rotary_once``)."""
+        True}``) set around the compiled calls, as inductor reads them when a graph compiles (none by default: the
+        ones tried gave nothing measurable, docs/PERF.md). The rotary embedding's ``(cos, sin)`` are computed once
+        per forward, not per layer (``compilation.compute_rotary_once``)."""
         from .compilation import compile_model
 
-        chosen = dict(INDUCTOR_FROZEN_OPTIONS if options is None and freeze else options or {})
+        chosen = dict(options or {})
         if chosen:
             from torch._inductor import config
 

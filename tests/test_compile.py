@@ -295,11 +295,12 @@ def test_forward_of_a_compiled_encoder_runs_as_encode_does(tiny_smol):
             compiled(features)
 
 
-@pytest.mark.slow  # one inductor compile of a tiny model: ~25 s on the loaded 2-core machine
+@pytest.mark.slow  # two inductor compiles of a tiny model: 25-80 s on the 2-core machine, by load
 def test_inductor_frozen_encoder_matches_eager_and_computes_rotary_once(tiny_smol):
-    """compile=True (inductor, frozen, with INDUCTOR_FROZEN_OPTIONS and the rotary hook) gives eager's
-    embeddings, for batches of several texts and of one; the graph computes cos/sin in one kernel, not in each
-    layer's, and concatenates the k/v and gate/up linears."""
+    """compile=True (inductor, frozen, with the rotary hook) gives eager's embeddings, for batches of several
+    texts and of one; the graph computes cos/sin in one kernel, not in each layer's; compile_model's options reach
+    inductor (cpp.enable_concat_linear: the k/v and gate/up linears concatenated, then split) and a misspelt one
+    is refused before anything compiles."""
     from torch._inductor.utils import run_and_get_code
 
     texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
@@ -313,7 +314,13 @@ def test_inductor_frozen_encoder_matches_eager_and_computes_rotary_once(tiny_smo
     kernels = code.split("async_compile.cpp_pybinding(")[1:]
     assert "torch.ops.llm2vec_fast.materialize" in code
     assert sum(".cos()" in k or "std::cos" in k for k in kernels) == 1, "cos/sin evaluated in more than one kernel"
-    assert "split_with_sizes" in code  # the concatenated linears, split again
+    assert "split_with_sizes" not in code
+    with pytest.raises(ValueError, match=r"\['cpp.enable_concat_linears'\] are not torch._inductor.config"):
+        compiled.compile_model(options={"cpp.enable_concat_linears": True})
+    compiled.compile_model(options={"cpp.enable_concat_linear": True})
+    again, codes = run_and_get_code(compiled.encode, texts, batch_size=2, convert_to_tensor=True)
+    torch.testing.assert_close(again, got, atol=2e-5, rtol=1e-4)
+    assert "split_with_sizes" in "\n".join(codes)  # the concatenated linears, split again
 
 
 def test_compiled_encoder_traces_float_attributes_as_constants(tiny_smol):
