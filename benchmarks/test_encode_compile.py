@@ -11,6 +11,8 @@ average before and after.
 
 - ``ours compiled``: ``compile=True`` (inductor, frozen weights: ``compile_model(freeze=True)``, the default);
 - ``ours compiled, not frozen``: ``compile_model(freeze=False)``, with ``ENCODE_COMPILE_BENCH_UNFROZEN=1``;
+- ``ours compiled, options``: frozen, with inductor settings ``compile_model(options=...)`` given as JSON in
+  ``ENCODE_COMPILE_BENCH_OPTIONS`` (e.g. ``'{"cpp.enable_concat_linear": true}'``);
 - ``llm2vec-0.2.3``: with ``LLM2VEC_VENV_PYTHON`` (as in ``benchmarks/test_encode.py``).
 
     LLM2VEC_VENV_PYTHON=.venv-llm2vec/bin/python \
@@ -19,6 +21,7 @@ average before and after.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -72,6 +75,9 @@ def test_encode_compiled_vs_eager_cpu(benchmark, texts, smollm2_dir):  # noqa: F
     if os.environ.get("ENCODE_COMPILE_BENCH_UNFROZEN") == "1":
         encoders["ours compiled, not frozen"] = LLM2Vec.from_pretrained(
             smollm2_dir, pooling_mode="mean").compile_model(freeze=False)
+    if os.environ.get("ENCODE_COMPILE_BENCH_OPTIONS"):
+        encoders["ours compiled, options"] = LLM2Vec.from_pretrained(smollm2_dir, pooling_mode="mean").compile_model(
+            options=json.loads(os.environ["ENCODE_COMPILE_BENCH_OPTIONS"]))
     eager = encoders["ours eager"]
     tokens, flops = _useful_flops(eager, texts)
     padded = _padded_tokens(eager, texts)

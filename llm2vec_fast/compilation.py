@@ -100,6 +100,41 @@ def compile_model(module: torch.nn.Module, *, dynamic: bool | None = True, fullg
     return module
 
 
+@torch.library.custom_op("llm2vec_fast::materialize", mutates_args=())
+def _materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that a compiled graph computes once, into a buffer of its own (an opaque op)."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _materialize_under_compile(module: torch.nn.Module, args, output):
+    if not torch.compiler.is_compiling() or not isinstance(output, tuple):
+        return output
+    return tuple(_materialize(t) if isinstance(t, torch.Tensor) else t for t in output)
+
+
+def compute_rotary_once(model: torch.nn.Module) -> int:
+    """Make a compiled ``model`` compute its rotary ``(cos, sin)`` once per forward, not once per layer.
+
+    transformers' rotary embedding modules (``*RotaryEmbedding``) return ``(cos, sin)`` that every layer reads.
+    Inductor inlines cheap pointwise producers into their consumers, and on CPU it counts ``cos``/``sin`` as cheap
+    (only ``exp``, ``log``, ``tanh``, ``sigmoid`` are "heavy" there), so the compiled graph evaluated them again in
+    every layer, for every query and key head. A forward hook passes them through an opaque copy while compiling,
+    which makes them buffers of their own; eager calls are unchanged. Idempotent; returns how many modules got it."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            if not getattr(module, "_llm2vec_fast_rotary_once", False):
+                module.register_forward_hook(_materialize_under_compile)
+                module._llm2vec_fast_rotary_once = True
+            count += 1
+    return count
+
+
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module.compile()`` was called on it (:func:`compile_model` compiles in place)."""
     return getattr(module, "_compiled_call_impl", None) is not None

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .batching import length_sorted_batches
 from .batching import PaddedBatch
 from .builtin_models import resolve_model
-from .compilation import is_compiled
+from .compilation import compute_rotary_once, is_compiled
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -50,7 +50,13 @@ def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
     """A padded batch for the compiled model, at least 2 rows by 2 columns: torch.compile specializes a size of 1
     (a new graph, a second compile of the whole model), so a lone text gets a copy of itself as a second row (its
     output dropped) and a batch of 1-token texts one more column of left padding. Rows are unchanged otherwise:
-    the same embeddings."""
+    the same embeddings.
+
+    The copy is not free: it doubles the cost of that batch (a pad row would cost the same, the matrix products
+    are dense). It is the cheapest way to one graph found: tracing sizes size-oblivious
+    (``backed_size_oblivious``) lets dynamo's graph take one row, but inductor's fake-tensor stride computation
+    of a view then guards ``batch >= 2`` and a lone text compiles a second graph (minutes on CPU). In the encode
+    benchmark the copies are 19 of 3,611 tokens (docs/PERF.md)."""
     if batch.input_ids.shape[0] == 1:
         batch = PaddedBatch(*(t.repeat(2, 1) for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
                                                           batch.embed_mask)))
@@ -102,6 +108,7 @@ class LLM2Vec(torch.nn.Module):
         self._compile_pending: str | None = None  # the backend compile_model chose, until the first batch compiles
         self._frozen_weights: tuple | None = None  # what compile_model(freeze=True) compiled in (see there)
         self._inductor_freezing = False
+        self._inductor_options: dict[str, Any] = {}
         # Padded batches end where a text would be padded by more than this fraction of the batch's width.
         self.max_padding = max_padding
         self.config = model.config
@@ -234,7 +241,8 @@ class LLM2Vec(torch.nn.Module):
             encoder.compile_model(backend="inductor" if compile is True else compile)
         return encoder
 
-    def compile_model(self, backend: str = "inductor", *, freeze: bool = True) -> "LLM2Vec":
+    def compile_model(self, backend: str = "inductor", *, freeze: bool = True,
+                      options: dict[str, Any] | None = None) -> "LLM2Vec":
         """``torch.compile`` the model in place for encoding (``llm2vec_fast.compilation.compile_model``:
         fullgraph, sequence lengths and batch sizes dynamic from the first batch, so new shapes do not recompile).
         Call it after moving the model to its device: the check that a compiler backend works there (a C++
@@ -246,31 +254,50 @@ class LLM2Vec(torch.nn.Module):
         compiled with, so ``encode`` refuses to run once a parameter has changed in place or been replaced
         (``load_state_dict``, an optimizer step, merging an adapter); call ``compile_model`` again (it clears
         torch.compile's caches, ``torch._dynamo.reset()``, and recompiles) or compile with ``freeze=False``.
-        Training compiles through the Trainer's ``torch_compile``, never frozen."""
+        Training compiles through the Trainer's ``torch_compile``, never frozen.
+
+        ``options``: inductor config settings (``torch._inductor.config`` names, e.g. ``{"cpp.enable_concat_linear":
+        True}``) set around the compiled calls, as inductor reads them when a graph compiles (none by default: the
+        ones tried gave nothing measurable, docs/PERF.md). The rotary embedding's ``(cos, sin)`` are computed once
+        per forward, not per layer (``compilation.compute_rotary_once``)."""
         from .compilation import compile_model
 
+        chosen = dict(options or {})
+        if chosen:
+            from torch._inductor import config
+
+            unknown = sorted(set(chosen) - set(config.get_config_copy()))
+            if unknown:
+                raise ValueError(f"compile_model options {unknown} are not torch._inductor.config settings")
         if self._frozen_weights is not None:
             logger.info("recompiling a frozen model: clearing torch.compile's caches (torch._dynamo.reset())")
             torch._dynamo.reset()
+        compute_rotary_once(self.model)
         compile_model(self.model, dynamic=True, fullgraph=True, backend=backend)
         self._frozen_weights = _weights_fingerprint(self.model) if freeze and is_compiled(self.model) else None
         # inductor reads `freezing` from its global config when a graph compiles (on a call, lazily; a per-compile
         # options={"freezing": True} is not seen there), so encode sets it around its calls of the model.
-        self._inductor_freezing = self._frozen_weights is not None and backend == "inductor"
+        self._inductor_freezing = self._frozen_weights is not None
+        self._inductor_options = chosen
         self._compile_pending = backend
         return self
 
     def _compile_settings(self):
-        """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so encode sets them around
-        its calls of a compiled model: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``)
-        stay constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
-        one, tracing the whole model a second time; and inductor's ``freezing`` where it applies."""
+        """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so ``encode`` and
+        ``forward`` set them around their calls of a compiled model (a no-op context for an eager one):
+
+        - ``specialize_float``: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``) stay
+          constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
+          one, tracing the whole model a second time;
+        - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it, and its ``options``."""
         settings = contextlib.ExitStack()
+        if not is_compiled(self.model):
+            return settings
         settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
-        if self._inductor_freezing:
+        if self._inductor_freezing or self._inductor_options:
             from torch._inductor import config
 
-            settings.enter_context(config.patch(freezing=True))
+            settings.enter_context(config.patch({**self._inductor_options, "freezing": self._inductor_freezing}))
         return settings
 
     def _check_frozen_weights(self) -> None:
@@ -567,8 +594,16 @@ class LLM2Vec(torch.nn.Module):
     def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
         """llm2vec's forward: padded features (``input_ids``, ``attention_mask``, ``embed_mask``; optional
         ``position_ids``, else counted from each row's first real token) -> pooled ``(batch, dim)`` fp32, as
-        ``encode`` pools them, left padding included."""
+        ``encode`` pools them, left padding included.
+
+        A compiled model runs as ``encode`` runs it (the same graph and settings, frozen after
+        ``compile_model(freeze=True)``), so that a first call here compiles the graph ``encode`` then uses. Without
+        gradients, a frozen graph refuses weights changed since it was compiled, as ``encode`` does; with gradients
+        (training) inductor compiles a training graph, which reads the live weights and is never frozen."""
         features = dict(sentence_feature)
         if not self.skip_instruction:
             features.pop("embed_mask", None)
-        return embed(self.model, features, self.pooling_mode)
+        if not torch.is_grad_enabled():
+            self._check_frozen_weights()
+        with self._compile_settings():
+            return embed(self.model, features, self.pooling_mode)

@@ -262,6 +262,67 @@ def test_compiled_encoder_compiles_once_for_every_batch_shape(tiny_smol):
     assert counter.frame_count == 1, f"{counter.frame_count} compiles"
 
 
+def test_forward_of_a_compiled_encoder_runs_as_encode_does(tiny_smol):
+    """LLM2Vec.forward on a model compiled with compile_model(freeze=True) traces with encode's settings (frozen,
+    float attributes constant) whichever is called first, refuses changed weights
+    without gradients as encode does, and gives eager's embeddings."""
+    from torch._inductor import config as inductor_config
+
+    from llm2vec_fast.pipeline import collate
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((inductor_config.freezing, torch._dynamo.config.specialize_float))
+        return gm.forward
+
+    texts = ["Rotary position embeddings rotate queries and keys.", "A short one."]
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled.compile_model(backend=backend, freeze=True)
+    batch = collate(compiled.tokenize_texts([("", t) for t in texts]), packed=False,
+                    pad_id=compiled.tokenizer.pad_token_id)
+    features = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "embed_mask": batch.embed_mask}
+    with torch.no_grad():
+        got = compiled(features)
+        torch.testing.assert_close(got, eager(features), atol=1e-5, rtol=1e-4)
+    assert seen == [(True, True)], seen
+    torch.testing.assert_close(compiled.encode(texts, convert_to_tensor=True), got, atol=1e-5, rtol=1e-4)
+    assert len(seen) == 1, seen  # encode ran the graph forward compiled
+    with torch.no_grad():
+        compiled.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+        with pytest.raises(RuntimeError, match=r"weights changed .* call compile_model\(\) again"):
+            compiled(features)
+
+
+@pytest.mark.slow  # two inductor compiles of a tiny model: 25-80 s on the 2-core machine, by load
+def test_inductor_frozen_encoder_matches_eager_and_computes_rotary_once(tiny_smol):
+    """compile=True (inductor, frozen, with the rotary hook) gives eager's embeddings, for batches of several
+    texts and of one; the graph computes cos/sin in one kernel, not in each layer's; compile_model's options reach
+    inductor (cpp.enable_concat_linear: the k/v and gate/up linears concatenated, then split) and a misspelt one
+    is refused before anything compiles."""
+    from torch._inductor.utils import run_and_get_code
+
+    texts = ["A longer paragraph about attention, padding and packing, long enough to differ in length. " * 2,
+             "Rotary position embeddings rotate queries and keys.", "Padded batches hold texts of similar lengths.",
+             "Medium length sentence about encoders and batches."]
+    eager = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch")
+    compiled = llm2vec_fast.LLM2Vec.from_pretrained(tiny_smol, attention_impl="torch", compile=True)
+    got, codes = run_and_get_code(compiled.encode, texts, batch_size=2, convert_to_tensor=True)
+    torch.testing.assert_close(got, eager.encode(texts, batch_size=2, convert_to_tensor=True), atol=2e-5, rtol=1e-4)
+    code = "\n".join(codes)
+    kernels = code.split("async_compile.cpp_pybinding(")[1:]
+    assert "torch.ops.llm2vec_fast.materialize" in code
+    assert sum(".cos()" in k or "std::cos" in k for k in kernels) == 1, "cos/sin evaluated in more than one kernel"
+    assert "split_with_sizes" not in code
+    with pytest.raises(ValueError, match=r"\['cpp.enable_concat_linears'\] are not torch._inductor.config"):
+        compiled.compile_model(options={"cpp.enable_concat_linears": True})
+    compiled.compile_model(options={"cpp.enable_concat_linear": True})
+    again, codes = run_and_get_code(compiled.encode, texts, batch_size=2, convert_to_tensor=True)
+    torch.testing.assert_close(again, got, atol=2e-5, rtol=1e-4)
+    assert "split_with_sizes" in "\n".join(codes)  # the concatenated linears, split again
+
+
 def test_compiled_encoder_traces_float_attributes_as_constants(tiny_smol):
     """Under dynamic=True, dynamo would make the model's float attributes (RMSNorm epsilons, attention scaling,
     nn.Embedding.norm_type) graph inputs, which inductor specializes by tracing the whole model again: the graph
