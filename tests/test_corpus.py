@@ -192,14 +192,20 @@ def test_two_torchrun_ranks_equal_one_process(tiny_model_dir, uninterrupted, tmp
     assert folder_bytes(tmp_path / "ranks") == folder_bytes(reference)
 
 
+def input_with_a_bad_row_in_rank_1s_shard(folder: Path) -> Path:
+    """30 rows in shards of 10, which alternate between two ranks: row 14, invalid JSON, is in shard 1, rank 1's."""
+    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
+    lines[14] = '{"id": "doc-14", "text": "broken'
+    source = folder / "input.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return source
+
+
 @pytest.mark.slow  # new processes that load the model
 def test_under_torchrun_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     # The ranks exchange their errors through torchrun's rendezvous store (no process group of their own): row 14
     # is in shard 1, rank 1's; rank 0 learns of it at the end of its shards and stops with rank 1's message.
-    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
-    lines[14] = '{"id": "doc-14", "text": "broken'
-    source = tmp_path / "input.jsonl"
-    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    source = input_with_a_bad_row_in_rank_1s_shard(tmp_path)
     result = run_subprocess(encode_args(tiny_model_dir, source, tmp_path / "out"), torchrun=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
@@ -214,10 +220,7 @@ def test_a_bad_row_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     # that the failed rank's process stays alive (tests/helpers/corpus_rank.py). Shards of 10 rows alternate
     # between the ranks: row 14 is in shard 1, rank 1's. Before the error reached every rank, rank 0 waited at
     # the end-of-encoding barrier until the group's timeout (600 s here, 30 min by default).
-    lines = [json.dumps({"id": f"doc-{i}", "text": f"text {i}"}) for i in range(30)]
-    lines[14] = '{"id": "doc-14", "text": "broken'
-    source = tmp_path / "input.jsonl"
-    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    source = input_with_a_bad_row_in_rank_1s_shard(tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
