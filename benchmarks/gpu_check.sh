@@ -7,7 +7,7 @@
 #   2. the kernel benchmarks (attention, MNTP loss, InfoNCE; autotuned as users run them): first compiled and
 #      autotuned in parallel (warm-up, nothing timed), then timed one at a time;
 #   3. a short table of every row (times, TFLOP/s or GB/s, ours-vs-baseline ratios, fastest of our variants);
-#   4. when 150 s of the budget are left, the compiled MNTP step vs eager (issue #15), else its command is printed.
+#   4. when 150 s of the budget are left, compiled encode and MNTP step vs eager (issue #15), else the command.
 # Every test outcome and benchmark row is appended to $OUT/gpu_check/results.jsonl as it is measured (without
 # $OUT: ./gpu_check_results/), the full output to gpu_check.log beside it; a phase that hits its time limit gets
 # SIGINT, so pytest still writes its summary and the rows measured so far stay.
@@ -86,22 +86,24 @@ phase 3_benchmarks "$(cap 240 10)" -k cuda $ptimeout -q -rfEs --benchmark-column
     --benchmark-sort=name $BENCH_FILES
 bench_rc=$?
 
-# The compiled MNTP step (issue #15's GPU row): inductor's first compile of the 30-layer forward and backward takes
-# minutes, so it runs only when the budget leaves 150 s; otherwise it is the command to run as a second call.
-COMPILE_ROW="benchmarks/test_training_compile.py::test_mntp_step_compiled_vs_eager_cuda"
+# Compiled encode and the compiled MNTP step vs eager (issue #15's GPU rows): inductor's first compiles of the
+# 30-layer model take minutes, so they run only when the budget leaves 150 s; otherwise the command is printed, to
+# run as a second call.
+COMPILE_ROW="benchmarks/test_encode_compile.py::test_encode_compiled_vs_eager_cuda \
+benchmarks/test_training_compile.py::test_mntp_step_compiled_vs_eager_cuda"
 if [ "$(left)" -ge 150 ]; then
     # shellcheck disable=SC2086
-    phase 4_compiled_step "$(cap 300 5)" -m gpu -q -rfEs $COMPILE_ROW
+    phase 4_compiled_model "$(cap 300 5)" -m gpu -q -rfEs $COMPILE_ROW
     compile_rc=$?
 else
     compile_rc=skipped
-    echo "== 4_compiled_step skipped: $(left)s left; as a second command: $PY -m pytest -p no:cacheprovider -o addopts=\"\" -m gpu -s $COMPILE_ROW"
+    echo "== 4_compiled_model skipped: $(left)s left; as a second command: $PY -m pytest -p no:cacheprovider -o addopts=\"\" -m gpu -s $COMPILE_ROW"
 fi
 
 echo "== table (every row is in $LLM2VEC_FAST_RESULTS)"
 $PY benchmarks/perf_table.py "$LLM2VEC_FAST_RESULTS"
 echo "== summary: collection ${collect_rc}, GPU tests ${tests_rc}, warm-up ${warm_rc}, benchmarks ${bench_rc}," \
-     "compiled step ${compile_rc}" \
+     "compiled model ${compile_rc}" \
      "(124 = hit its time limit; 5 = nothing collected); $(compiled) kernels compiled; $(( $(date +%s) - start ))s"
 rm -rf "$TRITON_CACHE_DIR"
 [ "$collect_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

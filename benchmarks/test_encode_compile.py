@@ -123,3 +123,93 @@ def test_encode_compiled_vs_eager_cpu(benchmark, texts, smollm2_dir):  # noqa: F
                seconds=seconds, note=f"{graphs} graph(s) compiled; max |eager - compiled| {max_diff[provider]:.2e}")
     for provider, diff in max_diff.items():
         assert diff < 1e-3, f"{provider} embeddings differ from eager by {diff}"
+
+
+def _random_encoder_dir(folder, config, vocab_words: int) -> str:
+    """A model of ``config``'s shapes with random weights and a word-level tokenizer over ``w0 .. w{n-1}``, saved
+    as a Hugging Face directory: the GPU machine has neither the GGUF package nor ../shared/data, and an encode's
+    time depends on the token counts, not on the weights or the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i + 4 for i in range(vocab_words)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _random_texts(n_sentences: int, n_paragraphs: int, vocab_words: int, seed: int = 0) -> list[str]:
+    """Sentences of 12-40 words and paragraphs of 150-400, as the CPU benchmark's mix is."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(12, 40) for _ in range(n_sentences)] + [rng.randint(150, 400) for _ in range(n_paragraphs)]
+    return [" ".join(f"w{rng.randrange(vocab_words)}" for _ in range(n)) for n in lengths]
+
+
+def _encode_compiled_vs_eager(benchmark, model_dir: str, texts: list[str], *, device: str, dtype: torch.dtype,
+                              batch_size: int, rounds: int, suite: str) -> None:
+    import torch._dynamo.utils
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.compilation import compiler_unavailable_reason
+
+    reason = compiler_unavailable_reason(device)
+    if reason is not None:
+        pytest.skip(f"inductor cannot compile here: {reason}")
+    encoders = {provider: LLM2Vec.from_pretrained(model_dir, pooling_mode="mean", dtype=dtype)
+                for provider in ("ours eager", "ours compiled")}
+    for encoder in encoders.values():
+        encoder.model.to(device)
+    encoders["ours compiled"].compile_model()  # after the move: it checks the backend of the model's device
+    tokens = sum(len(e.input_ids) for e in encoders["ours eager"].text_tokenizer([("", t) for t in texts]))
+
+    def encode(encoder):
+        out = encoder.encode(texts, batch_size=batch_size, device=device, convert_to_numpy=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    first = {}
+    for provider, encoder in encoders.items():  # warm-up; the compiled side compiles here
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        encode(encoder)
+        first[provider] = (time.perf_counter() - start, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs)
+    times = {provider: [] for provider in encoders}
+    for _ in range(rounds):
+        for provider, encoder in encoders.items():
+            start = time.perf_counter()
+            encode(encoder)
+            times[provider].append(time.perf_counter() - start)
+    diff = float((torch.as_tensor(encode(encoders["ours compiled"])).float()
+                  - torch.as_tensor(encode(encoders["ours eager"])).float()).abs().max())
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # times are taken above, interleaved
+    medians = {p: statistics.median(v) for p, v in times.items()}
+    case = f"{len(texts)} texts {tokens} tok"
+    for provider, seconds in medians.items():
+        record(benchmark, suite=suite, case=case, mode="encode", provider=provider, seconds=seconds,
+               tokens_per_s=tokens / seconds,
+               note=f"{tokens / seconds:.0f} tokens/s, {medians['ours eager'] / seconds:.2f}x eager, rounds "
+                    f"{[round(t, 3) for t in times[provider]]}; first encode {first[provider][0]:.1f} s, "
+                    f"{first[provider][1]} graph(s); max |eager - compiled| {diff:.2e}")
+    print(f"\n{suite} / {case}: eager {medians['ours eager']:.3f} s, compiled {medians['ours compiled']:.3f} s -> "
+          f"{medians['ours eager'] / medians['ours compiled']:.2f}x; first encode compiled {first['ours compiled'][0]:.1f}"
+          f" s ({first['ours compiled'][1]} graphs); max |eager - compiled| {diff:.2e}")
+    assert diff < 5e-2, f"compiled embeddings differ from eager by {diff}"
+
+
+@pytest.mark.gpu
+def test_encode_compiled_vs_eager_cuda(benchmark, tmp_path):
+    """Issue #15's GPU row: compiled vs eager encode, bf16, a model of SmolLM2-135M's shapes (random weights, a
+    word-level tokenizer, random texts in the CPU benchmark's mix of lengths); phase 4 of gpu_check.sh."""
+    from test_training_compile import _smollm2_135m_config
+
+    model_dir = _random_encoder_dir(tmp_path / "model", _smollm2_135m_config(), vocab_words=49_000)
+    texts = _random_texts(768, 256, vocab_words=49_000)
+    _encode_compiled_vs_eager(benchmark, model_dir, texts, device="cuda", dtype=torch.bfloat16, batch_size=64,
+                              rounds=5, suite="encode compiled (SmolLM2-135M shapes, random weights, CUDA bf16)")
