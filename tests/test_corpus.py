@@ -3,6 +3,7 @@ kill-and-resume, torchrun ranks, resolved settings, and the errors a user meets.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -669,6 +670,26 @@ def test_a_run_reads_its_input_once_to_pin_it_and_once_to_encode_it(tiny_model_d
     pinned = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
     assert pinned["id_type"] == "str" and pinned["input"] == {
         "size": source.stat().st_size, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+
+
+def test_read_rows_hashes_every_byte_of_a_text_input_and_refuses_a_digest_for_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm2vec_fast.corpus import read_rows
+
+    source = write_jsonl(tmp_path / "input.jsonl")
+    with open(source, "ab") as handle:
+        handle.write(b"\n   \n")  # trailing blank lines: not rows, still bytes of the file
+    for path in (source, tmp_path / "input.jsonl.gz"):
+        if path.suffix == ".gz":
+            path.write_bytes(gzip.compress(source.read_bytes()))
+        digest = hashlib.sha256()
+        rows = list(read_rows(path, digest=digest))
+        assert [r.text for r in rows] == TEXTS and digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "input.parquet")
+    with pytest.raises(ValueError, match="hashes text inputs only"):
+        list(read_rows(tmp_path / "input.parquet", digest=hashlib.sha256()))
 
 
 def test_int8_calibration_rows_are_encoded_once_and_a_resumed_run_has_the_same_bytes(tiny_model_dir, tmp_path):
