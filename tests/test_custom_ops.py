@@ -319,3 +319,12 @@ def test_attention_torch_path_dropout_mask_is_drawn_without_a_host_sync():
     assert abs(mask.float().mean().item() - 0.75) < 0.02
     other = _seeded_keep_mask(torch.tensor([1235]), shape, 0.25, "cpu")
     assert abs((other == mask).float().mean().item() - (0.75**2 + 0.25**2)) < 0.02  # independent draws
+
+
+def test_materialize_op_passes_opcheck_and_copies():
+    import llm2vec_fast.compilation  # noqa: F401  (registers llm2vec_fast::materialize)
+
+    x = torch.randn(3, 37, 64)
+    torch.library.opcheck(torch.ops.llm2vec_fast.materialize, (x,))
+    copy = torch.ops.llm2vec_fast.materialize(x)
+    assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
