@@ -521,6 +521,48 @@ def _real_range(RANGES, b, seqlen, PAD_SKIP: tl.constexpr):
 
 
 @triton.jit
+def _sequence(CU_SEQLENS, b, seqlen_padded, IS_VARLEN: tl.constexpr):
+    """Sequence ``b``'s first row (int64) and its length: from ``cu_seqlens`` when packed (``IS_VARLEN``);
+    otherwise row 0 of batch ``b`` (the batch stride finds it) and the padded length."""
+    if IS_VARLEN:
+        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
+    else:
+        row0 = b.to(tl.int64) * 0
+        seqlen = seqlen_padded
+    return row0, seqlen
+
+
+@triton.jit
+def _dropout_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed, read on the device (``draw_dropout_seed``: no host sync); 0, unused, without dropout."""
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
+def _head_base(X, b64, row0, head, stride_b, stride_s, stride_h):
+    """Where ``head``'s rows of sequence ``b64`` (starting at row ``row0`` when packed) start in ``X``."""
+    return X + b64 * stride_b + row0 * stride_s + head * stride_h
+
+
+@triton.jit
+def _load_tile(ptrs, rows_in, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """A tile of K/V (or Q/dO) inside a key (query) loop: in a ``MASKED`` tile only the rows that exist
+    (``rows_in``, a column) and the ``HEAD_DIM`` columns; in a full tile the columns only where ``BLOCK_D``
+    pads ``HEAD_DIM``, else no mask at all. Zeros where masked."""
+    if MASKED:
+        x = tl.load(ptrs, mask=rows_in & d_mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        x = tl.load(ptrs, mask=d_mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _band_tiles(
     start, first, end, window,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
@@ -576,13 +618,8 @@ def _attn_fwd_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kv_mask = (offs_n[:, None] < seqlen) & d_mask
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        keys_in = offs_n[:, None] < seqlen
+        k = _load_tile(k_ptrs, keys_in, d_mask, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # unscaled; the scale goes into one FMA below
         if SOFTCAP:
             qk, _ = _softcap(qk, cap_in, cap_out)
@@ -598,12 +635,7 @@ def _attn_fwd_inner(
         if HAS_DROPOUT:
             keep = _dropout_keep_tile(seed, bh, offs_m, offs_n, dropout_p, PHILOX4X)
             p = tl.where(keep, p, 0.0)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_tile(v_ptrs, keys_in, d_mask, HEAD_DIM, BLOCK_D, MASKED)  # late: V's registers live shortest
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -628,24 +660,17 @@ def _attn_fwd_kernel(
 ):
     start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
-    if IS_VARLEN:
-        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
-    else:
-        row0 = b.to(tl.int64) * 0
-        seqlen = seqlen_padded
+    row0, seqlen = _sequence(CU_SEQLENS, b, seqlen_padded, IS_VARLEN)
     if start_m >= seqlen:
         return
     first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
-    v_base = V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
-    o_base = O + b64 * stride_ob + row0 * stride_os + h * stride_oh
+    q_base = _head_base(Q, b64, row0, h, stride_qb, stride_qs, stride_qh)
+    k_base = _head_base(K, b64, row0, kvh, stride_kb, stride_ks, stride_kh)
+    v_base = _head_base(V, b64, row0, kvh, stride_vb, stride_vs, stride_vh)
+    o_base = _head_base(O, b64, row0, h, stride_ob, stride_os, stride_oh)
     kpm_base = KPM + b64 * stride_mb
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -814,16 +839,9 @@ def _attn_bwd_dq_inner(
         offs_n = start_n + offs_n0
         k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kv_mask = (offs_n[:, None] < seqlen) & d_mask
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        keys_in = offs_n[:, None] < seqlen
+        k = _load_tile(k_ptrs, keys_in, d_mask, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_ptrs, keys_in, d_mask, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SOFTCAP:
             qk, t = _softcap(qk, cap_in, cap_out)
@@ -863,26 +881,19 @@ def _attn_bwd_dq_kernel(
     """dQ for one query tile, and delta = rowsum(dO * O) of its rows (O and dO share strides)."""
     start_m, bh, b, h = _program_tile(max_seqlen, num_heads, BLOCK_M)
     kvh = h // GROUP
-    if IS_VARLEN:
-        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
-    else:
-        row0 = b.to(tl.int64) * 0
-        seqlen = seqlen_padded
+    row0, seqlen = _sequence(CU_SEQLENS, b, seqlen_padded, IS_VARLEN)
     if start_m >= seqlen:
         return
     first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
-    k_base = K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
-    v_base = V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
-    o_off = b64 * stride_ob + row0 * stride_os + h * stride_oh
-    dq_base = DQ + b64 * stride_dqb + row0 * stride_dqs + h * stride_dqh
+    q_base = _head_base(Q, b64, row0, h, stride_qb, stride_qs, stride_qh)
+    k_base = _head_base(K, b64, row0, kvh, stride_kb, stride_ks, stride_kh)
+    v_base = _head_base(V, b64, row0, kvh, stride_vb, stride_vs, stride_vh)
+    o_off = b64 * stride_ob + row0 * stride_os + h * stride_oh  # O and dO share strides
+    dq_base = _head_base(DQ, b64, row0, h, stride_dqb, stride_dqs, stride_dqh)
     lse_off = b64 * stride_lb + h * stride_lh + row0
     kpm_base = KPM + b64 * stride_mb
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -939,20 +950,13 @@ def _attn_bwd_dkdv_inner(
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_os + offs_d[None, :]
+        row_in = offs_m < seqlen
+        q = _load_tile(q_ptrs, row_in[:, None], d_mask, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_tile(do_ptrs, row_in[:, None], d_mask, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            row_in = offs_m < seqlen
-            io_mask = row_in[:, None] & d_mask
-            q = tl.load(q_ptrs, mask=io_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=io_mask, other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_in, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=row_in, other=0.0)
         else:
-            if HEAD_DIM != BLOCK_D:
-                q = tl.load(q_ptrs, mask=d_mask, other=0.0)
-                do = tl.load(do_ptrs, mask=d_mask, other=0.0)
-            else:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # transposed tiles (keys x queries): rows of dK/dV stay in registers
@@ -1010,19 +1014,12 @@ def _attn_bwd_dkdv_kernel(
     """dK and dV for one key tile of one kv head, summed over the GROUP query heads that share it. ``WG64``: the
     ``dkdv="wg64"`` variant's configs (64 keys per warpgroup, 64 queries) and its order (dV's matmul before dP^T's)."""
     start_n, bkvh, b, kvh = _program_tile(max_seqlen, num_kv_heads, BLOCK_N)
-    if IS_VARLEN:
-        row0 = tl.load(CU_SEQLENS + b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + b + 1) - tl.load(CU_SEQLENS + b)).to(tl.int32)
-    else:
-        row0 = b.to(tl.int64) * 0
-        seqlen = seqlen_padded
+    row0, seqlen = _sequence(CU_SEQLENS, b, seqlen_padded, IS_VARLEN)
     if start_n >= seqlen:
         return
     first, end, holes = _real_range(RANGES, b, seqlen, PAD_SKIP)
     b64 = b.to(tl.int64)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    seed = _dropout_seed(SEED, HAS_DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_in = offs_n < seqlen
@@ -1030,14 +1027,14 @@ def _attn_bwd_dkdv_kernel(
     if PAD_SKIP:
         if (start_n + BLOCK_N <= first) | (start_n >= end):  # padded keys: no query attends them
             zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
-            tl.store(DK + b64 * stride_dkb + row0 * stride_dks + kvh * stride_dkh
+            tl.store(_head_base(DK, b64, row0, kvh, stride_dkb, stride_dks, stride_dkh)
                      + offs_n[:, None] * stride_dks + offs_d[None, :], zeros, mask=io_mask)
-            tl.store(DV + b64 * stride_dvb + row0 * stride_dvs + kvh * stride_dvh
+            tl.store(_head_base(DV, b64, row0, kvh, stride_dvb, stride_dvs, stride_dvh)
                      + offs_n[:, None] * stride_dvs + offs_d[None, :], zeros, mask=io_mask)
             return
-    k = tl.load(K + b64 * stride_kb + row0 * stride_ks + kvh * stride_kh
+    k = tl.load(_head_base(K, b64, row0, kvh, stride_kb, stride_ks, stride_kh)
                 + offs_n[:, None] * stride_ks + offs_d[None, :], mask=io_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + row0 * stride_vs + kvh * stride_vh
+    v = tl.load(_head_base(V, b64, row0, kvh, stride_vb, stride_vs, stride_vh)
                 + offs_n[:, None] * stride_vs + offs_d[None, :], mask=io_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -1045,8 +1042,8 @@ def _attn_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = kvh * GROUP + g
         bh = b * (num_kv_heads * GROUP) + h
-        q_base = Q + b64 * stride_qb + row0 * stride_qs + h * stride_qh
-        do_base = DO + b64 * stride_ob + row0 * stride_os + h * stride_oh
+        q_base = _head_base(Q, b64, row0, h, stride_qb, stride_qs, stride_qh)
+        do_base = _head_base(DO, b64, row0, h, stride_ob, stride_os, stride_oh)
         lse_off = b64 * stride_lb + h * stride_lh + row0
         if (CAUSAL or WINDOWED) or PAD_SKIP:
             dk, dv = _attn_bwd_dkdv_inner(
@@ -1069,9 +1066,9 @@ def _attn_bwd_dkdv_kernel(
         key_ok = tl.load(KPM + b64 * stride_mb + offs_n * stride_ms, mask=key_in, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
-    tl.store(DK + b64 * stride_dkb + row0 * stride_dks + kvh * stride_dkh
+    tl.store(_head_base(DK, b64, row0, kvh, stride_dkb, stride_dks, stride_dkh)
              + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=io_mask)
-    tl.store(DV + b64 * stride_dvb + row0 * stride_dvs + kvh * stride_dvh
+    tl.store(_head_base(DV, b64, row0, kvh, stride_dvb, stride_dvs, stride_dvh)
              + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=io_mask)
 
 

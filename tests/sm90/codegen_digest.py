@@ -1,0 +1,123 @@
+"""Fingerprint the sm_90 code of a set of kernel cases, to show that a refactor changed no generated code.
+
+``python tests/sm90/codegen_digest.py OUT.json [--only SUBSTRING ...] [--causal SUBSTRING ...]`` compiles the cases of
+``cases.py`` whose names contain any ``--only`` string (and, for those containing a ``--causal`` string, a copy with
+``CAUSAL=True``)
+and writes, per case, a SHA-256 of the SASS (``cuobjdump -sass``: instructions and their encodings, no line info)
+and of the PTX with its ``.loc`` / ``.file`` lines and debug sections removed (source lines move in a refactor),
+the SASS instruction count, registers, spills and shared memory. ``--compare BEFORE.json AFTER.json`` prints the
+cases whose fingerprints differ. ``TRITON_INTERPRET`` must be unset or 0, as for ``compile.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `sm90` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _sass(cubin: bytes) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True, text=True).stdout
+
+
+def _ptx_without_debug(ptx: str) -> str:
+    ptx = re.sub(r"^\s*\.section\s+\.debug_\w+\s*\{.*?^\s*\}", "", ptx, flags=re.S | re.M)
+    # and the labels that only the debug sections use
+    return "\n".join(line for line in ptx.splitlines() if not re.match(r"\s*(\.(loc|file)\b|\$L__tmp\d+:)", line))
+
+
+def digest_case(case: dict, dump: str = "") -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from sm90.compile import _TARGET, _resource_usage, _source
+
+    result = {"name": case["name"]}
+    try:
+        compiled = triton.compile(_source(case), target=GPUTarget(*_TARGET),
+                                  options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+        cubin = compiled.asm["cubin"]
+        sass = _sass(cubin)
+        instructions = [line for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+        usage = _resource_usage(cubin)
+        if dump:  # the texts behind the digests, to read what differs
+            Path(dump, case["name"] + ".sass").write_text(sass)
+            Path(dump, case["name"] + ".ptx").write_text(_ptx_without_debug(compiled.asm["ptx"]))
+        result.update(sass_sha256=hashlib.sha256("\n".join(instructions).encode()).hexdigest(),
+                      ptx_sha256=hashlib.sha256(_ptx_without_debug(compiled.asm["ptx"]).encode()).hexdigest(),
+                      instructions=len(instructions), registers=usage["reg"],
+                      spill_bytes=usage.get("stack", 0) + usage.get("local", 0),
+                      shared=max(int(compiled.metadata.shared), usage.get("shared", 0)))
+    except Exception as exc:  # noqa: BLE001 - reported per case
+        result["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+    return result
+
+
+def _cases(only: list[str], causal: list[str]) -> list[dict]:
+    from sm90.cases import all_cases
+
+    cases = [case for case in all_cases() if any(part in case["name"] for part in only)]
+    cases += [dict(case, name=case["name"] + "-causal", constexprs=dict(case["constexprs"], CAUSAL=True))
+              for case in cases if "CAUSAL" in case["constexprs"] and any(part in case["name"] for part in causal)]
+    return cases
+
+
+def compare(before: dict, after: dict) -> int:
+    keys = ("sass_sha256", "ptx_sha256", "instructions", "registers", "spill_bytes", "shared")
+    differ = 0
+    for name in sorted(set(before) | set(after)):
+        a, b = before.get(name, {}), after.get(name, {})
+        if "error" in a or "error" in b or not a or not b:
+            print(f"{name}: missing or failed ({a.get('error', '') or b.get('error', '') or 'absent'})")
+            differ += 1
+        elif any(a[k] != b[k] for k in keys):
+            print(f"{name}: " + ", ".join(f"{k} {a[k]} -> {b[k]}" for k in keys if a[k] != b[k]))
+            differ += 1
+    same = len(set(before) & set(after)) - differ
+    print(f"{len(set(before) | set(after))} cases, {same} identical SASS and PTX, {differ} different")
+    return 1 if differ else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path, nargs="?")
+    parser.add_argument("--only", action="append", default=[], help="compile cases whose name contains this")
+    parser.add_argument("--causal", action="append", default=[], help="also these cases with CAUSAL=True")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dump", default="", help="also write each case's SASS and PTX into this folder")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(p.read_text()) for p in args.compare)
+        return compare(before, after)
+    if args.out is None or not args.only:
+        parser.error("OUT and at least one --only are needed (or --compare BEFORE AFTER)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET must be unset or 0: the interpreter has nothing to compile")
+    cases = _cases(args.only, args.causal)
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        results = {r["name"]: r for r in pool.map(digest_case, cases, [args.dump] * len(cases), chunksize=1)}
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    failed = [name for name, r in results.items() if "error" in r]
+    print(f"{len(results)} cases, {len(failed)} failed" + "".join(f"\n  {n}: {results[n]['error']}" for n in failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
