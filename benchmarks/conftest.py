@@ -54,3 +54,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def perf_record():
     """The ``record`` helper as a fixture (same signature)."""
     return record
+
+
+def cuda_first_call(step, what: str):
+    """Call ``step`` once on CUDA (the call that compiles and autotunes) and return the peak memory it allocated
+    beyond what was allocated before, in bytes, and ``step`` followed by a synchronize (what to time). Skips the
+    test where that call runs out of GPU memory (``what`` says what ran out) and in the compile warm-up run."""
+    import torch
+    from perf_table import skip_if_compile_warmup
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        step()
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{what} runs out of GPU memory")
+    peak = torch.cuda.max_memory_allocated() - base
+    skip_if_compile_warmup()
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+
+    return peak, synced
+
+
+@pytest.fixture
+def cuda_step():
+    """The ``cuda_first_call`` helper as a fixture (same signature)."""
+    return cuda_first_call

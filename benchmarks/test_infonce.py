@@ -25,7 +25,6 @@ import torch
 
 from llm2vec_fast.kernels._dispatch import use_triton
 from llm2vec_fast.kernels.infonce import info_nce_loss, info_nce_loss_reference
-from perf_table import skip_if_compile_warmup
 
 SCALE = 50.0
 CUDA_BATCHES = [8192, 65536]  # a mid size and the target's B = 64K
@@ -105,26 +104,12 @@ def test_infonce_cpu(benchmark, perf_record, provider, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", CUDA_PROVIDERS)
 @pytest.mark.parametrize("batch", CUDA_BATCHES)
-def test_infonce_cuda(benchmark, perf_record, provider, batch):
+def test_infonce_cuda(benchmark, perf_record, cuda_step, provider, batch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     dim = 4096
     tensors = _inputs(batch, dim, torch.bfloat16, "cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        _step(provider, tensors)
-        torch.cuda.synchronize()
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{provider} runs out of GPU memory at B={batch}, D={dim}")
-    peak = torch.cuda.max_memory_allocated() - base
-    skip_if_compile_warmup()
-
-    def run():
-        _step(provider, tensors)
-        torch.cuda.synchronize()
-
+    peak, run = cuda_step(lambda: _step(provider, tensors), f"{provider} at B={batch}, D={dim}")
     benchmark.group = f"infonce cuda bf16 D={dim} B={batch}"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     perf_record(benchmark, suite="infonce (bf16, CUDA)", case=f"B {batch} N {batch} D {dim}", mode="fwd+bwd",

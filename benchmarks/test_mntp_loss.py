@@ -30,7 +30,6 @@ import pytest
 import torch
 
 from llm2vec_fast.kernels.mntp_loss import masked_next_token_loss, masked_next_token_loss_reference
-from perf_table import skip_if_compile_warmup
 
 LABELLED = 0.2
 CPU_SHAPE = dict(batch=2, seq=2048, hidden=576, vocab=49152)
@@ -160,7 +159,7 @@ CUDA_PROVIDERS = [
 
 @pytest.mark.parametrize("head", ["trained", "frozen"])
 @pytest.mark.parametrize("provider", CUDA_PROVIDERS)
-def test_mntp_loss_cuda(benchmark, perf_record, provider, head):
+def test_mntp_loss_cuda(benchmark, perf_record, cuda_step, provider, head):
     """``frozen``: the LM head needs no gradient, as in LoRA MNTP (no ``d weight`` buffer at all)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (targets there: peak memory <= 3% and time <= 0.35x of the full-logits path)")
@@ -168,21 +167,7 @@ def test_mntp_loss_cuda(benchmark, perf_record, provider, head):
     h, w, labels = _inputs(**shape, dtype=torch.bfloat16, device="cuda")
     if head == "frozen":
         w.requires_grad_(False)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    try:
-        _step(provider, h, w, labels)
-        torch.cuda.synchronize()
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{provider} runs out of GPU memory at {shape}")
-    peak = torch.cuda.max_memory_allocated() - base
-    skip_if_compile_warmup()
-
-    def run():
-        _step(provider, h, w, labels)
-        torch.cuda.synchronize()
-
+    peak, run = cuda_step(lambda: _step(provider, h, w, labels), f"{provider} at {shape}")
     benchmark.group = "mntp loss cuda bf16 tokens={} vocab={vocab} hidden={hidden} head {}".format(
         shape["batch"] * shape["seq"], head, **shape)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
