@@ -587,24 +587,15 @@ def test_variant_names_are_checked_and_restored():
     with pytest.raises(ValueError, match="unknown attention variant"):
         with attention_variants(pading="skip"):
             pass
-    with pytest.raises(ValueError, match="choose from"):
-        with attention_variants(padding="fast"):
-            pass
-    with attention_variants(padding="skip"):
-        assert _VARIANT["padding"] == "skip"
-    assert _VARIANT["padding"] == "mask"
-    with pytest.raises(ValueError, match="choose from"):
-        with attention_variants(forward="tma"):
-            pass
-    with attention_variants(forward="tma_ws"):
-        assert _VARIANT["forward"] == "tma_ws"
-    assert _VARIANT["forward"] == "default"
-    with pytest.raises(ValueError, match="choose from"):
-        with attention_variants(dkdv="wg128"):
-            pass
-    with attention_variants(dkdv="wg64"):
-        assert _VARIANT["dkdv"] == "wg64"
-    assert _VARIANT["dkdv"] == "default"
+    # (setting, a choice it does not have, one it has, its default)
+    for name, wrong, choice, default in (("padding", "fast", "skip", "mask"), ("forward", "tma", "tma_ws", "default"),
+                                         ("dkdv", "wg128", "wg64", "default")):
+        with pytest.raises(ValueError, match="choose from"):
+            with attention_variants(**{name: wrong}):
+                pass
+        with attention_variants(**{name: choice}):
+            assert _VARIANT[name] == choice
+        assert _VARIANT[name] == default
 
 
 # ---------------------------------------------------------------------------------------------------------
