@@ -1,12 +1,17 @@
 """Fingerprint the sm_90 code of a set of kernel cases, to show that a refactor changed no generated code.
 
-``python tests/sm90/codegen_digest.py OUT.json [--only SUBSTRING ...] [--causal SUBSTRING ...]`` compiles the cases of
-``cases.py`` whose names contain any ``--only`` string (and, for those containing a ``--causal`` string, a copy with
-``CAUSAL=True``)
-and writes, per case, a SHA-256 of the SASS (``cuobjdump -sass``: instructions and their encodings, no line info)
-and of the PTX with its ``.loc`` / ``.file`` lines and debug sections removed (source lines move in a refactor),
-the SASS instruction count, registers, spills and shared memory. ``--compare BEFORE.json AFTER.json`` prints the
-cases whose fingerprints differ. ``TRITON_INTERPRET`` must be unset or 0, as for ``compile.py``.
+``python tests/sm90/codegen_digest.py OUT.json [--only SUBSTRING ...] [--causal SUBSTRING ...]`` compiles the
+cases of ``cases.py`` whose names contain an ``--only`` string (and a ``CAUSAL=True`` copy of those that contain a
+``--causal`` string; without ``--only``, the ``REPRESENTATIVE`` set below) and writes, per case, a SHA-256 of the
+SASS (``cuobjdump -sass``: instructions and their encodings), a SHA-256 of the PTX without its line table
+(``.loc`` / ``.file``, the debug sections and their ``$L__tmp`` labels: source lines move in a refactor), the SASS
+instruction count, registers, spills and shared memory. ``--compare BEFORE.json AFTER.json`` lists the cases that
+differ. Run the "before" side from a copy of the old tree (``git archive REV | tar -x -C DIR``, ``PYTHONPATH=DIR``),
+each side with its own ``TRITON_CACHE_DIR``.
+
+ptxas reads the line table (``-lineinfo``), and every inlined ``@triton.jit`` helper adds scopes to it, so the same
+PTX can be scheduled differently; ``TRITON_DISABLE_LINE_INFO=1`` on both sides tells the two apart (docs/PERF.md).
+``TRITON_INTERPRET`` must be unset or 0, as for ``compile.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,48 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `sm90` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+#: without --only: 30 attention cases (fwd, dQ, dK/dV, dK/dV wg64, the TMA forward; plain, GQA, varlen, padding,
+#: padding="skip", dropout with both RNGs, soft-cap+window; bf16/fp16/fp32; hd 64/96/128), 4 of them also causal
+REPRESENTATIVE = (
+    "_attn_fwd_kernel-bf16-d64-plain-",
+    "_attn_fwd_kernel-bf16-d128-varlen-gqa-",
+    "_attn_fwd_kernel-bf16-d64-dropout-",
+    "_attn_fwd_kernel-bf16-d128-dropout4x-",
+    "_attn_fwd_kernel-bf16-d64-padskip-gqa-",
+    "_attn_fwd_kernel-bf16-d128-softcap-window-gqa-",
+    "_attn_fwd_kernel-bf16-d96-padding-dropout-gqa-",
+    "_attn_fwd_kernel-fp16-d64-padding-dropout4x-gqa-",
+    "_attn_fwd_kernel-fp32-d128-padding-dropout-gqa-",
+    "_attn_bwd_dq_kernel-bf16-d64-plain-",
+    "_attn_bwd_dq_kernel-bf16-d128-varlen-dropout-gqa-",
+    "_attn_bwd_dq_kernel-bf16-d64-padskip-gqa-",
+    "_attn_bwd_dq_kernel-bf16-d128-softcap-window-gqa-",
+    "_attn_bwd_dq_kernel-bf16-d96-padding-gqa-",
+    "_attn_bwd_dq_kernel-bf16-d64-padding-dropout4x-gqa-",
+    "_attn_bwd_dq_kernel-fp16-d64-padding-dropout-gqa-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-plain-",
+    "_attn_bwd_dkdv_kernel-bf16-d128-varlen-gqa-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-dropout4x-",
+    "_attn_bwd_dkdv_kernel-bf16-d96-padding-dropout-gqa-",
+    "_attn_bwd_dkdv_kernel-bf16-d128-softcap-window-gqa-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-padskip-gqa-",
+    "_attn_bwd_dkdv_kernel-fp32-d128-padding-dropout-gqa-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-padding-gqa+wg64-64x128w8s2",
+    "_attn_bwd_dkdv_kernel-bf16-d96-plain+wg64",
+    "_attn_bwd_dkdv_kernel-fp16-d64-plain+wg64",
+    "_attn_bwd_dkdv_kernel-bf16-d64-varlen-gqa+wg64",
+    "_attn_fwd_tma_kernel-bf16-d64-plain-",
+    "_attn_fwd_tma_kernel-bf16-d128-varlen-gqa-",
+    "_attn_fwd_tma_kernel-bf16-d64-padding-gqa-128x128w8s3",
+)
+REPRESENTATIVE_CAUSAL = (
+    "_attn_fwd_kernel-bf16-d64-plain-",
+    "_attn_bwd_dq_kernel-bf16-d64-plain-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-plain-",
+    "_attn_bwd_dkdv_kernel-bf16-d64-padding-gqa+wg64",
+)
 
 
 def _sass(cubin: bytes) -> str:
@@ -106,8 +153,10 @@ def main(argv=None) -> int:
     if args.compare:
         before, after = (json.loads(p.read_text()) for p in args.compare)
         return compare(before, after)
-    if args.out is None or not args.only:
-        parser.error("OUT and at least one --only are needed (or --compare BEFORE AFTER)")
+    if args.out is None:
+        parser.error("OUT is needed (or --compare BEFORE AFTER)")
+    if not args.only:
+        args.only, args.causal = list(REPRESENTATIVE), list(REPRESENTATIVE_CAUSAL)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET must be unset or 0: the interpreter has nothing to compile")
     cases = _cases(args.only, args.causal)
