@@ -175,11 +175,9 @@ def _read_parquet(path: Path, text_field: str, id_field: str | None, wanted) -> 
         for j, text in enumerate(texts):
             if wanted is None or wanted(index):
                 row_id = ids[j] if ids is not None else index
-                if isinstance(text, str):
-                    yield Row(index, row_id, text)
-                else:
-                    problem = f"{path}: row {index}: column {text_field!r} is {'null' if text is None else type(text).__name__}"
-                    yield Row(index, row_id, None, problem)
+                kind = "null" if text is None else type(text).__name__
+                yield (Row(index, row_id, text) if isinstance(text, str)
+                       else Row(index, row_id, None, f"{path}: row {index}: column {text_field!r} is {kind}"))
             index += 1
 
 
@@ -608,11 +606,10 @@ def check_model(settings: CorpusSettings) -> None:
 
 def load_encoder(settings: CorpusSettings, device):
     """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``,
-    compiled with ``settings.compile``."""
+    compiled with ``settings.compile``. Callers run ``check_model`` first, once, before anything heavy."""
     from .encoder import LLM2Vec
     from .dtypes import resolve_dtype
 
-    check_model(settings)
     model_dtype = settings.model_dtype if settings.model_dtype != "auto" or device.type == "cuda" else "float32"
     encoder = LLM2Vec.from_pretrained(
         settings.model, peft_model_name_or_path=list(settings.adapters) or None, merge_peft=True,

@@ -83,6 +83,7 @@ class EmbedBatch:
         self.settings.validate()
         self.output_format, self.text_column, self.id_column = output_format, text_column, id_column
         self.embedding_column, self.keep_columns = embedding_column, list(keep_columns)
+        corpus.check_model(self.settings)  # a model name that names nothing fails in one line, before loading
         self.encoder, self.device, self.instruction = corpus.prepare_encoder(self.settings)
         self.width = self.settings.truncate_dim or int(self.encoder.model.config.hidden_size)
         self.ranges = None
