@@ -135,6 +135,14 @@ def compute_rotary_once(model: torch.nn.Module) -> int:
     return count
 
 
+def float_attributes_constant():
+    """The torch.compile setting every compiled call of ours is traced under (``specialize_float``): float module
+    attributes (epsilons, LoRA's ``scaling``, ``nn.Embedding.norm_type``) stay constants, where ``dynamic=True``
+    would make them graph inputs that inductor then specializes one by one, tracing the model a second time. Read
+    when a graph is traced, i.e. on a call, so it is set around the calls (a context manager)."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
 def is_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module.compile()`` was called on it (:func:`compile_model` compiles in place)."""
     return getattr(module, "_compiled_call_impl", None) is not None

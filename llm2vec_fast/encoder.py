@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .batching import length_sorted_batches
 from .batching import PaddedBatch
 from .builtin_models import resolve_model
-from .compilation import compute_rotary_once, is_compiled
+from .compilation import compute_rotary_once, float_attributes_constant, is_compiled
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def _is_pair(item: Any) -> bool:
@@ -286,14 +287,12 @@ class LLM2Vec(torch.nn.Module):
         """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so ``encode`` and
         ``forward`` set them around their calls of a compiled model (a no-op context for an eager one):
 
-        - ``specialize_float``: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``) stay
-          constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
-          one, tracing the whole model a second time;
+        - float attributes kept constant (``compilation.float_attributes_constant``);
         - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it, and its ``options``."""
         settings = contextlib.ExitStack()
         if not is_compiled(self.model):
             return settings
-        settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        settings.enter_context(float_attributes_constant())
         if self._inductor_freezing or self._inductor_options:
             from torch._inductor import config
 

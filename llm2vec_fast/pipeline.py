@@ -116,7 +116,8 @@ class TextTokenizer:
                                  max_length=self.max_length, return_offsets_mapping=True)
         out = []
         for i, (_, boundary) in enumerate(joined):
-            ids, offsets, sequence_ids = list(encoded["input_ids"][i]), encoded["offset_mapping"][i], encoded.sequence_ids(i)
+            ids, offsets = list(encoded["input_ids"][i]), encoded["offset_mapping"][i]
+            sequence_ids = encoded.sequence_ids(i)
             truncated = trimmed[i] or bool(encoded.encodings[i].overflowing)
             if not ids:  # nothing to encode at all (empty text, no instruction, no BOS): EOS stands for it
                 out.append(EncodedText([self.tokenizer.eos_token_id], [1], truncated, pooled_whole=True))
