@@ -70,10 +70,9 @@ def compiler_unavailable_reason(device: torch.device | str | None = None, backen
     return None
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without one)."""
+    return next((parameter.device for parameter in module.parameters()), torch.device("cpu"))
 
 
 def compile_model(module: torch.nn.Module, *, dynamic: bool | None = True, fullgraph: bool = True,
@@ -88,7 +87,7 @@ def compile_model(module: torch.nn.Module, *, dynamic: bool | None = True, fullg
     the module uncompiled (eager)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"compile_model takes a torch.nn.Module, got {type(module).__name__}")
-    reason = compiler_unavailable_reason(_module_device(module), backend)
+    reason = compiler_unavailable_reason(module_device(module), backend)
     if reason is not None:
         if not fallback:
             raise CompilerUnavailableError(f"cannot compile with backend={backend!r}: {reason}")

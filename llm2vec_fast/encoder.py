@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import length_sorted_batches
-from .batching import PaddedBatch
+from .batching import PaddedBatch, length_sorted_batches
 from .builtin_models import resolve_model
-from .compilation import compute_rotary_once, float_attributes_constant, is_compiled
+from .compilation import compute_rotary_once, float_attributes_constant, is_compiled, module_device
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -68,6 +67,11 @@ def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
     return batch
 
 
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _weights_fingerprint(model: torch.nn.Module) -> tuple:
     """Each parameter's and buffer's storage and version counter: changes when one is updated in place or
     replaced."""
@@ -81,20 +85,9 @@ class LLM2Vec(torch.nn.Module):
     bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed).
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        pooling_mode: str = "mean",
-        max_length: int = 512,
-        doc_max_length: int = 400,
-        skip_instruction: bool = True,
-        *,
-        name_or_path: str = "",
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        max_padding: float | None = 0.25,
-    ):
+    def __init__(self, model, tokenizer, pooling_mode: str = "mean", max_length: int = 512, doc_max_length: int = 400,
+                 skip_instruction: bool = True, *, name_or_path: str = "", max_batch_tokens: int | None = None,
+                 packed: bool | None = None, max_padding: float | None = 0.25):
         super().__init__()
         check_pooling_mode(pooling_mode)
         self.model = model
@@ -122,20 +115,11 @@ class LLM2Vec(torch.nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(
-        cls,
-        base_model_name_or_path: str,
-        peft_model_name_or_path: str | Sequence[str] | None = None,
-        merge_peft: bool = False,
-        enable_bidirectional: bool = True,
-        pooling_mode: str | None = None,
-        max_length: int | None = None,
-        doc_max_length: int | None = None,
-        skip_instruction: bool | None = None,
-        attention_impl: str = "auto",
-        compile: bool | str = False,
-        **model_kwargs: Any,
-    ) -> "LLM2Vec":
+    def from_pretrained(cls, base_model_name_or_path: str, peft_model_name_or_path: str | Sequence[str] | None = None,
+                        merge_peft: bool = False, enable_bidirectional: bool = True, pooling_mode: str | None = None,
+                        max_length: int | None = None, doc_max_length: int | None = None,
+                        skip_instruction: bool | None = None, attention_impl: str = "auto", compile: bool | str = False,
+                        **model_kwargs: Any) -> "LLM2Vec":
         """Load as llm2vec 0.2.3 does.
 
         - ``base_model_name_or_path``: hub id, local directory or built-in name (``smollm2-135m``). An adapter
@@ -167,8 +151,7 @@ class LLM2Vec(torch.nn.Module):
         if os.path.isfile(os.path.join(base, "adapter_config.json")):
             beside_adapter = base
             if not any(os.path.isfile(os.path.join(base, f)) for f in _WEIGHT_FILES):
-                with open(os.path.join(base, "adapter_config.json"), encoding="utf-8") as handle:
-                    weights_from = json.load(handle).get("base_model_name_or_path") or ""
+                weights_from = _read_json(os.path.join(base, "adapter_config.json")).get("base_model_name_or_path")
                 if not weights_from:
                     raise ValueError(f"{base} holds an adapter but no weights and no base_model_name_or_path")
                 weights_from = resolve_model(weights_from)
@@ -179,12 +162,9 @@ class LLM2Vec(torch.nn.Module):
 
         logger.info("Loading %s", weights_from)
         model = AutoModel.from_pretrained(weights_from, **model_kwargs)
-        name = base
+        # llm2vec takes the name used by prepare_for_tokenization from the local config.json.
         config_file = os.path.join(base, "config.json")
-        if os.path.isdir(base) and os.path.isfile(config_file):
-            # llm2vec takes the name used by prepare_for_tokenization from the local config.json.
-            with open(config_file, encoding="utf-8") as handle:
-                name = json.load(handle).get("_name_or_path", "")
+        name = _read_json(config_file).get("_name_or_path", "") if os.path.isfile(config_file) else base
 
         if beside_adapter is not None:
             from peft import PeftModel
@@ -206,19 +186,14 @@ class LLM2Vec(torch.nn.Module):
             if merge_peft or position < len(adapters) - 1:
                 model = model.merge_and_unload()
 
-        settings: dict[str, Any] = {}
-        config_dir = str(adapters[-1]) if adapters else base
-        config_path = os.path.join(config_dir, LLM2VEC_CONFIG)
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                stored = json.load(handle)
-            unknown = set(stored) - set(ENCODER_KEYS)
-            if unknown:
-                logger.warning("Ignoring unknown keys %s in %s", sorted(unknown), config_path)
-            settings.update({k: v for k, v in stored.items() if k in ENCODER_KEYS})
+        config_path = os.path.join(str(adapters[-1]) if adapters else base, LLM2VEC_CONFIG)
+        stored = _read_json(config_path) if os.path.isfile(config_path) else {}
+        if set(stored) - set(ENCODER_KEYS):
+            logger.warning("Ignoring unknown keys %s in %s", sorted(set(stored) - set(ENCODER_KEYS)), config_path)
         explicit = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length,
                         skip_instruction=skip_instruction)
-        settings.update({k: v for k, v in explicit.items() if v is not None})
+        settings = {**{k: v for k, v in stored.items() if k in ENCODER_KEYS},
+                    **{k: v for k, v in explicit.items() if v is not None}}
 
         from .bidirectional import IMPLEMENTATIONS, patch
 
@@ -383,28 +358,13 @@ class LLM2Vec(torch.nn.Module):
         return device.type == "cuda" and is_patched(self.model)
 
     @torch.no_grad()
-    def encode(
-        self,
-        sentences: str | Sequence[str] | Sequence[Sequence[str]],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        device: str | torch.device | None = None,
-        normalize_embeddings: bool = False,
-        output_value: str = "sentence_embedding",
-        *,
-        prompt: str | None = None,
-        prompt_name: str | None = None,
-        truncate_dim: int | None = None,
-        precision: str = "float32",
-        pool: dict[str, Any] | None = None,
-        chunk_size: int | None = None,
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        ranges: np.ndarray | None = None,
-        calibration_embeddings: np.ndarray | None = None,
-    ):
+    def encode(self, sentences: str | Sequence[str] | Sequence[Sequence[str]], batch_size: int = 32,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               device: str | torch.device | None = None, normalize_embeddings: bool = False,
+               output_value: str = "sentence_embedding", *, prompt: str | None = None, prompt_name: str | None = None,
+               truncate_dim: int | None = None, precision: str = "float32", pool: dict[str, Any] | None = None,
+               chunk_size: int | None = None, max_batch_tokens: int | None = None, packed: bool | None = None,
+               ranges: np.ndarray | None = None, calibration_embeddings: np.ndarray | None = None):
         """Embed strings or ``[instruction, text]`` pairs; the result keeps the input order.
 
         Returns ``(n, dim)`` float32 (numpy by default, a tensor with ``convert_to_tensor``), or ``(dim,)`` for
@@ -516,23 +476,15 @@ class LLM2Vec(torch.nn.Module):
             stop_multi_process_pool(pool)
 
     @torch.no_grad()
-    def encode_tokenized(
-        self,
-        encoded: list[EncodedText],
-        *,
-        batch_size: int = 32,
-        device: str | torch.device | None = None,
-        output_value: str = "sentence_embedding",
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        show_progress_bar: bool = False,
-        progress: Any = None,
-    ):
+    def encode_tokenized(self, encoded: list[EncodedText], *, batch_size: int = 32,
+                         device: str | torch.device | None = None, output_value: str = "sentence_embedding",
+                         max_batch_tokens: int | None = None, packed: bool | None = None,
+                         show_progress_bar: bool = False, progress: Any = None):
         """Run already tokenized inputs through the model: ``(n, dim)`` float32 CPU tensor in input order
         (a list of per-text tensors for ``token_embeddings``). ``progress``: anything with ``update(n)`` (a
         tqdm), told after each batch how many texts it held."""
-        device = torch.device(device) if device is not None else self._model_device()
-        if self._model_device() != device:
+        device = torch.device(device) if device is not None else module_device(self.model)
+        if module_device(self.model) != device:
             self.model.to(device)
         self._check_frozen_weights()
         packed = self._default_packed(device) if packed is None else packed
@@ -583,12 +535,6 @@ class LLM2Vec(torch.nn.Module):
                 progress.update(len(batch))
         bar.close()
         return results if output_value == "token_embeddings" else torch.stack(results)
-
-    def _model_device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
 
     def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
         """llm2vec's forward: padded features (``input_ids``, ``attention_mask``, ``embed_mask``; optional
