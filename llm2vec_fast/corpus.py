@@ -459,30 +459,19 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, instruction: str
     budget = next((b for b in (settings.max_batch_tokens, encoder.max_batch_tokens) if b is not None),
                   settings.batch_size * encoder.max_length)
     parameter = next(encoder.model.parameters(), None)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": _resolved_name(settings.model),
-        "adapters": [_resolved_name(str(a)) for a in settings.adapters],
-        "input": fingerprint,
-        "text_field": settings.text_field,
-        "id_field": settings.id_field,
-        "instruction": instruction,
-        "batch_size": settings.batch_size,
-        "max_batch_tokens": budget,
-        **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode", "skip_instruction",
-                                                  "max_padding")},
-        "dtype": settings.dtype if settings.precision == "float32" else None,
-        "truncate_dim": settings.truncate_dim,
-        "precision": settings.precision,
-        "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
-        "format": format,
-        "id_type": id_type,
-        "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
-        "shard_size": settings.shard_size,
-        "normalize": bool(settings.normalize),
-        "device_type": device.type,
-        "attention_impl": settings.attention_impl,
-    }
+    return {"format_version": FORMAT_VERSION, "model": _resolved_name(settings.model),
+            "adapters": [_resolved_name(str(a)) for a in settings.adapters], "input": fingerprint,
+            "text_field": settings.text_field, "id_field": settings.id_field, "instruction": instruction,
+            "batch_size": settings.batch_size, "max_batch_tokens": budget,
+            **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode",
+                                                      "skip_instruction", "max_padding")},
+            "dtype": settings.dtype if settings.precision == "float32" else None,
+            "truncate_dim": settings.truncate_dim, "precision": settings.precision,
+            "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
+            "format": format, "id_type": id_type,
+            "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
+            "shard_size": settings.shard_size, "normalize": bool(settings.normalize), "device_type": device.type,
+            "attention_impl": settings.attention_impl}
 
 
 def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
@@ -905,10 +894,7 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     if totals["truncated"]:
         logger.info("%d text(s) were longer than the limits and truncated", totals["truncated"])
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "complete": True,
-        "model": pinned["model"],
-        "adapters": pinned["adapters"],
+        "format_version": FORMAT_VERSION, "complete": True, "model": pinned["model"], "adapters": pinned["adapters"],
         "input_path": str(source.resolve()),
         "encoder": {k: getattr(encoder, k) for k in ("pooling_mode", "max_length", "doc_max_length",
                                                       "skip_instruction")},
@@ -917,12 +903,9 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
         "format": format,
         "dim": stored.shape[1],  # columns of the stored embeddings (bytes per row for binary/ubinary)
         "embedding_dim": embedding_dim,  # dimensions (after truncate_dim)
-        "dtype": stored.dtype.name,
-        "precision": settings.precision,
+        "dtype": stored.dtype.name, "precision": settings.precision,
         "quantization_ranges": RANGES_FILE if settings.precision in ("int8", "uint8") else None,
-        "counts": totals,
-        "bad_rows": bad_rows,
-        "shards": shards,
+        "counts": totals, "bad_rows": bad_rows, "shards": shards,
         "settings_sha256": hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest(),
     }
     _write_json(output / "manifest.json", manifest, indent=2)
