@@ -75,14 +75,8 @@ def _moved(batch, device):
                                          for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))})
 
 
-def length_sorted_batches(
-    lengths: Sequence[int],
-    *,
-    batch_size: int,
-    max_batch_tokens: int | None = None,
-    packed: bool = False,
-    max_padding: float | None = None,
-) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], *, batch_size: int, max_batch_tokens: int | None = None,
+                          packed: bool = False, max_padding: float | None = None) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches, longest texts first.
 
     A batch holds at most ``batch_size`` texts and costs at most ``max_batch_tokens`` tokens: the sum of the

@@ -128,13 +128,8 @@ def patch_settings(model: nn.Module) -> dict[str, Any] | None:
             "bidirectional": state["bidirectional"]}
 
 
-def patch(
-    model: nn.Module,
-    *,
-    attention_impl: str = "auto",
-    attention_dropout: float | None = None,
-    bidirectional: bool = True,
-) -> nn.Module:
+def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: float | None = None,
+          bidirectional: bool = True) -> nn.Module:
     """Make a Hugging Face decoder bidirectional, running ``llm2vec_fast.kernels.bidirectional_attention``.
 
     Args:
