@@ -35,6 +35,10 @@ def _help(text: str, **metadata) -> dict[str, Any]:
     return {"help": text, **metadata}
 
 
+_MAX_WALL_SECONDS = ("stop the training loop cleanly after this many seconds (model loading not counted), save the "
+                     "adapter and record steps done of planned in training_progress.json; null: no limit")
+
+
 def check_max_wall_seconds(value) -> None:
     """The stages' ``max_wall_seconds``: None (no limit) or a positive number of seconds (not a bool, not NaN).
     The one check, for the config dataclasses and :class:`~llm2vec_fast.training.trainer.WallClockGuard`."""
@@ -92,9 +96,7 @@ class MNTPArguments:
         "fused: our kernel, no (tokens, vocab) logits; full_logits: plain LM head + cross-entropy", choices=LOSSES))
     loss_impl: str = field(default="auto", metadata=_help(
         "the fused loss's impl; auto: Triton on CUDA, chunked PyTorch elsewhere", choices=IMPLEMENTATIONS))
-    max_wall_seconds: float | None = field(default=None, metadata=_help(
-        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
-        "and record steps done of planned in training_progress.json; null: no limit"))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(_MAX_WALL_SECONDS))
 
     def __post_init__(self):
         if not 0.0 < self.mask_probability <= 1.0:
@@ -127,9 +129,7 @@ class ContrastiveArguments:
     mask_false_negatives: bool = field(default=True, metadata=_help(
         "leave out of each query's softmax the documents that are the same text as its positive (text hashes "
         "from the collator, gathered across ranks); false: llm2vec's loss"))
-    max_wall_seconds: float | None = field(default=None, metadata=_help(
-        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
-        "and record steps done of planned in training_progress.json; null: no limit"))
+    max_wall_seconds: float | None = field(default=None, metadata=_help(_MAX_WALL_SECONDS))
     csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
     dataset_from_file_name: bool = field(default=False, metadata=_help(
         "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))

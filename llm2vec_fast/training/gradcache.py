@@ -113,15 +113,10 @@ def backward_chunks(encode: Callable[[Any], torch.Tensor], groups: Sequence[Sequ
         offset += reps.shape[0]
 
 
-def grad_cache_step(
-    encode: Callable[[Any], torch.Tensor],
-    groups: Sequence[Sequence[Any]],
-    loss_fn: Callable[..., torch.Tensor],
-    *,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-    replay_rng: bool = True,
-) -> torch.Tensor:
+def grad_cache_step(encode: Callable[[Any], torch.Tensor], groups: Sequence[Sequence[Any]],
+                    loss_fn: Callable[..., torch.Tensor], *, backward: Callable[[torch.Tensor], None] | None = None,
+                    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    replay_rng: bool = True) -> torch.Tensor:
     """Run one GradCache forward/backward and return the loss (detached).
 
     Args:

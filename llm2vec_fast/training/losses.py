@@ -49,8 +49,7 @@ class MNTPLoss(nn.Module):
         head = causal_lm.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(causal_lm).__name__} has no output embeddings (LM head) to train MNTP with")
-        config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") \
-            else causal_lm.config
+        config = causal_lm.config.get_text_config()
         return cls(head, logit_softcap=getattr(config, "final_logit_softcapping", None), **kwargs)
 
     @property
