@@ -29,6 +29,7 @@ with a batch of several rows each row also starts a sequence.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import Any
@@ -309,12 +310,8 @@ def _requested_causal(module: nn.Module, is_causal: bool | None) -> bool:
     return bool(getattr(module, "is_causal", False))
 
 
-_warned_output_attentions = False
-
-
+@functools.cache  # once per process
 def _warn_output_attentions() -> None:
-    global _warned_output_attentions
-    _warned_output_attentions = True
     logger.warning("llm2vec_fast attention does not return attention weights: output_attentions=True gives None")
 
 
@@ -366,7 +363,7 @@ def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         raise ValueError(f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a model patched "
                          "by llm2vec_fast cannot use a key/value cache. Pass use_cache=False, or unpatch the model to "
                          "generate.")
-    if kwargs.get("output_attentions") and not _warned_output_attentions:
+    if kwargs.get("output_attentions"):
         _warn_output_attentions()
 
     window = kernel_window(module, kwargs.get("sliding_window"), causal=causal)
@@ -424,16 +421,10 @@ def _make_attention_function(impl: str, causal: bool):
     return attention_forward
 
 
-_registered = False
-
-
+@functools.cache
 def register() -> None:
     """Register our attention functions and mask builder under every name of ``ATTENTION_NAMES`` (once)."""
-    global _registered
-    if _registered:
-        return
     for causal, names in ((False, ATTENTION_NAMES), (True, CAUSAL_ATTENTION_NAMES)):
         mask_builder = _make_mask_builder(causal)
         for impl, name in names.items():
             compat.register_attention(name, _make_attention_function(impl, causal), mask_builder)
-    _registered = True
