@@ -25,6 +25,7 @@ shape or dtype (casts between mixed dtypes), several adapters summed, DoRA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from typing import Optional
 
@@ -240,14 +241,9 @@ def _graph_pass_class():
     return FuseLoRALinears
 
 
-_PASS = None
-
-
+@functools.cache
 def _fuse_pass():
-    global _PASS
-    if _PASS is None:
-        _PASS = _graph_pass_class()()
-    return _PASS
+    return _graph_pass_class()()
 
 
 @contextlib.contextmanager
