@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -494,7 +495,7 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
     return True
 
 
-_runs_in_this_process = 0
+_RUNS_IN_THIS_PROCESS = itertools.count(1)  # every rank runs encode_corpus as often, so a number names one run
 
 
 def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] | None]:
@@ -522,13 +523,12 @@ def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] |
     from torch.distributed.constants import default_pg_timeout
     from torch.distributed.elastic.utils.store import synchronize
 
-    global _runs_in_this_process
-    _runs_in_this_process += 1  # every rank runs encode_corpus the same number of times, so this names one run
+    run = next(_RUNS_IN_THIS_PROCESS)
     store = next(dist.rendezvous("env://"))[0]
     steps = itertools.count()
 
     def gather(message: str | None) -> list[str | None]:
-        key = f"llm2vec_fast/encode_corpus/{_runs_in_this_process}/{next(steps)}/"
+        key = f"llm2vec_fast/encode_corpus/{run}/{next(steps)}/"
         sent = json.dumps(message).encode()
         return [json.loads(data) for data in synchronize(store, sent, rank, world, key,
                                                          timeout=default_pg_timeout.total_seconds())]
@@ -617,12 +617,8 @@ def prepare_encoder(settings: CorpusSettings, encoder=None):
     The device is ``settings.device``, else ``cuda:LOCAL_RANK`` where CUDA is, else the CPU."""
     import torch
 
-    if settings.device:
-        device = torch.device(settings.device)
-    elif torch.cuda.is_available():
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    else:
-        device = torch.device("cpu")
+    default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(settings.device or default)
     if encoder is None:
         encoder = load_encoder(settings, device)
     else:
@@ -851,20 +847,19 @@ def _encode_shards(shards: _Shards, output: Path, ranges: np.ndarray | None, ran
     done_before = [k for k in _complete_shards(output, format) if k % world == rank]
     if done_before:
         logger.info("Resuming: %d shard(s) of this rank are already complete", len(done_before))
-    wanted_by_shard: dict[int, bool] = {}
 
-    def wanted(index: int) -> bool:  # asked once per row, answered once per shard
-        k = index // shard_size
-        if k not in wanted_by_shard:
-            wanted_by_shard[k] = k % world == rank and not shard_complete(output, k, format)
-        return wanted_by_shard[k]
+    @functools.cache  # asked once per row, answered once per shard
+    def wanted_shard(k: int) -> bool:
+        return k % world == rank and not shard_complete(output, k, format)
 
-    for rows in shards.rows(wanted):
+    for rows in shards.rows(lambda index: wanted_shard(index // shard_size)):
         shards.write(*shards.encode(rows), ranges)
 
 
 def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path,
                     dimension: int) -> dict:
+    from .encoder import ENCODER_KEYS
+
     format = pinned["format"]
     shards = []
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
@@ -896,8 +891,7 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     manifest = {
         "format_version": FORMAT_VERSION, "complete": True, "model": pinned["model"], "adapters": pinned["adapters"],
         "input_path": str(source.resolve()),
-        "encoder": {k: getattr(encoder, k) for k in ("pooling_mode", "max_length", "doc_max_length",
-                                                      "skip_instruction")},
+        "encoder": {k: getattr(encoder, k) for k in ENCODER_KEYS},
         "settings": pinned,
         "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
         "format": format,
