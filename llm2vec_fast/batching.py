@@ -3,11 +3,11 @@
 Encoding sorts its inputs by token count (longest first) and cuts the sorted list into batches that hold at
 most ``batch_size`` texts and at most ``max_batch_tokens`` tokens. Two layouts feed the model:
 
-- packed (the default for a patched model, CPU and CUDA): all texts of a batch one after the other in
+- packed (the encoder's default for a patched model on CUDA): all texts of a batch one after the other in
   ``(1, total)``, positions restarting at 0 per text and ``cu_seqlens`` marking the boundaries; no padding is
   computed at all;
-- padded (unpatched models, or ``packed=False``): ``(batch, longest)`` left-padded ids with an attention mask,
-  positions restarting at 0 on each text's first real token.
+- padded (the encoder's default on CPU, unpatched models, or ``packed=False``): ``(batch, longest)`` left-padded
+  ids with an attention mask, positions restarting at 0 on each text's first real token.
 
 Both give the same embeddings, and neither depends on which other texts share the batch.
 """
@@ -53,14 +53,8 @@ class PackedBatch:
         per batch (a bound, as flash-attention's ``max_seqlen`` may be): a compiled model specializes on this
         Python int, so it sees one value per power of two instead of one per longest length."""
         bound = max_length_bucket(self.max_seqlen)
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "cu_seq_lens_q": self.cu_seqlens,
-            "cu_seq_lens_k": self.cu_seqlens,
-            "max_length_q": bound,
-            "max_length_k": bound,
-        }
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens,
+                "cu_seq_lens_k": self.cu_seqlens, "max_length_q": bound, "max_length_k": bound}
 
 
 def max_length_bucket(longest: int) -> int:

@@ -17,11 +17,7 @@ import itertools
 import logging
 import sys
 
-TRAIN_STAGES = {
-    "mntp": "llm2vec_fast.training.mntp",
-    "simcse": "llm2vec_fast.training.simcse",
-    "supervised": "llm2vec_fast.training.supervised",
-}
+TRAIN_STAGES = {stage: f"llm2vec_fast.training.{stage}" for stage in ("mntp", "simcse", "supervised")}
 COMMANDS = {
     "encode": ("llm2vec_fast.corpus", "Encode a large corpus into embedding shards (resumable)."),
     "export": ("llm2vec_fast.export", "Export an encoder as a sentence-transformers model directory (TEI, vLLM)."),

@@ -23,6 +23,7 @@ the machinery, whose numbers mean nothing and are labelled so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -227,18 +228,15 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
 def run_stage_process(command: list[str]) -> int:
     """Run one stage's ``llm2vec-fast train`` subprocess; returns its exit code. The one place the recipe starts
     a process, so that tests replace this and not ``subprocess.run`` for everything else in the process."""
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = {"TOKENIZERS_PARALLELISM": "false", **os.environ}
     return subprocess.run(command, env=env, check=False).returncode
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
 def variants(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """What is evaluated: the causal base, bidirectional untrained, then each stage with its inputs merged."""
-    found = [
-        {"name": "causal", "label": "causal base", "bidirectional": False, "stages": []},
-        {"name": "bidirectional", "label": "bidirectional, untrained", "bidirectional": True, "stages": []},
-    ]
+    found = [{"name": "causal", "label": "causal base", "bidirectional": False, "stages": []},
+             {"name": "bidirectional", "label": "bidirectional, untrained", "bidirectional": True, "stages": []}]
     labels = {"mntp": "MNTP", "simcse": "SimCSE", "supervised": "supervised"}
     for stage in stage_order(recipe):
         chain = [*stage_inputs(recipe, stage), stage]
@@ -304,10 +302,8 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
     title = "SMOKE TEST (`--quick`): a few training steps on tiny samples; these numbers mean nothing" \
         if recipe["quick"] else "Recipe run (training budgets in the stage table, evaluation samples in the header)"
     recipe_path = Path(recipe["path"]).resolve()
-    try:
+    with contextlib.suppress(ValueError):  # shown relative to the current directory when it is below it
         recipe_path = recipe_path.relative_to(Path.cwd())
-    except ValueError:
-        pass
     out = [RESULTS_BEGIN, f"### {title}", "",
            f"Model `{recipe['model']}`, recipe `{recipe_path}`, seed {recipe.get('seed', 42)}, "
            f"pooling `{recipe['eval'].get('pooling_mode', 'mean')}`, LLM2Vec instructions "
