@@ -99,10 +99,4 @@ def train_mntp(model_args, data_args, mntp_args, training_args) -> TrainingRun:
     return run
 
 
-def add_arguments(parser) -> None:
-    arguments.add_arguments(parser, "mntp")
-
-
-def main(args) -> int:
-    train_mntp(*arguments.parse_stage_arguments("mntp", args.config, arguments.overrides_from(args, "mntp")))
-    return 0
+add_arguments, main = arguments.stage_command("mntp", train_mntp)
