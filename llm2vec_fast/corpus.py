@@ -89,8 +89,7 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
     Bad rows are yielded with ``text=None`` and ``problem`` saying what is wrong, so the caller decides.
     A whitespace-only line of a .jsonl file is not a row (it is logged); in a .txt file it is an empty text.
     ``digest`` (a ``hashlib`` object; not for .parquet) is fed every byte of the file as it is read, so that one
-    pass both hashes and parses the input.
-    """
+    pass both hashes and parses the input."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
@@ -184,9 +183,7 @@ def _read_parquet(path: Path, text_field: str, id_field: str | None, wanted) -> 
 
 # ---------------------------------------------------------------------------------------------------------- output
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _write_json(path: Path, value: Any, **dump_options) -> None:
@@ -273,9 +270,7 @@ class ShardWriter:
     def __init__(self, output: str | Path, format: str = "npy", id_type: str | None = None):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        self.output = Path(output)
-        self.format = format
-        self.id_type = id_type or "int"
+        self.output, self.format, self.id_type = Path(output), format, id_type or "int"
 
     def embeddings_bytes(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> bytes:
         if self.format == "parquet":
@@ -505,8 +500,7 @@ def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] |
     Only error messages cross ranks. Under torchrun they go through its rendezvous store, the TCP key-value store
     that every rank already reaches, and not through a process group of our own: a gloo group's worker threads and
     sockets, torn down by each rank as it finished, now and then aborted a rank at exit ("terminate called without
-    an active exception"). A process group the program initialized itself is used as it is.
-    """
+    an active exception"). A process group the program initialized itself is used as it is."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world == 1:
@@ -633,10 +627,7 @@ class _BatchProgress:
     are the next ``n`` of its lengths sorted that way."""
 
     def __init__(self, bar):
-        self.bar = bar
-        self.tokens = 0
-        self.bad = 0
-        self.started = time.perf_counter()
+        self.bar, self.tokens, self.bad, self.started = bar, 0, 0, time.perf_counter()
         self._lengths: list[int] = []
 
     def start_shard(self, lengths: list[int]) -> None:
@@ -781,8 +772,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     with its message). Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many bad
     rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that resolves
     nowhere, ``ValueError`` for an unknown ``prompt_name``, a ``truncate_dim`` larger than the embedding size or an
-    unknown ``precision``.
-    """
+    unknown ``precision``."""
     from tqdm.auto import tqdm
 
     settings.validate()
