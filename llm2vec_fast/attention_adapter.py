@@ -64,11 +64,7 @@ _UNSUPPORTED_ATTENTION_KWARGS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The mask builder (AttentionMaskInterface)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- The mask builder (AttentionMaskInterface) ------------------------------------------------------------------------
 def _probe_positions(length: int, window: int | None) -> torch.Tensor:
     """The positions a mask function is evaluated at, a bounded set at any length: the first and the last 64 (where
     prompts put instructions and image tokens) and, for a window, the distances around its edge seen from
@@ -134,8 +130,7 @@ def _make_mask_builder(causal: bool):
 
         Returns the ``(batch, seq)`` bool mask (True = real token) when some token is padded, else None. Called
         once per forward and mask kind (full, sliding) by transformers' ``create_*_mask`` functions. The window and
-        causality themselves are applied by the attention function, from the layer's ``sliding_window``.
-        """
+        causality themselves are applied by the attention function, from the layer's ``sliding_window``."""
         if not causal and compat.is_causal_mask_function(mask_function):
             raise ValueError("llm2vec_fast: a causal mask was requested from a model patched to be bidirectional (was "
                              "`is_causal=True` passed to forward?). Call llm2vec_fast.unpatch(model) to get the causal "
@@ -166,17 +161,12 @@ def _cache_message(q_length: int, kv_length: int) -> str:
             "use_cache=False and no cache, or unpatch the model to generate.")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Packed sequences
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- Packed sequences -------------------------------------------------------------------------------------------------
 class _PackedCache:
     """Remembers the varlen metadata of the last position_ids / cu_seqlens tensor seen.
 
     Every layer of one forward receives the same tensor object: computing cu_seqlens once per forward instead of once
-    per layer saves a host sync per layer. Held by weak reference, so nothing is kept alive.
-    """
+    per layer saves a host sync per layer. Held by weak reference, so nothing is kept alive."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None  # (weakref, key, value), replaced as one object: safe across threads
@@ -257,9 +247,7 @@ def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -
     cu = cu_q.to(torch.int32)
     torch._assert_async((cu[-1] == seq) & (cu[0] == 0),
                         "llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length")
-    if not on_cuda:
-        return cu, seq
-    return cu, max_length_bucket(longest)  # already one when it comes from PackedBatch.model_inputs
+    return cu, (max_length_bucket(longest) if on_cuda else seq)  # (already a bucket from PackedBatch.model_inputs)
 
 
 def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = False) -> tuple[torch.Tensor, int]:
@@ -294,11 +282,7 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = Fals
     return _cu_seqlens_cache.get(cu_q, (seq, id(cu_k)), compute)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The attention function (AttentionInterface)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- The attention function (AttentionInterface) ----------------------------------------------------------------------
 def _requested_causal(module: nn.Module, is_causal: bool | None) -> bool:
     # The keyword wins (transformers passes the config's is_causal through it); module.is_causal stays True on
     # decoders, so it is only the last resort.
@@ -323,8 +307,7 @@ def kernel_window(module: nn.Module, sliding_window: int | None, *, causal: bool
     * bidirectional through ``config.is_causal = False``: ``create_bidirectional_sliding_window_mask``,
       |i - j| <= sliding_window, so ``window = sliding_window + 1``;
     * Gemma-3 in its own bidirectional mode (``config.use_bidirectional_attention = True``, EmbeddingGemma): its
-      overlay |i - j| < sliding_window, so ``window = sliding_window``.
-    """
+      overlay |i - j| < sliding_window, so ``window = sliding_window``."""
     if sliding_window is None:
         return None
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
@@ -342,8 +325,7 @@ def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     """transformers attention signature: query ``(B, H, S, D)``, key/value ``(B, Hkv, S, D)`` -> ``(B, S, H, D)``.
 
     ``causal`` is the mode the model was patched in (each mode has its own registered name); a call asking for the
-    other one is refused rather than computed differently.
-    """
+    other one is refused rather than computed differently."""
     if _requested_causal(module, is_causal) != causal:
         if causal:
             raise ValueError("llm2vec_fast: bidirectional attention was requested from a model patched to stay "

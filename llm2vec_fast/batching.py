@@ -77,8 +77,7 @@ def length_sorted_batches(lengths: Sequence[int], *, batch_size: int, max_batch_
     lengths when ``packed``, ``texts * longest`` when padded. A single text longer than the budget gets a
     batch of its own. Padded batches with ``max_padding`` (a fraction) also end where the next text would
     be padded by more than that fraction of the batch's width, so that little padding is computed. The order
-    inside the sort is stable, so equal inputs always batch the same way.
-    """
+    inside the sort is stable, so equal inputs always batch the same way."""
     if max_padding is not None and not 0.0 <= max_padding < 1.0:
         raise ValueError(f"max_padding must be a fraction in [0, 1), got {max_padding}")
     if batch_size < 1:

@@ -65,9 +65,7 @@ def compiler_unavailable_reason(device: torch.device | str | None = None, backen
         if major < 7:
             return f"inductor's Triton code needs compute capability >= 7.0, this GPU is {major}.{minor}"
         return None
-    if device.type == "cpu":
-        return _cpp_compiler_reason()
-    return None
+    return _cpp_compiler_reason() if device.type == "cpu" else None
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -82,8 +82,7 @@ class LLM2Vec(torch.nn.Module):
     """A bidirectional decoder turned text encoder, llm2vec's ``LLM2Vec`` made fast.
 
     ``model`` returns hidden states (``AutoModel``, optionally PEFT-wrapped), already patched when
-    bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed).
-    """
+    bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed)."""
 
     def __init__(self, model, tokenizer, pooling_mode: str = "mean", max_length: int = 512, doc_max_length: int = 400,
                  skip_instruction: bool = True, *, name_or_path: str = "", max_batch_tokens: int | None = None,
@@ -134,8 +133,7 @@ class LLM2Vec(torch.nn.Module):
           where the patch refuses the model, through its own attention unpatched (logged; padded batches only).
         - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
           (call that yourself after ``model.to(device)`` to check the backend of another device).
-        - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
-        """
+        - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``)."""
         from transformers import AutoModel, AutoTokenizer
 
         if not isinstance(base_model_name_or_path, (str, os.PathLike)):
@@ -157,8 +155,7 @@ class LLM2Vec(torch.nn.Module):
                 weights_from = resolve_model(weights_from)
 
         tokenizer = AutoTokenizer.from_pretrained(base)
-        tokenizer.pad_token = tokenizer.eos_token  # llm2vec's choice, whatever the tokenizer had
-        tokenizer.padding_side = "left"
+        tokenizer.pad_token = tokenizer.eos_token  # llm2vec's choice, whatever it had (__init__ pads on the left)
 
         logger.info("Loading %s", weights_from)
         model = AutoModel.from_pretrained(weights_from, **model_kwargs)
@@ -285,8 +282,7 @@ class LLM2Vec(torch.nn.Module):
         """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
 
         With a PEFT-wrapped model, only the adapter is written unless ``merge_before_save``; the adapter then
-        loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec.
-        """
+        loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec."""
         from . import transformers_compat
         from .bidirectional import unpatched
 
@@ -382,8 +378,7 @@ class LLM2Vec(torch.nn.Module):
         min and max, or from ``calibration_embeddings`` ``(m, dim)`` float, else from these embeddings: give one
         of them to quantize several calls alike); ``device=["cuda:0",
         "cuda:1"]`` or ``pool=start_multi_process_pool(...)`` encodes in several processes, ``chunk_size`` texts
-        at a time.
-        """
+        at a time."""
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -436,9 +431,7 @@ class LLM2Vec(torch.nn.Module):
                                                               calibration_embeddings=calibration_embeddings))
         if single:
             embeddings = embeddings[0]
-        if convert_to_tensor or not convert_to_numpy:
-            return embeddings
-        return embeddings.numpy()
+        return embeddings if convert_to_tensor or not convert_to_numpy else embeddings.numpy()
 
     def encode_query(self, sentences, **kwargs):
         """:meth:`encode` with the ``query`` prompt (LLM2Vec gives queries an instruction) unless one is given."""
