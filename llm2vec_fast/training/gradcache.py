@@ -127,8 +127,7 @@ def grad_cache_step(encode: Callable[[Any], torch.Tensor], groups: Sequence[Sequ
         backward: how to back-propagate a chunk's surrogate (default ``tensor.backward()``).
         no_sync: a context factory that suspends the DDP gradient all-reduce (``model.no_sync``).
         replay_rng: restore each chunk's RNG state before the second forward (turn off only to show why it is
-            needed: without it dropout differs between the two forwards and the gradients are wrong).
-    """
+            needed: without it dropout differs between the two forwards and the gradients are wrong)."""
     cached, states = embed_without_graph(encode, groups)
     loss = loss_fn(*cached)
     backward_chunks(encode, groups, states, embedding_grads(loss, cached), backward=backward, no_sync=no_sync,

@@ -31,8 +31,7 @@ def load_base_model(model_name_or_path: str, *, model_class: Any = None, dtype: 
     """Load a base model, merge earlier stages' LoRA adapters into it, and patch it bidirectional.
 
     ``model_class`` defaults to ``AutoModel`` (hidden states only); MNTP passes ``AutoModelForCausalLM``.
-    ``attention_impl`` goes to ``patch`` (``"auto"``, ``"triton"`` or ``"torch"``).
-    """
+    ``attention_impl`` goes to ``patch`` (``"auto"``, ``"triton"`` or ``"torch"``)."""
     from transformers import AutoModel
 
     if isinstance(dtype, str) or dtype is None:
