@@ -79,8 +79,7 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.cli_log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = importlib.import_module(args.module).main(args)
-    return int(result or 0)
+    return int(importlib.import_module(args.module).main(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

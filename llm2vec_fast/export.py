@@ -227,8 +227,7 @@ def export_sentence_transformers(encoder, output: str | os.PathLike, *, base_mod
     architecture cannot run our bidirectional attention raises ValueError. ``prompts`` default to
     :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card, and
     ``matryoshka_dims`` (default: what the adapters' ``<stage>_settings.json`` record) with ``truncate_dim`` usage.
-    Returns the output path.
-    """
+    Returns the output path."""
     from .prompts import default_prompts
 
     output = check_output_dir(output)

@@ -128,9 +128,8 @@ def stage_order(recipe: dict[str, Any]) -> list[str]:
 def stage_inputs(recipe: dict[str, Any], stage: str) -> list[str]:
     """The earlier stages whose adapters are merged under ``stage`` (``on_top_of``; default all earlier ones)."""
     order = stage_order(recipe)
-    spec = recipe["stages"][stage]
     earlier = order[: order.index(stage)]
-    on_top_of = spec.get("on_top_of", earlier)
+    on_top_of = recipe["stages"][stage].get("on_top_of", earlier)
     bad = [s for s in on_top_of if s not in earlier]
     if bad:
         raise ValueError(f"stage {stage} cannot build on {bad}: only earlier stages {earlier} can be merged")
@@ -147,13 +146,9 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
         config = (Path(recipe["path"]).parent / config).resolve()
     if not config.is_file():
         raise FileNotFoundError(f"stage {stage}: config file {config} not found")
-    settings = {
-        "model_name_or_path": recipe["model"],
-        "output_dir": str(output / stage),
-        "merge_adapters": [str(output / s) for s in stage_inputs(recipe, stage)],
-        "seed": recipe.get("seed", 42),
-    }
-    settings.update(_fill(spec.get("set", {}), context))
+    settings = {"model_name_or_path": recipe["model"], "output_dir": str(output / stage),
+                "merge_adapters": [str(output / s) for s in stage_inputs(recipe, stage)],
+                "seed": recipe.get("seed", 42), **_fill(spec.get("set", {}), context)}
     # What the stage was made from: its settings as the stage reads them (the config file's and these, typed;
     # a reformatted file gives the same, an edited value does not) and the earlier stages' adapters by content,
     # so that stale work is never taken for done.
