@@ -38,13 +38,8 @@ def _check_versions() -> None:
 
 _check_versions()
 
-_LAZY = {
-    "patch": "llm2vec_fast.bidirectional",
-    "unpatch": "llm2vec_fast.bidirectional",
-    "unpatched": "llm2vec_fast.bidirectional",
-    "is_patched": "llm2vec_fast.bidirectional",
-    "LLM2Vec": "llm2vec_fast.encoder",
-}
+_LAZY = {**dict.fromkeys(("patch", "unpatch", "unpatched", "is_patched"), "llm2vec_fast.bidirectional"),
+         "LLM2Vec": "llm2vec_fast.encoder"}
 
 __all__ = [*_LAZY, "__version__"]
 

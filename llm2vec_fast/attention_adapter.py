@@ -29,6 +29,7 @@ with a batch of several rows each row also starts a sequence.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import Any
@@ -63,11 +64,7 @@ _UNSUPPORTED_ATTENTION_KWARGS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The mask builder (AttentionMaskInterface)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- The mask builder (AttentionMaskInterface) ------------------------------------------------------------------------
 def _probe_positions(length: int, window: int | None) -> torch.Tensor:
     """The positions a mask function is evaluated at, a bounded set at any length: the first and the last 64 (where
     prompts put instructions and image tokens) and, for a window, the distances around its edge seen from
@@ -87,33 +84,37 @@ def _check_bidirectional_mask_function(mask_function, length: int, sliding_windo
     if compat.is_bidirectional_mask_function(mask_function) and sliding_window is None:
         return  # the plain bidirectional mask, nothing to evaluate
     if _compiling():
-        _assert_bidirectional_mask_function_in_graph(mask_function, sliding_window)
+        # As graph ops (no host branch), at positions independent of the (dynamic) length: raises when it runs.
+        span = 8 if sliding_window is None else sliding_window + 3
+        torch._assert_async(_mask_function_matches(mask_function, torch.arange(span), sliding_window).all(),
+                            _MASK_FUNCTION_MESSAGE)
         return
-    positions = _probe_positions(length, sliding_window)
-    q_idx, kv_idx = positions[:, None], positions[None, :]
-    zero = torch.zeros((), dtype=torch.long)
     try:
-        visible = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx), dtype=torch.bool).expand(q_idx.shape[0],
-                                                                                                    kv_idx.shape[1])
+        matches = _mask_function_matches(mask_function, _probe_positions(length, sliding_window), sliding_window)
     except Exception as error:  # a vmap-only mask function: it cannot be read, so it cannot be trusted
         raise NotImplementedError(
             "llm2vec_fast: this model builds its attention mask from a custom mask function that llm2vec_fast cannot "
             f"evaluate ({type(error).__name__}: {error}); the llm2vec_fast attention only applies padding, a sliding "
-            "window and soft-capping. Unpatch the model or use an implementation that supports it."
-        ) from error
-    expected = torch.ones_like(visible)
-    if sliding_window is not None:
-        expected = (q_idx - kv_idx).abs() <= sliding_window
-    if not torch.equal(visible, expected):
+            "window and soft-capping. Unpatch the model or use an implementation that supports it.") from error
+    if not bool(matches.all()):
         raise NotImplementedError(_MASK_FUNCTION_MESSAGE)
+
+
+def _mask_function_matches(mask_function, positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Where ``mask_function`` (batch and head 0) agrees with the kernel's mask at ``positions`` x ``positions``:
+    every key visible, or |i - j| <= sliding_window."""
+    q_idx, kv_idx = positions[:, None], positions[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    visible = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx), dtype=torch.bool)
+    expected = torch.ones((), dtype=torch.bool) if sliding_window is None else (q_idx - kv_idx).abs() <= sliding_window
+    return visible == expected
 
 
 _MASK_FUNCTION_MESSAGE = (
     "llm2vec_fast: this model combines the attention mask with a custom mask function "
     "(or_mask_function/and_mask_function, e.g. for image tokens) that is neither full attention nor a sliding "
     "window; the llm2vec_fast attention only applies padding, a sliding window and soft-capping. Unpatch the "
-    "model or use an implementation that supports it."
-)
+    "model or use an implementation that supports it.")
 
 
 def _compiling() -> bool:
@@ -121,90 +122,51 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _assert_bidirectional_mask_function_in_graph(mask_function, sliding_window: int | None) -> None:
-    """The check of :func:`_check_bidirectional_mask_function` as graph ops (traced, no host branch): evaluated at
-    positions independent of the (dynamic) length, it raises when the graph runs, with the same message."""
-    span = 8 if sliding_window is None else sliding_window + 3
-    positions = torch.arange(span)
-    q_idx, kv_idx = positions[:, None], positions[None, :]
-    zero = torch.zeros((), dtype=torch.long)
-    visible = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx), dtype=torch.bool)
-    expected = torch.ones((span, span), dtype=torch.bool)
-    if sliding_window is not None:
-        expected = (q_idx - kv_idx).abs() <= sliding_window
-    torch._assert_async((visible == expected).all(), _MASK_FUNCTION_MESSAGE)
-
-
 def _make_mask_builder(causal: bool):
-    def mask_builder(
-        batch_size: int,
-        q_length: int,
-        kv_length: int,
-        q_offset: int = 0,
-        kv_offset: int = 0,
-        mask_function=None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor | None:
+    def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     mask_function=None, attention_mask: torch.Tensor | None = None,
+                     **kwargs: Any) -> torch.Tensor | None:
         """Mask builder registered with ``AttentionMaskInterface``: the key padding mask, no 4D tensor.
 
         Returns the ``(batch, seq)`` bool mask (True = real token) when some token is padded, else None. Called
         once per forward and mask kind (full, sliding) by transformers' ``create_*_mask`` functions. The window and
-        causality themselves are applied by the attention function, from the layer's ``sliding_window``.
-        """
-        sliding_window = kwargs.get(compat.MASK_SLIDING_WINDOW_KWARG)
-        if causal:
-            # As transformers' FlashAttention integration: causality and the window come from the attention call,
-            # the mask function (which packing detection wraps around causal_mask_function) is not evaluated.
-            if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
-                raise ValueError(_cache_message(q_length, kv_length))
-        else:
-            if compat.is_causal_mask_function(mask_function):
-                raise ValueError(
-                    "llm2vec_fast: a causal mask was requested from a model patched to be bidirectional (was "
-                    "`is_causal=True` passed to forward?). Call llm2vec_fast.unpatch(model) to get the causal model back."
-                )
-            if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
-                raise ValueError(_cache_message(q_length, kv_length))
-            _check_bidirectional_mask_function(mask_function, kv_length, sliding_window)
+        causality themselves are applied by the attention function, from the layer's ``sliding_window``."""
+        if not causal and compat.is_causal_mask_function(mask_function):
+            raise ValueError("llm2vec_fast: a causal mask was requested from a model patched to be bidirectional (was "
+                             "`is_causal=True` passed to forward?). Call llm2vec_fast.unpatch(model) to get the causal "
+                             "model back.")
+        if (isinstance(q_offset, int) and q_offset != 0) or kv_length != q_length:
+            raise ValueError(_cache_message(q_length, kv_length))
+        # Causal: as transformers' FlashAttention integration, causality and the window come from the attention
+        # call; the mask function (which packing detection wraps around causal_mask_function) is not evaluated.
+        if not causal:
+            _check_bidirectional_mask_function(mask_function, kv_length, kwargs.get(compat.MASK_SLIDING_WINDOW_KWARG))
         if attention_mask is None:
             return None
         if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, kv_length):
-            raise ValueError(
-                f"llm2vec_fast: expected a 2D attention mask of shape (batch, seq) = {(batch_size, kv_length)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+            raise ValueError(f"llm2vec_fast: expected a 2D attention mask of shape (batch, seq) = "
+                             f"{(batch_size, kv_length)}, got {tuple(attention_mask.shape)}")
         attention_mask = attention_mask.to(torch.bool)
-        if _compiling():
-            # No host sync in a compiled graph: an all-True mask goes to the kernel as it is (same result).
-            return attention_mask
-        if bool(attention_mask.all()):  # one host sync per forward, not per layer
-            return None
-        return attention_mask
+        # One host sync per forward, not per layer; none in a compiled graph, where an all-True mask goes to the
+        # kernel as it is (the same result).
+        return None if not _compiling() and bool(attention_mask.all()) else attention_mask
 
     mask_builder.__name__ = f"llm2vec_fast_{'causal' if causal else 'bidirectional'}_mask"
     return mask_builder
 
 
 def _cache_message(q_length: int, kv_length: int) -> str:
-    return (
-        "llm2vec_fast: a model patched by llm2vec_fast cannot use a key/value cache: it encodes whole sequences, it "
-        f"does not decode incrementally (query length {q_length}, key length {kv_length}). Call with "
-        "use_cache=False and no cache, or unpatch the model to generate."
-    )
+    return ("llm2vec_fast: a model patched by llm2vec_fast cannot use a key/value cache: it encodes whole sequences, "
+            f"it does not decode incrementally (query length {q_length}, key length {kv_length}). Call with "
+            "use_cache=False and no cache, or unpatch the model to generate.")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Packed sequences
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- Packed sequences -------------------------------------------------------------------------------------------------
 class _PackedCache:
     """Remembers the varlen metadata of the last position_ids / cu_seqlens tensor seen.
 
     Every layer of one forward receives the same tensor object: computing cu_seqlens once per forward instead of once
-    per layer saves a host sync per layer. Held by weak reference, so nothing is kept alive.
-    """
+    per layer saves a host sync per layer. Held by weak reference, so nothing is kept alive."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None  # (weakref, key, value), replaced as one object: safe across threads
@@ -236,10 +198,8 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
         if positions.ndim == 1:
             positions = positions.unsqueeze(0)
         if positions.ndim != 2 or positions.shape[-1] != seq or positions.shape[0] not in (1, batch):
-            raise ValueError(
-                f"llm2vec_fast: position_ids of shape {tuple(position_ids.shape)} do not match the input "
-                f"(batch {batch}, seq {seq})"
-            )
+            raise ValueError(f"llm2vec_fast: position_ids of shape {tuple(position_ids.shape)} do not match the input "
+                             f"(batch {batch}, seq {seq})")
         positions = positions.expand(batch, seq)
         starts = torch.ones_like(positions, dtype=torch.bool)
         starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
@@ -253,8 +213,7 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
         boundaries = starts.reshape(-1).nonzero().reshape(-1)
         total = torch.tensor([batch * seq], device=boundaries.device, dtype=boundaries.dtype)
         cu_seqlens = torch.cat([boundaries, total]).to(torch.int32)
-        max_seqlen = int(cu_seqlens.diff().max())
-        return cu_seqlens, max_seqlen
+        return cu_seqlens, int(cu_seqlens.diff().max())
 
     return _position_cache.get(position_ids, (batch, seq), compute)
 
@@ -262,8 +221,7 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, seq: i
 _PACKED_UNDER_COMPILE_MESSAGE = (
     "llm2vec_fast: under torch.compile, packed input (position_ids restarting within a row) must come with "
     "transformers' cu_seq_lens_q/cu_seq_lens_k and max_length_q/max_length_k keyword arguments "
-    "(llm2vec_fast.batching.PackedBatch.model_inputs() gives them)"
-)
+    "(llm2vec_fast.batching.PackedBatch.model_inputs() gives them)")
 
 
 def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -> tuple[torch.Tensor, int]:
@@ -283,16 +241,13 @@ def _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda: bool) -
                             "llm2vec_fast: cu_seq_lens_k must equal cu_seq_lens_q (self-attention over packed input)")
     longest = max_q if max_q is not None else max_k
     if longest is None or isinstance(longest, torch.Tensor):
-        raise ValueError(
-            "llm2vec_fast: under torch.compile, packed input needs max_length_q (the longest sequence, a Python int) "
-            "beside cu_seq_lens_q: finding it from cu_seq_lens_q would need a host sync inside the graph"
-        )
+        raise ValueError("llm2vec_fast: under torch.compile, packed input needs max_length_q (the longest sequence, a "
+                         "Python int) beside cu_seq_lens_q: finding it from cu_seq_lens_q would need a host sync "
+                         "inside the graph")
     cu = cu_q.to(torch.int32)
     torch._assert_async((cu[-1] == seq) & (cu[0] == 0),
                         "llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length")
-    if not on_cuda:
-        return cu, seq
-    return cu, max_length_bucket(longest)  # already one when it comes from PackedBatch.model_inputs
+    return cu, (max_length_bucket(longest) if on_cuda else seq)  # (already a bucket from PackedBatch.model_inputs)
 
 
 def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = False) -> tuple[torch.Tensor, int]:
@@ -300,10 +255,8 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = Fals
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     if batch != 1:
-        raise ValueError(
-            f"llm2vec_fast: with cu_seq_lens_q the sequences must be packed into one row, input_ids (1, total); "
-            f"got batch {batch}"
-        )
+        raise ValueError(f"llm2vec_fast: with cu_seq_lens_q the sequences must be packed into one row, input_ids "
+                         f"(1, total); got batch {batch}")
     cu_q = cu_q if cu_q is not None else cu_k
     if _compiling():
         return _checked_cu_seqlens_in_graph(cu_q, cu_k, max_q, max_k, seq, on_cuda)
@@ -316,26 +269,20 @@ def _checked_cu_seqlens(kwargs: dict, batch: int, seq: int, on_cuda: bool = Fals
         cu = cu_q.to(torch.int32)
         lengths = cu.diff()
         if int(cu[0]) != 0 or int(cu[-1]) != seq or bool((lengths < 0).any()):
-            raise ValueError(
-                f"llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length {seq}, got {cu.tolist()}"
-            )
+            raise ValueError(f"llm2vec_fast: cu_seq_lens_q must rise from 0 to the packed length {seq}, got "
+                             f"{cu.tolist()}")
         longest = int(lengths.max())
         for name, given in (("max_length_q", max_q), ("max_length_k", max_k)):
             if given is not None and int(given) < longest:
-                raise ValueError(
-                    f"llm2vec_fast: {name}={int(given)} is shorter than the longest packed sequence {longest}"
-                )
+                raise ValueError(f"llm2vec_fast: {name}={int(given)} is shorter than the longest packed sequence "
+                                 f"{longest}")
         # The kernel gets the exact longest length (a larger max_length would only launch idle programs).
         return cu, longest
 
     return _cu_seqlens_cache.get(cu_q, (seq, id(cu_k)), compute)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The attention function (AttentionInterface)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
+# --- The attention function (AttentionInterface) ----------------------------------------------------------------------
 def _requested_causal(module: nn.Module, is_causal: bool | None) -> bool:
     # The keyword wins (transformers passes the config's is_causal through it); module.is_causal stays True on
     # decoders, so it is only the last resort.
@@ -347,12 +294,8 @@ def _requested_causal(module: nn.Module, is_causal: bool | None) -> bool:
     return bool(getattr(module, "is_causal", False))
 
 
-_warned_output_attentions = False
-
-
+@functools.cache  # once per process
 def _warn_output_attentions() -> None:
-    global _warned_output_attentions
-    _warned_output_attentions = True
     logger.warning("llm2vec_fast attention does not return attention weights: output_attentions=True gives None")
 
 
@@ -364,65 +307,45 @@ def kernel_window(module: nn.Module, sliding_window: int | None, *, causal: bool
     * bidirectional through ``config.is_causal = False``: ``create_bidirectional_sliding_window_mask``,
       |i - j| <= sliding_window, so ``window = sliding_window + 1``;
     * Gemma-3 in its own bidirectional mode (``config.use_bidirectional_attention = True``, EmbeddingGemma): its
-      overlay |i - j| < sliding_window, so ``window = sliding_window``.
-    """
+      overlay |i - j| < sliding_window, so ``window = sliding_window``."""
     if sliding_window is None:
         return None
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
-        raise ValueError(
-            f"llm2vec_fast: {type(module).__name__} passed sliding_window={sliding_window!r}; a sliding window must be "
-            "a positive number of tokens"
-        )
+        raise ValueError(f"llm2vec_fast: {type(module).__name__} passed sliding_window={sliding_window!r}; a sliding "
+                         "window must be a positive number of tokens")
     if causal or compat.uses_own_bidirectional_overlay(getattr(module, "config", None)):
         return sliding_window
     return sliding_window + 1
 
 
-def _attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    *,
-    impl: str = "auto",
-    causal: bool = False,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, *, impl: str = "auto", causal: bool = False,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention signature: query ``(B, H, S, D)``, key/value ``(B, Hkv, S, D)`` -> ``(B, S, H, D)``.
 
     ``causal`` is the mode the model was patched in (each mode has its own registered name); a call asking for the
-    other one is refused rather than computed differently.
-    """
+    other one is refused rather than computed differently."""
     if _requested_causal(module, is_causal) != causal:
         if causal:
-            raise ValueError(
-                "llm2vec_fast: bidirectional attention was requested from a model patched to stay causal "
-                "(patch(model, bidirectional=False)). Patch it with bidirectional=True for a bidirectional model."
-            )
-        raise ValueError(
-            "llm2vec_fast: causal attention was requested from a model patched to be bidirectional (is_causal=True). "
-            "Call llm2vec_fast.unpatch(model) for the causal model."
-        )
+            raise ValueError("llm2vec_fast: bidirectional attention was requested from a model patched to stay "
+                             "causal (patch(model, bidirectional=False)). Patch it with bidirectional=True for a "
+                             "bidirectional model.")
+        raise ValueError("llm2vec_fast: causal attention was requested from a model patched to be bidirectional "
+                         "(is_causal=True). Call llm2vec_fast.unpatch(model) for the causal model.")
     for name, what in _UNSUPPORTED_ATTENTION_KWARGS.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"llm2vec_fast: our attention kernel does not implement {what} ({name}=...)")
     if kwargs.get("use_cache"):
-        raise ValueError(
-            "llm2vec_fast: use_cache=True on a model patched by llm2vec_fast: it encodes whole sequences and cannot "
-            "decode incrementally, so a key/value cache is meaningless. Pass use_cache=False, or unpatch the model "
-            "to generate."
-        )
+        raise ValueError("llm2vec_fast: use_cache=True on a model patched by llm2vec_fast: it encodes whole sequences "
+                         "and cannot decode incrementally, so a key/value cache is meaningless. Pass use_cache=False, "
+                         "or unpatch the model to generate.")
     batch, heads, seq, head_dim = query.shape
     if key.shape[2] != seq:
-        raise ValueError(
-            f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a model patched by "
-            "llm2vec_fast cannot use a key/value cache. Pass use_cache=False, or unpatch the model to generate."
-        )
-    if kwargs.get("output_attentions") and not _warned_output_attentions:
+        raise ValueError(f"llm2vec_fast: key length {key.shape[2]} differs from query length {seq}: a model patched "
+                         "by llm2vec_fast cannot use a key/value cache. Pass use_cache=False, or unpatch the model to "
+                         "generate.")
+    if kwargs.get("output_attentions"):
         _warn_output_attentions()
 
     window = kernel_window(module, kwargs.get("sliding_window"), causal=causal)
@@ -433,16 +356,14 @@ def _attention_forward(
         # A prepared 4D mask given by the caller reaches us untouched (transformers passes 4D masks through, and
         # then applies neither causality nor a window of its own): honour it exactly with PyTorch SDPA.
         if softcap is not None:
-            raise NotImplementedError(
-                "llm2vec_fast: a prepared 4D attention mask on a model that soft-caps its attention logits; the "
-                "SDPA path used for 4D masks cannot soft-cap. Pass a 2D (batch, seq) padding mask instead."
-            )
+            raise NotImplementedError("llm2vec_fast: a prepared 4D attention mask on a model that soft-caps its "
+                                      "attention logits; the SDPA path used for 4D masks cannot soft-cap. Pass a 2D "
+                                      "(batch, seq) padding mask instead.")
         if not _compiling():
             logger.debug("llm2vec_fast: 4D attention mask given; using PyTorch SDPA with that mask for this call")
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            enable_gqa=key.shape[1] != heads,
-        )
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               dropout_p=dropout, scale=scaling,
+                                                               enable_gqa=key.shape[1] != heads)
         return out.transpose(1, 2), None
 
     options = dict(softmax_scale=scaling, dropout_p=dropout, logit_softcap=softcap, window=window, causal=causal,
@@ -450,56 +371,42 @@ def _attention_forward(
     packed = None
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
         if attention_mask is not None:
-            raise ValueError(
-                "llm2vec_fast: packed input (cu_seq_lens_q) must not be padded; got an attention mask with padding too"
-            )
+            raise ValueError("llm2vec_fast: packed input (cu_seq_lens_q) must not be padded; got an attention mask "
+                             "with padding too")
         packed = _checked_cu_seqlens(kwargs, batch, seq, query.is_cuda)
     elif attention_mask is None and kwargs.get("position_ids") is not None:
         packed = _cu_seqlens_from_position_ids(kwargs["position_ids"], batch, seq)
 
     if packed is not None:
         cu_seqlens, max_seqlen = packed
-        out = bidirectional_attention(
-            q.reshape(batch * seq, heads, head_dim),
-            k.reshape(batch * seq, k.shape[2], head_dim),
-            v.reshape(batch * seq, v.shape[2], v.shape[3]),
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            **options,
-        )
+        out = bidirectional_attention(q.reshape(batch * seq, heads, head_dim),
+                                      k.reshape(batch * seq, k.shape[2], head_dim),
+                                      v.reshape(batch * seq, v.shape[2], v.shape[3]), cu_seqlens=cu_seqlens,
+                                      max_seqlen=max_seqlen, **options)
         return out.reshape(batch, seq, heads, -1), None
 
     if attention_mask is not None:
         if attention_mask.shape != (batch, seq):
-            raise ValueError(
-                f"llm2vec_fast: the key padding mask has shape {tuple(attention_mask.shape)}, expected {(batch, seq)}"
-            )
+            raise ValueError(f"llm2vec_fast: the key padding mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"{(batch, seq)}")
         attention_mask = attention_mask.to(torch.bool)
-    out = bidirectional_attention(q, k, v, key_padding_mask=attention_mask, **options)
-    return out, None
+    return bidirectional_attention(q, k, v, key_padding_mask=attention_mask, **options), None
 
 
 def _make_attention_function(impl: str, causal: bool):
     def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        return _attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, is_causal, impl=impl, causal=causal, **kw
-        )
+        return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, impl=impl,
+                                  causal=causal, **kw)
 
     attention_forward.__name__ = f"llm2vec_fast_{'causal_' if causal else ''}attention_{impl}"
     attention_forward.__doc__ = _attention_forward.__doc__
     return attention_forward
 
 
-_registered = False
-
-
+@functools.cache
 def register() -> None:
     """Register our attention functions and mask builder under every name of ``ATTENTION_NAMES`` (once)."""
-    global _registered
-    if _registered:
-        return
     for causal, names in ((False, ATTENTION_NAMES), (True, CAUSAL_ATTENTION_NAMES)):
         mask_builder = _make_mask_builder(causal)
         for impl, name in names.items():
             compat.register_attention(name, _make_attention_function(impl, causal), mask_builder)
-    _registered = True

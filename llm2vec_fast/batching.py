@@ -3,11 +3,11 @@
 Encoding sorts its inputs by token count (longest first) and cuts the sorted list into batches that hold at
 most ``batch_size`` texts and at most ``max_batch_tokens`` tokens. Two layouts feed the model:
 
-- packed (the default for a patched model, CPU and CUDA): all texts of a batch one after the other in
+- packed (the encoder's default for a patched model on CUDA): all texts of a batch one after the other in
   ``(1, total)``, positions restarting at 0 per text and ``cu_seqlens`` marking the boundaries; no padding is
   computed at all;
-- padded (unpatched models, or ``packed=False``): ``(batch, longest)`` left-padded ids with an attention mask,
-  positions restarting at 0 on each text's first real token.
+- padded (the encoder's default on CPU, unpatched models, or ``packed=False``): ``(batch, longest)`` left-padded
+  ids with an attention mask, positions restarting at 0 on each text's first real token.
 
 Both give the same embeddings, and neither depends on which other texts share the batch.
 """
@@ -53,14 +53,8 @@ class PackedBatch:
         per batch (a bound, as flash-attention's ``max_seqlen`` may be): a compiled model specializes on this
         Python int, so it sees one value per power of two instead of one per longest length."""
         bound = max_length_bucket(self.max_seqlen)
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "cu_seq_lens_q": self.cu_seqlens,
-            "cu_seq_lens_k": self.cu_seqlens,
-            "max_length_q": bound,
-            "max_length_k": bound,
-        }
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens,
+                "cu_seq_lens_k": self.cu_seqlens, "max_length_q": bound, "max_length_k": bound}
 
 
 def max_length_bucket(longest: int) -> int:
@@ -75,22 +69,15 @@ def _moved(batch, device):
                                          for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))})
 
 
-def length_sorted_batches(
-    lengths: Sequence[int],
-    *,
-    batch_size: int,
-    max_batch_tokens: int | None = None,
-    packed: bool = False,
-    max_padding: float | None = None,
-) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], *, batch_size: int, max_batch_tokens: int | None = None,
+                          packed: bool = False, max_padding: float | None = None) -> list[list[int]]:
     """Indices into ``lengths`` grouped into batches, longest texts first.
 
     A batch holds at most ``batch_size`` texts and costs at most ``max_batch_tokens`` tokens: the sum of the
     lengths when ``packed``, ``texts * longest`` when padded. A single text longer than the budget gets a
     batch of its own. Padded batches with ``max_padding`` (a fraction) also end where the next text would
     be padded by more than that fraction of the batch's width, so that little padding is computed. The order
-    inside the sort is stable, so equal inputs always batch the same way.
-    """
+    inside the sort is stable, so equal inputs always batch the same way."""
     if max_padding is not None and not 0.0 <= max_padding < 1.0:
         raise ValueError(f"max_padding must be a fraction in [0, 1), got {max_padding}")
     if batch_size < 1:

@@ -128,13 +128,8 @@ def patch_settings(model: nn.Module) -> dict[str, Any] | None:
             "bidirectional": state["bidirectional"]}
 
 
-def patch(
-    model: nn.Module,
-    *,
-    attention_impl: str = "auto",
-    attention_dropout: float | None = None,
-    bidirectional: bool = True,
-) -> nn.Module:
+def patch(model: nn.Module, *, attention_impl: str = "auto", attention_dropout: float | None = None,
+          bidirectional: bool = True) -> nn.Module:
     """Make a Hugging Face decoder bidirectional, running ``llm2vec_fast.kernels.bidirectional_attention``.
 
     Args:
@@ -159,8 +154,7 @@ def patch(
 
     Errors: encoder-decoder or encoder-only models, attention outside transformers' ``AttentionInterface``,
     attention sinks (GPT-OSS), a soft-cap or window that is not positive raise here; a key/value cache, a causal
-    request to a bidirectional patch (or the reverse) and masks beyond padding and windows raise at call time.
-    """
+    request to a bidirectional patch (or the reverse) and masks beyond padding and windows raise at call time."""
     if attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"llm2vec_fast.patch: attention_impl must be one of {IMPLEMENTATIONS}, got {attention_impl!r}")
     if attention_dropout is not None:
@@ -218,8 +212,7 @@ def _restore_implementations(base, implementations: list) -> None:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo ``patch``: the attention implementation, ``is_causal``, ``use_cache`` and attention dropout as they were.
 
-    Raises ValueError if ``model`` is not patched. Returns ``model``.
-    """
+    Raises ValueError if ``model`` is not patched. Returns ``model``."""
     base = _base_model(model)
     state = getattr(base, _STATE_ATTRIBUTE, None)
     if state is None:

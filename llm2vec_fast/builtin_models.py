@@ -82,9 +82,7 @@ def smollm2_135m_path() -> str:
 
 def resolve_model(name_or_path: str) -> str:
     """Map a built-in name (``smollm2-135m``) to its local directory; anything else is returned as is."""
-    if name_or_path in BUILTIN_MODELS:
-        return smollm2_135m_path()
-    return name_or_path
+    return smollm2_135m_path() if name_or_path in BUILTIN_MODELS else name_or_path
 
 
 class ModelNotFoundError(ValueError):

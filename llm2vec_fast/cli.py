@@ -17,11 +17,7 @@ import itertools
 import logging
 import sys
 
-TRAIN_STAGES = {
-    "mntp": "llm2vec_fast.training.mntp",
-    "simcse": "llm2vec_fast.training.simcse",
-    "supervised": "llm2vec_fast.training.supervised",
-}
+TRAIN_STAGES = {stage: f"llm2vec_fast.training.{stage}" for stage in ("mntp", "simcse", "supervised")}
 COMMANDS = {
     "encode": ("llm2vec_fast.corpus", "Encode a large corpus into embedding shards (resumable)."),
     "export": ("llm2vec_fast.export", "Export an encoder as a sentence-transformers model directory (TEI, vLLM)."),
@@ -83,8 +79,7 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.cli_log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = importlib.import_module(args.module).main(args)
-    return int(result or 0)
+    return int(importlib.import_module(args.module).main(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

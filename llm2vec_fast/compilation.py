@@ -65,15 +65,12 @@ def compiler_unavailable_reason(device: torch.device | str | None = None, backen
         if major < 7:
             return f"inductor's Triton code needs compute capability >= 7.0, this GPU is {major}.{minor}"
         return None
-    if device.type == "cpu":
-        return _cpp_compiler_reason()
-    return None
+    return _cpp_compiler_reason() if device.type == "cpu" else None
 
 
-def _module_device(module: torch.nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without one)."""
+    return next((parameter.device for parameter in module.parameters()), torch.device("cpu"))
 
 
 def compile_model(module: torch.nn.Module, *, dynamic: bool | None = True, fullgraph: bool = True,
@@ -88,7 +85,7 @@ def compile_model(module: torch.nn.Module, *, dynamic: bool | None = True, fullg
     the module uncompiled (eager)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"compile_model takes a torch.nn.Module, got {type(module).__name__}")
-    reason = compiler_unavailable_reason(_module_device(module), backend)
+    reason = compiler_unavailable_reason(module_device(module), backend)
     if reason is not None:
         if not fallback:
             raise CompilerUnavailableError(f"cannot compile with backend={backend!r}: {reason}")
@@ -133,6 +130,14 @@ def compute_rotary_once(model: torch.nn.Module) -> int:
                 module._llm2vec_fast_rotary_once = True
             count += 1
     return count
+
+
+def float_attributes_constant():
+    """The torch.compile setting every compiled call of ours is traced under (``specialize_float``): float module
+    attributes (epsilons, LoRA's ``scaling``, ``nn.Embedding.norm_type``) stay constants, where ``dynamic=True``
+    would make them graph inputs that inductor then specializes one by one, tracing the model a second time. Read
+    when a graph is traced, i.e. on a call, so it is set around the calls (a context manager)."""
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

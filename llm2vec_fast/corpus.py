@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -88,8 +89,7 @@ def read_rows(path: str | Path, *, text_field: str = "text", id_field: str | Non
     Bad rows are yielded with ``text=None`` and ``problem`` saying what is wrong, so the caller decides.
     A whitespace-only line of a .jsonl file is not a row (it is logged); in a .txt file it is an empty text.
     ``digest`` (a ``hashlib`` object; not for .parquet) is fed every byte of the file as it is read, so that one
-    pass both hashes and parses the input.
-    """
+    pass both hashes and parses the input."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
@@ -175,19 +175,15 @@ def _read_parquet(path: Path, text_field: str, id_field: str | None, wanted) -> 
         for j, text in enumerate(texts):
             if wanted is None or wanted(index):
                 row_id = ids[j] if ids is not None else index
-                if isinstance(text, str):
-                    yield Row(index, row_id, text)
-                else:
-                    problem = f"{path}: row {index}: column {text_field!r} is {'null' if text is None else type(text).__name__}"
-                    yield Row(index, row_id, None, problem)
+                kind = "null" if text is None else type(text).__name__
+                yield (Row(index, row_id, text) if isinstance(text, str)
+                       else Row(index, row_id, None, f"{path}: row {index}: column {text_field!r} is {kind}"))
             index += 1
 
 
 # ---------------------------------------------------------------------------------------------------------- output
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _write_json(path: Path, value: Any, **dump_options) -> None:
@@ -274,9 +270,7 @@ class ShardWriter:
     def __init__(self, output: str | Path, format: str = "npy", id_type: str | None = None):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        self.output = Path(output)
-        self.format = format
-        self.id_type = id_type or "int"
+        self.output, self.format, self.id_type = Path(output), format, id_type or "int"
 
     def embeddings_bytes(self, k: int, array: np.ndarray, record: dict[str, Any], rows: list[int]) -> bytes:
         if self.format == "parquet":
@@ -461,30 +455,19 @@ def _pinned_settings(settings: CorpusSettings, encoder, device, instruction: str
     budget = next((b for b in (settings.max_batch_tokens, encoder.max_batch_tokens) if b is not None),
                   settings.batch_size * encoder.max_length)
     parameter = next(encoder.model.parameters(), None)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": _resolved_name(settings.model),
-        "adapters": [_resolved_name(str(a)) for a in settings.adapters],
-        "input": fingerprint,
-        "text_field": settings.text_field,
-        "id_field": settings.id_field,
-        "instruction": instruction,
-        "batch_size": settings.batch_size,
-        "max_batch_tokens": budget,
-        **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode", "skip_instruction",
-                                                  "max_padding")},
-        "dtype": settings.dtype if settings.precision == "float32" else None,
-        "truncate_dim": settings.truncate_dim,
-        "precision": settings.precision,
-        "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
-        "format": format,
-        "id_type": id_type,
-        "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
-        "shard_size": settings.shard_size,
-        "normalize": bool(settings.normalize),
-        "device_type": device.type,
-        "attention_impl": settings.attention_impl,
-    }
+    return {"format_version": FORMAT_VERSION, "model": _resolved_name(settings.model),
+            "adapters": [_resolved_name(str(a)) for a in settings.adapters], "input": fingerprint,
+            "text_field": settings.text_field, "id_field": settings.id_field, "instruction": instruction,
+            "batch_size": settings.batch_size, "max_batch_tokens": budget,
+            **{key: getattr(encoder, key) for key in ("max_length", "doc_max_length", "pooling_mode",
+                                                      "skip_instruction", "max_padding")},
+            "dtype": settings.dtype if settings.precision == "float32" else None,
+            "truncate_dim": settings.truncate_dim, "precision": settings.precision,
+            "calibration_rows": settings.calibration_rows if settings.precision in ("int8", "uint8") else None,
+            "format": format, "id_type": id_type,
+            "model_dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
+            "shard_size": settings.shard_size, "normalize": bool(settings.normalize), "device_type": device.type,
+            "attention_impl": settings.attention_impl}
 
 
 def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
@@ -507,7 +490,7 @@ def _claim_output(output: Path, pinned: dict[str, Any]) -> bool:
     return True
 
 
-_runs_in_this_process = 0
+_RUNS_IN_THIS_PROCESS = itertools.count(1)  # every rank runs encode_corpus as often, so a number names one run
 
 
 def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] | None]:
@@ -517,8 +500,7 @@ def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] |
     Only error messages cross ranks. Under torchrun they go through its rendezvous store, the TCP key-value store
     that every rank already reaches, and not through a process group of our own: a gloo group's worker threads and
     sockets, torn down by each rank as it finished, now and then aborted a rank at exit ("terminate called without
-    an active exception"). A process group the program initialized itself is used as it is.
-    """
+    an active exception"). A process group the program initialized itself is used as it is."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world == 1:
@@ -535,13 +517,12 @@ def _distributed() -> tuple[int, int, Callable[[str | None], list[str | None]] |
     from torch.distributed.constants import default_pg_timeout
     from torch.distributed.elastic.utils.store import synchronize
 
-    global _runs_in_this_process
-    _runs_in_this_process += 1  # every rank runs encode_corpus the same number of times, so this names one run
+    run = next(_RUNS_IN_THIS_PROCESS)
     store = next(dist.rendezvous("env://"))[0]
     steps = itertools.count()
 
     def gather(message: str | None) -> list[str | None]:
-        key = f"llm2vec_fast/encode_corpus/{_runs_in_this_process}/{next(steps)}/"
+        key = f"llm2vec_fast/encode_corpus/{run}/{next(steps)}/"
         sent = json.dumps(message).encode()
         return [json.loads(data) for data in synchronize(store, sent, rank, world, key,
                                                          timeout=default_pg_timeout.total_seconds())]
@@ -608,11 +589,10 @@ def check_model(settings: CorpusSettings) -> None:
 
 def load_encoder(settings: CorpusSettings, device):
     """The ``LLM2Vec`` that ``settings`` names (model, adapters merged, pooling, lengths, dtype), on ``device``,
-    compiled with ``settings.compile``."""
+    compiled with ``settings.compile``. Callers run ``check_model`` first, once, before anything heavy."""
     from .encoder import LLM2Vec
     from .dtypes import resolve_dtype
 
-    check_model(settings)
     model_dtype = settings.model_dtype if settings.model_dtype != "auto" or device.type == "cuda" else "float32"
     encoder = LLM2Vec.from_pretrained(
         settings.model, peft_model_name_or_path=list(settings.adapters) or None, merge_peft=True,
@@ -631,12 +611,8 @@ def prepare_encoder(settings: CorpusSettings, encoder=None):
     The device is ``settings.device``, else ``cuda:LOCAL_RANK`` where CUDA is, else the CPU."""
     import torch
 
-    if settings.device:
-        device = torch.device(settings.device)
-    elif torch.cuda.is_available():
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    else:
-        device = torch.device("cpu")
+    default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(settings.device or default)
     if encoder is None:
         encoder = load_encoder(settings, device)
     else:
@@ -651,10 +627,7 @@ class _BatchProgress:
     are the next ``n`` of its lengths sorted that way."""
 
     def __init__(self, bar):
-        self.bar = bar
-        self.tokens = 0
-        self.bad = 0
-        self.started = time.perf_counter()
+        self.bar, self.tokens, self.bad, self.started = bar, 0, 0, time.perf_counter()
         self._lengths: list[int] = []
 
     def start_shard(self, lengths: list[int]) -> None:
@@ -799,8 +772,7 @@ def encode_corpus(source: str | Path, output: str | Path, settings: CorpusSettin
     with its message). Raises ``CorpusError`` (a ``ValueError``) for bad rows, conflicting settings or too many bad
     rows, ``FileNotFoundError``/``NotADirectoryError`` for paths, ``ModelNotFoundError`` for a model that resolves
     nowhere, ``ValueError`` for an unknown ``prompt_name``, a ``truncate_dim`` larger than the embedding size or an
-    unknown ``precision``.
-    """
+    unknown ``precision``."""
     from tqdm.auto import tqdm
 
     settings.validate()
@@ -865,20 +837,19 @@ def _encode_shards(shards: _Shards, output: Path, ranges: np.ndarray | None, ran
     done_before = [k for k in _complete_shards(output, format) if k % world == rank]
     if done_before:
         logger.info("Resuming: %d shard(s) of this rank are already complete", len(done_before))
-    wanted_by_shard: dict[int, bool] = {}
 
-    def wanted(index: int) -> bool:  # asked once per row, answered once per shard
-        k = index // shard_size
-        if k not in wanted_by_shard:
-            wanted_by_shard[k] = k % world == rank and not shard_complete(output, k, format)
-        return wanted_by_shard[k]
+    @functools.cache  # asked once per row, answered once per shard
+    def wanted_shard(k: int) -> bool:
+        return k % world == rank and not shard_complete(output, k, format)
 
-    for rows in shards.rows(wanted):
+    for rows in shards.rows(lambda index: wanted_shard(index // shard_size)):
         shards.write(*shards.encode(rows), ranges)
 
 
 def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encoder, source: Path,
                     dimension: int) -> dict:
+    from .encoder import ENCODER_KEYS
+
     format = pinned["format"]
     shards = []
     totals = {"rows": 0, "encoded": 0, "bad": 0, "truncated": 0, "empty": 0, "tokens": 0}
@@ -908,24 +879,17 @@ def _write_manifest(output: Path, settings: CorpusSettings, pinned: dict, encode
     if totals["truncated"]:
         logger.info("%d text(s) were longer than the limits and truncated", totals["truncated"])
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "complete": True,
-        "model": pinned["model"],
-        "adapters": pinned["adapters"],
+        "format_version": FORMAT_VERSION, "complete": True, "model": pinned["model"], "adapters": pinned["adapters"],
         "input_path": str(source.resolve()),
-        "encoder": {k: getattr(encoder, k) for k in ("pooling_mode", "max_length", "doc_max_length",
-                                                      "skip_instruction")},
+        "encoder": {k: getattr(encoder, k) for k in ENCODER_KEYS},
         "settings": pinned,
         "bad_row_policy": {"on_bad_row": settings.on_bad_row, "max_bad_rows": settings.max_bad_rows},
         "format": format,
         "dim": stored.shape[1],  # columns of the stored embeddings (bytes per row for binary/ubinary)
         "embedding_dim": embedding_dim,  # dimensions (after truncate_dim)
-        "dtype": stored.dtype.name,
-        "precision": settings.precision,
+        "dtype": stored.dtype.name, "precision": settings.precision,
         "quantization_ranges": RANGES_FILE if settings.precision in ("int8", "uint8") else None,
-        "counts": totals,
-        "bad_rows": bad_rows,
-        "shards": shards,
+        "counts": totals, "bad_rows": bad_rows, "shards": shards,
         "settings_sha256": hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest(),
     }
     _write_json(output / "manifest.json", manifest, indent=2)

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import length_sorted_batches
-from .batching import PaddedBatch
+from .batching import PaddedBatch, length_sorted_batches
 from .builtin_models import resolve_model
-from .compilation import compute_rotary_once, is_compiled
+from .compilation import compute_rotary_once, float_attributes_constant, is_compiled, module_device
 from .pipeline import (SEPARATOR, EncodedText, TextTokenizer, collate, embed, split_at_separator, text_token_states,
                        wrap_for_model)
 from .pooling import check_pooling_mode
@@ -39,7 +38,8 @@ logger = logging.getLogger(__name__)
 LLM2VEC_CONFIG = "llm2vec_config.json"
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def _is_pair(item: Any) -> bool:
@@ -67,6 +67,11 @@ def _at_least_two_by_two(batch: PaddedBatch, pad_id: int) -> PaddedBatch:
     return batch
 
 
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _weights_fingerprint(model: torch.nn.Module) -> tuple:
     """Each parameter's and buffer's storage and version counter: changes when one is updated in place or
     replaced."""
@@ -77,23 +82,11 @@ class LLM2Vec(torch.nn.Module):
     """A bidirectional decoder turned text encoder, llm2vec's ``LLM2Vec`` made fast.
 
     ``model`` returns hidden states (``AutoModel``, optionally PEFT-wrapped), already patched when
-    bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed).
-    """
+    bidirectional; ``tokenizer`` must be a fast tokenizer (character offsets are needed)."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        pooling_mode: str = "mean",
-        max_length: int = 512,
-        doc_max_length: int = 400,
-        skip_instruction: bool = True,
-        *,
-        name_or_path: str = "",
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        max_padding: float | None = 0.25,
-    ):
+    def __init__(self, model, tokenizer, pooling_mode: str = "mean", max_length: int = 512, doc_max_length: int = 400,
+                 skip_instruction: bool = True, *, name_or_path: str = "", max_batch_tokens: int | None = None,
+                 packed: bool | None = None, max_padding: float | None = 0.25):
         super().__init__()
         check_pooling_mode(pooling_mode)
         self.model = model
@@ -121,20 +114,11 @@ class LLM2Vec(torch.nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(
-        cls,
-        base_model_name_or_path: str,
-        peft_model_name_or_path: str | Sequence[str] | None = None,
-        merge_peft: bool = False,
-        enable_bidirectional: bool = True,
-        pooling_mode: str | None = None,
-        max_length: int | None = None,
-        doc_max_length: int | None = None,
-        skip_instruction: bool | None = None,
-        attention_impl: str = "auto",
-        compile: bool | str = False,
-        **model_kwargs: Any,
-    ) -> "LLM2Vec":
+    def from_pretrained(cls, base_model_name_or_path: str, peft_model_name_or_path: str | Sequence[str] | None = None,
+                        merge_peft: bool = False, enable_bidirectional: bool = True, pooling_mode: str | None = None,
+                        max_length: int | None = None, doc_max_length: int | None = None,
+                        skip_instruction: bool | None = None, attention_impl: str = "auto", compile: bool | str = False,
+                        **model_kwargs: Any) -> "LLM2Vec":
         """Load as llm2vec 0.2.3 does.
 
         - ``base_model_name_or_path``: hub id, local directory or built-in name (``smollm2-135m``). An adapter
@@ -149,8 +133,7 @@ class LLM2Vec(torch.nn.Module):
           where the patch refuses the model, through its own attention unpatched (logged; padded batches only).
         - ``compile``: True (inductor) or a ``torch.compile`` backend name: :meth:`compile_model` after loading
           (call that yourself after ``model.to(device)`` to check the backend of another device).
-        - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``).
-        """
+        - ``model_kwargs`` go to ``AutoModel.from_pretrained`` (``torch_dtype`` is accepted as ``dtype``)."""
         from transformers import AutoModel, AutoTokenizer
 
         if not isinstance(base_model_name_or_path, (str, os.PathLike)):
@@ -166,24 +149,19 @@ class LLM2Vec(torch.nn.Module):
         if os.path.isfile(os.path.join(base, "adapter_config.json")):
             beside_adapter = base
             if not any(os.path.isfile(os.path.join(base, f)) for f in _WEIGHT_FILES):
-                with open(os.path.join(base, "adapter_config.json"), encoding="utf-8") as handle:
-                    weights_from = json.load(handle).get("base_model_name_or_path") or ""
+                weights_from = _read_json(os.path.join(base, "adapter_config.json")).get("base_model_name_or_path")
                 if not weights_from:
                     raise ValueError(f"{base} holds an adapter but no weights and no base_model_name_or_path")
                 weights_from = resolve_model(weights_from)
 
         tokenizer = AutoTokenizer.from_pretrained(base)
-        tokenizer.pad_token = tokenizer.eos_token  # llm2vec's choice, whatever the tokenizer had
-        tokenizer.padding_side = "left"
+        tokenizer.pad_token = tokenizer.eos_token  # llm2vec's choice, whatever it had (__init__ pads on the left)
 
         logger.info("Loading %s", weights_from)
         model = AutoModel.from_pretrained(weights_from, **model_kwargs)
-        name = base
+        # llm2vec takes the name used by prepare_for_tokenization from the local config.json.
         config_file = os.path.join(base, "config.json")
-        if os.path.isdir(base) and os.path.isfile(config_file):
-            # llm2vec takes the name used by prepare_for_tokenization from the local config.json.
-            with open(config_file, encoding="utf-8") as handle:
-                name = json.load(handle).get("_name_or_path", "")
+        name = _read_json(config_file).get("_name_or_path", "") if os.path.isfile(config_file) else base
 
         if beside_adapter is not None:
             from peft import PeftModel
@@ -205,19 +183,14 @@ class LLM2Vec(torch.nn.Module):
             if merge_peft or position < len(adapters) - 1:
                 model = model.merge_and_unload()
 
-        settings: dict[str, Any] = {}
-        config_dir = str(adapters[-1]) if adapters else base
-        config_path = os.path.join(config_dir, LLM2VEC_CONFIG)
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                stored = json.load(handle)
-            unknown = set(stored) - set(ENCODER_KEYS)
-            if unknown:
-                logger.warning("Ignoring unknown keys %s in %s", sorted(unknown), config_path)
-            settings.update({k: v for k, v in stored.items() if k in ENCODER_KEYS})
+        config_path = os.path.join(str(adapters[-1]) if adapters else base, LLM2VEC_CONFIG)
+        stored = _read_json(config_path) if os.path.isfile(config_path) else {}
+        if set(stored) - set(ENCODER_KEYS):
+            logger.warning("Ignoring unknown keys %s in %s", sorted(set(stored) - set(ENCODER_KEYS)), config_path)
         explicit = dict(pooling_mode=pooling_mode, max_length=max_length, doc_max_length=doc_max_length,
                         skip_instruction=skip_instruction)
-        settings.update({k: v for k, v in explicit.items() if v is not None})
+        settings = {**{k: v for k, v in stored.items() if k in ENCODER_KEYS},
+                    **{k: v for k, v in explicit.items() if v is not None}}
 
         from .bidirectional import IMPLEMENTATIONS, patch
 
@@ -286,14 +259,12 @@ class LLM2Vec(torch.nn.Module):
         """Settings torch.compile reads when a graph is traced or compiled, i.e. on a call, so ``encode`` and
         ``forward`` set them around their calls of a compiled model (a no-op context for an eager one):
 
-        - ``specialize_float``: float module attributes (epsilons, ``scaling``, ``nn.Embedding.norm_type``) stay
-          constants, where ``dynamic=True`` would make them graph inputs that inductor then specializes one by
-          one, tracing the whole model a second time;
+        - float attributes kept constant (``compilation.float_attributes_constant``);
         - inductor's ``freezing`` when ``compile_model(freeze=True)`` asked for it, and its ``options``."""
         settings = contextlib.ExitStack()
         if not is_compiled(self.model):
             return settings
-        settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        settings.enter_context(float_attributes_constant())
         if self._inductor_freezing or self._inductor_options:
             from torch._inductor import config
 
@@ -311,8 +282,7 @@ class LLM2Vec(torch.nn.Module):
         """Write the model (or its adapter), the tokenizer and ``llm2vec_config.json``, as llm2vec does.
 
         With a PEFT-wrapped model, only the adapter is written unless ``merge_before_save``; the adapter then
-        loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec.
-        """
+        loads with ``from_pretrained(base, peft_model_name_or_path=output_path)`` here and in llm2vec."""
         from . import transformers_compat
         from .bidirectional import unpatched
 
@@ -384,28 +354,13 @@ class LLM2Vec(torch.nn.Module):
         return device.type == "cuda" and is_patched(self.model)
 
     @torch.no_grad()
-    def encode(
-        self,
-        sentences: str | Sequence[str] | Sequence[Sequence[str]],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        device: str | torch.device | None = None,
-        normalize_embeddings: bool = False,
-        output_value: str = "sentence_embedding",
-        *,
-        prompt: str | None = None,
-        prompt_name: str | None = None,
-        truncate_dim: int | None = None,
-        precision: str = "float32",
-        pool: dict[str, Any] | None = None,
-        chunk_size: int | None = None,
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        ranges: np.ndarray | None = None,
-        calibration_embeddings: np.ndarray | None = None,
-    ):
+    def encode(self, sentences: str | Sequence[str] | Sequence[Sequence[str]], batch_size: int = 32,
+               show_progress_bar: bool | None = None, convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               device: str | torch.device | None = None, normalize_embeddings: bool = False,
+               output_value: str = "sentence_embedding", *, prompt: str | None = None, prompt_name: str | None = None,
+               truncate_dim: int | None = None, precision: str = "float32", pool: dict[str, Any] | None = None,
+               chunk_size: int | None = None, max_batch_tokens: int | None = None, packed: bool | None = None,
+               ranges: np.ndarray | None = None, calibration_embeddings: np.ndarray | None = None):
         """Embed strings or ``[instruction, text]`` pairs; the result keeps the input order.
 
         Returns ``(n, dim)`` float32 (numpy by default, a tensor with ``convert_to_tensor``), or ``(dim,)`` for
@@ -423,8 +378,7 @@ class LLM2Vec(torch.nn.Module):
         min and max, or from ``calibration_embeddings`` ``(m, dim)`` float, else from these embeddings: give one
         of them to quantize several calls alike); ``device=["cuda:0",
         "cuda:1"]`` or ``pool=start_multi_process_pool(...)`` encodes in several processes, ``chunk_size`` texts
-        at a time.
-        """
+        at a time."""
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -477,9 +431,7 @@ class LLM2Vec(torch.nn.Module):
                                                               calibration_embeddings=calibration_embeddings))
         if single:
             embeddings = embeddings[0]
-        if convert_to_tensor or not convert_to_numpy:
-            return embeddings
-        return embeddings.numpy()
+        return embeddings if convert_to_tensor or not convert_to_numpy else embeddings.numpy()
 
     def encode_query(self, sentences, **kwargs):
         """:meth:`encode` with the ``query`` prompt (LLM2Vec gives queries an instruction) unless one is given."""
@@ -517,23 +469,15 @@ class LLM2Vec(torch.nn.Module):
             stop_multi_process_pool(pool)
 
     @torch.no_grad()
-    def encode_tokenized(
-        self,
-        encoded: list[EncodedText],
-        *,
-        batch_size: int = 32,
-        device: str | torch.device | None = None,
-        output_value: str = "sentence_embedding",
-        max_batch_tokens: int | None = None,
-        packed: bool | None = None,
-        show_progress_bar: bool = False,
-        progress: Any = None,
-    ):
+    def encode_tokenized(self, encoded: list[EncodedText], *, batch_size: int = 32,
+                         device: str | torch.device | None = None, output_value: str = "sentence_embedding",
+                         max_batch_tokens: int | None = None, packed: bool | None = None,
+                         show_progress_bar: bool = False, progress: Any = None):
         """Run already tokenized inputs through the model: ``(n, dim)`` float32 CPU tensor in input order
         (a list of per-text tensors for ``token_embeddings``). ``progress``: anything with ``update(n)`` (a
         tqdm), told after each batch how many texts it held."""
-        device = torch.device(device) if device is not None else self._model_device()
-        if self._model_device() != device:
+        device = torch.device(device) if device is not None else module_device(self.model)
+        if module_device(self.model) != device:
             self.model.to(device)
         self._check_frozen_weights()
         packed = self._default_packed(device) if packed is None else packed
@@ -584,12 +528,6 @@ class LLM2Vec(torch.nn.Module):
                 progress.update(len(batch))
         bar.close()
         return results if output_value == "token_embeddings" else torch.stack(results)
-
-    def _model_device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
 
     def forward(self, sentence_feature: dict[str, torch.Tensor]) -> torch.Tensor:
         """llm2vec's forward: padded features (``input_ids``, ``attention_mask``, ``embed_mask``; optional

@@ -189,8 +189,7 @@ def evaluate_offline(model: Any, tasks: list[str], *, data_dir: str | Path, outp
     """Evaluate an mteb encoder (e.g. :class:`llm2vec_fast.mteb.LLM2VecMTEB`) on local-file tasks.
 
     Returns ``{spec: {"main_score", "metric", "split", "subset", "scores", "limit"}}`` and, with
-    ``output_dir``, writes one mteb ``TaskResult`` file per task (``<Task>__<split>.json``).
-    """
+    ``output_dir``, writes one mteb ``TaskResult`` file per task (``<Task>__<split>.json``)."""
     from mteb.results import TaskResult
 
     results: dict[str, dict[str, Any]] = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .bidirectional import unpatched
-from .pooling import POOLING_MODES
+from .pooling import POOLING_MODES, check_pooling_mode
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def write_model_files(encoder, output: str | os.PathLike) -> None:
 
 def pooling_config(pooling_mode: str, dimension: int) -> dict[str, Any]:
     """1_Pooling/config.json: sentence-transformers' Pooling keys (read by TEI and vLLM) and our exact mode."""
-    if pooling_mode not in POOLING_MODES:
-        raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {pooling_mode!r}")
+    check_pooling_mode(pooling_mode)
     # Instructions are left out of pooling, as llm2vec does (sentence-transformers' include_prompt=False).
     return {"word_embedding_dimension": int(dimension),
             **{flag: flag == _ST_POOLING_KEYS[pooling_mode] for flag in _ST_POOLING_FLAGS},
@@ -114,19 +113,14 @@ def sentence_transformers_config(prompts: dict[str, str]) -> dict[str, Any]:
                 "transformers": _package_version("transformers"), "pytorch": _package_version("torch")}
     if st_version := _package_version("sentence-transformers"):
         versions["sentence_transformers"] = st_version
-    return {
-        "__version__": versions,
-        "model_type": "SentenceTransformer",
-        "prompts": prompts,
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-        # Read by sentence-transformers (>= 6) before any module loads: without llm2vec-fast the model fails here
-        # with "pip install llm2vec-fast" instead of loading anything causal.
-        "requirements": {"llm2vec-fast": {
-            "specifier": ">=0.1.0",
-            "reason": "its modules run llm2vec-fast's bidirectional attention and LLM2Vec's instruction handling; "
-                      "without it the model would be a causal decoder"}},
-    }
+    return {"__version__": versions, "model_type": "SentenceTransformer", "prompts": prompts,
+            "default_prompt_name": None, "similarity_fn_name": "cosine",
+            # Read by sentence-transformers (>= 6) before any module loads: without llm2vec-fast the model fails
+            # here with "pip install llm2vec-fast" instead of loading anything causal.
+            "requirements": {"llm2vec-fast": {
+                "specifier": ">=0.1.0",
+                "reason": "its modules run llm2vec-fast's bidirectional attention and LLM2Vec's instruction "
+                          "handling; without it the model would be a causal decoder"}}}
 
 
 def write_sentence_transformers_files(output: str | os.PathLike, *, pooling_mode: str, dimension: int,
@@ -233,8 +227,7 @@ def export_sentence_transformers(encoder, output: str | os.PathLike, *, base_mod
     architecture cannot run our bidirectional attention raises ValueError. ``prompts`` default to
     :func:`llm2vec_fast.prompts.default_prompts`; ``base_model`` and ``adapters`` are named in the model card, and
     ``matryoshka_dims`` (default: what the adapters' ``<stage>_settings.json`` record) with ``truncate_dim`` usage.
-    Returns the output path.
-    """
+    Returns the output path."""
     from .prompts import default_prompts
 
     output = check_output_dir(output)

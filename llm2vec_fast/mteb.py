@@ -55,8 +55,7 @@ class LLM2VecMTEB(AbsEncoder):
     encoder: anything with ``encode(sentences, batch_size=..., show_progress_bar=..., convert_to_numpy=True)``
         that takes plain strings and ``[instruction, text]`` pairs and returns ``(n, dim)`` embeddings.
     instructions: task name -> instruction; default LLM2Vec's table. ``use_instructions=False`` sends plain
-        texts everywhere (the causal/bidirectional baselines of the recipe can be run either way).
-    """
+        texts everywhere (the causal/bidirectional baselines of the recipe can be run either way)."""
 
     def __init__(self, encoder: Any, *, model_name: str = "llm2vec-fast/encoder", revision: str | None = None,
                  instructions: dict[str, str] | None = None, use_instructions: bool = True, batch_size: int = 32,
@@ -69,9 +68,7 @@ class LLM2VecMTEB(AbsEncoder):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = encoder
         self.instructions = dict(task_instructions() if instructions is None else instructions)
-        self.use_instructions = use_instructions
-        self.batch_size = batch_size
-        self.show_progress_bar = show_progress_bar
+        self.use_instructions, self.batch_size, self.show_progress_bar = use_instructions, batch_size, show_progress_bar
         self.mteb_model_meta = ModelMeta.create_empty({
             "name": model_name, "revision": revision or "local", "similarity_fn_name": ScoringFunction.COSINE,
             "use_instructions": use_instructions, "framework": ["PyTorch"]})
@@ -141,8 +138,7 @@ def evaluate_mteb(wrapper: LLM2VecMTEB, task_names: list[str], output: Path, *, 
                   overwrite: bool = False) -> tuple[dict[str, float], list[str]]:
     """Run mteb on ``task_names``; returns (task -> main score, tasks whose data could not be loaded).
 
-    Result files are written by mteb's ``ResultCache`` under ``output``.
-    """
+    Result files are written by mteb's ``ResultCache`` under ``output``."""
     import mteb
 
     scores: dict[str, float] = {}

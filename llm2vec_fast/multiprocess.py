@@ -29,9 +29,7 @@ _POLL_SECONDS = 1.0
 
 def default_devices() -> list[str]:
     """Every CUDA device, else 2 CPU processes."""
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return ["cpu", "cpu"]
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu", "cpu"]
 
 
 def start_multi_process_pool(encoder, devices: Sequence[str | torch.device] | None = None) -> dict[str, Any]:

@@ -87,8 +87,7 @@ class TextTokenizer:
     text (``wrap_for_model``). ``doc_max_length`` is llm2vec's word trimming of the text alone (the encoder
     sets it; training does not). With ``skip_instruction`` the embed mask marks the text's own tokens: a token
     counts when its characters reach past the instruction (a token such as " word" that starts on the joining
-    space counts as the text's); tokens the tokenizer adds (BOS) do not. Without it every token is pooled.
-    """
+    space counts as the text's); tokens the tokenizer adds (BOS) do not. Without it every token is pooled."""
 
     def __init__(self, tokenizer, *, max_length: int, wrap: Callable[[str], str] | None = None,
                  instruction_separator: str = " ", skip_instruction: bool = True, doc_max_length: int | None = None):
@@ -116,7 +115,8 @@ class TextTokenizer:
                                  max_length=self.max_length, return_offsets_mapping=True)
         out = []
         for i, (_, boundary) in enumerate(joined):
-            ids, offsets, sequence_ids = list(encoded["input_ids"][i]), encoded["offset_mapping"][i], encoded.sequence_ids(i)
+            ids, offsets = list(encoded["input_ids"][i]), encoded["offset_mapping"][i]
+            sequence_ids = encoded.sequence_ids(i)
             truncated = trimmed[i] or bool(encoded.encodings[i].overflowing)
             if not ids:  # nothing to encode at all (empty text, no instruction, no BOS): EOS stands for it
                 out.append(EncodedText([self.tokenizer.eos_token_id], [1], truncated, pooled_whole=True))

@@ -26,8 +26,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean",
     ``attention_mask`` marks real tokens; ``embed_mask`` (default: ``attention_mask``) marks the tokens
     that are pooled by ``mean`` and ``weighted_mean``. A text whose embed mask is empty pools to zeros, and so
     does a row without a real token. Masked weighted sums and a gather, no copy of the real tokens and no host
-    sync; padded positions get weight 0, so their states must be finite (a model's are).
-    """
+    sync; padded positions get weight 0, so their states must be finite (a model's are)."""
     check_pooling_mode(mode)
     if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be (batch, seq, dim) and masks (batch, seq); got {tuple(hidden.shape)} "
@@ -58,8 +57,7 @@ def pool_segments(states: torch.Tensor, lengths: torch.Tensor, mode: str = "mean
                   embed_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Packed texts: states ``(total, dim)`` (or ``(1, total, dim)``) of the texts back to back, ``lengths``
     ``(n,)`` their token counts (``cu_seqlens.diff()``), ``embed_mask`` ``(total,)`` -> ``(n, dim)`` in fp32,
-    with :func:`pool`'s meaning. A text without a token, or whose embed mask is empty, pools to zeros.
-    """
+    with :func:`pool`'s meaning. A text without a token, or whose embed mask is empty, pools to zeros."""
     check_pooling_mode(mode)
     if states.dim() == 3 and states.shape[0] == 1:
         states = states[0]

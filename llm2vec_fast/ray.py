@@ -65,8 +65,7 @@ class EmbedBatch:
     set up by ``encode_corpus``'s code (``corpus.prepare_encoder``). int8/uint8 need ``ranges``: a ``(2, dim)``
     array or the path of a run's ``quantization-ranges.npy`` (a batch's own range would differ from batch to
     batch). ``output_format``: ``numpy`` (the embeddings as an ``(n, dim)`` array, Ray's tensor column) or
-    ``arrow`` (a ``pyarrow.Table`` with the fixed-size list column of ``encode_corpus``'s Parquet shards).
-    """
+    ``arrow`` (a ``pyarrow.Table`` with the fixed-size list column of ``encode_corpus``'s Parquet shards)."""
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, text_column: str = "text",
                  id_column: str | None = "id", embedding_column: str = "embedding", keep_columns: Sequence[str] = (),
@@ -83,6 +82,7 @@ class EmbedBatch:
         self.settings.validate()
         self.output_format, self.text_column, self.id_column = output_format, text_column, id_column
         self.embedding_column, self.keep_columns = embedding_column, list(keep_columns)
+        corpus.check_model(self.settings)  # a model name that names nothing fails in one line, before loading
         self.encoder, self.device, self.instruction = corpus.prepare_encoder(self.settings)
         self.width = self.settings.truncate_dim or int(self.encoder.model.config.hidden_size)
         self.ranges = None

@@ -23,6 +23,7 @@ the machinery, whose numbers mean nothing and are labelled so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -127,9 +128,8 @@ def stage_order(recipe: dict[str, Any]) -> list[str]:
 def stage_inputs(recipe: dict[str, Any], stage: str) -> list[str]:
     """The earlier stages whose adapters are merged under ``stage`` (``on_top_of``; default all earlier ones)."""
     order = stage_order(recipe)
-    spec = recipe["stages"][stage]
     earlier = order[: order.index(stage)]
-    on_top_of = spec.get("on_top_of", earlier)
+    on_top_of = recipe["stages"][stage].get("on_top_of", earlier)
     bad = [s for s in on_top_of if s not in earlier]
     if bad:
         raise ValueError(f"stage {stage} cannot build on {bad}: only earlier stages {earlier} can be merged")
@@ -146,13 +146,9 @@ def stage_command(recipe: dict[str, Any], stage: str, output: Path, context: dic
         config = (Path(recipe["path"]).parent / config).resolve()
     if not config.is_file():
         raise FileNotFoundError(f"stage {stage}: config file {config} not found")
-    settings = {
-        "model_name_or_path": recipe["model"],
-        "output_dir": str(output / stage),
-        "merge_adapters": [str(output / s) for s in stage_inputs(recipe, stage)],
-        "seed": recipe.get("seed", 42),
-    }
-    settings.update(_fill(spec.get("set", {}), context))
+    settings = {"model_name_or_path": recipe["model"], "output_dir": str(output / stage),
+                "merge_adapters": [str(output / s) for s in stage_inputs(recipe, stage)],
+                "seed": recipe.get("seed", 42), **_fill(spec.get("set", {}), context)}
     # What the stage was made from: its settings as the stage reads them (the config file's and these, typed;
     # a reformatted file gives the same, an edited value does not) and the earlier stages' adapters by content,
     # so that stale work is never taken for done.
@@ -227,18 +223,15 @@ def run_stage(recipe: dict[str, Any], stage: str, output: Path, context: dict[st
 def run_stage_process(command: list[str]) -> int:
     """Run one stage's ``llm2vec-fast train`` subprocess; returns its exit code. The one place the recipe starts
     a process, so that tests replace this and not ``subprocess.run`` for everything else in the process."""
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = {"TOKENIZERS_PARALLELISM": "false", **os.environ}
     return subprocess.run(command, env=env, check=False).returncode
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
 def variants(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """What is evaluated: the causal base, bidirectional untrained, then each stage with its inputs merged."""
-    found = [
-        {"name": "causal", "label": "causal base", "bidirectional": False, "stages": []},
-        {"name": "bidirectional", "label": "bidirectional, untrained", "bidirectional": True, "stages": []},
-    ]
+    found = [{"name": "causal", "label": "causal base", "bidirectional": False, "stages": []},
+             {"name": "bidirectional", "label": "bidirectional, untrained", "bidirectional": True, "stages": []}]
     labels = {"mntp": "MNTP", "simcse": "SimCSE", "supervised": "supervised"}
     for stage in stage_order(recipe):
         chain = [*stage_inputs(recipe, stage), stage]
@@ -304,10 +297,8 @@ def results_table(recipe: dict[str, Any], rows: list[tuple[dict, dict]], stage_m
     title = "SMOKE TEST (`--quick`): a few training steps on tiny samples; these numbers mean nothing" \
         if recipe["quick"] else "Recipe run (training budgets in the stage table, evaluation samples in the header)"
     recipe_path = Path(recipe["path"]).resolve()
-    try:
+    with contextlib.suppress(ValueError):  # shown relative to the current directory when it is below it
         recipe_path = recipe_path.relative_to(Path.cwd())
-    except ValueError:
-        pass
     out = [RESULTS_BEGIN, f"### {title}", "",
            f"Model `{recipe['model']}`, recipe `{recipe_path}`, seed {recipe.get('seed', 42)}, "
            f"pooling `{recipe['eval'].get('pooling_mode', 'mean')}`, LLM2Vec instructions "

@@ -28,7 +28,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("llm2vec_fast.sentence_transformers needs sentence-transformers>=6: "
                       "pip install 'llm2vec-fast[sentence-transformers]'") from error
 
-from .encoder import LLM2VEC_CONFIG, LLM2Vec
+from .encoder import ENCODER_KEYS, LLM2VEC_CONFIG, LLM2Vec
 from .export import pooling_config, write_model_files
 from .pipeline import collate, hidden_states
 from .pooling import check_pooling_mode, pool
@@ -41,7 +41,7 @@ class LLM2VecTransformer(InputModule):
     ``(batch, longest)``; :meth:`forward` adds ``token_embeddings`` ``(batch, longest, dim)``."""
 
     config_file_name = LLM2VEC_CONFIG
-    config_keys = ["pooling_mode", "max_length", "doc_max_length", "skip_instruction"]
+    config_keys = list(ENCODER_KEYS)
     save_in_root = True
 
     def __init__(self, encoder: LLM2Vec):

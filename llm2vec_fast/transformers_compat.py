@@ -68,10 +68,8 @@ _OWN_BIDIRECTIONAL_OVERLAY_MODEL_TYPES = frozenset({"gemma3_text"})
 
 def uses_own_bidirectional_overlay(config) -> bool:
     """Whether ``config`` is a model in its own bidirectional mode with the exclusive sliding-window rule."""
-    return (
-        getattr(config, "model_type", None) in _OWN_BIDIRECTIONAL_OVERLAY_MODEL_TYPES
-        and getattr(config, "use_bidirectional_attention", False) is True
-    )
+    return (getattr(config, "model_type", None) in _OWN_BIDIRECTIONAL_OVERLAY_MODEL_TYPES
+            and getattr(config, "use_bidirectional_attention", False) is True)
 
 
 def supports_flash_attention_masks(model) -> bool:

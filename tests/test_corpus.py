@@ -672,6 +672,24 @@ def test_a_run_reads_its_input_once_to_pin_it_and_once_to_encode_it(tiny_model_d
         "size": source.stat().st_size, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
 
 
+def test_a_run_and_the_ray_callable_check_their_model_once(tiny_model_dir, tmp_path, monkeypatch):
+    """``check_model`` (a hub look-up for a hub id) runs once per run that loads its model, and the Ray callable
+    still checks a name before loading anything."""
+    from llm2vec_fast import corpus
+    from llm2vec_fast.builtin_models import ModelNotFoundError
+    from llm2vec_fast.ray import EmbedBatch
+
+    checked, real_check = [], corpus.check_model
+    monkeypatch.setattr(corpus, "check_model", lambda settings: checked.append(settings.model) or real_check(settings))
+    settings = CorpusSettings(model=tiny_model_dir, batch_size=4, shard_size=10, attention_impl="torch", format="npy")
+    corpus.encode_corpus(write_jsonl(tmp_path / "input.jsonl", TEXTS[:3]), tmp_path / "out", settings)
+    assert checked == [tiny_model_dir]
+    monkeypatch.setattr(corpus, "load_encoder", lambda *args: pytest.fail("loaded before the name was checked"))
+    with pytest.raises(ModelNotFoundError):
+        EmbedBatch("no-such-model")
+    assert checked == [tiny_model_dir, "no-such-model"]
+
+
 def test_read_rows_hashes_every_byte_of_a_text_input_and_refuses_a_digest_for_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -31,8 +32,17 @@ LOSSES = ("fused", "full_logits")
 NULL = "null"  # how a command line sets an optional setting back to None ("none" is a value for some)
 
 
-def _help(text: str, **metadata) -> dict[str, Any]:
-    return {"help": text, **metadata}
+def _field(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any):
+    """A settings field: its ``--help`` text and argparse's ``choices`` in the metadata ``HfArgumentParser``
+    reads; a list default is copied for every instance."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_MAX_WALL_SECONDS = ("stop the training loop cleanly after this many seconds (model loading not counted), save the "
+                     "adapter and record steps done of planned in training_progress.json; null: no limit")
 
 
 def check_max_wall_seconds(value) -> None:
@@ -46,32 +56,29 @@ def check_max_wall_seconds(value) -> None:
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata=_help("hub id, local directory or 'smollm2-135m'"))
-    merge_adapters: list[str] = field(default_factory=list,
-                                      metadata=_help("earlier stages' adapters merged into the base first"))
-    dtype: str = field(default="auto", metadata=_help("model dtype; auto: bf16 where the device has it, else fp32",
-                                                      choices=MODEL_DTYPES))
-    attention_impl: str = field(default="auto", metadata=_help(
-        "our attention kernel; auto: Triton on CUDA, PyTorch SDPA elsewhere", choices=IMPLEMENTATIONS))
-    attention_dropout: float | None = field(default=None, metadata=_help("attention dropout (SimCSE: 0.3)"))
-    lora_r: int = field(default=16, metadata=_help("LoRA rank"))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
-    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-                                           metadata=_help("module names LoRA adapts"))
+    model_name_or_path: str = _field(help="hub id, local directory or 'smollm2-135m'")
+    merge_adapters: list[str] = _field([], "earlier stages' adapters merged into the base first")
+    dtype: str = _field("auto", "model dtype; auto: bf16 where the device has it, else fp32", choices=MODEL_DTYPES)
+    attention_impl: str = _field("auto", "our attention kernel; auto: Triton on CUDA, PyTorch SDPA elsewhere",
+                                 choices=IMPLEMENTATIONS)
+    attention_dropout: float | None = _field(None, "attention dropout (SimCSE: 0.3)")
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: int = _field(32, "LoRA alpha")
+    lora_dropout: float = _field(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = _field(list(DEFAULT_LORA_TARGETS), "module names LoRA adapts")
 
 
 @dataclass
 class DataArguments:
-    train_files: list[str] = field(default_factory=list, metadata=_help(
-        "text (.txt), JSON lines (.jsonl) or CSV files, optionally .gz; relative to the current directory"))
-    dataset_name: str | None = field(default=None, metadata=_help("or a datasets.load_dataset name (MNTP)"))
-    dataset_config_name: str | None = field(default=None, metadata=_help("the dataset's configuration"))
-    dataset_split: str = field(default="train", metadata=_help("the dataset's split"))
-    text_column: str = field(default="text", metadata=_help("the text field of JSON lines / the dataset column"))
-    max_train_samples: int | None = field(default=None, metadata=_help(
-        "keep the first N training samples (MNTP: blocks; SimCSE: sentences; supervised: valid rows)"))
-    num_proc: int | None = field(default=None, metadata=_help("tokenization processes"))
+    train_files: list[str] = _field([], "text (.txt), JSON lines (.jsonl) or CSV files, optionally .gz; relative to "
+                                        "the current directory")
+    dataset_name: str | None = _field(None, "or a datasets.load_dataset name (MNTP)")
+    dataset_config_name: str | None = _field(None, "the dataset's configuration")
+    dataset_split: str = _field("train", "the dataset's split")
+    text_column: str = _field("text", "the text field of JSON lines / the dataset column")
+    max_train_samples: int | None = _field(None, "keep the first N training samples (MNTP: blocks; SimCSE: "
+                                                 "sentences; supervised: valid rows)")
+    num_proc: int | None = _field(None, "tokenization processes")
 
     def __post_init__(self):
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -80,21 +87,18 @@ class DataArguments:
 
 @dataclass
 class MNTPArguments:
-    block_size: int = field(default=512, metadata=_help("tokens per block (llm2vec's max_seq_length)"))
-    validation_fraction: float = field(default=0.0, metadata=_help("held-out share of the blocks for evaluation"))
-    mask_probability: float = field(default=0.2, metadata=_help("share of tokens masked (llm2vec's mlm_probability)"))
-    replacement: str = field(default="default", metadata=_help(
-        "default: 80/10/10 mask/random/unchanged; all_mask: every masked token becomes the mask token",
-        choices=REPLACEMENTS))
-    mask_token_type: str = field(default="blank", metadata=_help(
-        "blank ('_'), eos, or mask (an added '<mask>' token)", choices=MASK_TOKEN_TYPES))
-    loss: str = field(default="fused", metadata=_help(
-        "fused: our kernel, no (tokens, vocab) logits; full_logits: plain LM head + cross-entropy", choices=LOSSES))
-    loss_impl: str = field(default="auto", metadata=_help(
-        "the fused loss's impl; auto: Triton on CUDA, chunked PyTorch elsewhere", choices=IMPLEMENTATIONS))
-    max_wall_seconds: float | None = field(default=None, metadata=_help(
-        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
-        "and record steps done of planned in training_progress.json; null: no limit"))
+    block_size: int = _field(512, "tokens per block (llm2vec's max_seq_length)")
+    validation_fraction: float = _field(0.0, "held-out share of the blocks for evaluation")
+    mask_probability: float = _field(0.2, "share of tokens masked (llm2vec's mlm_probability)")
+    replacement: str = _field("default", "default: 80/10/10 mask/random/unchanged; all_mask: every masked token "
+                                         "becomes the mask token", choices=REPLACEMENTS)
+    mask_token_type: str = _field("blank", "blank ('_'), eos, or mask (an added '<mask>' token)",
+                                  choices=MASK_TOKEN_TYPES)
+    loss: str = _field("fused", "fused: our kernel, no (tokens, vocab) logits; full_logits: plain LM head + "
+                                "cross-entropy", choices=LOSSES)
+    loss_impl: str = _field("auto", "the fused loss's impl; auto: Triton on CUDA, chunked PyTorch elsewhere",
+                            choices=IMPLEMENTATIONS)
+    max_wall_seconds: float | None = _field(None, _MAX_WALL_SECONDS)
 
     def __post_init__(self):
         if not 0.0 < self.mask_probability <= 1.0:
@@ -108,42 +112,34 @@ class MNTPArguments:
 
 @dataclass
 class ContrastiveArguments:
-    pooling_mode: str = field(default="mean", metadata=_help("mean, weighted_mean, eos_token or bos_token"))
-    max_length: int = field(default=128, metadata=_help("tokens per text, instruction included"))
-    doc_max_length: int = field(default=400, metadata=_help(
-        "the encoder's doc_max_length written to llm2vec_config.json (training cuts texts at max_length)"))
-    chunk_size: int | None = field(default=None, metadata=_help(
-        "GradCache chunk (texts per forward); null: the whole batch at once"))
-    packed: bool = field(default=True, metadata=_help(
-        "texts back to back without padding (varlen attention); false: left-padded batches"))
-    scale: float = field(default=20.0, metadata=_help("InfoNCE scale (1 / temperature)"))
-    loss_impl: str = field(default="auto", metadata=_help(
-        "InfoNCE impl; auto: Triton on CUDA, PyTorch elsewhere", choices=IMPLEMENTATIONS))
-    gather_across_ranks: bool = field(default=True, metadata=_help(
-        "with several processes, score every query against the global batch"))
-    no_duplicates: bool = field(default=True, metadata=_help(
-        "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); rows that would repeat one wait "
-        "for a later batch (counted, logged); false: llm2vec's batches"))
-    mask_false_negatives: bool = field(default=True, metadata=_help(
-        "leave out of each query's softmax the documents that are the same text as its positive (text hashes "
-        "from the collator, gathered across ranks); false: llm2vec's loss"))
-    max_wall_seconds: float | None = field(default=None, metadata=_help(
-        "stop the training loop cleanly after this many seconds (model loading not counted), save the adapter "
-        "and record steps done of planned in training_progress.json; null: no limit"))
-    csv_dataset: str = field(default="allnli", metadata=_help("the dataset name of rows of a triplet CSV"))
-    dataset_from_file_name: bool = field(default=False, metadata=_help(
-        "rows without 'dataset' take their file's name (llm2vec's echo-data layout)"))
-    hard_negatives: bool = field(default=True, metadata=_help(
-        "every row must have a negative; false: in-batch negatives only"))
-    skip_bad_rows: bool = field(default=False, metadata=_help(
-        "false: a row missing a field or with an empty text is an error; true: skipped and counted"))
-    instructions: dict | str | None = field(default=None, metadata=_help(
-        "JSON object dataset -> instruction (or list), added to E5's"))
-    matryoshka_dims: list[int] | None = field(default=None, metadata=_help(
-        "Matryoshka training: leading dimensions, strictly decreasing (e.g. 4096 1024 256 64); the InfoNCE loss is "
-        "summed over the embeddings truncated to each; null: plain InfoNCE"))
-    matryoshka_weights: list[float] | None = field(default=None, metadata=_help(
-        "one weight per matryoshka_dims entry (sentence-transformers' MatryoshkaLoss); null: 1 each"))
+    pooling_mode: str = _field("mean", "mean, weighted_mean, eos_token or bos_token")
+    max_length: int = _field(128, "tokens per text, instruction included")
+    doc_max_length: int = _field(400, "the encoder's doc_max_length written to llm2vec_config.json (training cuts "
+                                      "texts at max_length)")
+    chunk_size: int | None = _field(None, "GradCache chunk (texts per forward); null: the whole batch at once")
+    packed: bool = _field(True, "texts back to back without padding (varlen attention); false: left-padded batches")
+    scale: float = _field(20.0, "InfoNCE scale (1 / temperature)")
+    loss_impl: str = _field("auto", "InfoNCE impl; auto: Triton on CUDA, PyTorch elsewhere", choices=IMPLEMENTATIONS)
+    gather_across_ranks: bool = _field(True, "with several processes, score every query against the global batch")
+    no_duplicates: bool = _field(True, "no text twice in one global batch (sentence-transformers' NO_DUPLICATES); "
+                                       "rows that would repeat one wait for a later batch (counted, logged); false: "
+                                       "llm2vec's batches")
+    mask_false_negatives: bool = _field(True, "leave out of each query's softmax the documents that are the same "
+                                              "text as its positive (text hashes from the collator, gathered across "
+                                              "ranks); false: llm2vec's loss")
+    max_wall_seconds: float | None = _field(None, _MAX_WALL_SECONDS)
+    csv_dataset: str = _field("allnli", "the dataset name of rows of a triplet CSV")
+    dataset_from_file_name: bool = _field(False, "rows without 'dataset' take their file's name (llm2vec's "
+                                                 "echo-data layout)")
+    hard_negatives: bool = _field(True, "every row must have a negative; false: in-batch negatives only")
+    skip_bad_rows: bool = _field(False, "false: a row missing a field or with an empty text is an error; true: "
+                                        "skipped and counted")
+    instructions: dict | str | None = _field(None, "JSON object dataset -> instruction (or list), added to E5's")
+    matryoshka_dims: list[int] | None = _field(None, "Matryoshka training: leading dimensions, strictly decreasing "
+                                                     "(e.g. 4096 1024 256 64); the InfoNCE loss is summed over the "
+                                                     "embeddings truncated to each; null: plain InfoNCE")
+    matryoshka_weights: list[float] | None = _field(None, "one weight per matryoshka_dims entry "
+                                                          "(sentence-transformers' MatryoshkaLoss); null: 1 each")
 
     def __post_init__(self):
         check_pooling_mode(self.pooling_mode)
@@ -277,8 +273,7 @@ def to_argv(settings: dict[str, Any]) -> list[str]:
 def parse_stage_arguments(stage: str, config: str | Path | dict[str, Any] | None = None,
                           overrides: dict[str, Any] | list[str] | None = None):
     """``(ModelArguments, DataArguments, MNTPArguments | ContrastiveArguments, TrainingArguments)`` from a flat
-    config (file or dict) and overrides (a dict, or command-line words such as ``["--learning_rate", "1e-4"]``).
-    """
+    config (file or dict) and overrides (a dict, or command-line words such as ``["--learning_rate", "1e-4"]``)."""
     settings = read_config(config, stage) if not isinstance(config, dict) else dict(config)
     if isinstance(overrides, dict):
         settings.update(overrides)
@@ -326,3 +321,13 @@ def overrides_from(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     """The settings given on the command line (the parsed ``llm2vec-fast train <stage>`` options)."""
     names = setting_names(stage)
     return {key: value for key, value in vars(args).items() if key in names}
+
+
+def stage_command(stage: str, train):
+    """``(add_arguments, main)`` of ``llm2vec-fast train <stage>``: its options, and ``train(model_args, data_args,
+    stage_args, training_args)`` on the config and the options given."""
+    def main(args: argparse.Namespace) -> int:
+        train(*parse_stage_arguments(stage, args.config, overrides_from(args, stage)))
+        return 0
+
+    return functools.partial(add_arguments, stage=stage), main

@@ -21,8 +21,7 @@ def resolve_mask_token(tokenizer, mask_token_type: str) -> tuple[int, bool]:
     """Set ``tokenizer.mask_token`` as llm2vec's ``mask_token_type`` does; return (its id, whether it was added).
 
     ``blank``: the token ``_``; ``eos``: the eos token; ``mask``: a new ``<mask>`` token (the embedding matrix
-    must then grow by one row). Raises ``ValueError`` when the tokenizer has no such single token.
-    """
+    must then grow by one row). Raises ``ValueError`` when the tokenizer has no such single token."""
     if mask_token_type == "blank":
         token_id = tokenizer.convert_tokens_to_ids("_")
         unk = tokenizer.unk_token_id
@@ -52,8 +51,7 @@ class MNTPDataCollator(DataCollatorForLanguageModeling):
       id inside a concatenated block);
     - token ids beyond the LM head's ``vocab_size`` rows are an error before any step;
     - :meth:`for_replacement` builds llm2vec's variants: ``"default"`` 80/10/10, ``"all_mask"`` every masked
-      token replaced by the mask token (llm2vec's ``DataCollatorForLanguageModelingWithFullMasking``).
-    """
+      token replaced by the mask token (llm2vec's ``DataCollatorForLanguageModelingWithFullMasking``)."""
 
     vocab_size: int | None = None
 
@@ -97,18 +95,15 @@ class ContrastiveCollator:
     documents are hashed: in SimCSE the query and its positive are the same sentence by construction and the
     query is never a column, so only other rows' copies of the sentence are masked. Texts are hashed as given
     (before the model's wrapping and the cut at ``max_length``, which are the same for every document).
-    ``self.stats["false_negatives"]`` counts the (query, document) pairs so masked within each process's batch.
-    """
+    ``self.stats["false_negatives"]`` counts the (query, document) pairs so masked within each process's batch."""
 
     def __init__(self, tokenizer, max_length: int, *, packed: bool = False, wrap: Callable[[str], str] | None = None,
                  chunk_size: int | None = None, text_ids: bool = True):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of texts or None, got {chunk_size}")
         self.text_tokenizer = TextTokenizer(tokenizer, max_length=max_length, wrap=wrap, instruction_separator="; ")
-        self.tokenizer = tokenizer
-        self.packed = bool(packed)
-        self.chunk_size = chunk_size
-        self.text_ids = bool(text_ids)
+        self.tokenizer, self.chunk_size = tokenizer, chunk_size
+        self.packed, self.text_ids = bool(packed), bool(text_ids)
         self.stats = {"texts": 0, "truncated": 0, "instruction_filled_input": 0, "false_negatives": 0}
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..encoder import ENCODER_KEYS, LLM2VEC_CONFIG
 from ..pipeline import wrap_for_model
 from .collators import ContrastiveCollator
 from .losses import CachedInfoNCELoss, InfoNCELoss, check_matryoshka
-from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
+from .modeling import base_model_for, kernel_impl, load_tokenizer, lora_for
 from .samplers import OneDatasetBatchSampler
 from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, check_torch_compile, run_training
 
@@ -38,10 +38,7 @@ def model_wrapping(model_name_or_path: str, pooling_mode: str) -> Callable[[str]
 
 def build_model(model_args):
     """Base model, earlier adapters merged, patched bidirectional (with the stage's attention dropout), new LoRA."""
-    return lora_for(load_base_model(model_args.model_name_or_path, dtype=model_args.dtype,
-                                    merge_adapters=model_args.merge_adapters,
-                                    attention_dropout=model_args.attention_dropout,
-                                    attention_impl=kernel_impl(model_args.attention_impl)), model_args)
+    return lora_for(base_model_for(model_args), model_args)
 
 
 def contrastive_loss(args, batch_size: int) -> InfoNCELoss:
@@ -59,8 +56,7 @@ def check_matryoshka_fits(model_name_or_path: str, args) -> None:
         return
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(model_name_or_path))
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = AutoConfig.from_pretrained(resolve_model(model_name_or_path)).get_text_config()
     check_matryoshka(args.matryoshka_dims, args.matryoshka_weights, embedding_dim=config.hidden_size)
 
 

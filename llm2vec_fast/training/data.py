@@ -91,8 +91,6 @@ def _first(rows: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 
 
 # --- MNTP -----------------------------------------------------------------------------------------------------
-
-
 def load_text_dataset(data_args) -> datasets.Dataset:
     """A dataset with one ``text`` column, from ``train_files`` or ``datasets.load_dataset(dataset_name)``."""
     if bool(data_args.train_files) == bool(data_args.dataset_name):
@@ -120,8 +118,7 @@ def tokenize_into_blocks(dataset, tokenizer, block_size: int, *, num_proc: int |
     """Tokenize the ``text`` column, concatenate (per map batch of 1000 rows), cut into ``block_size`` blocks.
 
     Returns a dataset with ``input_ids``, ``attention_mask`` and ``special_tokens_mask`` (all ``block_size``
-    long). Raises ``TextTooShortError`` when the text does not fill one block.
-    """
+    long). Raises ``TextTooShortError`` when the text does not fill one block."""
     model_max = getattr(tokenizer, "model_max_length", None)
     if model_max is not None and model_max < 10**9 and block_size > model_max:
         logger.warning("block_size %d is larger than the tokenizer's model_max_length %d", block_size, model_max)
@@ -150,8 +147,6 @@ def tokenize_into_blocks(dataset, tokenizer, block_size: int, *, num_proc: int |
 
 
 # --- SimCSE and supervised ------------------------------------------------------------------------------------
-
-
 def load_sentences(data_args) -> datasets.Dataset:
     """SimCSE rows: every non-empty line (stripped) as its own query and positive; empty lines are counted."""
     if not data_args.train_files:

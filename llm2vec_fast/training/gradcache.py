@@ -113,15 +113,10 @@ def backward_chunks(encode: Callable[[Any], torch.Tensor], groups: Sequence[Sequ
         offset += reps.shape[0]
 
 
-def grad_cache_step(
-    encode: Callable[[Any], torch.Tensor],
-    groups: Sequence[Sequence[Any]],
-    loss_fn: Callable[..., torch.Tensor],
-    *,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-    replay_rng: bool = True,
-) -> torch.Tensor:
+def grad_cache_step(encode: Callable[[Any], torch.Tensor], groups: Sequence[Sequence[Any]],
+                    loss_fn: Callable[..., torch.Tensor], *, backward: Callable[[torch.Tensor], None] | None = None,
+                    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    replay_rng: bool = True) -> torch.Tensor:
     """Run one GradCache forward/backward and return the loss (detached).
 
     Args:
@@ -132,8 +127,7 @@ def grad_cache_step(
         backward: how to back-propagate a chunk's surrogate (default ``tensor.backward()``).
         no_sync: a context factory that suspends the DDP gradient all-reduce (``model.no_sync``).
         replay_rng: restore each chunk's RNG state before the second forward (turn off only to show why it is
-            needed: without it dropout differs between the two forwards and the gradients are wrong).
-    """
+            needed: without it dropout differs between the two forwards and the gradients are wrong)."""
     cached, states = embed_without_graph(encode, groups)
     loss = loss_fn(*cached)
     backward_chunks(encode, groups, states, embedding_grads(loss, cached), backward=backward, no_sync=no_sync,

@@ -13,9 +13,8 @@ thread). The same gradients as eager (in fp32 to rounding), without the elementw
 is around it.
 
 :func:`training_compile_settings` is what the Trainer (``torch_compile``) sets around its steps: this pass as
-inductor's ``pre_grad_custom_pass`` and dynamo's ``specialize_float`` (float module attributes such as LoRA's
-``scaling``, which the pass needs as a number, RMSNorm's epsilon and ``nn.Embedding.norm_type`` stay constants;
-with dynamic shapes they would otherwise become graph inputs, see the encoder's ``_compile_settings``).
+inductor's ``pre_grad_custom_pass`` and float attributes kept constant as the encoder keeps them
+(``compilation.float_attributes_constant``: LoRA's ``scaling``, which the pass needs as a number, among them).
 
 The pass rewrites CPU graphs only: on CUDA it has not been measured yet (no GPU was lent to the task that wrote
 it), so there inductor keeps peft's graph. It leaves a LoRA linear unfused where the pattern is not exactly that:
@@ -26,11 +25,14 @@ shape or dtype (casts between mixed dtypes), several adapters summed, DoRA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..compilation import float_attributes_constant
 
 __all__ = ["fuse_lora_linears", "lora_linear", "training_compile_settings"]
 
@@ -239,14 +241,9 @@ def _graph_pass_class():
     return FuseLoRALinears
 
 
-_PASS = None
-
-
+@functools.cache
 def _fuse_pass():
-    global _PASS
-    if _PASS is None:
-        _PASS = _graph_pass_class()()
-    return _PASS
+    return _graph_pass_class()()
 
 
 @contextlib.contextmanager
@@ -259,6 +256,6 @@ def training_compile_settings():
     passes = list(get_custom_graph_passes(inductor_config.pre_grad_custom_pass))
     if _fuse_pass() not in passes:
         passes.append(_fuse_pass())
-    with torch._dynamo.config.patch(specialize_float=True), \
+    with float_attributes_constant(), \
             inductor_config.patch(pre_grad_custom_pass=passes[0] if len(passes) == 1 else passes):
         yield

@@ -40,17 +40,14 @@ class MNTPLoss(nn.Module):
         if not hasattr(head, "weight"):
             raise ValueError(f"{type(head).__name__} has no weight to use as the LM head")
         self.head = head.requires_grad_(False)
-        self.logit_softcap = logit_softcap
-        self.full_logits = full_logits
-        self.impl = impl
+        self.logit_softcap, self.full_logits, self.impl = logit_softcap, full_logits, impl
 
     @classmethod
     def from_causal_lm(cls, causal_lm, **kwargs) -> "MNTPLoss":
         head = causal_lm.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(causal_lm).__name__} has no output embeddings (LM head) to train MNTP with")
-        config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") \
-            else causal_lm.config
+        config = causal_lm.config.get_text_config()
         return cls(head, logit_softcap=getattr(config, "final_logit_softcapping", None), **kwargs)
 
     @property
@@ -71,8 +68,7 @@ class MNTPModel(nn.Module):
 
     def __init__(self, body: nn.Module, loss: MNTPLoss):
         super().__init__()
-        self.body = body
-        self.loss = loss
+        self.body, self.loss = body, loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -137,10 +133,8 @@ class InfoNCELoss(nn.Module):
                  impl: str = "auto", matryoshka_dims: Sequence[int] | None = None,
                  matryoshka_weights: Sequence[float] | None = None):
         super().__init__()
-        self.pooling_mode = pooling_mode
-        self.scale = scale
+        self.pooling_mode, self.scale, self.impl = pooling_mode, scale, impl
         self.gather_across_ranks = gather_across_ranks
-        self.impl = impl
         checked = check_matryoshka(matryoshka_dims, matryoshka_weights)
         self.matryoshka_dims, self.matryoshka_weights = checked if checked else (None, None)
 

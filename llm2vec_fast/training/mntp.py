@@ -23,7 +23,7 @@ from . import arguments
 from .collators import IGNORE_INDEX, MNTPDataCollator, resolve_mask_token
 from .data import load_text_dataset, tokenize_into_blocks
 from .losses import MNTPLoss, MNTPModel
-from .modeling import kernel_impl, load_base_model, load_tokenizer, lora_for
+from .modeling import base_model_for, kernel_impl, load_tokenizer, lora_for
 from .trainer import LLM2VecTrainer, TrainingRun, add_wall_clock_guard, check_torch_compile, run_training
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,7 @@ def build_mntp_model(model_args, mntp_args, tokenizer) -> MNTPModel:
     from transformers import AutoModelForCausalLM
 
     _, added = resolve_mask_token(tokenizer, mntp_args.mask_token_type)
-    causal_lm = load_base_model(model_args.model_name_or_path, model_class=AutoModelForCausalLM,
-                                dtype=model_args.dtype, merge_adapters=model_args.merge_adapters,
-                                attention_dropout=model_args.attention_dropout,
-                                attention_impl=kernel_impl(model_args.attention_impl))
+    causal_lm = base_model_for(model_args, model_class=AutoModelForCausalLM)
     if added:
         logger.info("Resizing the embeddings to %d tokens for the added mask token", len(tokenizer))
         causal_lm.resize_token_embeddings(len(tokenizer))
@@ -102,10 +99,4 @@ def train_mntp(model_args, data_args, mntp_args, training_args) -> TrainingRun:
     return run
 
 
-def add_arguments(parser) -> None:
-    arguments.add_arguments(parser, "mntp")
-
-
-def main(args) -> int:
-    train_mntp(*arguments.parse_stage_arguments("mntp", args.config, arguments.overrides_from(args, "mntp")))
-    return 0
+add_arguments, main = arguments.stage_command("mntp", train_mntp)

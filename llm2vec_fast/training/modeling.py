@@ -25,22 +25,13 @@ def load_tokenizer(model_name_or_path: str):
     return tokenizer
 
 
-def load_base_model(
-    model_name_or_path: str,
-    *,
-    model_class: Any = None,
-    dtype: torch.dtype | str | None = "auto",
-    merge_adapters: list[str] | tuple[str, ...] = (),
-    bidirectional: bool = True,
-    attention_dropout: float | None = None,
-    attention_impl: str = "auto",
-    **model_kwargs: Any,
-):
+def load_base_model(model_name_or_path: str, *, model_class: Any = None, dtype: torch.dtype | str | None = "auto",
+                    merge_adapters: list[str] | tuple[str, ...] = (), bidirectional: bool = True,
+                    attention_dropout: float | None = None, attention_impl: str = "auto", **model_kwargs: Any):
     """Load a base model, merge earlier stages' LoRA adapters into it, and patch it bidirectional.
 
     ``model_class`` defaults to ``AutoModel`` (hidden states only); MNTP passes ``AutoModelForCausalLM``.
-    ``attention_impl`` goes to ``patch`` (``"auto"``, ``"triton"`` or ``"torch"``).
-    """
+    ``attention_impl`` goes to ``patch`` (``"auto"``, ``"triton"`` or ``"torch"``)."""
     from transformers import AutoModel
 
     if isinstance(dtype, str) or dtype is None:
@@ -69,6 +60,14 @@ def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05,
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
     return get_peft_model(model, config)
+
+
+def base_model_for(model_args, **kwargs):
+    """``load_base_model`` with the model settings of :class:`~llm2vec_fast.training.arguments.ModelArguments`
+    (``kwargs``: ``model_class``...)."""
+    return load_base_model(model_args.model_name_or_path, dtype=model_args.dtype,
+                           merge_adapters=model_args.merge_adapters, attention_dropout=model_args.attention_dropout,
+                           attention_impl=kernel_impl(model_args.attention_impl), **kwargs)
 
 
 def lora_for(model, model_args):

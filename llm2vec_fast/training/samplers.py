@@ -26,8 +26,7 @@ class OneDatasetBatchSampler(torch.utils.data.Sampler[list[int]]):
     With ``texts`` (per row, the texts it puts in a batch: query, positive, negative), no text appears twice in
     one global batch (sentence-transformers' ``NO_DUPLICATES``): a row whose text is already in the batch being
     filled waits for a later one; ``moved`` counts those waits in the last epoch drawn (logged), and a dataset's
-    rows that cannot fill one more batch without a repeat are left out of the epoch.
-    """
+    rows that cannot fill one more batch without a repeat are left out of the epoch."""
 
     def __init__(self, datasets: Sequence[str], batch_size: int, *, world_size: int = 1, seed: int = 0,
                  texts: Sequence[Sequence[str | None]] | None = None):

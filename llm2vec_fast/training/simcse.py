@@ -17,10 +17,4 @@ def train_simcse(model_args, data_args, args, training_args) -> TrainingRun:
     return train_contrastive(model_args, data_args, args, training_args, rows, stage="simcse")
 
 
-def add_arguments(parser) -> None:
-    arguments.add_arguments(parser, "simcse")
-
-
-def main(args) -> int:
-    train_simcse(*arguments.parse_stage_arguments("simcse", args.config, arguments.overrides_from(args, "simcse")))
-    return 0
+add_arguments, main = arguments.stage_command("simcse", train_simcse)

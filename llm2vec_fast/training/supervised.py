@@ -21,11 +21,4 @@ def train_supervised(model_args, data_args, args, training_args) -> TrainingRun:
     return train_contrastive(model_args, data_args, args, training_args, rows, stage="supervised")
 
 
-def add_arguments(parser) -> None:
-    arguments.add_arguments(parser, "supervised")
-
-
-def main(args) -> int:
-    train_supervised(*arguments.parse_stage_arguments("supervised", args.config,
-                                                      arguments.overrides_from(args, "supervised")))
-    return 0
+add_arguments, main = arguments.stage_command("supervised", train_supervised)

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -43,8 +44,7 @@ class LLM2VecTrainer(Trainer):
     :class:`~llm2vec_fast.compilation.CompilerUnavailableError` before anything is built; the first steps' times
     (compilation included) are logged. The training and evaluation steps run under
     :func:`~llm2vec_fast.training.lora_graph.training_compile_settings`: float attributes traced as constants
-    and, with inductor on CPU, peft's LoRA linears fused into one op each.
-    """
+    and, with inductor on CPU, peft's LoRA linears fused into one op each."""
 
     def __init__(self, *args, loss: torch.nn.Module | None = None, batch_sampler=None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -71,13 +71,8 @@ class LLM2VecTrainer(Trainer):
             return super().prediction_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.loss is None:
-            outputs = model(**inputs)
-            loss = outputs["loss"]
-        else:
-            loss = self.loss(model, inputs)
-            outputs = {"loss": loss}
-        return (loss, outputs) if return_outputs else loss
+        outputs = model(**inputs) if self.loss is None else {"loss": self.loss(model, inputs)}
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def get_train_dataloader(self):
         if self.batch_sampler is None:
@@ -173,8 +168,7 @@ class CompileTimeCallback(TrainerCallback):
     with dynamic shapes), so that it is shown, not hidden in the first logged loss."""
 
     def __init__(self, steps: int = 3):
-        self.steps = steps
-        self._start = None
+        self.steps, self._start = steps, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step < self.steps:
@@ -215,14 +209,12 @@ def run_training(trainer: LLM2VecTrainer, stage: str, arguments: Sequence[Any]) 
         settings = {}
         for part in arguments:
             settings.update(part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part))
-        with open(os.path.join(args.output_dir, f"{stage}_settings.json"), "w", encoding="utf-8") as handle:
-            json.dump(settings, handle, indent=2, default=str)
+        Path(args.output_dir, f"{stage}_settings.json").write_text(json.dumps(settings, indent=2, default=str))
         guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, WallClockGuard)), None)
         progress = {"steps_done": trainer.state.global_step, "steps_planned": trainer.state.max_steps,
                     "stopped_by_wall_clock": guard is not None and guard.stopped_at is not None,
                     "max_wall_seconds": None if guard is None else guard.max_wall_seconds,
                     "train_seconds": round(seconds, 1)}
-        with open(os.path.join(args.output_dir, PROGRESS_FILE), "w", encoding="utf-8") as handle:
-            json.dump(progress, handle, indent=2)
+        Path(args.output_dir, PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
     logger.info("Saved the %s adapter and tokenizer to %s", stage, args.output_dir)
     return TrainingRun(output_dir=args.output_dir, log_history=list(trainer.state.log_history), trainer=trainer)
