@@ -30,6 +30,12 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     return on_cuda or triton_interpreter_enabled()
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 inputs keep fp32 products ("ieee", so that a kernel matches an fp32
+    reference; the default, tf32, would cost three digits); 16-bit inputs use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensor's (a model on cuda:1 while the current
     device is cuda:0 would otherwise launch on the wrong device)."""
