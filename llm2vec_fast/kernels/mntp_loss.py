@@ -32,7 +32,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._dispatch import dot_precision as _dot_precision, launch_device, triton_interpreter_enabled, use_triton
+from ._dispatch import dot_precision as _dot_precision
+from ._dispatch import launch_device, split_tiles, triton_interpreter_enabled, use_triton
 from ._matmul import matmul_fp32
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -322,14 +323,8 @@ def _fused_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap
     block_m, block_v, block_k, num_warps, num_stages = _block_sizes(hidden.device, weight.dtype)
     row_blocks = triton.cdiv(n_rows, block_m)
     n_tiles = triton.cdiv(vocab, block_v)
-    # Split the vocabulary so that enough programs run even when few row blocks are labelled.
-    if hidden.is_cuda:
-        programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-        splits = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
-    else:
-        splits = min(n_tiles, 2)
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split starts inside the vocabulary
+    # The vocabulary split so that enough programs run even when few row blocks are labelled.
+    splits, tiles_per_split = split_tiles(row_blocks, n_tiles, hidden.device, programs_per_sm=4)
     part_max = torch.empty(splits, n_rows, device=hidden.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
@@ -386,10 +381,7 @@ def _fused_backward(grad_output, hidden, weight, bias, order, src, targets, coun
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
-    grad_hidden = dh.view(batch, seq_len, hidden_size).to(hidden.dtype) if need_dh else None
-    grad_weight = dw.to(weight.dtype) if need_dw else None
-    grad_bias = db.to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    return dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,14 +452,12 @@ def _early(reduction, need_dh, need_dw, need_db):
     return reduction != "none" and (need_dh or need_dw or need_db)
 
 
-def _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, need_dh, need_dw, need_db):
+def _early_backward(grad_output, early_dh, early_dw, early_db, need_dh, need_dw, need_db):
     """The backward of a forward that took the gradients (:func:`_early`): they scaled by the incoming one."""
     factor = grad_output.float() if grad_output.dtype != torch.float64 else grad_output
-    grad_hidden = (early_dh * factor).to(hidden.dtype) if need_dh else None
-    # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
-    grad_weight = (early_dw * factor.to(early_dw.dtype)).to(weight.dtype) if need_dw else None
-    grad_bias = (early_db * factor).to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    # d weight in its own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
+    return (early_dh * factor if need_dh else None, early_dw * factor.to(early_dw.dtype) if need_dw else None,
+            early_db * factor if need_db else None)
 
 
 def _add_chunk_gradients(z, t, chunk_lse, chunk_targets, row_scale, chunk_src, h, w, dh, dw, db):
@@ -503,10 +493,7 @@ def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, co
         _add_chunk_gradients(z, t, lse[start:stop], targets[start:stop], grad_rows[start:stop, None].to(compute_dtype),
                              src[start:stop], h, w, dh, dw, db)
         del z, t
-    grad_hidden = dh.view(batch, seq_len, -1).to(hidden.dtype) if need_dh else None
-    grad_weight = dw.to(weight.dtype) if need_dw else None
-    grad_bias = db.to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    return dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,8 +619,7 @@ def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count
     row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[:n_valid]
     _, _, dh, dw, db = _gemm_rows(hidden, weight.contiguous(), bias, src, targets, n_valid, logit_softcap,
                                   chunk_rows, (need_dh, need_dw, need_db), row_scale)
-    return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    return dh, dw, db
 
 
 def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift=1, ignore_index=-100,
@@ -665,14 +651,6 @@ def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift
 # The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
 # ---------------------------------------------------------------------------------------------------------------
 
-PATHS = ("fused", "gemm", "torch")
-
-
-def _loss_dtype(path: str, dtype: torch.dtype) -> torch.dtype:
-    """The loss's (and the log-sum-exps') dtype: fp32, or float64 for float64 inputs on the PyTorch path."""
-    return _compute_dtype(dtype) if path == "torch" else torch.float32
-
-
 @torch.library.custom_op("llm2vec_fast::masked_next_token_loss", mutates_args=())
 def _mntp_forward_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, shift: int, ignore_index: int,
@@ -703,7 +681,7 @@ def _(hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softca
       grad_weight, grad_bias):
     batch, seq_len, hidden_size = hidden.shape
     n_rows = batch * (seq_len - shift)
-    dtype = _loss_dtype(path, weight.dtype)
+    dtype = _compute_dtype(weight.dtype) if path == "torch" else torch.float32  # of the loss and log-sum-exps
     loss = hidden.new_empty((batch, seq_len) if reduction == "none" else (), dtype=dtype)
     index = labels.new_empty(n_rows, dtype=torch.int64)
     count = labels.new_empty(1, dtype=torch.int32)
@@ -729,21 +707,22 @@ def _mntp_backward_op(
     reduction: str, logit_softcap: Optional[float], path: str, chunk_rows: int, grad_hidden: bool,
     grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor for each one not asked for."""
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes (each path gives them in its accumulation dtype); an
+    empty tensor for each one not asked for."""
     hidden = hidden.contiguous()
     if path == "fused":
         grads = _fused_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
                                 reduction, logit_softcap, grad_hidden, grad_weight, grad_bias)
     elif _early(reduction, grad_hidden, grad_weight, grad_bias):  # the GEMM variant's and the PyTorch path's
-        grads = _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, grad_hidden,
-                                grad_weight, grad_bias)
+        grads = _early_backward(grad_output, early_dh, early_dw, early_db, grad_hidden, grad_weight, grad_bias)
     elif path == "gemm":
         grads = _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, shift, reduction,
                                logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)
     else:
         grads = _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
                                   reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+    return tuple(hidden.new_empty(0) if g is None else g.view(like.shape).to(like.dtype)
+                 for g, like in zip(grads, (hidden, weight, bias)))
 
 
 @_mntp_backward_op.register_fake
