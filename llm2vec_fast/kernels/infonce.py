@@ -52,7 +52,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._dispatch import dot_precision as _dot_precision, launch_device, triton_interpreter_enabled, use_triton
+from ._dispatch import dot_precision as _dot_precision
+from ._dispatch import launch_device, split_tiles, triton_interpreter_enabled, use_triton
 from ._matmul import matmul_fp32
 
 # The norm clamp of torch.nn.functional.normalize, which sentence-transformers' cos_sim uses.
@@ -226,15 +227,6 @@ def _inverse_norms(x: torch.Tensor, triton_path: bool) -> torch.Tensor:
     return out
 
 
-def _column_splits(n_row_blocks: int, n_col_tiles: int, device: torch.device) -> int:
-    """Split the columns over programs when there are too few row blocks to fill the GPU."""
-    if triton_interpreter_enabled() or device.type != "cuda":
-        return min(2, n_col_tiles)  # exercise the partial-result merge in tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, n_row_blocks)
-    return max(1, min(wanted, n_col_tiles))
-
-
 def _forward_triton(q, docs, rq, rd, doc_ids, scale, label_offset):
     """Per-row (logsumexp, target score) in fp32, ``(B,)`` each."""
     n_rows, dim = q.shape
@@ -242,9 +234,7 @@ def _forward_triton(q, docs, rq, rd, doc_ids, scale, label_offset):
     block_m, block_n, block_k, warps, stages = _block_sizes(q.dtype)
     row_blocks = triton.cdiv(n_rows, block_m)
     col_tiles = triton.cdiv(n_cols, block_n)
-    splits = _column_splits(row_blocks, col_tiles, q.device)
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    splits = triton.cdiv(col_tiles, tiles_per_split)
+    splits, tiles_per_split = split_tiles(row_blocks, col_tiles, q.device, programs_per_sm=2)
     partial = torch.empty(3, splits, n_rows, device=q.device, dtype=torch.float32)
     with launch_device(q):
         _infonce_fwd_kernel[(row_blocks, splits)](
@@ -356,9 +346,6 @@ VARIANTS = ("auto", "fused", "gemm")
 # --------------------------------------------------------------------------------------------------------------------
 # The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
 # --------------------------------------------------------------------------------------------------------------------
-PATHS = ("fused", "gemm", "torch")
-
-
 @torch.library.custom_op("llm2vec_fast::info_nce_loss", mutates_args=())
 def _info_nce_forward_op(queries: Tensor, docs: Tensor, doc_ids: Optional[Tensor], scale: float, label_offset: int,
                          total_rows: int, path: str, want_grad: bool
