@@ -1369,30 +1369,23 @@ def _tma_matrix(t: torch.Tensor, problem: _Problem, copied: bool = False):
     return matrix, row_b, row_h, col_h
 
 
-def _attention_forward_tma(q, k, v, problem: _Problem, store_lse: bool):
-    """The ``tma_ws`` forward; the same outputs as ``_attention_forward``."""
-    o = problem.new_output(q)
-    lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
-    mask, stride_mb, stride_ms = problem.mask_args(q.device)
-    lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
+def _attention_forward_tma(q, k, v, problem: _Problem, grid, o, lse, lse_strides, mask_args, store_lse: bool):
+    """The ``tma_ws`` forward, launched by ``_attention_forward`` into its outputs ``o`` and ``lse``."""
+    mask, stride_mb, stride_ms = mask_args
     matrices, steps = zip(*((m, s) for m, *s in (_tma_matrix(t, problem) for t in (q, k, v))))
     block = [16, problem.head_dim]  # the config's tile shapes are set by _tma_pre_hook
     descs = [TensorDescriptor(m, list(m.shape), list(m.stride()), list(block)) for m in matrices]
-    heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     constexprs = problem.constexprs()
-    with launch_device(q):
-        _launch(
-            _attn_fwd_tma_kernel, "fwd_tma", grid,
-            *descs, o, lse, mask, problem.cu_arg(q.device),
-            *steps[0], *steps[1], *steps[2],
-            *problem.strides(o), *lse_strides, stride_mb, stride_ms,
-            problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, _seq_bucket(max_seqlen),
-            STORE_LSE=store_lse, WARP_SPECIALIZE=True,
-            **{name: constexprs[name] for name in ("GROUP", "HEAD_DIM", "BLOCK_D", "IS_VARLEN", "HAS_PADDING",
-                                                   "HAS_DROPOUT", "DOT_PRECISION")},
-        )
-    return o, lse
+    _launch(
+        _attn_fwd_tma_kernel, "fwd_tma", grid,
+        *descs, o, lse, mask, problem.cu_arg(q.device),
+        *steps[0], *steps[1], *steps[2],
+        *problem.strides(o), *lse_strides, stride_mb, stride_ms,
+        problem.seqlen, problem.heads, problem.max_seqlen, problem.sm_scale * LOG2E, _seq_bucket(problem.max_seqlen),
+        STORE_LSE=store_lse, WARP_SPECIALIZE=True,
+        **{name: constexprs[name] for name in ("GROUP", "HEAD_DIM", "BLOCK_D", "IS_VARLEN", "HAS_PADDING",
+                                               "HAS_DROPOUT", "DOT_PRECISION")},
+    )
 
 
 _warned_wg64: set = set()
@@ -1426,8 +1419,6 @@ def _dkdv_wg64(problem: _Problem, q: torch.Tensor) -> bool:
 
 
 def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
-    if problem.tma_forward:
-        return _attention_forward_tma(q, k, v, problem, store_lse)
     o = problem.new_output(q)
     lse = problem.new_lse(q.device) if store_lse else torch.zeros(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
@@ -1435,6 +1426,9 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     with launch_device(q):
+        if problem.tma_forward:
+            _attention_forward_tma(q, k, v, problem, grid, o, lse, lse_strides, (mask, stride_mb, stride_ms), store_lse)
+            return o, lse
         _launch(
             _attn_fwd_kernel, "fwd", grid,
             q, k, v, o, lse, mask, problem.cu_arg(q.device), problem.ranges_arg(q.device), seed,
@@ -2046,7 +2040,8 @@ def bidirectional_attention(
     Returns:
         Same shape and dtype as ``q``.
     """
-    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window, causal)
+    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
+              causal)
     triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
     if impl == "triton" and not triton_ok:
         raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
