@@ -1,4 +1,4 @@
-"""Choosing between a Triton kernel and its PyTorch reference."""
+"""Choosing between a Triton kernel and its PyTorch reference, and what its launch needs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+import triton
 
 IMPLEMENTATIONS = ("auto", "triton", "torch")
 
@@ -28,6 +29,25 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
             )
         return True
     return on_cuda or triton_interpreter_enabled()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 inputs keep fp32 products ("ieee", so that a kernel matches an fp32
+    reference; the default, tf32, would cost three digits); 16-bit inputs use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def split_tiles(row_blocks: int, tiles: int, device: torch.device, programs_per_sm: int) -> tuple[int, int]:
+    """``(splits, tiles_per_split)``: the ``tiles`` along a row block's columns split over programs, so that about
+    ``programs_per_sm`` programs per SM run even when few row blocks do (the partial results are merged after);
+    off a GPU or under the interpreter 2 splits, to exercise that merge. Every split starts inside the tiles."""
+    if device.type != "cuda" or triton_interpreter_enabled():
+        splits = min(2, tiles)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, row_blocks)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split
 
 
 def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

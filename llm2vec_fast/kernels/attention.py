@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._dispatch import dot_precision as _dot_precision, launch_device, triton_interpreter_enabled, use_triton
 
 try:  # host-side tensor descriptors (Triton >= 3.4): the forward="tma_ws" variant
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1228,7 +1228,7 @@ class _Problem:
         self.inv_keep = 1.0 / (1.0 - self.dropout_p)
         self.mask = key_padding_mask
         self.cu_seqlens = cu_seqlens
-        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.dot_precision = _dot_precision(q.dtype)
         self.causal = bool(causal)
         self.window = int(window) if window is not None else 0
         self.softcap = float(logit_softcap) if logit_softcap is not None else None
@@ -1239,7 +1239,9 @@ class _Problem:
         self.ranges = (
             _real_token_ranges(key_padding_mask) if self.skip_padding and key_padding_mask is not None else None
         )
-        self.tma_forward = _VARIANT["forward"] == "tma_ws" and _tma_forward_supports(self, q)
+        self.tma_forward = _VARIANT["forward"] == "tma_ws" and _supported(
+            _tma_unsupported(self, q), _warned_tma,
+            'attention forward="tma_ws" does not support %s: using the default forward')
 
     def ranges_arg(self, device) -> torch.Tensor:
         return self.ranges if self.ranges is not None else torch.empty(1, device=device, dtype=torch.int32)
@@ -1330,11 +1332,12 @@ def _tma_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
     return None
 
 
-def _tma_forward_supports(problem: _Problem, q: torch.Tensor) -> bool:
-    reason = _tma_unsupported(problem, q)
-    if reason is not None and reason not in _warned_tma:
-        _warned_tma.add(reason)
-        logger.warning('attention forward="tma_ws" does not support %s: using the default forward', reason)
+def _supported(reason, warned: set, message: str) -> bool:
+    """Whether ``reason`` (why a kernel or variant cannot run this call) is None; else ``message % reason`` is logged,
+    once per reason (``warned``: those logged) and not while torch.compile traces (logging would break the graph)."""
+    if reason is not None and reason not in warned and not torch.compiler.is_compiling():
+        warned.add(reason)
+        logger.warning(message, reason)
     return reason is None
 
 
@@ -1366,30 +1369,23 @@ def _tma_matrix(t: torch.Tensor, problem: _Problem, copied: bool = False):
     return matrix, row_b, row_h, col_h
 
 
-def _attention_forward_tma(q, k, v, problem: _Problem, store_lse: bool):
-    """The ``tma_ws`` forward; the same outputs as ``_attention_forward``."""
-    o = problem.new_output(q)
-    lse = problem.new_lse(q.device) if store_lse else torch.empty(1, device=q.device, dtype=torch.float32)
-    mask, stride_mb, stride_ms = problem.mask_args(q.device)
-    lse_strides = problem.lse_strides(lse) if store_lse else (0, 0)
+def _attention_forward_tma(q, k, v, problem: _Problem, grid, o, lse, lse_strides, mask_args, store_lse: bool):
+    """The ``tma_ws`` forward, launched by ``_attention_forward`` into its outputs ``o`` and ``lse``."""
+    mask, stride_mb, stride_ms = mask_args
     matrices, steps = zip(*((m, s) for m, *s in (_tma_matrix(t, problem) for t in (q, k, v))))
     block = [16, problem.head_dim]  # the config's tile shapes are set by _tma_pre_hook
     descs = [TensorDescriptor(m, list(m.shape), list(m.stride()), list(block)) for m in matrices]
-    heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     constexprs = problem.constexprs()
-    with launch_device(q):
-        _launch(
-            _attn_fwd_tma_kernel, "fwd_tma", grid,
-            *descs, o, lse, mask, problem.cu_arg(q.device),
-            *steps[0], *steps[1], *steps[2],
-            *problem.strides(o), *lse_strides, stride_mb, stride_ms,
-            problem.seqlen, heads, max_seqlen, problem.sm_scale * LOG2E, _seq_bucket(max_seqlen),
-            STORE_LSE=store_lse, WARP_SPECIALIZE=True,
-            **{name: constexprs[name] for name in ("GROUP", "HEAD_DIM", "BLOCK_D", "IS_VARLEN", "HAS_PADDING",
-                                                   "HAS_DROPOUT", "DOT_PRECISION")},
-        )
-    return o, lse
+    _launch(
+        _attn_fwd_tma_kernel, "fwd_tma", grid,
+        *descs, o, lse, mask, problem.cu_arg(q.device),
+        *steps[0], *steps[1], *steps[2],
+        *problem.strides(o), *lse_strides, stride_mb, stride_ms,
+        problem.seqlen, problem.heads, problem.max_seqlen, problem.sm_scale * LOG2E, _seq_bucket(problem.max_seqlen),
+        STORE_LSE=store_lse, WARP_SPECIALIZE=True,
+        **{name: constexprs[name] for name in ("GROUP", "HEAD_DIM", "BLOCK_D", "IS_VARLEN", "HAS_PADDING",
+                                               "HAS_DROPOUT", "DOT_PRECISION")},
+    )
 
 
 _warned_wg64: set = set()
@@ -1417,22 +1413,12 @@ def _dkdv_wg64_unsupported(problem: _Problem, q: torch.Tensor) -> str | None:
 
 def _dkdv_wg64(problem: _Problem, q: torch.Tensor) -> bool:
     """Whether this backward runs the ``wg64`` dK/dV (the variant chosen and supported; else one warning per reason)."""
-    if _VARIANT["dkdv"] != "wg64":
-        return False
-    reason = _dkdv_wg64_unsupported(problem, q)
-    if reason is not None and reason not in _warned_wg64:
-        _warned_wg64.add(reason)
-        logger.warning('attention dkdv="wg64" does not support %s: using the default dK/dV', reason)
-    return reason is None
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return _VARIANT["dkdv"] == "wg64" and _supported(
+        _dkdv_wg64_unsupported(problem, q), _warned_wg64,
+        'attention dkdv="wg64" does not support %s: using the default dK/dV')
 
 
 def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse: bool):
-    if problem.tma_forward:
-        return _attention_forward_tma(q, k, v, problem, store_lse)
     o = problem.new_output(q)
     lse = problem.new_lse(q.device) if store_lse else torch.zeros(1, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_ms = problem.mask_args(q.device)
@@ -1440,6 +1426,9 @@ def _attention_forward(q, k, v, problem: _Problem, seed: torch.Tensor, store_lse
     heads, batch, max_seqlen = problem.heads, problem.batch, problem.max_seqlen
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     with launch_device(q):
+        if problem.tma_forward:
+            _attention_forward_tma(q, k, v, problem, grid, o, lse, lse_strides, (mask, stride_mb, stride_ms), store_lse)
+            return o, lse
         _launch(
             _attn_fwd_kernel, "fwd", grid,
             q, k, v, o, lse, mask, problem.cu_arg(q.device), problem.ranges_arg(q.device), seed,
@@ -1500,16 +1489,14 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
-                causal, dropout_rng=0) -> _Problem:
-    return _Problem(
-        q, k, v, key_padding_mask, cu_seqlens, max_seqlen if cu_seqlens is not None else None, softmax_scale,
-        dropout_p, logit_softcap or None, window or None, causal, dropout_rng,
-    )
-
-
-def _op_seed(seed, device) -> torch.Tensor:
-    return seed if seed is not None else torch.empty(1, device=device, dtype=torch.int64)
+def _op_problem(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p, logit_softcap,
+                window, causal, dropout_rng):
+    """The Triton path's ``(q, k, v, problem, seed)`` from the ops' arguments: q, k, v with unit last-dim strides,
+    the flags back from plain numbers, a placeholder seed without dropout."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    problem = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen if cu_seqlens is not None else None,
+                       softmax_scale, dropout_p, logit_softcap or None, window or None, causal, dropout_rng)
+    return q, k, v, problem, seed if seed is not None else torch.empty(1, device=q.device, dtype=torch.int64)
 
 
 @torch.library.custom_op("llm2vec_fast::attention_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
@@ -1526,10 +1513,9 @@ def _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqle
         out = _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p, logit_softcap or None,
                                window or None, causal, seed)
         return out.contiguous(), q.new_zeros((1,), dtype=torch.float32)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-                          logit_softcap, window, causal, dropout_rng)
-    return _attention_forward(q, k, v, problem, _op_seed(seed, q.device), store_lse)
+    q, k, v, problem, seed = _op_problem(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
+                                         dropout_p, logit_softcap, window, causal, dropout_rng)
+    return _attention_forward(q, k, v, problem, seed, store_lse)
 
 
 @_attention_forward_op.register_fake
@@ -1555,10 +1541,9 @@ def _attention_backward_op(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, se
                                        window or None, causal)
         return _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropout_p,
                                          logit_softcap or None, window or None, causal, seed)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    problem = _op_problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-                          logit_softcap, window, causal, dropout_rng)
-    return _attention_backward(do, q, k, v, o, lse, problem, _op_seed(seed, q.device))
+    q, k, v, problem, seed = _op_problem(q, k, v, key_padding_mask, cu_seqlens, seed, max_seqlen, softmax_scale,
+                                         dropout_p, logit_softcap, window, causal, dropout_rng)
+    return _attention_backward(do, q, k, v, o, lse, problem, seed)
 
 
 @_attention_backward_op.register_fake
@@ -1615,23 +1600,14 @@ def bidirectional_attention_reference(
     bool, with ``dropout_p``, applies that exact dropout (kept values scaled by ``1 / (1 - dropout_p)``).
     Padded query rows give zeros.
     """
-    flags = dict(logit_softcap=logit_softcap, window=window, causal=causal)
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        outs = []
-        for i in range(len(bounds) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
+        def sequence(i, lo, hi):
             keep = None if dropout_keep_mask is None else dropout_keep_mask[i : i + 1, :, : hi - lo, : hi - lo]
-            outs.append(
-                bidirectional_attention_reference(
-                    q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], softmax_scale=softmax_scale,
-                    dropout_keep_mask=keep, dropout_p=dropout_p, upcast=upcast, **flags,
-                )[0]
-            )
-        out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
-        if out.shape[0] < q.shape[0]:  # tokens past cu_seqlens[-1] belong to no sequence
-            out = torch.cat([out, q.new_zeros((q.shape[0] - out.shape[0],) + tuple(q.shape[1:]))], 0)
-        return out
+            return (bidirectional_attention_reference(
+                q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], softmax_scale=softmax_scale, dropout_keep_mask=keep,
+                dropout_p=dropout_p, logit_softcap=logit_softcap, window=window, causal=causal, upcast=upcast),)
+
+        return _per_sequence(cu_seqlens.tolist(), sequence, q)[0]
     dtype = q.dtype
     compute = (torch.float64 if dtype == torch.float64 else torch.float32) if upcast else dtype
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
@@ -1656,6 +1632,18 @@ def bidirectional_attention_reference(
     if key_padding_mask is not None:
         out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
     return out.to(dtype)
+
+
+def _per_sequence(bounds: list, fn, *like) -> list:
+    """A packed batch one sequence at a time: ``fn(i, lo, hi)`` gives the batch-1 results of sequence ``i``, tokens
+    ``lo:hi`` (``bounds`` is ``cu_seqlens`` as a list; empty sequences are skipped), written into zeroed tensors
+    shaped as ``like``, so that tokens past ``cu_seqlens[-1]``, which belong to no sequence, stay zero."""
+    outs = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in like]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            for out, piece in zip(outs, fn(i, lo, hi)):
+                out[lo:hi] = piece[0]
+    return outs
 
 
 def _band_mask(seq: int, window: int | None, causal: bool, device) -> torch.Tensor | None:
@@ -1718,18 +1706,8 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
             causal=causal, upcast=False,
         )
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        out = q.new_zeros(q.shape)
-        pieces = [
-            _torch_attention(
-                q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p, *flags
-            )[0]
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-        ]
-        if pieces:
-            end = bounds[-1]
-            out = torch.cat(pieces + [out[end:]], 0) if end < q.shape[0] else torch.cat(pieces, 0)
-        return out
+        return _per_sequence(cu_seqlens.tolist(), lambda i, lo, hi: (_torch_attention(
+            q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, None, softmax_scale, dropout_p, *flags),), q)[0]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     plain_causal = causal and window is None and key_padding_mask is None  # SDPA's is_causal, no mask
     mask = None if plain_causal else _visible_keys(key_padding_mask, q.shape[1], window, causal, q.device)
@@ -1742,14 +1720,11 @@ def _torch_attention(q, k, v, key_padding_mask, cu_seqlens, softmax_scale, dropo
     return out
 
 
-_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _cpu_flash(q, dropout_p, logit_softcap) -> bool:
     """Whether the PyTorch path runs ATen's CPU flash attention, which returns the log-sum-exps (so that the
     backward is a flash backward from them, not a recomputation through ``(seq, seq)`` probabilities): on CPU,
     without dropout (its keep-mask is ours, drawn from the seed) and soft-capping (which SDPA cannot express)."""
-    return q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and dropout_p == 0 and not logit_softcap
+    return q.device.type == "cpu" and q.dtype in SUPPORTED_DTYPES and dropout_p == 0 and not logit_softcap
 
 
 def _visible_keys(key_padding_mask, seq, window, causal, device) -> torch.Tensor | None:
@@ -1803,31 +1778,22 @@ def _cpu_flash_forward(q, k, v, key_padding_mask, cu_seqlens, scale, window, cau
     if cu_seqlens is None:
         out, lse = _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal)
         return out, lse.float().contiguous()
-    out = q.new_zeros(q.shape)
-    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            piece, piece_lse = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window,
-                                               causal)
-            out[lo:hi] = piece[0]
-            lse[:, lo:hi] = piece_lse[0]
-    return out, lse
+
+    def sequence(i, lo, hi):
+        piece, piece_lse = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window, causal)
+        return piece, piece_lse.transpose(1, 2)  # (1, tokens, heads): written along the tokens like the output
+
+    out, lse = _per_sequence(cu_seqlens.tolist(), sequence, q, q.new_empty(q.shape[:2], dtype=torch.float32))
+    return out, lse.t().contiguous()
 
 
 def _cpu_flash_backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, scale, window, causal):
     """The gradients of :func:`_cpu_flash_forward` from its output and log-sum-exps (no recomputed scores)."""
     if cu_seqlens is None:
         return _cpu_flash_call(q, k, v, key_padding_mask, scale, window, causal, backward=(do, o, lse))
-    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    bounds = cu_seqlens.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if hi > lo:
-            pieces = _cpu_flash_call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window, causal,
-                                     backward=(do[None, lo:hi], o[None, lo:hi], lse[None, :, lo:hi].contiguous()))
-            for grad, piece in zip(grads, pieces):
-                grad[lo:hi] = piece[0]
-    return tuple(grads)
+    return tuple(_per_sequence(cu_seqlens.tolist(), lambda i, lo, hi: _cpu_flash_call(
+        q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale, window, causal,
+        backward=(do[None, lo:hi], o[None, lo:hi], lse[None, :, lo:hi].contiguous())), q, k, v))
 
 
 def _explicit_backward(do, q, k, v, key_padding_mask, scale, keep, dropout_p, logit_softcap, window, causal):
@@ -1900,16 +1866,13 @@ def _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax
     if dropout_p > 0:
         longest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]))  # from the bounds read once already
         keep = _seeded_keep_mask(seed, (len(bounds) - 1, q.shape[-2], longest, longest), dropout_p, q.device)
-    grads = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if hi == lo:
-            continue
+
+    def sequence(i, lo, hi):
         piece_keep = None if keep is None else keep[i : i + 1, :, : hi - lo, : hi - lo]
-        pieces = _explicit_backward(do[None, lo:hi], q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale,
-                                    piece_keep, dropout_p, *flags)
-        for grad, piece in zip(grads, pieces):
-            grad[lo:hi] = piece[0]
-    return tuple(grads)
+        return _explicit_backward(do[None, lo:hi], q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], None, scale,
+                                  piece_keep, dropout_p, *flags)
+
+    return tuple(_per_sequence(bounds, sequence, q, k, v))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1917,7 +1880,8 @@ def _torch_attention_backward(do, q, k, v, key_padding_mask, cu_seqlens, softmax
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _validate_flags(logit_softcap, window, causal) -> None:
+def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
+              causal) -> None:
     if logit_softcap is not None and (
         isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
         or not 0 < logit_softcap < math.inf  # NaN fails it too; a comparison, so that torch.compile traces it
@@ -1928,9 +1892,6 @@ def _validate_flags(logit_softcap, window, causal) -> None:
                          f"got {window!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-
-
-def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -2001,10 +1962,10 @@ def _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, 
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, max_seqlen: int, total: int, causal: bool) -> None:
     """The values of ``cu_seqlens`` against ``max_seqlen`` and the token count, checked where the op runs (inside
     a compiled graph too): on the device without a host sync, on CPU with a clear message."""
+    lengths = cu_seqlens.diff()
     if cu_seqlens.is_cuda:
         # Checked on the device, without a host sync: wrong metadata would otherwise read out of bounds or
         # leave the queries past max_seqlen silently zero. The error surfaces at the next synchronisation.
-        lengths = cu_seqlens.diff()
         torch._assert_async(
             (cu_seqlens[0] == 0) & (lengths >= 0).all() & (lengths.max() <= max_seqlen)
             & (cu_seqlens[-1] <= total),
@@ -2016,7 +1977,6 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, max_seqlen: int, total: i
                 (lengths > 0).all() & (cu_seqlens[-1] == total), _CAUSAL_PACKING_MESSAGE
             )
     else:  # CPU values are free to check with a clear message
-        lengths = cu_seqlens.diff()
         if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) > total:
             raise ValueError(
                 f"cu_seqlens must start at 0, never decrease and end at most at total_tokens={total}; "
@@ -2033,7 +1993,6 @@ _CAUSAL_PACKING_MESSAGE = (
     "sequence) and ending at total_tokens, so that every token belongs to exactly one sequence, in order"
 )
 _warned_fallback: set = set()
-_INLINE_UNDER_COMPILE = True
 
 
 def bidirectional_attention(
@@ -2081,20 +2040,17 @@ def bidirectional_attention(
     Returns:
         Same shape and dtype as ``q``.
     """
-    _validate_flags(logit_softcap, window, causal)
-    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal)
+    _validate(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, logit_softcap, window,
+              causal)
     triton_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS
     if impl == "triton" and not triton_ok:
         raise ValueError(f"the Triton kernel supports head_dim in 16..256, multiples of 8; got {q.shape[-1]}")
-    triton = use_triton(impl, q, k, v, key_padding_mask, cu_seqlens)
-    if triton and not triton_ok:
-        triton = False
-        if q.shape[-1] not in _warned_fallback and not torch.compiler.is_compiling():
-            _warned_fallback.add(q.shape[-1])
-            logger.warning("head_dim %d is not supported by the Triton kernel; using PyTorch SDPA", q.shape[-1])
+    triton = use_triton(impl, q, k, v, key_padding_mask, cu_seqlens) and _supported(
+        None if triton_ok else q.shape[-1], _warned_fallback,
+        "head_dim %d is not supported by the Triton kernel; using PyTorch SDPA")
     softmax_scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (_INLINE_UNDER_COMPILE and not triton and not needs_grad and cu_seqlens is None and dropout_p == 0
+    if (not triton and not needs_grad and cu_seqlens is None and dropout_p == 0
             and logit_softcap is None and torch.compiler.is_compiling()):
         # Compiled inference on the PyTorch path: SDPA (the CPU flash kernel) and the padding fill traced into the
         # graph, where inductor fuses the layouts and the fill around them, instead of an opaque op.

@@ -47,11 +47,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._dispatch import dot_precision as _dot_precision
+from ._dispatch import launch_device, split_tiles, triton_interpreter_enabled, use_triton
 from ._matmul import matmul_fp32
 
 # The norm clamp of torch.nn.functional.normalize, which sentence-transformers' cos_sim uses.
@@ -212,11 +214,6 @@ def _block_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 128, 64, 64, 4, 3
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 products (the default, tf32, would cost three digits); 16-bit inputs use tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _inverse_norms(x: torch.Tensor, triton_path: bool) -> torch.Tensor:
     """1 / max(|x_r|, eps) per row, fp32 ``(rows,)``."""
     if not triton_path:
@@ -230,15 +227,6 @@ def _inverse_norms(x: torch.Tensor, triton_path: bool) -> torch.Tensor:
     return out
 
 
-def _column_splits(n_row_blocks: int, n_col_tiles: int, device: torch.device) -> int:
-    """Split the columns over programs when there are too few row blocks to fill the GPU."""
-    if triton_interpreter_enabled() or device.type != "cuda":
-        return min(2, n_col_tiles)  # exercise the partial-result merge in tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, n_row_blocks)
-    return max(1, min(wanted, n_col_tiles))
-
-
 def _forward_triton(q, docs, rq, rd, doc_ids, scale, label_offset):
     """Per-row (logsumexp, target score) in fp32, ``(B,)`` each."""
     n_rows, dim = q.shape
@@ -246,9 +234,7 @@ def _forward_triton(q, docs, rq, rd, doc_ids, scale, label_offset):
     block_m, block_n, block_k, warps, stages = _block_sizes(q.dtype)
     row_blocks = triton.cdiv(n_rows, block_m)
     col_tiles = triton.cdiv(n_cols, block_n)
-    splits = _column_splits(row_blocks, col_tiles, q.device)
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    splits = triton.cdiv(col_tiles, tiles_per_split)
+    splits, tiles_per_split = split_tiles(row_blocks, col_tiles, q.device, programs_per_sm=2)
     partial = torch.empty(3, splits, n_rows, device=q.device, dtype=torch.float32)
     with launch_device(q):
         _infonce_fwd_kernel[(row_blocks, splits)](
@@ -360,9 +346,6 @@ VARIANTS = ("auto", "fused", "gemm")
 # --------------------------------------------------------------------------------------------------------------------
 # The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
 # --------------------------------------------------------------------------------------------------------------------
-PATHS = ("fused", "gemm", "torch")
-
-
 @torch.library.custom_op("llm2vec_fast::info_nce_loss", mutates_args=())
 def _info_nce_forward_op(queries: Tensor, docs: Tensor, doc_ids: Optional[Tensor], scale: float, label_offset: int,
                          total_rows: int, path: str, want_grad: bool
@@ -458,8 +441,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, shard):
-        import torch.distributed as dist
-
         world = dist.get_world_size()
         out = torch.empty((world * shard.shape[0], *shard.shape[1:]), device=shard.device, dtype=shard.dtype)
         # all_gather_single is the newer name (torch >= 2.12) of all_gather_into_tensor.
@@ -470,8 +451,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
-
         grad = grad.contiguous()
         rank = dist.get_rank()
         if dist.get_backend() == "nccl":
@@ -485,8 +464,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def _check_equal_shards(sizes: list[int], device: torch.device) -> None:
-    import torch.distributed as dist
-
     # On the tensors' own device: NCCL needs CUDA tensors, and the current CUDA device may not be theirs.
     local = torch.tensor(sizes, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -636,13 +613,9 @@ def info_nce_loss(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     doc_ids = _document_ids(queries, negatives, positive_ids, negative_ids)
     triton_path = use_triton(impl, queries, positives, negatives)
-    if triton_path and triton is None:
-        raise RuntimeError("impl='triton' needs the triton package")
     path = ("gemm" if variant == "gemm" else "fused") if triton_path else "torch"
     label_offset, total_rows = 0, queries.shape[0]
     if gather_across_ranks:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("gather_across_ranks=True needs an initialised torch.distributed process group")
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -655,9 +628,8 @@ def info_nce_loss(
                 negatives = _GatherWithGrad.apply(negatives)
             if doc_ids is not None:
                 # Columns are [all ranks' positives; all ranks' negatives]: the ids go through the same gathers.
-                gathered_pos = _GatherWithGrad.apply(doc_ids[:n_pos])
-                gathered_neg = _GatherWithGrad.apply(doc_ids[n_pos:]) if negatives is not None else None
-                doc_ids = gathered_pos if gathered_neg is None else torch.cat([gathered_pos, gathered_neg])
+                parts = (doc_ids[:n_pos], doc_ids[n_pos:]) if negatives is not None else (doc_ids,)
+                doc_ids = torch.cat([_GatherWithGrad.apply(part) for part in parts])
             label_offset, total_rows = rank * queries.shape[0], world * queries.shape[0]
     docs = positives if negatives is None or negatives.shape[0] == 0 else torch.cat([positives, negatives], dim=0)
     want_grad = torch.is_grad_enabled() and (queries.requires_grad or docs.requires_grad)
@@ -670,8 +642,6 @@ def info_nce_loss(
         term = term if weight is None else weight * term
         loss = term if loss is None else loss + term
     if total_rows != queries.shape[0]:
-        import torch.distributed as dist
-
         # This rank's share of the global loss carries the gradient; the value becomes the global loss.
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)

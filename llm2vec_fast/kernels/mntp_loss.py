@@ -32,7 +32,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._dispatch import launch_device, triton_interpreter_enabled, use_triton
+from ._dispatch import dot_precision as _dot_precision
+from ._dispatch import launch_device, split_tiles, triton_interpreter_enabled, use_triton
 from ._matmul import matmul_fp32
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -245,11 +246,6 @@ def _block_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, int, in
     return 64, 128, 64, 8, 3
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs stay fp32 ("ieee") so that the kernel matches an fp32 reference; fp16/bf16 use tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _compact_rows(labels: torch.Tensor, seq_len: int, shift: int, ignore_index: int):
     """Valid (shifted-label) rows first, without a host sync.
 
@@ -327,14 +323,8 @@ def _fused_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap
     block_m, block_v, block_k, num_warps, num_stages = _block_sizes(hidden.device, weight.dtype)
     row_blocks = triton.cdiv(n_rows, block_m)
     n_tiles = triton.cdiv(vocab, block_v)
-    # Split the vocabulary so that enough programs run even when few row blocks are labelled.
-    if hidden.is_cuda:
-        programs = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-        splits = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
-    else:
-        splits = min(n_tiles, 2)
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)  # every split starts inside the vocabulary
+    # The vocabulary split so that enough programs run even when few row blocks are labelled.
+    splits, tiles_per_split = split_tiles(row_blocks, n_tiles, hidden.device, programs_per_sm=4)
     part_max = torch.empty(splits, n_rows, device=hidden.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
@@ -361,6 +351,13 @@ def _fused_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap
     return _reduce(per_position, reduction, count), order, src, targets, count, lse
 
 
+def _zero_grads(hidden2d, weight, dtype, need_dh, need_dw, need_db):
+    """Zeroed ``dtype`` buffers for d hidden ``(rows, hidden_size)``, d weight and d bias; None where not needed."""
+    return (torch.zeros(hidden2d.shape, device=hidden2d.device, dtype=dtype) if need_dh else None,
+            torch.zeros(weight.shape, device=weight.device, dtype=dtype) if need_dw else None,
+            torch.zeros(weight.shape[0], device=weight.device, dtype=dtype) if need_db else None)
+
+
 def _fused_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift, reduction,
                     logit_softcap, need_dh, need_dw, need_db):
     """The fused Triton path's backward: the logits recomputed tile by tile, gradients by atomics, no host sync."""
@@ -370,17 +367,13 @@ def _fused_backward(grad_output, hidden, weight, bias, order, src, targets, coun
     vocab = weight.shape[0]
     n_rows = batch * (seq_len - shift)
     grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)
-    dev = hidden2d.device
-    dh = torch.zeros(hidden2d.shape, device=dev, dtype=torch.float32) if need_dh else None
-    dw = torch.zeros(vocab, hidden_size, device=dev, dtype=torch.float32) if need_dw else None
-    db = torch.zeros(vocab, device=dev, dtype=torch.float32) if need_db else None
-    block_m, block_v, block_k, num_warps, num_stages = _block_sizes(dev, weight.dtype)
+    dh, dw, db = _zero_grads(hidden2d, weight, torch.float32, need_dh, need_dw, need_db)
+    block_m, block_v, block_k, num_warps, num_stages = _block_sizes(hidden2d.device, weight.dtype)
     has_softcap = logit_softcap is not None
-    dummy = lse
     with launch_device(hidden2d):
         _mntp_loss_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab, block_v))](
             hidden2d, weight, bias if bias is not None else weight, src, targets, count, lse, grad_rows,
-            dh if need_dh else dummy, dw if need_dw else dummy, db if need_db else dummy,
+            dh if need_dh else lse, dw if need_dw else lse, db if need_db else lse,
             vocab, hidden_size, hidden2d.stride(0), weight.stride(0),
             float(logit_softcap) if has_softcap else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
@@ -388,10 +381,7 @@ def _fused_backward(grad_output, hidden, weight, bias, order, src, targets, coun
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(weight.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
-    grad_hidden = dh.view(batch, seq_len, hidden_size).to(hidden.dtype) if need_dh else None
-    grad_weight = dw.to(weight.dtype) if need_dw else None
-    grad_bias = db.to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    return dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,15 +426,8 @@ def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softc
     lse = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
     per_row = torch.zeros(n_rows, device=hidden.device, dtype=compute_dtype)
     w = weight.to(compute_dtype)  # once, not per chunk: for a 16-bit head this is a full copy of it
-    early_dh, early_dw, early_db = (hidden.new_empty(0) for _ in range(3))  # distinct: op outputs never alias
-    if early:
-        row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        if need_dh:
-            early_dh = torch.zeros(hidden2d.shape, device=hidden.device, dtype=compute_dtype)
-        if need_dw:
-            early_dw = torch.zeros(w.shape, device=w.device, dtype=compute_dtype)
-        if need_db:
-            early_db = torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype)
+    row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    dh, dw, db = _zero_grads(hidden2d, w, compute_dtype, *((need_dh, need_dw, need_db) if early else (False,) * 3))
     for start in range(0, n_valid, chunk_rows):
         stop = min(start + chunk_rows, n_valid)
         h = hidden2d[src[start:stop]].to(compute_dtype)
@@ -453,16 +436,14 @@ def _chunked_forward(hidden, weight, bias, labels, shift, reduction, logit_softc
         lse[start:stop] = chunk_lse
         per_row[start:stop] = chunk_lse - z.gather(1, targets[start:stop, None])[:, 0]
         if early:
-            _add_chunk_gradients(z, t, chunk_lse, targets[start:stop], row_scale, src[start:stop], h, w,
-                                 early_dh if need_dh else None, early_dw if need_dw else None,
-                                 early_db if need_db else None)
+            _add_chunk_gradients(z, t, chunk_lse, targets[start:stop], row_scale, src[start:stop], h, w, dh, dw, db)
         del z, t
     per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
     if early:
         lse = hidden.new_empty(0, dtype=compute_dtype)
-        early_dh = early_dh.view(batch, seq_len, hidden_size) if need_dh else early_dh
-    return (_reduce(per_position, reduction, count), order, src, targets, count, lse, early_dh, early_dw,
-            early_db)
+    dh = None if dh is None else dh.view(batch, seq_len, hidden_size)
+    grads = [hidden.new_empty(0) if g is None else g for g in (dh, dw, db)]  # distinct empties: outputs never alias
+    return (_reduce(per_position, reduction, count), order, src, targets, count, lse, *grads)
 
 
 def _early(reduction, need_dh, need_dw, need_db):
@@ -471,14 +452,12 @@ def _early(reduction, need_dh, need_dw, need_db):
     return reduction != "none" and (need_dh or need_dw or need_db)
 
 
-def _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, need_dh, need_dw, need_db):
+def _early_backward(grad_output, early_dh, early_dw, early_db, need_dh, need_dw, need_db):
     """The backward of a forward that took the gradients (:func:`_early`): they scaled by the incoming one."""
     factor = grad_output.float() if grad_output.dtype != torch.float64 else grad_output
-    grad_hidden = (early_dh * factor).to(hidden.dtype) if need_dh else None
-    # In d weight's own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
-    grad_weight = (early_dw * factor.to(early_dw.dtype)).to(weight.dtype) if need_dw else None
-    grad_bias = (early_db * factor).to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    # d weight in its own dtype: an fp32 copy of a 16-bit (vocab, hidden) gradient would be gigabytes.
+    return (early_dh * factor if need_dh else None, early_dw * factor.to(early_dw.dtype) if need_dw else None,
+            early_db * factor if need_db else None)
 
 
 def _add_chunk_gradients(z, t, chunk_lse, chunk_targets, row_scale, chunk_src, h, w, dh, dw, db):
@@ -506,9 +485,7 @@ def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, co
     n_valid = int(count.item())
     grad_rows = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)
     w = weight.to(compute_dtype)
-    dh = torch.zeros(hidden2d.shape, device=hidden2d.device, dtype=compute_dtype) if need_dh else None
-    dw = torch.zeros(w.shape, device=w.device, dtype=compute_dtype) if need_dw else None
-    db = torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype) if need_db else None
+    dh, dw, db = _zero_grads(hidden2d, w, compute_dtype, need_dh, need_dw, need_db)
     for start in range(0, n_valid, chunk_rows):
         stop = min(start + chunk_rows, n_valid)
         h = hidden2d[src[start:stop]].to(compute_dtype)
@@ -516,10 +493,7 @@ def _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, co
         _add_chunk_gradients(z, t, lse[start:stop], targets[start:stop], grad_rows[start:stop, None].to(compute_dtype),
                              src[start:stop], h, w, dh, dw, db)
         del z, t
-    grad_hidden = dh.view(batch, seq_len, -1).to(hidden.dtype) if need_dh else None
-    grad_weight = dw.to(weight.dtype) if need_dw else None
-    grad_bias = db.to(bias.dtype) if need_db else None
-    return grad_hidden, grad_weight, grad_bias
+    return dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,11 +519,8 @@ def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row
     h_all = h_valid.to(compute_dtype)
     lse = torch.empty(n_valid, device=device, dtype=torch.float32)
     target_logit = torch.empty_like(lse)
-    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    acc_dtype, dw_dtype = _accumulation_dtypes(compute_dtype)
     dh = torch.empty(n_valid, weight.shape[1], device=device, dtype=acc_dtype) if "hidden" in grads else None
-    # d weight accumulates in place in bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM,
-    # and bf16 has fp32's range), in fp32 otherwise: in fp16, (1 / rows) x small softmax entries would underflow.
-    dw_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
     dw = torch.zeros(w.shape, device=device, dtype=dw_dtype) if "weight" in grads else None
     db = torch.zeros(vocab, device=device, dtype=acc_dtype) if "bias" in grads else None
     per_row = isinstance(row_scale, torch.Tensor)
@@ -585,14 +556,34 @@ def _gemm_chunks(h_valid, weight, bias, targets, softcap, chunk_rows, grads, row
     return lse, target_logit, dh, dw, db
 
 
+def _accumulation_dtypes(compute_dtype):
+    """(accumulation, d weight) dtypes of GEMMs on ``compute_dtype`` operands. d weight accumulates in place in
+    bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM, and bf16 has fp32's range), in fp32
+    otherwise: in fp16, (1 / rows) x small softmax entries would underflow."""
+    acc_dtype = _compute_dtype(compute_dtype)
+    return acc_dtype, torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
+
+
 def _gemm_dtypes(hidden, weight):
     """(compute, accumulation, d weight) dtypes of the GEMM variant: 16-bit operands stay 16-bit on CUDA."""
     compute_dtype = weight.dtype if hidden.is_cuda else _compute_dtype(weight.dtype)
-    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    # d weight accumulates in place in bf16 for a bf16 head (as Liger does; cuBLAS adds in fp32 inside each GEMM,
-    # and bf16 has fp32's range), in fp32 otherwise: in fp16, (1 / rows) x small softmax entries would underflow.
-    dw_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else acc_dtype
-    return compute_dtype, acc_dtype, dw_dtype
+    return (compute_dtype, *_accumulation_dtypes(compute_dtype))
+
+
+def _gemm_rows(hidden, weight, bias, src, targets, n_valid, logit_softcap, chunk_rows, needs, row_scale):
+    """:func:`_gemm_chunks` over the first ``n_valid`` compacted rows ``src`` of ``hidden``, for the gradients
+    that ``needs`` (d hidden, d weight, d bias flags) asks for; d hidden scattered back to ``hidden``'s shape."""
+    batch, seq_len, hidden_size = hidden.shape
+    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    src = src[:n_valid]
+    grads = {name for name, needed in zip(("hidden", "weight", "bias"), needs) if needed}
+    lse, target_logit, dh, dw, db = _gemm_chunks(hidden2d[src], weight, bias, targets[:n_valid], logit_softcap,
+                                                 chunk_rows, grads, row_scale, _gemm_dtypes(hidden, weight)[0])
+    if dh is not None:
+        rows, dh = dh, torch.zeros(hidden2d.shape, device=dh.device, dtype=dh.dtype)
+        dh[src] = rows
+        dh = dh.view(batch, seq_len, hidden_size)
+    return lse, target_logit, dh, dw, db
 
 
 def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap, ignore_index, chunk_rows,
@@ -602,62 +593,33 @@ def _gemm_forward(hidden, weight, bias, labels, shift, reduction, logit_softcap,
     the gradients are taken here and returned (``early_*``: d hidden ``(batch, seq, hidden)`` and d bias in the
     accumulation dtype, d weight in its own) to be scaled by the incoming gradient in the backward; for "none"
     they are empty and the backward recomputes the logits (four GEMMs per chunk)."""
-    batch, seq_len, hidden_size = hidden.shape
-    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
+    batch, seq_len, _ = hidden.shape
     order, src, targets, count = _compact_rows(labels, seq_len, shift, ignore_index)
     n_valid = int(count.item())  # the variant's one host sync: the chunks are sized on the host
-    compute_dtype, acc_dtype, _ = _gemm_dtypes(hidden, weight)
-    early = _early(reduction, need_dh, need_dw, need_db)
-    grads = {name for name, needed in zip(("hidden", "weight", "bias"), (need_dh, need_dw, need_db)) if needed}
+    needs = (need_dh, need_dw, need_db) if _early(reduction, need_dh, need_dw, need_db) else ()
     row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    lse, target_logit, dh, dw, db = _gemm_chunks(hidden2d[src[:n_valid]], weight, bias, targets[:n_valid],
-                                                 logit_softcap, chunk_rows, grads if early else set(), row_scale,
-                                                 compute_dtype)
+    lse, target_logit, *grads = _gemm_rows(hidden, weight, bias, src, targets, n_valid, logit_softcap, chunk_rows,
+                                           needs, row_scale)
     n_rows = batch * (seq_len - shift)
     per_row = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
     per_row[:n_valid] = lse - target_logit
-    lse_all = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
+    lse_all = torch.zeros_like(per_row)
     lse_all[:n_valid] = lse
-    early_dh, early_dw, early_db = (hidden.new_empty(0) for _ in range(3))  # distinct: op outputs never alias
-    if dh is not None:
-        early_dh = torch.zeros(batch * seq_len, hidden_size, device=hidden.device, dtype=acc_dtype)
-        early_dh[src[:n_valid]] = dh
-        early_dh = early_dh.view(batch, seq_len, hidden_size)
-    if dw is not None:
-        early_dw = dw
-    if db is not None:
-        early_db = db
+    early = [hidden.new_empty(0) if g is None else g for g in grads]  # distinct empties: op outputs never alias
     per_position = _scatter_rows(per_row, order, count, batch, seq_len, shift)
-    return (_reduce(per_position, reduction, count), order, src, targets, count, lse_all, early_dh, early_dw,
-            early_db)
+    return (_reduce(per_position, reduction, count), order, src, targets, count, lse_all, *early)
 
 
-def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw, early_db,
-                   shift, reduction, logit_softcap, chunk_rows, need_dh, need_dw, need_db):
-    batch, seq_len, hidden_size = hidden.shape
-    if _early(reduction, need_dh, need_dw, need_db):
-        return _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, need_dh, need_dw,
-                               need_db)
-    # "none": the per-position gradients are known only now; the logits are recomputed (one more host sync).
-    compute_dtype, _, _ = _gemm_dtypes(hidden, weight)
+def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, shift, reduction, logit_softcap,
+                   chunk_rows, need_dh, need_dw, need_db):
+    """The GEMM variant's backward of "none" (the others are :func:`_early_backward`): the per-position gradients
+    are known only now, so the logits are recomputed (one more host sync)."""
     n_valid = int(count.item())
-    n_rows = batch * (seq_len - shift)
-    src = src[:n_valid]
+    n_rows = hidden.shape[0] * (hidden.shape[1] - shift)
     row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[:n_valid]
-    grads = {name for name, needed in zip(("hidden", "weight", "bias"), (need_dh, need_dw, need_db)) if needed}
-    hidden2d = hidden.reshape(batch * seq_len, hidden_size)
-    _, _, dh, dw, db = _gemm_chunks(hidden2d[src], weight.contiguous(), bias, targets[:n_valid], logit_softcap,
-                                    chunk_rows, grads, row_scale, compute_dtype)
-    grad_hidden = grad_weight = grad_bias = None
-    if dh is not None:
-        grad_hidden = torch.zeros(batch * seq_len, hidden_size, device=dh.device, dtype=hidden.dtype)
-        grad_hidden[src] = dh.to(hidden.dtype)
-        grad_hidden = grad_hidden.view(batch, seq_len, hidden_size)
-    if dw is not None:
-        grad_weight = dw.to(weight.dtype)
-    if db is not None:
-        grad_bias = db.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    _, _, dh, dw, db = _gemm_rows(hidden, weight.contiguous(), bias, src, targets, n_valid, logit_softcap,
+                                  chunk_rows, (need_dh, need_dw, need_db), row_scale)
+    return dh, dw, db
 
 
 def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift=1, ignore_index=-100,
@@ -689,14 +651,6 @@ def masked_next_token_loss_reference(hidden, weight, labels, *, bias=None, shift
 # The torch custom ops (torch.compile sees two opaque ops with static output shapes; no graph break)
 # ---------------------------------------------------------------------------------------------------------------
 
-PATHS = ("fused", "gemm", "torch")
-
-
-def _loss_dtype(path: str, dtype: torch.dtype) -> torch.dtype:
-    """The loss's (and the log-sum-exps') dtype: fp32, or float64 for float64 inputs on the PyTorch path."""
-    return _compute_dtype(dtype) if path == "torch" else torch.float32
-
-
 @torch.library.custom_op("llm2vec_fast::masked_next_token_loss", mutates_args=())
 def _mntp_forward_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, shift: int, ignore_index: int,
@@ -727,7 +681,7 @@ def _(hidden, weight, bias, labels, shift, ignore_index, reduction, logit_softca
       grad_weight, grad_bias):
     batch, seq_len, hidden_size = hidden.shape
     n_rows = batch * (seq_len - shift)
-    dtype = _loss_dtype(path, weight.dtype)
+    dtype = _compute_dtype(weight.dtype) if path == "torch" else torch.float32  # of the loss and log-sum-exps
     loss = hidden.new_empty((batch, seq_len) if reduction == "none" else (), dtype=dtype)
     index = labels.new_empty(n_rows, dtype=torch.int64)
     count = labels.new_empty(1, dtype=torch.int32)
@@ -753,22 +707,22 @@ def _mntp_backward_op(
     reduction: str, logit_softcap: Optional[float], path: str, chunk_rows: int, grad_hidden: bool,
     grad_weight: bool, grad_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor for each one not asked for."""
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes (each path gives them in its accumulation dtype); an
+    empty tensor for each one not asked for."""
     hidden = hidden.contiguous()
     if path == "fused":
         grads = _fused_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
                                 reduction, logit_softcap, grad_hidden, grad_weight, grad_bias)
+    elif _early(reduction, grad_hidden, grad_weight, grad_bias):  # the GEMM variant's and the PyTorch path's
+        grads = _early_backward(grad_output, early_dh, early_dw, early_db, grad_hidden, grad_weight, grad_bias)
     elif path == "gemm":
-        grads = _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, early_dh, early_dw,
-                               early_db, shift, reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight,
-                               grad_bias)
-    elif _early(reduction, grad_hidden, grad_weight, grad_bias):
-        grads = _early_backward(grad_output, hidden, weight, bias, early_dh, early_dw, early_db, grad_hidden,
-                                grad_weight, grad_bias)
+        grads = _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count, shift, reduction,
+                               logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)
     else:
         grads = _chunked_backward(grad_output, hidden, weight, bias, order, src, targets, count, lse, shift,
                                   reduction, logit_softcap, chunk_rows, grad_hidden, grad_weight, grad_bias)
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+    return tuple(hidden.new_empty(0) if g is None else g.view(like.shape).to(like.dtype)
+                 for g, like in zip(grads, (hidden, weight, bias)))
 
 
 @_mntp_backward_op.register_fake
@@ -882,14 +836,9 @@ def masked_next_token_loss(
 
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    if use_triton(impl, hidden, weight, labels, bias):
-        path = "gemm" if variant == "gemm" else "fused"
-        if chunk_rows is None:
-            chunk_rows = max(1, GEMM_CHUNK_ELEMENTS // weight.shape[0])
-    else:
-        path = "torch"
-        if chunk_rows is None:
-            chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    path = ("gemm" if variant == "gemm" else "fused") if use_triton(impl, hidden, weight, labels, bias) else "torch"
+    if chunk_rows is None:
+        chunk_rows = max(1, (CHUNK_ELEMENTS if path == "torch" else GEMM_CHUNK_ELEMENTS) // weight.shape[0])
     grad = torch.is_grad_enabled()
     outputs = torch.ops.llm2vec_fast.masked_next_token_loss(
         hidden, weight, bias, labels, shift, ignore_index, reduction,
