@@ -55,8 +55,9 @@ def paths_and_modes(modes, *fast):
     return slow_except([pytest.param(path, mode, id=f"{path}-{mode}") for mode in modes for path in PATHS], *fast)
 
 
-@pytest.mark.parametrize("path,mode", paths_and_modes(MNTP_MODES, "torch-mean-trained-head-bias", "gemm-sum-frozen-head",
-                                                      "fused-none-shift0-softcap", "gemm-mean-all-ignored-other-index"))
+@pytest.mark.parametrize("path,mode", paths_and_modes(MNTP_MODES, "torch-mean-trained-head-bias",
+                                                      "gemm-sum-frozen-head", "fused-none-shift0-softcap",
+                                                      "gemm-mean-all-ignored-other-index"))
 def test_mntp_loss_op_passes_opcheck(path, mode):
     """Schema, fake (meta) tensors, autograd registration and AOT dispatch with dynamic shapes: forward and
     backward through torch.compile's machinery, compared with eager."""
