@@ -17,7 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+# torch is imported inside the functions here, not at the top: pytest-xdist's controller process (``-n 2``) loads
+# this file but runs no test, and importing torch and triton there (~2.5 s of CPU) delayed the start of every
+# worker. What the test processes need at start (the thread count, the interpreter shortcuts) is done in
+# pytest_configure below, in every process that runs tests.
 
 
 def _threads_per_xdist_worker() -> int | None:
@@ -31,9 +35,6 @@ def _threads_per_xdist_worker() -> int | None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // workers)
 
-
-if _threads_per_xdist_worker() is not None:
-    torch.set_num_threads(_threads_per_xdist_worker())
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLM2VEC_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -123,6 +124,8 @@ def matrix_config(family: str, **overrides):
 
 def padded_batch(sequences, side="right", pad_id=0):
     """``(input_ids, attention_mask)`` of token id tensors padded on ``side`` to the longest."""
+    import torch
+
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -134,6 +137,7 @@ def padded_batch(sequences, side="right", pad_id=0):
 
 
 def build_tiny_model(family: str, *, causal_lm: bool = False, seed: int = 0, **overrides):
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -165,6 +169,8 @@ def run_in_own_session(command, *, env, timeout: float, what: str) -> str:
 def tiny_lora_model(vocab_size: int, attention_dropout: float = 0.0):
     """A patched tiny Llama with a LoRA whose B matrices are non-zero (LoRA's B starts at zero: make the adapter
     do something), for the contrastive training tests."""
+    import torch
+
     from llm2vec_fast import patch
     from llm2vec_fast.training.modeling import add_lora
 
@@ -256,11 +262,6 @@ def _skip_interpreter_overflow_checks_that_assert_nothing() -> None:
         builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_once_per_launch()
-    _skip_interpreter_overflow_checks_that_assert_nothing()
-
-
 @contextlib.contextmanager
 def triton_interpreter_as_shipped():
     """Triton's interpreter without the two shortcuts above, for the tests that check they change no result."""
@@ -284,6 +285,8 @@ def triton_interpreter_as_shipped():
 def one_thread():
     """Tiny matrices on a shared 2-core machine: OpenMP threads waiting on each other cost more than the
     arithmetic. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` or as an argument."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -325,10 +328,51 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _collect_the_oldest_generation_less_often(ratio: int = 100) -> None:
+    """Python's cyclic garbage collector scans its oldest generation after every 10 collections of the middle one;
+    here after every ``ratio``. A test process holds torch, transformers and dynamo (millions of tracked objects),
+    so each of those full scans cost ~0.4 s, and they were 9% of the CPU of test_compile.py and
+    test_custom_ops.py (5.3 s of 58 s, 13 scans; 1.8 s and 3 scans at 100). Only the timing of the collection of
+    cyclic garbage changes (memory of test_smollm2_patch.py and test_llm2vec_parity.py, real model: 2.13 GB at
+    most, as at 10): a full scan runs once the middle generation has been collected ``ratio`` times and, Python's
+    own rule, the objects moved to the oldest generation since the last full scan exceed a quarter of it."""
+    import gc
+
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, ratio)
+
+
+def _one_garbage_collection_at_the_end(config) -> None:
+    """pytest collects garbage five times at the end of a session, so that objects whose ``__del__`` raised are
+    reported (the count is the stash key pytest's own tests lower); with torch, transformers and dynamo loaded each
+    collection is a full scan of ~0.3-0.5 s, at the end of every xdist worker, where the run waits for it. One
+    collection still reports what an object raised when it was freed; a chain of such objects in the last
+    test that only the later collections would reach goes unreported."""
+    try:
+        from _pytest.unraisableexception import gc_collect_iterations_key
+    except ImportError:  # another pytest: its own behaviour
+        return
+    config.stash[gc_collect_iterations_key] = 1
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own pytest_configure, which registers "dsession" in its controller
 def pytest_configure(config):
+    """The ``slow`` marker; then the set-up of the processes that run tests (a plain run, an xdist worker), which
+    xdist's controller (it runs none) skips."""
     # The gpu marker and its skip hook are in the repository's root conftest.py, shared with benchmarks/.
     config.addinivalue_line("markers", "slow: left to the full suite by the fast loop (-m \"not slow\"): real model, "
                                        "new processes, long interpreter runs, the sm_90 compiles")
+    if config.pluginmanager.has_plugin("dsession"):
+        return
+    _collect_the_oldest_generation_less_often()
+    _one_garbage_collection_at_the_end(config)
+    if _threads_per_xdist_worker() is not None:
+        import torch
+
+        torch.set_num_threads(_threads_per_xdist_worker())
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _patch_interpreter_once_per_launch()
+        _skip_interpreter_overflow_checks_that_assert_nothing()
 
 
 @pytest.fixture(scope="session")

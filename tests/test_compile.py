@@ -121,7 +121,9 @@ def _packed_inputs(lengths=(11, 4, 7), seed=1):
     return dict(**pack_batch(seqs, [[1] * n for n in lengths]).model_inputs(), use_cache=False)
 
 
-@pytest.mark.parametrize("family", slow_except(FAMILIES, "llama", "gemma2"))
+# llama is left to the full suite with the other families: in the fast loop, test_new_sequence_lengths_do_not_recompile
+# compiles the patched Llama with fullgraph=True (a graph break raises) on padded and packed batches, one frame each.
+@pytest.mark.parametrize("family", slow_except(FAMILIES, "gemma2"))
 def test_patched_family_is_one_graph(family):
     model = _patched(family)
     for inputs in (_padded_inputs(), _packed_inputs()):
@@ -130,12 +132,17 @@ def test_patched_family_is_one_graph(family):
         assert explained.graph_count == 1
 
 
+# Every case is left to the full suite (7-14 s of CPU each, the fast loop's most expensive test). In the fast loop,
+# a patched model's forward and backward through an aot_eager graph, against eager: test_training_compile.py's
+# test_mntp_model_compiles_fullgraph_and_matches_eager[patched] (5 s); the ops' forward and backward under AOT
+# dispatch with dynamic shapes, packed, soft-capped, windowed and with dropout: test_opcheck_attention_ops; packed
+# and padded batches of a compiled model against eager: test_new_sequence_lengths_do_not_recompile; Gemma-2 (soft-cap,
+# sliding window) as one graph: test_patched_family_is_one_graph[gemma2].
 @pytest.mark.parametrize("family,impl,packed", slow_except(  # gemma2: soft-cap and sliding window
     [pytest.param(family, impl, packed, id=f"{'packed' if packed else 'padded'}-{name}")
      for packed in (False, True)
      for family, impl, name in (("llama", "torch", "llama"), ("gemma2", "torch", "gemma2"),
-                                ("llama", "triton", "llama-triton"))],
-    "packed-gemma2"))  # padded batches under compile, in the fast loop: test_new_sequence_lengths_do_not_recompile
+                                ("llama", "triton", "llama-triton"))]))
 def test_compiled_matches_eager_outputs_and_gradients(family, impl, packed):
     """Forward and backward through the graph (aot_eager); ``triton``: the kernels in the interpreter, the fake
     implementation's log-sum-exp saved for the backward."""

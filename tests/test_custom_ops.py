@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import slow_except
 
 from llm2vec_fast.kernels import info_nce_loss, masked_next_token_loss
 from llm2vec_fast.kernels.infonce import text_hashes
@@ -47,8 +48,16 @@ def mntp_op_args(path, mode, chunk_rows=5):
     return (hidden, weight, bias, labels, shift, ignore_index, reduction, softcap, path, chunk_rows, *needs)
 
 
-@pytest.mark.parametrize("mode", list(MNTP_MODES), ids=list(MNTP_MODES))
-@pytest.mark.parametrize("path", PATHS)
+def paths_and_modes(modes, *fast):
+    """``(path, mode)`` for every path and mode (ids ``gemm-in-batch``), all but ``fast`` marked slow. The fast loop
+    opchecks each path and each mode at least once; every path's outputs in every mode are checked against the
+    float64 references (test_mntp_loss.py, test_infonce.py) and, for MNTP, its fake shapes (below) in the fast loop."""
+    return slow_except([pytest.param(path, mode, id=f"{path}-{mode}") for mode in modes for path in PATHS], *fast)
+
+
+@pytest.mark.parametrize("path,mode", paths_and_modes(MNTP_MODES, "torch-mean-trained-head-bias",
+                                                      "gemm-sum-frozen-head", "fused-none-shift0-softcap",
+                                                      "gemm-mean-all-ignored-other-index"))
 def test_mntp_loss_op_passes_opcheck(path, mode):
     """Schema, fake (meta) tensors, autograd registration and AOT dispatch with dynamic shapes: forward and
     backward through torch.compile's machinery, compared with eager."""
@@ -104,8 +113,8 @@ INFONCE_MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", list(INFONCE_MODES), ids=list(INFONCE_MODES))
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path,mode", paths_and_modes(INFONCE_MODES, "gemm-in-batch", "fused-hard-negatives-ids",
+                                                      "torch-rank1-of-2-gathered"))
 def test_info_nce_op_passes_opcheck(path, mode):
     queries, docs, doc_ids, offset, total = infonce_inputs(**INFONCE_MODES[mode])
     torch.library.opcheck(torch.ops.llm2vec_fast.info_nce_loss,

@@ -12,13 +12,20 @@ import textwrap
 
 import pytest
 import torch
-from conftest import build_tiny_model, padded_batch
+from conftest import TINY_FAMILIES, build_tiny_model, padded_batch, slow_except
 
 from llm2vec_fast import is_patched, patch, unpatch
 
 IMPLS = ("auto", "torch")
 ATOL, RTOL = 2e-5, 1e-4  # fp32, two layers: summation-order differences only
 LENGTHS = (9, 4, 1, 6)
+
+
+def families_and_impls(*fast):
+    """``(tiny_family, impl)`` for every tiny family and implementation (ids ``llama-auto``), all but ``fast``
+    marked slow: the fast loop runs the interpreted Triton kernel ("auto") of a whole model where it adds a path."""
+    return slow_except([pytest.param(family, impl, id=f"{family}-{impl}") for family in TINY_FAMILIES
+                        for impl in IMPLS], *fast)
 
 
 def random_sequences(lengths=LENGTHS, vocab=123, seed=1):
@@ -64,7 +71,8 @@ def model_state(model):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tiny_family,impl", families_and_impls("llama-auto", "llama-torch", "gemma-auto",
+                                                               "gemma-torch"))
 def test_patched_matches_sdpa_bidirectional_and_sees_the_future(tiny_family, impl):
     model = build_tiny_model(tiny_family)
     sequences = random_sequences()
@@ -89,7 +97,11 @@ def test_patched_matches_sdpa_bidirectional_and_sees_the_future(tiny_family, imp
     assert (bidirectional[0] - bidirectional[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# The interpreted kernel through a whole model ("auto", 2-2.5 s of CPU a case) is in the fast loop in the test above,
+# for both families; here and in the packed test the fast loop runs both families on the PyTorch path: the adapter
+# hands both paths the same padding mask or packed metadata, and the kernel's padded and packed (varlen) results
+# are checked against the reference in the fast loop by tests/test_attention_kernel.py.
+@pytest.mark.parametrize("tiny_family,impl", families_and_impls("llama-torch", "gemma-torch"))
 def test_padding_batch_size_and_composition_do_not_matter(tiny_family, impl):
     model = patch(build_tiny_model(tiny_family), attention_impl=impl)
     sequences = random_sequences()
@@ -109,7 +121,7 @@ def test_padding_batch_size_and_composition_do_not_matter(tiny_family, impl):
                     torch.testing.assert_close(real_rows(got, attention_mask, row), alone[index], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tiny_family,impl", families_and_impls("llama-torch", "gemma-torch"))
 def test_packed_input_equals_padded_batch(tiny_family, impl):
     model = patch(build_tiny_model(tiny_family), attention_impl=impl)
     sequences = random_sequences(lengths=(5, 1, 9, 3))
@@ -232,7 +244,10 @@ def test_patch_settings_patch_another_copy_alike():
     assert patch_settings(model) is None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# "auto" (the interpreted Triton kernel's dropout, 3 s of CPU) is left to the full suite: the adapter hands the kernel
+# and the PyTorch path the same dropout_p, which "torch" checks here (training only, redrawn, off when repatched),
+# and the kernel's dropout itself is checked in the fast loop by tests/test_attention_kernel.py's dropout tests.
+@pytest.mark.parametrize("impl", [pytest.param("auto", marks=pytest.mark.slow), "torch"])
 def test_attention_dropout_applies_in_training_only(impl):
     model = patch(build_tiny_model("llama"), attention_impl=impl, attention_dropout=0.3)
     input_ids, attention_mask = padded_batch(random_sequences(), "right")
