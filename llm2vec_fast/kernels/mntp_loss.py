@@ -570,9 +570,11 @@ def _gemm_dtypes(hidden, weight):
     return (compute_dtype, *_accumulation_dtypes(compute_dtype))
 
 
-def _gemm_rows(hidden, weight, bias, src, targets, n_valid, logit_softcap, chunk_rows, needs, row_scale):
+def _gemm_rows(hidden, weight, bias, src, targets, n_valid, logit_softcap, chunk_rows, needs, row_scale,
+               dh_dtype=None):
     """:func:`_gemm_chunks` over the first ``n_valid`` compacted rows ``src`` of ``hidden``, for the gradients
-    that ``needs`` (d hidden, d weight, d bias flags) asks for; d hidden scattered back to ``hidden``'s shape."""
+    that ``needs`` (d hidden, d weight, d bias flags) asks for; d hidden scattered back to ``hidden``'s shape, in
+    ``dh_dtype`` (default: the accumulation dtype): the full-size buffer of a 16-bit model need not be fp32."""
     batch, seq_len, hidden_size = hidden.shape
     hidden2d = hidden.reshape(batch * seq_len, hidden_size)
     src = src[:n_valid]
@@ -580,8 +582,8 @@ def _gemm_rows(hidden, weight, bias, src, targets, n_valid, logit_softcap, chunk
     lse, target_logit, dh, dw, db = _gemm_chunks(hidden2d[src], weight, bias, targets[:n_valid], logit_softcap,
                                                  chunk_rows, grads, row_scale, _gemm_dtypes(hidden, weight)[0])
     if dh is not None:
-        rows, dh = dh, torch.zeros(hidden2d.shape, device=dh.device, dtype=dh.dtype)
-        dh[src] = rows
+        rows, dh = dh, torch.zeros(hidden2d.shape, device=dh.device, dtype=dh_dtype or dh.dtype)
+        dh[src] = rows.to(dh.dtype)
         dh = dh.view(batch, seq_len, hidden_size)
     return lse, target_logit, dh, dw, db
 
@@ -618,7 +620,7 @@ def _gemm_backward(grad_output, hidden, weight, bias, order, src, targets, count
     n_rows = hidden.shape[0] * (hidden.shape[1] - shift)
     row_scale = _grad_per_row(grad_output, reduction, count, order, shift, n_rows)[:n_valid]
     _, _, dh, dw, db = _gemm_rows(hidden, weight.contiguous(), bias, src, targets, n_valid, logit_softcap,
-                                  chunk_rows, (need_dh, need_dw, need_db), row_scale)
+                                  chunk_rows, (need_dh, need_dw, need_db), row_scale, hidden.dtype)
     return dh, dw, db
 
 
