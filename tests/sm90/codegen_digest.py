@@ -21,9 +21,7 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -73,16 +71,6 @@ REPRESENTATIVE_CAUSAL = (
 )
 
 
-def _sass(cubin: bytes) -> str:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True, text=True).stdout
-
-
 def _ptx_without_debug(ptx: str) -> str:
     ptx = re.sub(r"^\s*\.section\s+\.debug_\w+\s*\{.*?^\s*\}", "", ptx, flags=re.S | re.M)
     # and the labels that only the debug sections use
@@ -93,14 +81,14 @@ def digest_case(case: dict, dump: str = "") -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from sm90.compile import _TARGET, _resource_usage, _source
+    from sm90.compile import _TARGET, _resource_usage, _source, cuobjdump
 
     result = {"name": case["name"]}
     try:
         compiled = triton.compile(_source(case), target=GPUTarget(*_TARGET),
                                   options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
         cubin = compiled.asm["cubin"]
-        sass = _sass(cubin)
+        sass = cuobjdump(cubin, "-sass")
         instructions = [line for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
         usage = _resource_usage(cubin)
         if dump:  # the texts behind the digests, to read what differs
@@ -117,18 +105,26 @@ def digest_case(case: dict, dump: str = "") -> dict:
 
 
 def _cases(only: list[str], causal: list[str]) -> list[dict]:
+    """The cases whose names contain an ``only`` string, and causal copies of those that contain a ``causal`` one.
+    A string that names no case is an error: a comparison must not shrink silently when cases.py renames one."""
     from sm90.cases import all_cases
 
-    cases = [case for case in all_cases() if any(part in case["name"] for part in only)]
+    every = all_cases()
+    unknown = [part for part in only + causal if not any(part in case["name"] for case in every)]
+    if unknown:
+        raise ValueError(f"no case of sm90/cases.py has a name containing {unknown}")
+    cases = [case for case in every if any(part in case["name"] for part in only)]
     cases += [dict(case, name=case["name"] + "-causal", constexprs=dict(case["constexprs"], CAUSAL=True))
               for case in cases if "CAUSAL" in case["constexprs"] and any(part in case["name"] for part in causal)]
     return cases
 
 
 def compare(before: dict, after: dict) -> int:
+    """Print each case whose digests differ, or that is missing or failed on a side; 1 if any, else 0."""
     keys = ("sass_sha256", "ptx_sha256", "instructions", "registers", "spill_bytes", "shared")
+    names = sorted(set(before) | set(after))
     differ = 0
-    for name in sorted(set(before) | set(after)):
+    for name in names:
         a, b = before.get(name, {}), after.get(name, {})
         if "error" in a or "error" in b or not a or not b:
             print(f"{name}: missing or failed ({a.get('error', '') or b.get('error', '') or 'absent'})")
@@ -136,8 +132,7 @@ def compare(before: dict, after: dict) -> int:
         elif any(a[k] != b[k] for k in keys):
             print(f"{name}: " + ", ".join(f"{k} {a[k]} -> {b[k]}" for k in keys if a[k] != b[k]))
             differ += 1
-    same = len(set(before) & set(after)) - differ
-    print(f"{len(set(before) | set(after))} cases, {same} identical SASS and PTX, {differ} different")
+    print(f"{len(names)} cases, {len(names) - differ} identical SASS and PTX, {differ} different")
     return 1 if differ else 0
 
 
@@ -159,7 +154,10 @@ def main(argv=None) -> int:
         args.only, args.causal = list(REPRESENTATIVE), list(REPRESENTATIVE_CAUSAL)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET must be unset or 0: the interpreter has nothing to compile")
-    cases = _cases(args.only, args.causal)
+    try:
+        cases = _cases(args.only, args.causal)
+    except ValueError as error:
+        parser.error(str(error))
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         results = {r["name"]: r for r in pool.map(digest_case, cases, [args.dump] * len(cases), chunksize=1)}
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

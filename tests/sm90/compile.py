@@ -67,16 +67,20 @@ def _source(case):
     return ASTSource(fn, signature, constexprs, attrs)
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """REG / STACK / LOCAL / SHARED of the cubin, from the cuobjdump that ships in Triton's package."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """The output of the cuobjdump that ships in Triton's package, run with ``flag`` on ``cubin``."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL / SHARED of the cubin, from cuobjdump."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
     if "reg" not in usage:
         raise RuntimeError(f"cuobjdump reported no resource usage:\n{text}")
